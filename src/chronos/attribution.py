@@ -1,0 +1,84 @@
+"""Which partition a GPU process counts toward.
+
+A process belongs to a partition when (checked in this order):
+1. it, or an ancestor, is attached to the partition or is its owner process; or
+2. it was started with ``CHRONOS_PARTITION_ID=<id>`` in its environment (every
+   child inherits that, double-forked or not).
+Either way it counts only if it runs as the partition's user, unless an
+administrator attached it: nobody can charge their work to someone else's
+partition, or hide it in one, by setting an environment variable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from chronos import procs
+from chronos.devices import Machine
+from chronos.ledger import Attached
+from chronos.models import PartitionRecord, ProcessUse
+
+MARKER = "CHRONOS_PARTITION_ID"
+
+
+class Attributor:
+    """Maps PIDs to open partitions, for one snapshot of the process table."""
+
+    def __init__(self, records: Iterable[PartitionRecord], attached: Iterable[Attached]) -> None:
+        self.records = {r.id: r for r in records}
+        self._anchors: dict[int, tuple[str, bool]] = {}
+        for r in self.records.values():
+            if r.owner_pid is not None and procs.is_same_process(r.owner_pid, r.owner_start):
+                self._anchors[r.owner_pid] = (r.id, False)
+        for a in attached:
+            if a.partition_id in self.records and procs.is_same_process(a.pid, a.start_ticks):
+                by_admin = a.uid != self.records[a.partition_id].uid
+                self._anchors[a.pid] = (a.partition_id, by_admin)
+
+    def partition_of(self, pid: int) -> str | None:
+        uid = procs.process_uid(pid)
+        current: int | None = pid
+        for _ in range(64):
+            if current is None or current <= 1:
+                break
+            anchor = self._anchors.get(current)
+            if anchor is not None:
+                pid_id, by_admin = anchor
+                if by_admin or uid == self.records[pid_id].uid:
+                    return pid_id
+            current = procs.parent_pid(current)
+        marked = procs.environ_value(pid, MARKER)
+        if marked in self.records and uid == self.records[marked].uid:
+            return marked
+        return None
+
+    def members(self, partition_id: str) -> set[int]:
+        """Every live process that counts toward ``partition_id``."""
+        roots = [pid for pid, (pid_id, _) in self._anchors.items() if pid_id == partition_id]
+        tree = procs.children_map()
+        found = {p for p in procs.descendants(roots, tree) if self.partition_of(p) == partition_id}
+        for pid in procs.all_pids():
+            if pid not in found and procs.environ_value(pid, MARKER) == partition_id \
+                    and self.partition_of(pid) == partition_id:
+                found.add(pid)
+        return found
+
+
+def attribute_processes(machine: Machine, records: Iterable[PartitionRecord],
+                        attached: Iterable[Attached]) -> list[ProcessUse]:
+    attributor = Attributor(records, attached)
+    index = {d.uuid: d.index for d in machine.devices}
+    out = []
+    for proc in machine.processes():
+        if proc.device_uuid not in index:
+            continue
+        uid = procs.process_uid(proc.pid)
+        out.append(ProcessUse(
+            pid=proc.pid,
+            device=index[proc.device_uuid],
+            used_bytes=proc.used_bytes,
+            user=procs.user_name(uid) if uid is not None else None,
+            command=procs.command_line(proc.pid),
+            partition_id=attributor.partition_of(proc.pid),
+        ))
+    return out

@@ -1,0 +1,248 @@
+"""The ``chronos`` command line.
+
+Every command prints a human table by default and JSON with ``--json``.
+Errors are one line on stderr and a non-zero exit code (see errors.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import click
+
+from chronos.errors import ChronosError
+from chronos.models import ACTIVE, BOOKED, PartitionRecord
+from chronos.units import format_bytes, format_duration, local_clock
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _client() -> Any:
+    from chronos.api import Partitioner
+
+    return Partitioner()
+
+
+def json_option(func: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(func)
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def describe(record: PartitionRecord, now: float) -> str:
+    state = record.state_at(now)
+    head = (f"partition {record.id}: GPU {record.device}, {format_bytes(record.memory_bytes)} "
+            f"({record.memory_fraction:.1%}), user {record.user}")
+    if state == BOOKED:
+        return (f"{head}, booked from {local_clock(record.starts_at)} "
+                f"until {local_clock(record.expires_at)}")
+    if state == ACTIVE:
+        return (f"{head}, until {local_clock(record.expires_at)} "
+                f"({format_duration(record.expires_at - now)} left)")
+    return f"{head}, {state} at {local_clock(record.ended_at or record.expires_at)}"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="chronos-gpu", prog_name="chronos")
+def cli() -> None:
+    """Reserve a share of a GPU's memory for a span of time, on a shared machine."""
+
+
+@cli.command()
+@click.argument("device", type=int)
+@click.argument("memory")
+@click.argument("duration")
+@click.option("--user", help="Owner of the partition (administrators only).")
+@click.option("--grace", help="Delay between SIGTERM and SIGKILL at expiry (default 30s).")
+@click.option("--warn", help="Signal the partition's processes this long before the end.")
+@click.option("--warn-signal", help="Signal sent at --warn time (default SIGUSR1).")
+@json_option
+def create(device: int, memory: str, duration: str, user: str | None, grace: str | None,
+           warn: str | None, warn_signal: str | None, as_json: bool) -> None:
+    """Reserve MEMORY of GPU DEVICE for DURATION.
+
+    MEMORY: a fraction (0.5), a percent (50%) or a size (40GiB, 512MiB).
+    DURATION: seconds (3600) or 90s, 45m, 2h, 1h30m.
+    The partition lives until it expires or is released.
+    """
+    if warn_signal and not warn:
+        raise ChronosError("--warn-signal needs --warn")
+    p = _client().create(device=device, memory=memory, duration=duration, user=user,
+                         persist=True, grace=grace, warn=warn, warn_signal=warn_signal,
+                         kind="cli")
+    if as_json:
+        emit_json(p.to_json())
+    else:
+        click.echo("created " + describe(p.record, time.time()))
+
+
+@cli.command(name="list")
+@click.option("--all", "show_all", is_flag=True, help="Include released and expired partitions.")
+@json_option
+def list_(show_all: bool, as_json: bool) -> None:
+    """Show the partitions of this machine."""
+    records = [p.record for p in _client().list(all=show_all)]
+    now = time.time()
+    if as_json:
+        emit_json([r.to_json(now) for r in records])
+        return
+    if not records:
+        click.echo("no active partitions" if not show_all else "no partitions")
+        return
+    headers = ["ID", "GPU", "MEMORY", "USER", "CREATED", "EXPIRES", "REMAINING"]
+    if show_all:
+        headers.append("STATE")
+    rows = []
+    for r in records:
+        row = [r.id, str(r.device), f"{r.memory_fraction:.1%} ({format_bytes(r.memory_bytes)})",
+               r.user, local_clock(r.created_at), local_clock(r.expires_at),
+               format_duration(r.time_remaining_at(now))]
+        if show_all:
+            row.append(r.state_at(now))
+        rows.append(row)
+    click.echo(table(headers, rows))
+
+
+@cli.command()
+@click.argument("partition_id", metavar="ID")
+@json_option
+def release(partition_id: str, as_json: bool) -> None:
+    """End partition ID now."""
+    client = _client()
+    client.release(partition_id)
+    record = client.get(partition_id).record
+    if as_json:
+        emit_json(record.to_json())
+    else:
+        click.echo("released " + describe(record, time.time()))
+
+
+@cli.command()
+@click.argument("partition_id", metavar="ID")
+@click.argument("duration")
+@json_option
+def extend(partition_id: str, duration: str, as_json: bool) -> None:
+    """Make partition ID last DURATION longer, if capacity allows."""
+    p = _client().get(partition_id)
+    p.extend(duration)
+    if as_json:
+        emit_json(p.to_json())
+    else:
+        click.echo("extended " + describe(p.record, time.time()))
+
+
+@cli.command()
+@click.argument("partition_id", metavar="ID")
+@click.argument("pid", type=int)
+@json_option
+def attach(partition_id: str, pid: int, as_json: bool) -> None:
+    """Count process PID (and its children) toward partition ID."""
+    _client().get(partition_id).attach(pid)
+    if as_json:
+        emit_json({"id": partition_id, "pid": pid})
+    else:
+        click.echo(f"attached process {pid} to partition {partition_id}")
+
+
+@cli.command()
+@click.option("--since", help="Only events newer than this (e.g. 1h, 7d).")
+@click.option("--id", "partition_id", help="Only events of this partition.")
+@json_option
+def events(since: str | None, partition_id: str | None, as_json: bool) -> None:
+    """Show the ledger's history (created, released, expired, refused …)."""
+    from chronos.units import parse_duration
+
+    cutoff = time.time() - parse_duration(since, float("inf")) if since else None
+    items = _client().transport.call("events", since=cutoff, id=partition_id)
+    if as_json:
+        emit_json(items)
+        return
+    rows = [[e["at"][:23], e["kind"], e["partition_id"] or "-", e["user"] or "-",
+             json.dumps(e["detail"])] for e in items]
+    click.echo(table(["AT", "EVENT", "PARTITION", "BY", "DETAIL"], rows))
+
+
+@cli.command()
+@click.option("--watch", is_flag=True, help="Refresh in place until interrupted.")
+@click.option("--interval", default=1.0, show_default=True, help="Seconds between refreshes.")
+@json_option
+def stats(watch: bool, interval: float, as_json: bool) -> None:
+    """Show each GPU: memory, committed partitions and the processes using it."""
+    from chronos.cli_stats import render_stats, watch_stats
+
+    client = _client()
+    if watch:
+        watch_stats(client, interval)
+        return
+    data = client.transport.call("stats")
+    if as_json:
+        emit_json(data["devices"])
+    else:
+        click.echo(render_stats(data))
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--device", default=0, show_default=True, type=int, help="GPU index.")
+@click.option("--memory", required=True, help="Fraction, percent or size (0.25, 25%, 20GiB).")
+@click.option("--duration", required=True, help="How long (3600, 2h, 1h30m).")
+@click.option("--grace", help="Delay between SIGTERM and SIGKILL at expiry (default 30s).")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(device: int, memory: str, duration: str, grace: str | None,
+        command: tuple[str, ...]) -> None:
+    """Run COMMAND inside a new partition; release it when COMMAND exits.
+
+    Example: chronos run --memory 0.25 --duration 2h -- python train.py
+    """
+    from chronos.supervisor import run_in_partition
+
+    sys.exit(run_in_partition(device, memory, duration, grace, list(command)))
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def daemon(args: tuple[str, ...]) -> None:
+    """Run chronosd, the per-machine authority (see chronosd --help)."""
+    from chronos.daemon.main import main as daemon_main
+
+    sys.exit(daemon_main(list(args)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="chronos", standalone_mode=False)
+    except ChronosError as exc:
+        click.echo(f"chronos: error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("chronos: interrupted", err=True)
+        return 130
+    except click.ClickException as exc:
+        hint = ""
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None:
+            hint = f" (see '{ctx.command_path} --help')"
+        click.echo(f"chronos: error: {exc.format_message()}{hint}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("chronos: interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Every error Chronos raises, in one tree.
+
+Each class carries a stable ``code`` so the daemon can send an error over the
+wire and the client can raise the same class on the other side.
+"""
+
+from __future__ import annotations
+
+
+class ChronosError(Exception):
+    """Base of every Chronos error; ``str(err)`` is a one-line message for users."""
+
+    code = "error"
+    exit_code = 1
+
+
+class BadRequest(ChronosError):
+    """The request itself is invalid (bad memory, duration, device, …)."""
+
+    code = "bad_request"
+    exit_code = 2
+
+
+class AdmissionRefused(ChronosError):
+    """The request is valid but does not fit now (or breaks a policy limit)."""
+
+    code = "refused"
+    exit_code = 3
+
+
+class NotFound(ChronosError):
+    """No such partition (or device)."""
+
+    code = "not_found"
+    exit_code = 4
+
+
+class PermissionDenied(ChronosError):
+    """The caller may not do this to that partition."""
+
+    code = "permission_denied"
+    exit_code = 5
+
+
+class PartitionEnded(ChronosError):
+    """The partition was already released or has expired."""
+
+    code = "ended"
+    exit_code = 6
+
+
+class DaemonUnavailable(ChronosError):
+    """The daemon could not be reached, or went away mid-request."""
+
+    code = "unavailable"
+    exit_code = 7
+
+
+class ProtocolError(ChronosError):
+    """A message on the daemon socket could not be understood."""
+
+    code = "protocol"
+    exit_code = 8
+
+
+class DeviceError(ChronosError):
+    """A GPU backend failed or found no device."""
+
+    code = "device"
+    exit_code = 9
+
+
+class Timeout(ChronosError):
+    """A wait (for capacity, for the daemon) ran out."""
+
+    code = "timeout"
+    exit_code = 10
+
+
+_BY_CODE: dict[str, type[ChronosError]] = {
+    cls.code: cls
+    for cls in (
+        ChronosError,
+        BadRequest,
+        AdmissionRefused,
+        NotFound,
+        PermissionDenied,
+        PartitionEnded,
+        DaemonUnavailable,
+        ProtocolError,
+        DeviceError,
+        Timeout,
+    )
+}
+
+
+def error_from_code(code: str, message: str) -> ChronosError:
+    """Rebuild an error received from the daemon."""
+    return _BY_CODE.get(code, ChronosError)(message)

@@ -1,0 +1,585 @@
+"""The partition ledger: one SQLite database, shared by every process.
+
+Every change runs in a ``BEGIN IMMEDIATE`` transaction, which takes SQLite's
+single write lock before reading, so two creators can never both read the old
+total and both commit: admission is one atomic check across all processes.
+WAL mode lets readers proceed while a writer commits, and ``synchronous=FULL``
+makes an acknowledged change survive power loss, not only a process crash.
+
+The ledger knows nothing about callers or sockets; :mod:`chronos.service`
+decides who may do what, and either the embedded client or the daemon drives
+it. Time comes from an injectable clock so tests never sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chronos import procs
+from chronos.errors import AdmissionRefused, ChronosError, NotFound, PartitionEnded
+from chronos.models import ACTIVE, BOOKED, EXPIRED, RELEASED, Event, PartitionRecord
+from chronos.units import format_bytes, format_duration, local_clock
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS partitions (
+    id TEXT PRIMARY KEY,
+    device INTEGER NOT NULL,
+    device_uuid TEXT NOT NULL,
+    device_total_bytes INTEGER NOT NULL,
+    memory_bytes INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    user TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    starts_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    ended_at REAL,
+    end_reason TEXT,
+    owner_pid INTEGER,
+    owner_start INTEGER,
+    kind TEXT NOT NULL,
+    grace_s REAL,
+    warn_s REAL,
+    warn_signal TEXT
+);
+CREATE INDEX IF NOT EXISTS partitions_open
+    ON partitions (device_uuid, expires_at) WHERE state IN ('active', 'booked');
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    partition_id TEXT,
+    uid INTEGER,
+    user TEXT,
+    device_uuid TEXT,
+    memory_bytes INTEGER,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS events_at ON events (at);
+CREATE TABLE IF NOT EXISTS attached (
+    partition_id TEXT NOT NULL REFERENCES partitions(id),
+    pid INTEGER NOT NULL,
+    start_ticks INTEGER,
+    uid INTEGER NOT NULL,
+    attached_at REAL NOT NULL,
+    attached_by INTEGER NOT NULL,
+    PRIMARY KEY (partition_id, pid)
+);
+"""
+_COLUMNS = (
+    "id, device, device_uuid, device_total_bytes, memory_bytes, uid, user, created_at, "
+    "starts_at, expires_at, state, ended_at, end_reason, owner_pid, owner_start, kind, "
+    "grace_s, warn_s, warn_signal"
+)
+_OPEN = "state IN ('active', 'booked')"
+
+
+@dataclass(frozen=True)
+class NewPartition:
+    """A validated request, ready for admission."""
+
+    device: int
+    device_uuid: str
+    device_total_bytes: int
+    capacity_bytes: int
+    """What admission may hand out on this device (total × reservable share)."""
+    memory_bytes: int
+    uid: int
+    user: str
+    duration_s: float
+    starts_at: float | None = None
+    owner_pid: int | None = None
+    owner_start: int | None = None
+    kind: str = "api"
+    grace_s: float | None = None
+    warn_s: float | None = None
+    warn_signal: str | None = None
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A partition the ledger just ended, for whoever must act on it."""
+
+    record: PartitionRecord
+    reason: str
+
+
+@dataclass(frozen=True)
+class Attached:
+    partition_id: str
+    pid: int
+    start_ticks: int | None
+    uid: int
+
+
+OwnerCheck = Callable[[int, "int | None"], bool]
+
+
+class Ledger:
+    """All partitions and their history, in one database file."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        clock: Callable[[], float] = time.time,
+        owner_alive: OwnerCheck = procs.is_same_process,
+        file_mode: int = 0o666,
+    ) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        self._owner_alive = owner_alive
+        self._db = self._open(file_mode)
+
+    def _open(self, file_mode: int) -> sqlite3.Connection:
+        new = not self.path.exists()
+        if new:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
+            os.close(fd)
+            os.chmod(self.path, file_mode)
+        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA busy_timeout = 30000")
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise ChronosError(f"ledger {self.path}: cannot use WAL mode (got {mode})")
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("PRAGMA foreign_keys = ON")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            # executescript commits any open transaction first, so the script brings its own.
+            db.executescript(
+                f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            )
+        elif version > SCHEMA_VERSION:
+            raise ChronosError(
+                f"ledger {self.path} has schema {version}; this Chronos knows {SCHEMA_VERSION}"
+            )
+        return db
+
+    def close(self) -> None:
+        self._db.close()
+
+    # ------------------------------------------------------------------ writes
+
+    def create(self, req: NewPartition) -> PartitionRecord:
+        """Admit and record ``req``, or raise :class:`AdmissionRefused` (and log it)."""
+        with _immediate(self._db):
+            now = self.clock()
+            self._reap(now)
+            start = now if req.starts_at is None or req.starts_at <= now else req.starts_at
+            end = start + req.duration_s
+            booked = self._open_on_device(req.device_uuid, now)
+            peak = peak_usage(booked, start, end)
+            refusal = None
+            if peak + req.memory_bytes > req.capacity_bytes:
+                refusal = self._refusal(req, booked, start, peak, now)
+                self._event(
+                    now,
+                    "refused",
+                    None,
+                    req.uid,
+                    req.user,
+                    req.device_uuid,
+                    req.memory_bytes,
+                    {"reason": str(refusal)},
+                )
+            else:
+                record = self._admit(req, now, start, end)
+        if refusal is not None:
+            raise refusal
+        return record
+
+    def _admit(self, req: NewPartition, now: float, start: float, end: float) -> PartitionRecord:
+        record = PartitionRecord(
+            id=self._new_id(),
+            device=req.device,
+            device_uuid=req.device_uuid,
+            device_total_bytes=req.device_total_bytes,
+            memory_bytes=req.memory_bytes,
+            uid=req.uid,
+            user=req.user,
+            created_at=now,
+            starts_at=start,
+            expires_at=end,
+            state=ACTIVE if start <= now else BOOKED,
+            owner_pid=req.owner_pid,
+            owner_start=req.owner_start,
+            kind=req.kind,
+            grace_s=req.grace_s,
+            warn_s=req.warn_s,
+            warn_signal=req.warn_signal,
+        )
+        self._insert(record)
+        self._event(
+            now,
+            "created",
+            record.id,
+            req.uid,
+            req.user,
+            req.device_uuid,
+            req.memory_bytes,
+            {"expires_at": end, "starts_at": start, "kind": req.kind},
+        )
+        return record
+
+    def release(
+        self, partition_id: str, uid: int, user: str, reason: str = "released"
+    ) -> PartitionRecord:
+        """End an open partition now."""
+        with _immediate(self._db):
+            now = self.clock()
+            self._reap(now)
+            record = self._get(partition_id)
+            if record.state not in (ACTIVE, BOOKED):
+                raise PartitionEnded(_ended_message(record))
+            return self._end(record, RELEASED, now, reason, uid, user)
+
+    def reap(self) -> list[Ended]:
+        """End every partition that is due (expired, or its owner process died)."""
+        now = self.clock()
+        if not self._anything_due(now):
+            return []
+        with _immediate(self._db):
+            return self._reap(self.clock())
+
+    def attach(
+        self, partition_id: str, pid: int, start_ticks: int | None, uid: int, by_uid: int
+    ) -> None:
+        with _immediate(self._db):
+            now = self.clock()
+            self._reap(now)
+            record = self._get(partition_id)
+            if record.state not in (ACTIVE, BOOKED):
+                raise PartitionEnded(_ended_message(record))
+            self._db.execute(
+                "INSERT OR REPLACE INTO attached VALUES (?, ?, ?, ?, ?, ?)",
+                (partition_id, pid, start_ticks, uid, now, by_uid),
+            )
+            self._event(
+                now, "attached", partition_id, by_uid, None, record.device_uuid, None, {"pid": pid}
+            )
+
+    def extend_expiry(
+        self, partition_id: str, new_expires_at: float, capacity_bytes: int, uid: int, user: str
+    ) -> PartitionRecord:
+        """Move an open partition's end later, if the device has room for it meanwhile."""
+        with _immediate(self._db):
+            now = self.clock()
+            self._reap(now)
+            record = self._get(partition_id)
+            if record.state not in (ACTIVE, BOOKED):
+                raise PartitionEnded(_ended_message(record))
+            others = [
+                p for p in self._open_on_device(record.device_uuid, now) if p[3] != partition_id
+            ]
+            peak = peak_usage(others, record.expires_at, new_expires_at)
+            if peak + record.memory_bytes > capacity_bytes:
+                free = capacity_bytes - peak
+                raise AdmissionRefused(
+                    f"cannot extend {partition_id}: other partitions or bookings need the "
+                    f"device before {local_clock(new_expires_at)} "
+                    f"(only {format_bytes(max(0, free))} free then)"
+                )
+            self._db.execute(
+                "UPDATE partitions SET expires_at = ? WHERE id = ?", (new_expires_at, partition_id)
+            )
+            self._event(
+                now,
+                "extended",
+                partition_id,
+                uid,
+                user,
+                record.device_uuid,
+                record.memory_bytes,
+                {"from": record.expires_at, "to": new_expires_at},
+            )
+            return self._get(partition_id)
+
+    def log(
+        self,
+        kind: str,
+        partition_id: str | None = None,
+        uid: int | None = None,
+        user: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Append an event that changes no partition (a warning, a kill, …)."""
+        with _immediate(self._db):
+            self._event(self.clock(), kind, partition_id, uid, user, None, None, detail or {})
+
+    # ------------------------------------------------------------------- reads
+
+    def get(self, partition_id: str) -> PartitionRecord:
+        return self._get(partition_id)
+
+    def list(self, include_ended: bool = False, limit: int | None = None) -> list[PartitionRecord]:
+        """Open partitions (``include_ended``: every partition), oldest first.
+
+        Partitions whose end has passed but that nobody has reaped yet are
+        returned with their stored state; :meth:`PartitionRecord.state_at`
+        gives the effective one.
+        """
+        where = "" if include_ended else f"WHERE {_OPEN}"
+        sql = f"SELECT {_COLUMNS} FROM partitions {where} ORDER BY created_at"
+        rows = self._db.execute(sql).fetchall()
+        records = [_record(r) for r in rows]
+        if limit is not None:
+            records = records[-limit:]
+        return records
+
+    def active(self, now: float | None = None) -> list[PartitionRecord]:
+        now = self.clock() if now is None else now
+        return [r for r in self.list() if r.state_at(now) in (ACTIVE, BOOKED)]
+
+    def committed_bytes(self, device_uuid: str, now: float | None = None) -> int:
+        now = self.clock() if now is None else now
+        rows = self._db.execute(
+            f"SELECT COALESCE(SUM(memory_bytes), 0) FROM partitions WHERE {_OPEN} "
+            "AND device_uuid = ? AND starts_at <= ? AND expires_at > ?",
+            (device_uuid, now, now),
+        ).fetchone()
+        return int(rows[0])
+
+    def attached(self, partition_id: str | None = None) -> list[Attached]:
+        sql = "SELECT partition_id, pid, start_ticks, uid FROM attached"
+        args: tuple[Any, ...] = ()
+        if partition_id is not None:
+            sql += " WHERE partition_id = ?"
+            args = (partition_id,)
+        return [Attached(*row) for row in self._db.execute(sql, args).fetchall()]
+
+    def events(self, since: float | None = None, partition_id: str | None = None) -> list[Event]:
+        sql = "SELECT seq, at, kind, partition_id, uid, user, device_uuid, memory_bytes, detail "
+        sql += "FROM events WHERE at >= ?"
+        args: list[Any] = [since or 0.0]
+        if partition_id:
+            sql += " AND partition_id = ?"
+            args.append(partition_id)
+        rows = self._db.execute(sql + " ORDER BY seq", args).fetchall()
+        return [Event(*row[:8], detail=json.loads(row[8])) for row in rows]
+
+    def next_deadline(self) -> float | None:
+        """The earliest ``expires_at`` (or ``starts_at`` of a booking) still to come."""
+        row = self._db.execute(
+            f"SELECT MIN(CASE WHEN state = 'booked' THEN starts_at ELSE expires_at END) "
+            f"FROM partitions WHERE {_OPEN}"
+        ).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    # ---------------------------------------------------------------- internals
+
+    def _get(self, partition_id: str) -> PartitionRecord:
+        row = self._db.execute(
+            f"SELECT {_COLUMNS} FROM partitions WHERE id = ?", (partition_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no partition {partition_id!r}")
+        return _record(row)
+
+    def _open_on_device(self, device_uuid: str, now: float) -> list[tuple[float, float, int, str]]:
+        rows = self._db.execute(
+            f"SELECT starts_at, expires_at, memory_bytes, id FROM partitions "
+            f"WHERE {_OPEN} AND device_uuid = ? AND expires_at > ?",
+            (device_uuid, now),
+        ).fetchall()
+        return [(float(s), float(e), int(b), str(i)) for s, e, b, i in rows]
+
+    def _anything_due(self, now: float) -> bool:
+        booking_due = self._db.execute(
+            "SELECT 1 FROM partitions WHERE state = 'booked' AND starts_at <= ? LIMIT 1", (now,)
+        ).fetchone()
+        return booking_due is not None or bool(self._due(now))
+
+    def _due(self, now: float) -> list[tuple[PartitionRecord, str, str]]:
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM partitions WHERE {_OPEN} AND "
+            "(expires_at <= ? OR owner_pid IS NOT NULL)",
+            (now,),
+        ).fetchall()
+        due = []
+        for row in rows:
+            record = _record(row)
+            if record.expires_at <= now:
+                due.append((record, EXPIRED, "expired"))
+            elif record.owner_pid is not None and not self._owner_alive(
+                record.owner_pid, record.owner_start
+            ):
+                due.append((record, RELEASED, f"owner process {record.owner_pid} exited"))
+        return due
+
+    def _reap(self, now: float) -> list[Ended]:
+        ended = []
+        for record, state, reason in self._due(now):
+            at = record.expires_at if state == EXPIRED else now
+            ended.append(Ended(self._end(record, state, at, reason, None, None), reason))
+        self._db.execute(
+            "UPDATE partitions SET state = 'active' WHERE state = 'booked' AND starts_at <= ?",
+            (now,),
+        )
+        return ended
+
+    def _end(
+        self,
+        record: PartitionRecord,
+        state: str,
+        at: float,
+        reason: str,
+        uid: int | None,
+        user: str | None,
+    ) -> PartitionRecord:
+        self._db.execute(
+            "UPDATE partitions SET state = ?, ended_at = ?, end_reason = ? WHERE id = ?",
+            (state, at, reason, record.id),
+        )
+        self._event(
+            at,
+            state,
+            record.id,
+            uid if uid is not None else record.uid,
+            user or record.user,
+            record.device_uuid,
+            record.memory_bytes,
+            {"reason": reason, "owner_uid": record.uid},
+        )
+        return self._get(record.id)
+
+    def _insert(self, r: PartitionRecord) -> None:
+        placeholders = ", ".join("?" * 19)
+        self._db.execute(
+            f"INSERT INTO partitions ({_COLUMNS}) VALUES ({placeholders})",
+            (
+                r.id,
+                r.device,
+                r.device_uuid,
+                r.device_total_bytes,
+                r.memory_bytes,
+                r.uid,
+                r.user,
+                r.created_at,
+                r.starts_at,
+                r.expires_at,
+                r.state,
+                r.ended_at,
+                r.end_reason,
+                r.owner_pid,
+                r.owner_start,
+                r.kind,
+                r.grace_s,
+                r.warn_s,
+                r.warn_signal,
+            ),
+        )
+
+    def _event(
+        self,
+        at: float,
+        kind: str,
+        partition_id: str | None,
+        uid: int | None,
+        user: str | None,
+        device_uuid: str | None,
+        memory_bytes: int | None,
+        detail: dict[str, Any],
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO events (at, kind, partition_id, uid, user, device_uuid, memory_bytes, "
+            "detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (at, kind, partition_id, uid, user, device_uuid, memory_bytes, json.dumps(detail)),
+        )
+
+    def _new_id(self) -> str:
+        while True:
+            candidate = secrets.token_hex(4)
+            if not self._db.execute(
+                "SELECT 1 FROM partitions WHERE id = ?", (candidate,)
+            ).fetchone():
+                return candidate
+
+    def _refusal(
+        self,
+        req: NewPartition,
+        booked: Sequence[tuple[float, float, int, str]],
+        start: float,
+        peak: int,
+        now: float,
+    ) -> AdmissionRefused:
+        free = max(0, req.capacity_bytes - peak)
+        fit = earliest_fit(booked, req.memory_bytes, req.duration_s, start, req.capacity_bytes)
+        want = format_bytes(req.memory_bytes)
+        where = f"GPU {req.device}"
+        if req.memory_bytes > req.capacity_bytes:
+            return AdmissionRefused(
+                f"{want} is more than {where} lets partitions reserve "
+                f"({format_bytes(req.capacity_bytes)})"
+            )
+        when = "now" if start <= now else f"at {local_clock(start)}"
+        msg = f"{where} has {format_bytes(free)} free {when}, {want} requested"
+        if fit is not None:
+            msg += f"; it fits from {local_clock(fit)} (in {format_duration(fit - now)})"
+        return AdmissionRefused(msg)
+
+
+def peak_usage(intervals: Sequence[tuple[float, float, int, str]], start: float, end: float) -> int:
+    """Most bytes held at any instant of ``[start, end)`` by ``(start, end, bytes, id)`` intervals."""
+    points: list[tuple[float, int]] = []
+    for s, e, nbytes, _ in intervals:
+        if e <= start or s >= end:
+            continue
+        points.append((max(s, start), nbytes))
+        points.append((e, -nbytes))
+    # At equal times, ends (negative) come first: a partition ending at t frees room at t.
+    points.sort(key=lambda p: (p[0], p[1]))
+    peak = level = 0
+    for _, delta in points:
+        level += delta
+        peak = max(peak, level)
+    return peak
+
+
+def earliest_fit(
+    intervals: Sequence[tuple[float, float, int, str]],
+    nbytes: int,
+    duration: float,
+    not_before: float,
+    capacity: int,
+) -> float | None:
+    """The first moment from ``not_before`` on when ``nbytes`` fits for ``duration``."""
+    if nbytes > capacity:
+        return None
+    candidates = sorted({not_before} | {e for _, e, _, _ in intervals if e > not_before})
+    for t in candidates:
+        if peak_usage(intervals, t, t + duration) + nbytes <= capacity:
+            return t
+    return None
+
+
+def _record(row: Sequence[Any]) -> PartitionRecord:
+    return PartitionRecord(*row)
+
+
+def _ended_message(record: PartitionRecord) -> str:
+    when = local_clock(record.ended_at) if record.ended_at else "earlier"
+    verb = "was released" if record.state == RELEASED else "expired"
+    return f"partition {record.id} {verb} at {when}"
+
+
+@contextmanager
+def _immediate(db: sqlite3.Connection) -> Iterator[None]:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    else:
+        db.execute("COMMIT")

@@ -1,0 +1,147 @@
+"""Plain records passed between the ledger, the daemon and clients.
+
+Each record converts to and from the JSON shape users see with ``--json`` and
+the daemon sends on the wire, so there is one naming of every field.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from chronos.units import iso
+
+ACTIVE = "active"
+RELEASED = "released"
+EXPIRED = "expired"
+BOOKED = "booked"
+STATES = (BOOKED, ACTIVE, RELEASED, EXPIRED)
+
+
+@dataclass(frozen=True)
+class PartitionRecord:
+    """One partition as stored in the ledger."""
+
+    id: str
+    device: int
+    device_uuid: str
+    device_total_bytes: int
+    memory_bytes: int
+    uid: int
+    user: str
+    created_at: float
+    starts_at: float
+    expires_at: float
+    state: str
+    """Stored state; use :meth:`state_at` for the effective one."""
+    ended_at: float | None = None
+    end_reason: str | None = None
+    owner_pid: int | None = None
+    owner_start: int | None = None
+    kind: str = "api"
+    grace_s: float | None = None
+    warn_s: float | None = None
+    warn_signal: str | None = None
+
+    @property
+    def memory_fraction(self) -> float:
+        return self.memory_bytes / self.device_total_bytes
+
+    def state_at(self, now: float) -> str:
+        if self.state != ACTIVE and self.state != BOOKED:
+            return self.state
+        if now >= self.expires_at:
+            return EXPIRED
+        return ACTIVE if now >= self.starts_at else BOOKED
+
+    def time_remaining_at(self, now: float) -> float:
+        if self.state_at(now) not in (ACTIVE, BOOKED):
+            return 0.0
+        return max(0.0, self.expires_at - now)
+
+    def to_json(self, now: float | None = None) -> dict[str, Any]:
+        now = time.time() if now is None else now
+        out = asdict(self)
+        out["state"] = self.state_at(now)
+        out["memory_fraction"] = round(self.memory_fraction, 6)
+        out["time_remaining"] = round(self.time_remaining_at(now), 3)
+        for key in ("created_at", "starts_at", "expires_at", "ended_at"):
+            out[key] = iso(out[key])
+        return out
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> PartitionRecord:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class ProcessUse:
+    """A process holding GPU memory, and whose partition it counts toward."""
+
+    pid: int
+    device: int
+    used_bytes: int | None
+    user: str | None
+    command: str | None
+    partition_id: str | None
+    """``None`` means unpartitioned."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DeviceStats:
+    """One GPU as ``chronos stats`` shows it."""
+
+    index: int
+    uuid: str
+    name: str
+    vendor: str
+    backend: str
+    total_bytes: int
+    used_bytes: int | None
+    free_bytes: int | None
+    utilization_pct: float | None
+    reservable_bytes: int
+    committed_bytes: int
+    active_partitions: int
+    pci_bus_id: str | None = None
+    details: dict[str, str] = field(default_factory=dict)
+    processes: list[ProcessUse] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["processes"] = [p.to_json() for p in self.processes]
+        return out
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> DeviceStats:
+        data = dict(data)
+        data["processes"] = [ProcessUse(**p) for p in data.get("processes", [])]
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One line of the ledger's history."""
+
+    seq: int
+    at: float
+    kind: str
+    partition_id: str | None
+    uid: int | None
+    user: str | None
+    device_uuid: str | None
+    memory_bytes: int | None
+    detail: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["at"] = iso(self.at)
+        return out

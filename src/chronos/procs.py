@@ -1,0 +1,205 @@
+"""Processes: identity that survives PID reuse, and signalling them safely.
+
+A PID alone is not an identity: after a process exits the kernel may give its
+number to a new one. Chronos records ``(pid, start_ticks)`` (field 22 of
+``/proc/<pid>/stat``) and checks both before it signals, and signals through a
+pidfd where the kernel has one so the check and the kill name the same process.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+from collections.abc import Iterable, Iterator
+
+PROC = "/proc"
+
+
+def start_ticks(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot, or None if it is gone."""
+    try:
+        with open(f"{PROC}/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    rest = raw[raw.rfind(b")") + 2 :].split()
+    try:
+        return int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"{PROC}/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    rest = raw[raw.rfind(b")") + 2 :].split()
+    return int(rest[1]) if len(rest) > 1 else None
+
+
+def is_same_process(pid: int, ticks: int | None) -> bool:
+    """True if ``pid`` is alive and is the process that started at ``ticks``."""
+    current = start_ticks(pid)
+    if current is None:
+        return False
+    if ticks is None:
+        return True
+    if current != ticks:
+        return False
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"{PROC}/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return True
+    state = raw[raw.rfind(b")") + 2 : raw.rfind(b")") + 3]
+    return state in (b"Z", b"X")
+
+
+def process_uid(pid: int) -> int | None:
+    try:
+        return os.stat(f"{PROC}/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def command_line(pid: int, limit: int = 120) -> str | None:
+    try:
+        with open(f"{PROC}/{pid}/cmdline", "rb") as f:
+            raw = f.read(4096)
+    except OSError:
+        return None
+    text = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+    if not text:
+        try:
+            with open(f"{PROC}/{pid}/comm") as f:
+                text = f"[{f.read().strip()}]"
+        except OSError:
+            return None
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def environ_value(pid: int, name: str) -> str | None:
+    """Value of ``name`` in the environment ``pid`` started with (needs same uid or root)."""
+    try:
+        with open(f"{PROC}/{pid}/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    prefix = name.encode() + b"="
+    for item in raw.split(b"\0"):
+        if item.startswith(prefix):
+            return item[len(prefix) :].decode(errors="replace")
+    return None
+
+
+def all_pids() -> Iterator[int]:
+    for entry in os.listdir(PROC):
+        if entry.isdigit():
+            yield int(entry)
+
+
+def children_map() -> dict[int, list[int]]:
+    """Parent PID -> child PIDs, for every process visible now."""
+    tree: dict[int, list[int]] = {}
+    for pid in all_pids():
+        ppid = parent_pid(pid)
+        if ppid is not None:
+            tree.setdefault(ppid, []).append(pid)
+    return tree
+
+
+def descendants(roots: Iterable[int], tree: dict[int, list[int]] | None = None) -> set[int]:
+    """``roots`` and every process below them."""
+    tree = children_map() if tree is None else tree
+    seen: set[int] = set()
+    stack = list(roots)
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        stack.extend(tree.get(pid, ()))
+    return seen
+
+
+def signal_process(pid: int, ticks: int | None, sig: int) -> bool:
+    """Send ``sig`` to ``pid`` only if it is still the process that started at ``ticks``.
+
+    Returns True if the signal was delivered.
+    """
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is not None:
+        try:
+            fd = pidfd_open(pid)
+        except OSError:
+            return False
+        try:
+            # The pidfd pins the identity; verify it is the one we recorded.
+            if not is_same_process(pid, ticks):
+                return False
+            signal.pidfd_send_signal(fd, sig)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+    if not is_same_process(pid, ticks):
+        return False
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        return False
+    return True
+
+
+def set_child_subreaper() -> bool:
+    """Make orphaned descendants re-parent to us (Linux), so none escapes by double-forking."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_child_subreaper = 36
+        return bool(libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def snapshot(pids: Iterable[int]) -> dict[int, int]:
+    """``{pid: start_ticks}`` for those of ``pids`` still alive."""
+    out = {}
+    for pid in pids:
+        ticks = start_ticks(pid)
+        if ticks is not None:
+            out[pid] = ticks
+    return out
+
+
+def signal_all(members: dict[int, int], sig: int) -> int:
+    """Signal every ``{pid: start_ticks}`` that is still that process; return how many."""
+    return sum(signal_process(pid, ticks, sig) for pid, ticks in members.items())
+
+
+def pids_with_marker(name: str, value: str, uid: int | None) -> set[int]:
+    """Processes started with ``name=value`` in their environment, of ``uid`` if given."""
+    found = set()
+    for pid in all_pids():
+        if uid is not None and process_uid(pid) != uid:
+            continue
+        if environ_value(pid, name) == value:
+            found.add(pid)
+    return found

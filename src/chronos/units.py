@@ -1,0 +1,156 @@
+"""Parsing and formatting of memory sizes, durations and times given by users."""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime, timezone
+
+from chronos.errors import BadRequest
+
+#: Longest partition anyone may ask for (policy may lower it): 30 days.
+MAX_DURATION_S = 30 * 24 * 3600.0
+
+_UNITS = {
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]+)\s*$")
+_DURATION_PART_RE = re.compile(r"([0-9]*\.?[0-9]+)\s*(d|h|m|s)")
+_DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_memory(text: str | float, total_bytes: int) -> int:
+    """Turn ``0.5``, ``50%``, ``40GiB`` or ``512MiB`` into bytes of a device of ``total_bytes``.
+
+    A bare number is a fraction of the device (0 < f <= 1).
+    """
+    raw = str(text).strip()
+    if isinstance(text, bool):
+        raise BadRequest(f"invalid memory {text!r}")
+    try:
+        if raw.endswith("%"):
+            value = _finite(float(raw[:-1]), raw)
+            fraction = value / 100.0
+            return _fraction_to_bytes(fraction, total_bytes, raw)
+        if isinstance(text, (int, float)) or _is_number(raw):
+            return _fraction_to_bytes(_finite(float(raw), raw), total_bytes, raw)
+    except ValueError:
+        raise BadRequest(f"invalid memory {raw!r}: use a fraction (0.5), a percent (50%) "
+                         "or a size (40GiB, 512MiB)") from None
+    match = _SIZE_RE.match(raw)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise BadRequest(f"invalid memory {raw!r}: use a fraction (0.5), a percent (50%) "
+                         "or a size (40GiB, 512MiB)")
+    size = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    nbytes = int(size)
+    if nbytes <= 0:
+        raise BadRequest(f"memory must be more than zero, got {raw!r}")
+    if nbytes > total_bytes:
+        raise BadRequest(
+            f"memory {raw} is more than the device has ({format_bytes(total_bytes)})"
+        )
+    return nbytes
+
+
+def _is_number(raw: str) -> bool:
+    try:
+        float(raw)
+    except ValueError:
+        return False
+    return True
+
+
+def _finite(value: float, raw: str) -> float:
+    if not math.isfinite(value):
+        raise BadRequest(f"invalid memory {raw!r}: not a finite number")
+    return value
+
+
+def _fraction_to_bytes(fraction: float, total_bytes: int, raw: str) -> int:
+    if not 0.0 < fraction <= 1.0:
+        raise BadRequest(f"memory fraction must be in (0, 1], got {raw!r}")
+    nbytes = int(fraction * total_bytes)
+    if nbytes <= 0:
+        raise BadRequest(f"memory {raw!r} is less than one byte of this device")
+    return nbytes
+
+
+def parse_duration(text: str | float, maximum: float = MAX_DURATION_S) -> float:
+    """Turn ``3600``, ``90s``, ``45m``, ``2h`` or ``1h30m`` into seconds."""
+    if isinstance(text, bool):
+        raise BadRequest(f"invalid duration {text!r}")
+    raw = str(text).strip().lower()
+    seconds: float
+    if _is_number(raw):
+        seconds = float(raw)
+    else:
+        seconds = _parse_duration_parts(raw)
+    if not math.isfinite(seconds):
+        raise BadRequest(f"invalid duration {raw!r}: not a finite number")
+    if seconds <= 0:
+        raise BadRequest(f"duration must be more than zero, got {raw!r}")
+    if seconds > maximum:
+        raise BadRequest(
+            f"duration {raw} is longer than the maximum of {format_duration(maximum)}"
+        )
+    return seconds
+
+
+def _parse_duration_parts(raw: str) -> float:
+    compact = raw.replace(" ", "")
+    parts = _DURATION_PART_RE.findall(compact)
+    if not parts or "".join(n + u for n, u in parts) != compact:
+        raise BadRequest(f"invalid duration {raw!r}: use seconds (3600) or 90s, 45m, 2h, 1h30m")
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+
+
+def format_bytes(nbytes: float) -> str:
+    """``85899345920`` -> ``80.0 GiB``."""
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_duration(seconds: float) -> str:
+    """``5400`` -> ``1h30m``; ``42.3`` -> ``42s``."""
+    total = max(0, int(round(seconds)))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    out = ""
+    if days:
+        out += f"{days}d"
+    if hours:
+        out += f"{hours}h"
+    if minutes:
+        out += f"{minutes}m"
+    if secs or not out:
+        out += f"{secs}s"
+    return out
+
+
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds -> ISO-8601 in local time with its offset."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).astimezone().isoformat(timespec="milliseconds")
+
+
+def local_clock(ts: float) -> str:
+    """Epoch seconds -> ``2026-11-28 14:05:00`` in local time, for tables."""
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
