@@ -101,7 +101,9 @@ class Supervisor:
             if not remaining:
                 break
             wake = self.kill_at if self.kill_at is not None else deadline
-            info = signal.sigtimedwait(_WATCHED, max(0.0, wake - time.time()))
+            timeout = None if wake == float("inf") else max(0.0, wake - time.time())
+            info = (signal.sigtimedwait(_WATCHED, timeout) if timeout is not None
+                    else signal.sigwaitinfo(_WATCHED))
             if info is None:
                 self._on_deadline(expires_at)
             elif info.si_signo in _FORWARDED:
@@ -126,6 +128,12 @@ class Supervisor:
                 status = raw
 
     def _on_deadline(self, expires_at: float) -> None:
+        if self.kill_at is None and self.mode == "daemon" and self._daemon_ended_it():
+            self.expired = True
+            say(f"partition {self.partition.id} expired at {local_clock(expires_at)}; "
+                "chronosd is stopping the command (SIGTERM, then SIGKILL after the grace)")
+            self.kill_at = float("inf")
+            return
         members = self.members()
         if self.kill_at is None:
             self.expired = True
@@ -140,6 +148,13 @@ class Supervisor:
             if killed:
                 say(f"sent SIGKILL to {killed} process(es) still running after the grace period")
             self.kill_at = time.time() + 3600.0
+
+
+    def _daemon_ended_it(self) -> bool:
+        try:
+            return self.partition.state != "active"
+        except ChronosError:
+            return False
 
 
 def _exit_code(status: int | None) -> int:

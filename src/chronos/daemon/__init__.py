@@ -1,0 +1,1 @@
+"""chronosd: the per-machine authority that owns the ledger and acts on time."""

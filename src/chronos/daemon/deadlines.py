@@ -1,0 +1,198 @@
+"""Acting on time: expiry, warnings, owner death, and SIGTERM → SIGKILL.
+
+One asyncio timer is armed for the earliest thing due (an expiry, a warning,
+a booking's start), re-armed after every change, so expiry happens at
+``expires_at`` and not at the next tick of a poll. Owner processes are
+watched through pidfds, which become readable the moment the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable
+
+from chronos import procs
+from chronos.attribution import Attributor
+from chronos.daemon.log import log
+from chronos.ledger import Ended, Ledger
+from chronos.models import ACTIVE, EXPIRED, PartitionRecord
+
+OWNER_POLL_S = 0.5
+"""Fallback owner check where pidfds are missing (kernels before 5.3)."""
+
+
+class Deadlines:
+    def __init__(self, ledger: Ledger, default_grace_s: Callable[[], float]) -> None:
+        self.ledger = ledger
+        self.default_grace_s = default_grace_s
+        self.loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._owner_fds: dict[str, int] = {}
+        self._warned: set[str] = {e.partition_id for e in ledger.events()
+                                  if e.kind == "warned" and e.partition_id}
+        self._kills: dict[str, asyncio.TimerHandle] = {}
+        self._poller: asyncio.TimerHandle | None = None
+        self.on_ended: Callable[[list[Ended]], None] = lambda ended: None
+
+    # ------------------------------------------------------------------ arming
+
+    def changed(self) -> None:
+        """Re-read what is due after any change to the ledger."""
+        self._process_due()
+
+    def _process_due(self) -> None:
+        ended = self.ledger.reap()
+        for item in ended:
+            self._on_end(item)
+        if ended:
+            self.on_ended(ended)
+        self._warn_due()
+        self._watch_owners()
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        due = self._next_due()
+        if due is None:
+            return
+        delay = max(0.0, due - time.time())
+        self._timer = self.loop.call_later(delay, self._fire, due)
+
+    def _fire(self, due: float) -> None:
+        self._timer = None
+        # asyncio may wake a little early; never act before the deadline itself.
+        early = due - time.time()
+        if early > 0:
+            self._timer = self.loop.call_later(early, self._fire, due)
+            return
+        self._process_due()
+
+    def _next_due(self) -> float | None:
+        candidates = []
+        deadline = self.ledger.next_deadline()
+        if deadline is not None:
+            candidates.append(deadline)
+        for r in self.ledger.list():
+            if r.warn_s and r.id not in self._warned:
+                candidates.append(_warn_at(r))
+        return min(candidates) if candidates else None
+
+    # ---------------------------------------------------------------- warnings
+
+    def _warn_due(self) -> None:
+        now = time.time()
+        for r in self.ledger.list():
+            if not r.warn_s or r.id in self._warned or r.state_at(now) != ACTIVE:
+                continue
+            if now < _warn_at(r):
+                continue
+            self._warned.add(r.id)
+            sig = getattr(signal, r.warn_signal or "SIGUSR1")
+            members = self.members(r)
+            sent = procs.signal_all(members, sig)
+            self.ledger.log("warned", r.id, detail={"signal": r.warn_signal, "processes": sent,
+                                                    "seconds_left": round(r.expires_at - now, 3)})
+            log("warned", partition=r.id, signal=r.warn_signal, processes=sent)
+
+    # ----------------------------------------------------------------- endings
+
+    def members(self, record: PartitionRecord) -> dict[int, int]:
+        """Processes of ``record`` to signal (a ``chronos run`` supervisor is not one)."""
+        attributor = Attributor([record], self.ledger.attached(record.id))
+        pids = attributor.members(record.id)
+        if record.kind == "run" and record.owner_pid is not None:
+            pids.discard(record.owner_pid)
+        return procs.snapshot(pids)
+
+    def _on_end(self, item: Ended) -> None:
+        record = item.record
+        self._unwatch(record.id)
+        log(record.state, partition=record.id, user=record.user, reason=item.reason,
+            lateness_ms=round((time.time() - record.expires_at) * 1000, 3)
+            if record.state == EXPIRED else None)
+        if record.state == EXPIRED:
+            self.stop(record, "expired")
+
+    def stop(self, record: PartitionRecord, why: str) -> int:
+        """SIGTERM the partition's processes now, SIGKILL what is left after the grace."""
+        members = self.members(record)
+        sent = procs.signal_all(members, signal.SIGTERM)
+        grace = record.grace_s if record.grace_s is not None else self.default_grace_s()
+        if members:
+            log("sigterm", partition=record.id, why=why, processes=sorted(members), sent=sent,
+                grace_s=grace)
+            self.ledger.log("terminated", record.id, detail={
+                "why": why, "signal": "SIGTERM", "processes": sorted(members)})
+        if record.id in self._kills:
+            self._kills[record.id].cancel()
+        self._kills[record.id] = self.loop.call_later(grace, self._kill, record, members, why)
+        return sent
+
+    def _kill(self, record: PartitionRecord, first: dict[int, int], why: str) -> None:
+        self._kills.pop(record.id, None)
+        members = {**first, **self.members(record)}
+        killed = procs.signal_all(members, signal.SIGKILL)
+        if killed:
+            log("sigkill", partition=record.id, why=why, processes=killed)
+            self.ledger.log("killed", record.id, detail={"why": why, "signal": "SIGKILL",
+                                                         "processes": killed})
+
+    # ------------------------------------------------------------ owner death
+
+    def _watch_owners(self) -> None:
+        open_ids = set()
+        for r in self.ledger.list():
+            open_ids.add(r.id)
+            if r.owner_pid is None or r.id in self._owner_fds:
+                continue
+            self._watch(r)
+        for pid_id in list(self._owner_fds):
+            if pid_id not in open_ids:
+                self._unwatch(pid_id)
+
+    def _watch(self, record: PartitionRecord) -> None:
+        assert record.owner_pid is not None
+        pidfd_open = getattr(os, "pidfd_open", None)
+        if pidfd_open is None:
+            self._poll_owners()
+            return
+        try:
+            fd = pidfd_open(record.owner_pid)
+        except OSError:
+            self.loop.call_soon(self._process_due)  # already gone
+            return
+        self._owner_fds[record.id] = fd
+        self.loop.add_reader(fd, self._process_due)
+        if not procs.is_same_process(record.owner_pid, record.owner_start):
+            self.loop.call_soon(self._process_due)  # the PID was reused before we looked
+
+    def _unwatch(self, partition_id: str) -> None:
+        fd = self._owner_fds.pop(partition_id, None)
+        if fd is not None:
+            self.loop.remove_reader(fd)
+            os.close(fd)
+
+    def _poll_owners(self) -> None:
+        if self._poller is None:
+            def tick() -> None:
+                self._poller = None
+                self._process_due()
+                if any(r.owner_pid for r in self.ledger.list()):
+                    self._poll_owners()
+            self._poller = self.loop.call_later(OWNER_POLL_S, tick)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for pid_id in list(self._owner_fds):
+            self._unwatch(pid_id)
+
+
+def _warn_at(record: PartitionRecord) -> float:
+    assert record.warn_s is not None
+    return max(record.starts_at, record.expires_at - record.warn_s)

@@ -1,0 +1,156 @@
+"""``chronosd`` / ``chronos daemon``: start the per-machine authority.
+
+Start-up order matters for crash safety: take the state directory's lock
+(so a second daemon refuses), lock the ledger down to the daemon's user,
+process everything that fell due while no daemon ran, and only then accept
+clients and tell systemd we are ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import os
+import signal
+import sys
+from pathlib import Path
+
+from chronos.config import Config, load_config
+from chronos.daemon.deadlines import Deadlines
+from chronos.daemon.log import log
+from chronos.daemon.notify import sd_notify
+from chronos.daemon.server import Server
+from chronos.errors import ChronosError
+from chronos.ledger import Ledger
+from chronos.paths import LEDGER_FILE, SYSTEM_STATE_DIR, socket_path
+from chronos.service import Service
+
+LOCK_FILE = "chronosd.lock"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="chronosd", description="The Chronos daemon: one authority per machine."
+    )
+    parser.add_argument("--socket", type=Path, help="Unix socket to listen on "
+                        "(default $CHRONOS_SOCKET or /run/chronos/chronosd.sock).")
+    parser.add_argument("--state-dir", type=Path, help="Ledger directory "
+                        "(default $CHRONOS_HOME or /var/lib/chronos).")
+    parser.add_argument("--config", type=Path, help="Policy file "
+                        "(default $CHRONOS_CONFIG or /etc/chronos/config.toml).")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    state_dir = args.state_dir or Path(os.environ.get("CHRONOS_HOME") or SYSTEM_STATE_DIR)
+    if args.socket is None and not os.environ.get("CHRONOS_SOCKET") and args.state_dir:
+        os.environ["CHRONOS_HOME"] = str(state_dir)
+    sock_path = args.socket or socket_path()
+    try:
+        return asyncio.run(Daemon(state_dir, sock_path, args.config).run())
+    except ChronosError as exc:
+        print(f"chronosd: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 0
+
+
+class Daemon:
+    def __init__(self, state_dir: Path, sock_path: Path, config_path: Path | None) -> None:
+        self.state_dir = state_dir
+        self.sock_path = sock_path
+        self.config_path = config_path
+        self.config: Config = load_config(config_path)
+        self._lock_fd: int | None = None
+        self._stop = asyncio.Event()
+
+    async def run(self) -> int:
+        self._prepare_state_dir()
+        self._take_lock()
+        ledger = Ledger(self.state_dir / LEDGER_FILE, file_mode=0o644)
+        self._lock_down(self.state_dir / LEDGER_FILE)
+        service = Service(ledger, self.config, "daemon")
+        service.machine  # noqa: B018 - open the GPU backends now, not on the first request
+        deadlines = Deadlines(ledger, lambda: self.config.grace_s)
+        service.on_change = deadlines.changed
+        deadlines.changed()  # expiries that fell due while no daemon ran
+
+        server = Server(service.handle, lambda: self.config.admin_group)
+        listener = await self._listen(server)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._reload(service))
+        log("started", pid=os.getpid(), socket=str(self.sock_path),
+            state_dir=str(self.state_dir), backends=service.machine.backend_names,
+            devices=len(service.machine.devices))
+        sd_notify("READY=1")
+        try:
+            await self._stop.wait()
+        finally:
+            sd_notify("STOPPING=1")
+            listener.close()
+            deadlines.close()
+            service.close()
+            self._remove_socket()
+            log("stopped")
+        return 0
+
+    def _prepare_state_dir(self) -> None:
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+            if os.geteuid() == 0:
+                os.chown(self.state_dir, 0, 0)
+            os.chmod(self.state_dir, 0o755)
+        except OSError as exc:
+            raise ChronosError(f"cannot use state directory {self.state_dir}: {exc}") from None
+
+    def _take_lock(self) -> None:
+        path = self.state_dir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ChronosError(
+                f"another chronosd (pid {holder}) is already running on {self.state_dir}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _lock_down(self, ledger_path: Path) -> None:
+        """The daemon is the only writer: its ledger files are writable by it alone."""
+        for suffix in ("", "-wal", "-shm"):
+            path = Path(str(ledger_path) + suffix)
+            if path.exists():
+                if os.geteuid() == 0:
+                    os.chown(path, 0, 0)
+                os.chmod(path, 0o644)
+
+    async def _listen(self, server: Server) -> asyncio.AbstractServer:
+        self.sock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        # We hold the state lock, so a socket file left here is a dead daemon's.
+        self._remove_socket()
+        listener = await asyncio.start_unix_server(server.serve_client, path=str(self.sock_path),
+                                                   backlog=1024)
+        os.chmod(self.sock_path, 0o666)  # anyone may connect; SO_PEERCRED says who they are
+        return listener
+
+    def _remove_socket(self) -> None:
+        try:
+            self.sock_path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def _reload(self, service: Service) -> None:
+        try:
+            self.config = load_config(self.config_path)
+        except ChronosError as exc:
+            log("config_rejected", level="error", error=str(exc))
+            return
+        service.config = self.config
+        log("config_reloaded")
