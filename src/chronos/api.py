@@ -23,8 +23,12 @@ class Partition:
     partition that expired inside the block leaves quietly.
     """
 
-    def __init__(self, record: PartitionRecord, transport: Transport,
-                 visible_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        record: PartitionRecord,
+        transport: Transport,
+        visible_env: dict[str, str] | None = None,
+    ) -> None:
         self._record = record
         self._transport = transport
         self._visible_env = dict(visible_env or {})
@@ -110,8 +114,12 @@ class Partition:
     def __enter__(self) -> Partition:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if self._record.state_at(time.time()) not in (ACTIVE, BOOKED):
             return
         try:
@@ -121,8 +129,10 @@ class Partition:
 
     def __repr__(self) -> str:
         r = self._record
-        return (f"<Partition {r.id} GPU {r.device} {r.memory_fraction:.0%} {r.user} "
-                f"{r.state_at(time.time())} {self.time_remaining:.0f}s left>")
+        return (
+            f"<Partition {r.id} GPU {r.device} {r.memory_fraction:.0%} {r.user} "
+            f"{r.state_at(time.time())} {self.time_remaining:.0f}s left>"
+        )
 
 
 class Partitioner:
@@ -141,10 +151,20 @@ class Partitioner:
         """``daemon`` or ``embedded``."""
         return self._transport.mode
 
-    def create(self, device: int = 0, memory: float | str = 0.5, duration: float | str = 3600,
-               *, user: str | None = None, persist: bool = False, grace: float | str | None = None,
-               warn: float | str | None = None, warn_signal: str | None = None,
-               start: float | None = None, kind: str = "api") -> Partition:
+    def create(
+        self,
+        device: int = 0,
+        memory: float | str = 0.5,
+        duration: float | str = 3600,
+        *,
+        user: str | None = None,
+        persist: bool = False,
+        grace: float | str | None = None,
+        warn: float | str | None = None,
+        warn_signal: str | None = None,
+        start: float | None = None,
+        kind: str = "api",
+    ) -> Partition:
         """Reserve ``memory`` (fraction, ``50%`` or ``40GiB``) of GPU ``device`` for ``duration``.
 
         By default the partition belongs to this process and ends when it exits;
@@ -154,20 +174,32 @@ class Partitioner:
         if warn is not None and warn_signal is None:
             warn_signal = "SIGUSR1"
         result = self._transport.call(
-            "create", device=device, memory=memory, duration=duration, user=user,
-            persist=persist, kind=kind, grace=grace, warn=warn, warn_signal=warn_signal,
+            "create",
+            device=device,
+            memory=memory,
+            duration=duration,
+            user=user,
+            persist=persist,
+            kind=kind,
+            grace=grace,
+            warn=warn,
+            warn_signal=warn_signal,
             start=start,
         )
-        return Partition(PartitionRecord.from_wire(result), self._transport,
-                         result.get("visible_env"))
+        return Partition(
+            PartitionRecord.from_wire(result), self._transport, result.get("visible_env")
+        )
 
     def get(self, partition_id: str) -> Partition:
-        return Partition(PartitionRecord.from_wire(self._transport.call("get", id=partition_id)),
-                         self._transport)
+        return Partition(
+            PartitionRecord.from_wire(self._transport.call("get", id=partition_id)), self._transport
+        )
 
     def list(self, all: bool = False) -> list[Partition]:
-        return [Partition(PartitionRecord.from_wire(r), self._transport)
-                for r in self._transport.call("list", all=all)]
+        return [
+            Partition(PartitionRecord.from_wire(r), self._transport)
+            for r in self._transport.call("list", all=all)
+        ]
 
     def release(self, partition_id: str) -> None:
         self._transport.call("release", id=partition_id)

@@ -58,14 +58,18 @@ class Attributor:
         tree = procs.children_map()
         found = {p for p in procs.descendants(roots, tree) if self.partition_of(p) == partition_id}
         for pid in procs.all_pids():
-            if pid not in found and procs.environ_value(pid, MARKER) == partition_id \
-                    and self.partition_of(pid) == partition_id:
+            if (
+                pid not in found
+                and procs.environ_value(pid, MARKER) == partition_id
+                and self.partition_of(pid) == partition_id
+            ):
                 found.add(pid)
         return found
 
 
-def attribute_processes(machine: Machine, records: Iterable[PartitionRecord],
-                        attached: Iterable[Attached]) -> list[ProcessUse]:
+def attribute_processes(
+    machine: Machine, records: Iterable[PartitionRecord], attached: Iterable[Attached]
+) -> list[ProcessUse]:
     attributor = Attributor(records, attached)
     index = {d.uuid: d.index for d in machine.devices}
     out = []
@@ -73,12 +77,14 @@ def attribute_processes(machine: Machine, records: Iterable[PartitionRecord],
         if proc.device_uuid not in index:
             continue
         uid = procs.process_uid(proc.pid)
-        out.append(ProcessUse(
-            pid=proc.pid,
-            device=index[proc.device_uuid],
-            used_bytes=proc.used_bytes,
-            user=procs.user_name(uid) if uid is not None else None,
-            command=procs.command_line(proc.pid),
-            partition_id=attributor.partition_of(proc.pid),
-        ))
+        out.append(
+            ProcessUse(
+                pid=proc.pid,
+                device=index[proc.device_uuid],
+                used_bytes=proc.used_bytes,
+                user=procs.user_name(uid) if uid is not None else None,
+                command=procs.command_line(proc.pid),
+                partition_id=attributor.partition_of(proc.pid),
+            )
+        )
     return out

@@ -36,8 +36,9 @@ def emit_json(data: Any) -> None:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
     for row in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
@@ -46,14 +47,20 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def describe(record: PartitionRecord, now: float) -> str:
     state = record.state_at(now)
-    head = (f"partition {record.id}: GPU {record.device}, {format_bytes(record.memory_bytes)} "
-            f"({record.memory_fraction:.1%}), user {record.user}")
+    head = (
+        f"partition {record.id}: GPU {record.device}, {format_bytes(record.memory_bytes)} "
+        f"({record.memory_fraction:.1%}), user {record.user}"
+    )
     if state == BOOKED:
-        return (f"{head}, booked from {local_clock(record.starts_at)} "
-                f"until {local_clock(record.expires_at)}")
+        return (
+            f"{head}, booked from {local_clock(record.starts_at)} "
+            f"until {local_clock(record.expires_at)}"
+        )
     if state == ACTIVE:
-        return (f"{head}, until {local_clock(record.expires_at)} "
-                f"({format_duration(record.expires_at - now)} left)")
+        return (
+            f"{head}, until {local_clock(record.expires_at)} "
+            f"({format_duration(record.expires_at - now)} left)"
+        )
     return f"{head}, {state} at {local_clock(record.ended_at or record.expires_at)}"
 
 
@@ -72,8 +79,16 @@ def cli() -> None:
 @click.option("--warn", help="Signal the partition's processes this long before the end.")
 @click.option("--warn-signal", help="Signal sent at --warn time (default SIGUSR1).")
 @json_option
-def create(device: int, memory: str, duration: str, user: str | None, grace: str | None,
-           warn: str | None, warn_signal: str | None, as_json: bool) -> None:
+def create(
+    device: int,
+    memory: str,
+    duration: str,
+    user: str | None,
+    grace: str | None,
+    warn: str | None,
+    warn_signal: str | None,
+    as_json: bool,
+) -> None:
     """Reserve MEMORY of GPU DEVICE for DURATION.
 
     MEMORY: a fraction (0.5), a percent (50%) or a size (40GiB, 512MiB).
@@ -82,9 +97,17 @@ def create(device: int, memory: str, duration: str, user: str | None, grace: str
     """
     if warn_signal and not warn:
         raise ChronosError("--warn-signal needs --warn")
-    p = _client().create(device=device, memory=memory, duration=duration, user=user,
-                         persist=True, grace=grace, warn=warn, warn_signal=warn_signal,
-                         kind="cli")
+    p = _client().create(
+        device=device,
+        memory=memory,
+        duration=duration,
+        user=user,
+        persist=True,
+        grace=grace,
+        warn=warn,
+        warn_signal=warn_signal,
+        kind="cli",
+    )
     if as_json:
         emit_json(p.to_json())
     else:
@@ -109,9 +132,15 @@ def list_(show_all: bool, as_json: bool) -> None:
         headers.append("STATE")
     rows = []
     for r in records:
-        row = [r.id, str(r.device), f"{r.memory_fraction:.1%} ({format_bytes(r.memory_bytes)})",
-               r.user, local_clock(r.created_at), local_clock(r.expires_at),
-               format_duration(r.time_remaining_at(now))]
+        row = [
+            r.id,
+            str(r.device),
+            f"{r.memory_fraction:.1%} ({format_bytes(r.memory_bytes)})",
+            r.user,
+            local_clock(r.created_at),
+            local_clock(r.expires_at),
+            format_duration(r.time_remaining_at(now)),
+        ]
         if show_all:
             row.append(r.state_at(now))
         rows.append(row)
@@ -172,8 +201,16 @@ def events(since: str | None, partition_id: str | None, as_json: bool) -> None:
     if as_json:
         emit_json(items)
         return
-    rows = [[e["at"][:23], e["kind"], e["partition_id"] or "-", e["user"] or "-",
-             json.dumps(e["detail"])] for e in items]
+    rows = [
+        [
+            e["at"][:23],
+            e["kind"],
+            e["partition_id"] or "-",
+            e["user"] or "-",
+            json.dumps(e["detail"]),
+        ]
+        for e in items
+    ]
     click.echo(table(["AT", "EVENT", "PARTITION", "BY", "DETAIL"], rows))
 
 
@@ -202,8 +239,9 @@ def stats(watch: bool, interval: float, as_json: bool) -> None:
 @click.option("--duration", required=True, help="How long (3600, 2h, 1h30m).")
 @click.option("--grace", help="Delay between SIGTERM and SIGKILL at expiry (default 30s).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run(device: int, memory: str, duration: str, grace: str | None,
-        command: tuple[str, ...]) -> None:
+def run(
+    device: int, memory: str, duration: str, grace: str | None, command: tuple[str, ...]
+) -> None:
     """Run COMMAND inside a new partition; release it when COMMAND exits.
 
     Example: chronos run --memory 0.25 --duration 2h -- python train.py

@@ -8,10 +8,11 @@ never silently leaves a limit unset.
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from chronos.errors import BadRequest
 from chronos.units import MAX_DURATION_S, parse_duration
@@ -64,8 +65,12 @@ def load_config(path: Path | None = None) -> Config:
 def parse_config(data: dict[str, Any], origin: str = "config") -> Config:
     config = Config()
     known = {f.name for f in fields(Config)}
-    aliases = {"grace": "grace_s", "max_duration": "max_duration_s",
-               "sample_interval": "sample_interval_s", "memory_grace": "memory_grace_s"}
+    aliases = {
+        "grace": "grace_s",
+        "max_duration": "max_duration_s",
+        "sample_interval": "sample_interval_s",
+        "memory_grace": "memory_grace_s",
+    }
     devices = data.pop("devices", {}) if isinstance(data.get("devices"), dict) else {}
     changes: dict[str, Any] = {}
     for key, value in data.items():

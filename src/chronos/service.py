@@ -68,13 +68,28 @@ class Service:
     def op_ping(self, caller: Caller) -> dict[str, Any]:
         from chronos import __version__
 
-        return {"version": __version__, "mode": self.mode, "uid": caller.uid,
-                "user": caller.user, "admin": caller.is_admin}
+        return {
+            "version": __version__,
+            "mode": self.mode,
+            "uid": caller.uid,
+            "user": caller.user,
+            "admin": caller.is_admin,
+        }
 
-    def op_create(self, caller: Caller, device: int, memory: Any, duration: Any,
-                  user: str | None = None, persist: bool = False, kind: str = "api",
-                  grace: Any = None, warn: Any = None, warn_signal: str | None = None,
-                  start: float | None = None) -> dict[str, Any]:
+    def op_create(
+        self,
+        caller: Caller,
+        device: int,
+        memory: Any,
+        duration: Any,
+        user: str | None = None,
+        persist: bool = False,
+        kind: str = "api",
+        grace: Any = None,
+        warn: Any = None,
+        warn_signal: str | None = None,
+        start: float | None = None,
+    ) -> dict[str, Any]:
         if kind not in KINDS:
             raise BadRequest(f"unknown partition kind {kind!r}")
         uid, name = self._owner(caller, user)
@@ -125,27 +140,40 @@ class Service:
         now = self.ledger.clock()
         open_records = self.ledger.active(now)
         usage = machine.usage()
-        found = attribute_processes(machine, open_records, self.ledger.attached()) \
-            if processes else []
+        found = (
+            attribute_processes(machine, open_records, self.ledger.attached()) if processes else []
+        )
         devices = []
         for dev in machine.devices:
-            mine = [r for r in open_records if r.device_uuid == dev.uuid
-                    and r.state_at(now) == ACTIVE]
+            mine = [
+                r for r in open_records if r.device_uuid == dev.uuid and r.state_at(now) == ACTIVE
+            ]
             use = usage.get(dev.uuid)
-            devices.append(DeviceStats(
-                index=dev.index, uuid=dev.uuid, name=dev.name, vendor=dev.vendor,
-                backend=dev.backend, total_bytes=dev.total_bytes,
-                used_bytes=use.used_bytes if use else None,
-                free_bytes=use.free_bytes if use else None,
-                utilization_pct=use.utilization_pct if use else None,
-                reservable_bytes=int(dev.total_bytes * self.config.reservable(dev.index)),
-                committed_bytes=sum(r.memory_bytes for r in mine),
-                active_partitions=len(mine),
-                pci_bus_id=dev.pci_bus_id, details=dict(dev.details),
-                processes=[p for p in found if p.device == dev.index],
-            ).to_json())
-        return {"mode": self.mode, "backends": machine.backend_names,
-                "per_process_memory": machine.per_process_memory, "devices": devices}
+            devices.append(
+                DeviceStats(
+                    index=dev.index,
+                    uuid=dev.uuid,
+                    name=dev.name,
+                    vendor=dev.vendor,
+                    backend=dev.backend,
+                    total_bytes=dev.total_bytes,
+                    used_bytes=use.used_bytes if use else None,
+                    free_bytes=use.free_bytes if use else None,
+                    utilization_pct=use.utilization_pct if use else None,
+                    reservable_bytes=int(dev.total_bytes * self.config.reservable(dev.index)),
+                    committed_bytes=sum(r.memory_bytes for r in mine),
+                    active_partitions=len(mine),
+                    pci_bus_id=dev.pci_bus_id,
+                    details=dict(dev.details),
+                    processes=[p for p in found if p.device == dev.index],
+                ).to_json()
+            )
+        return {
+            "mode": self.mode,
+            "backends": machine.backend_names,
+            "per_process_memory": machine.per_process_memory,
+            "devices": devices,
+        }
 
     def op_attach(self, caller: Caller, id: str, pid: int) -> dict[str, Any]:
         record = self.ledger.get(id)
@@ -175,8 +203,9 @@ class Service:
         self.on_change()
         return updated.to_wire()
 
-    def op_events(self, caller: Caller, since: float | None = None,
-                  id: str | None = None) -> list[dict[str, Any]]:
+    def op_events(
+        self, caller: Caller, since: float | None = None, id: str | None = None
+    ) -> list[dict[str, Any]]:
         return [e.to_json() for e in self.ledger.events(since, id)]
 
     # ------------------------------------------------------------------ helpers

@@ -8,6 +8,7 @@ with ``sigtimedwait`` so expiry acts at the exact deadline, not at a poll tick.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,8 +19,11 @@ from collections.abc import Sequence
 from chronos import procs
 from chronos.api import Partition, Partitioner
 from chronos.attribution import MARKER
+from chronos.devices import Machine
+from chronos.enforcement import MemoryWatch, Violation
 from chronos.errors import ChronosError, PartitionEnded
-from chronos.units import format_duration, local_clock
+from chronos.models import ProcessUse
+from chronos.units import format_bytes, format_duration, local_clock
 
 EXPIRED_EXIT = 124
 """Exit status of ``chronos run`` when the partition's end stopped the command."""
@@ -35,18 +39,18 @@ def say(message: str) -> None:
     print(f"chronos: {message}", file=sys.stderr, flush=True)
 
 
-def run_in_partition(device: int, memory: str, duration: str, grace: str | None,
-                     command: Sequence[str]) -> int:
+def run_in_partition(
+    device: int, memory: str, duration: str, grace: str | None, command: Sequence[str]
+) -> int:
     client = Partitioner()
-    partition = client.create(device=device, memory=memory, duration=duration, kind="run",
-                              grace=grace)
+    partition = client.create(
+        device=device, memory=memory, duration=duration, kind="run", grace=grace
+    )
     try:
         return Supervisor(partition, client.mode).run(command)
     finally:
-        try:
+        with contextlib.suppress(PartitionEnded, ChronosError):
             partition.release()
-        except (PartitionEnded, ChronosError):
-            pass
         client.close()
 
 
@@ -58,13 +62,16 @@ class Supervisor:
         if self.grace is None:
             self.grace = DEFAULT_GRACE_S
         self.expired = False
+        self.stopped_for_memory = False
         self.kill_at: float | None = None
+        self.memory = EmbeddedMemoryCap.for_partition(partition) if mode == "embedded" else None
         self.term_sent: dict[int, int] = {}
 
     def members(self) -> dict[int, int]:
         me = os.getpid()
-        pids = procs.descendants([me]) | procs.pids_with_marker(MARKER, self.partition.id,
-                                                                 os.getuid())
+        pids = procs.descendants([me]) | procs.pids_with_marker(
+            MARKER, self.partition.id, os.getuid()
+        )
         pids.discard(me)
         return procs.snapshot(pids)
 
@@ -85,7 +92,8 @@ class Supervisor:
     def _spawn(self, command: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes] | None:
         try:
             return subprocess.Popen(
-                list(command), env=env,
+                list(command),
+                env=env,
                 preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, _WATCHED),
             )
         except OSError as exc:
@@ -101,20 +109,35 @@ class Supervisor:
             if not remaining:
                 break
             wake = self.kill_at if self.kill_at is not None else deadline
-            timeout = None if wake == float("inf") else max(0.0, wake - time.time())
-            info = (signal.sigtimedwait(_WATCHED, timeout) if timeout is not None
-                    else signal.sigwaitinfo(_WATCHED))
+            if self.memory is not None and self.kill_at is None:
+                wake = min(wake, self.memory.next_sample)
+            info = self._next_signal(wake)
             if info is None:
-                self._on_deadline(expires_at)
+                if self.kill_at is None and time.time() < deadline:
+                    self._sample_memory()
+                else:
+                    self._on_deadline(expires_at)
             elif info.si_signo in _FORWARDED:
                 procs.signal_all(self.members(), info.si_signo)
-        if not self.expired and time.time() >= expires_at:
+        if self.mode == "daemon":
+            self._report_daemon_actions()
+        if not self.expired and time.time() >= expires_at and not self.stopped_for_memory:
             self.expired = True
-            say(f"partition {self.partition.id} expired at {local_clock(expires_at)}; "
-                "chronosd stopped the command")
+            say(
+                f"partition {self.partition.id} expired at {local_clock(expires_at)}; "
+                "chronosd stopped the command"
+            )
         if self.expired:
             return EXPIRED_EXIT
-        return _exit_code(status)
+        code = _exit_code(status)
+        return code if code or not self.stopped_for_memory else 1
+
+    @staticmethod
+    def _next_signal(wake: float) -> signal.struct_siginfo | None:
+        """Wait for a watched signal until ``wake`` (forever if it is infinite)."""
+        if wake == float("inf"):
+            return signal.sigwaitinfo(_WATCHED)
+        return signal.sigtimedwait(_WATCHED, max(0.0, wake - time.time()))
 
     def _reap(self, child_pid: int, status: int | None) -> tuple[int | None, bool]:
         while True:
@@ -130,8 +153,10 @@ class Supervisor:
     def _on_deadline(self, expires_at: float) -> None:
         if self.kill_at is None and self.mode == "daemon" and self._daemon_ended_it():
             self.expired = True
-            say(f"partition {self.partition.id} expired at {local_clock(expires_at)}; "
-                "chronosd is stopping the command (SIGTERM, then SIGKILL after the grace)")
+            say(
+                f"partition {self.partition.id} expired at {local_clock(expires_at)}; "
+                "chronosd is stopping the command (SIGTERM, then SIGKILL after the grace)"
+            )
             self.kill_at = float("inf")
             return
         members = self.members()
@@ -139,9 +164,11 @@ class Supervisor:
             self.expired = True
             self.term_sent = members
             sent = procs.signal_all(members, signal.SIGTERM)
-            say(f"partition {self.partition.id} expired at {local_clock(expires_at)}: sent "
+            say(
+                f"partition {self.partition.id} expired at {local_clock(expires_at)}: sent "
                 f"SIGTERM to {sent} process(es); SIGKILL in {format_duration(self.grace or 0)} "
-                "if still running")
+                "if still running"
+            )
             self.kill_at = time.time() + (self.grace or 0.0)
         else:
             killed = procs.signal_all(members, signal.SIGKILL)
@@ -149,6 +176,32 @@ class Supervisor:
                 say(f"sent SIGKILL to {killed} process(es) still running after the grace period")
             self.kill_at = time.time() + 3600.0
 
+    def _sample_memory(self) -> None:
+        assert self.memory is not None
+        violation = self.memory.check(self.members())
+        if violation is None:
+            return
+        self.stopped_for_memory = True
+        say(f"partition {self.partition.id}: the command held {format_bytes(violation.used_bytes)}"
+            f" of GPU {violation.device}, over the partition's "
+            f"{format_bytes(violation.allowed_bytes)}; stopping it")
+        members = self.members()
+        procs.signal_all(members, signal.SIGTERM)
+        self.kill_at = time.time() + self.memory.grace_s
+        self.expired = False
+
+    def _report_daemon_actions(self) -> None:
+        try:
+            events = self.partition._transport.call("events", id=self.partition.id)
+        except ChronosError:
+            return
+        for event in events:
+            if event["kind"] == "memory_exceeded":
+                d = event["detail"]
+                self.stopped_for_memory = True
+                say(f"chronosd stopped the command: partition {self.partition.id}'s processes "
+                    f"held {format_bytes(d['used_bytes'])} of GPU {d['device']}, over its "
+                    f"{format_bytes(d['allowed_bytes'])}")
 
     def _daemon_ended_it(self) -> bool:
         try:
@@ -163,3 +216,41 @@ def _exit_code(status: int | None) -> int:
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
     return os.WEXITSTATUS(status)
+
+
+class EmbeddedMemoryCap:
+    """With no daemon, ``chronos run`` samples its own processes' GPU memory."""
+
+    def __init__(self, partition: Partition, machine: Machine, interval_s: float,
+                 grace_s: float) -> None:
+        self.partition = partition
+        self.machine = machine
+        self.interval_s = interval_s
+        self.grace_s = grace_s
+        self.watch = MemoryWatch(grace_s=grace_s, unpartitioned="off")
+        self.next_sample = time.time()
+
+    @classmethod
+    def for_partition(cls, partition: Partition) -> EmbeddedMemoryCap | None:
+        service = getattr(partition._transport, "service", None)
+        if service is None:
+            return None
+        try:
+            machine = service.machine
+        except ChronosError:
+            return None
+        config = service.config
+        return cls(partition, machine, config.sample_interval_s, config.memory_grace_s)
+
+    def check(self, members: dict[int, int]) -> Violation | None:
+        now = time.time()
+        self.next_sample = now + self.interval_s
+        record = self.partition.record
+        found = [
+            ProcessUse(pid=p.pid, device=record.device, used_bytes=p.used_bytes, user=None,
+                       command=None, partition_id=record.id)
+            for p in self.machine.processes()
+            if p.pid in members and p.device_uuid == record.device_uuid
+        ]
+        violations = self.watch.observe(now, [record], found)
+        return violations[0] if violations else None

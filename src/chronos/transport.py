@@ -82,7 +82,9 @@ class SocketTransport(Transport):
             sock.connect(str(self.path))
         except OSError as exc:
             sock.close()
-            raise DaemonUnavailable(f"cannot reach chronosd at {self.path}: {exc.strerror}") from None
+            raise DaemonUnavailable(
+                f"cannot reach chronosd at {self.path}: {exc.strerror}"
+            ) from None
         return sock
 
     def call(self, op: str, **args: Any) -> Any:

@@ -47,20 +47,22 @@ def parse_memory(text: str | float, total_bytes: int) -> int:
         if isinstance(text, (int, float)) or _is_number(raw):
             return _fraction_to_bytes(_finite(float(raw), raw), total_bytes, raw)
     except ValueError:
-        raise BadRequest(f"invalid memory {raw!r}: use a fraction (0.5), a percent (50%) "
-                         "or a size (40GiB, 512MiB)") from None
+        raise BadRequest(
+            f"invalid memory {raw!r}: use a fraction (0.5), a percent (50%) "
+            "or a size (40GiB, 512MiB)"
+        ) from None
     match = _SIZE_RE.match(raw)
     if not match or match.group(2).lower() not in _UNITS:
-        raise BadRequest(f"invalid memory {raw!r}: use a fraction (0.5), a percent (50%) "
-                         "or a size (40GiB, 512MiB)")
+        raise BadRequest(
+            f"invalid memory {raw!r}: use a fraction (0.5), a percent (50%) "
+            "or a size (40GiB, 512MiB)"
+        )
     size = float(match.group(1)) * _UNITS[match.group(2).lower()]
     nbytes = int(size)
     if nbytes <= 0:
         raise BadRequest(f"memory must be more than zero, got {raw!r}")
     if nbytes > total_bytes:
-        raise BadRequest(
-            f"memory {raw} is more than the device has ({format_bytes(total_bytes)})"
-        )
+        raise BadRequest(f"memory {raw} is more than the device has ({format_bytes(total_bytes)})")
     return nbytes
 
 
@@ -93,18 +95,13 @@ def parse_duration(text: str | float, maximum: float = MAX_DURATION_S) -> float:
         raise BadRequest(f"invalid duration {text!r}")
     raw = str(text).strip().lower()
     seconds: float
-    if _is_number(raw):
-        seconds = float(raw)
-    else:
-        seconds = _parse_duration_parts(raw)
+    seconds = float(raw) if _is_number(raw) else _parse_duration_parts(raw)
     if not math.isfinite(seconds):
         raise BadRequest(f"invalid duration {raw!r}: not a finite number")
     if seconds <= 0:
         raise BadRequest(f"duration must be more than zero, got {raw!r}")
     if seconds > maximum:
-        raise BadRequest(
-            f"duration {raw} is longer than the maximum of {format_duration(maximum)}"
-        )
+        raise BadRequest(f"duration {raw} is longer than the maximum of {format_duration(maximum)}")
     return seconds
 
 
@@ -148,7 +145,9 @@ def iso(ts: float | None) -> str | None:
     """Epoch seconds -> ISO-8601 in local time with its offset."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).astimezone().isoformat(timespec="milliseconds")
+    return (
+        datetime.fromtimestamp(ts, tz=timezone.utc).astimezone().isoformat(timespec="milliseconds")
+    )
 
 
 def local_clock(ts: float) -> str:

@@ -31,8 +31,9 @@ class Deadlines:
         self.loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._owner_fds: dict[str, int] = {}
-        self._warned: set[str] = {e.partition_id for e in ledger.events()
-                                  if e.kind == "warned" and e.partition_id}
+        self._warned: set[str] = {
+            e.partition_id for e in ledger.events() if e.kind == "warned" and e.partition_id
+        }
         self._kills: dict[str, asyncio.TimerHandle] = {}
         self._poller: asyncio.TimerHandle | None = None
         self.on_ended: Callable[[list[Ended]], None] = lambda ended: None
@@ -95,8 +96,15 @@ class Deadlines:
             sig = getattr(signal, r.warn_signal or "SIGUSR1")
             members = self.members(r)
             sent = procs.signal_all(members, sig)
-            self.ledger.log("warned", r.id, detail={"signal": r.warn_signal, "processes": sent,
-                                                    "seconds_left": round(r.expires_at - now, 3)})
+            self.ledger.log(
+                "warned",
+                r.id,
+                detail={
+                    "signal": r.warn_signal,
+                    "processes": sent,
+                    "seconds_left": round(r.expires_at - now, 3),
+                },
+            )
             log("warned", partition=r.id, signal=r.warn_signal, processes=sent)
 
     # ----------------------------------------------------------------- endings
@@ -112,22 +120,38 @@ class Deadlines:
     def _on_end(self, item: Ended) -> None:
         record = item.record
         self._unwatch(record.id)
-        log(record.state, partition=record.id, user=record.user, reason=item.reason,
+        log(
+            record.state,
+            partition=record.id,
+            user=record.user,
+            reason=item.reason,
             lateness_ms=round((time.time() - record.expires_at) * 1000, 3)
-            if record.state == EXPIRED else None)
+            if record.state == EXPIRED
+            else None,
+        )
         if record.state == EXPIRED:
             self.stop(record, "expired")
 
-    def stop(self, record: PartitionRecord, why: str) -> int:
+    def stop(self, record: PartitionRecord, why: str, grace: float | None = None) -> int:
         """SIGTERM the partition's processes now, SIGKILL what is left after the grace."""
         members = self.members(record)
         sent = procs.signal_all(members, signal.SIGTERM)
-        grace = record.grace_s if record.grace_s is not None else self.default_grace_s()
+        if grace is None:
+            grace = record.grace_s if record.grace_s is not None else self.default_grace_s()
         if members:
-            log("sigterm", partition=record.id, why=why, processes=sorted(members), sent=sent,
-                grace_s=grace)
-            self.ledger.log("terminated", record.id, detail={
-                "why": why, "signal": "SIGTERM", "processes": sorted(members)})
+            log(
+                "sigterm",
+                partition=record.id,
+                why=why,
+                processes=sorted(members),
+                sent=sent,
+                grace_s=grace,
+            )
+            self.ledger.log(
+                "terminated",
+                record.id,
+                detail={"why": why, "signal": "SIGTERM", "processes": sorted(members)},
+            )
         if record.id in self._kills:
             self._kills[record.id].cancel()
         self._kills[record.id] = self.loop.call_later(grace, self._kill, record, members, why)
@@ -139,8 +163,22 @@ class Deadlines:
         killed = procs.signal_all(members, signal.SIGKILL)
         if killed:
             log("sigkill", partition=record.id, why=why, processes=killed)
-            self.ledger.log("killed", record.id, detail={"why": why, "signal": "SIGKILL",
-                                                         "processes": killed})
+            self.ledger.log(
+                "killed", record.id, detail={"why": why, "signal": "SIGKILL", "processes": killed}
+            )
+
+    def stop_pids(self, pids: dict[int, None], why: str, grace: float) -> None:
+        """SIGTERM processes that belong to no partition, SIGKILL them after ``grace``."""
+        members = procs.snapshot(pids)
+        procs.signal_all(members, signal.SIGTERM)
+        log("sigterm", why=why, processes=sorted(members), grace_s=grace)
+
+        def kill() -> None:
+            killed = procs.signal_all(members, signal.SIGKILL)
+            if killed:
+                log("sigkill", why=why, processes=killed)
+
+        self.loop.call_later(grace, kill)
 
     # ------------------------------------------------------------ owner death
 
@@ -179,11 +217,13 @@ class Deadlines:
 
     def _poll_owners(self) -> None:
         if self._poller is None:
+
             def tick() -> None:
                 self._poller = None
                 self._process_due()
                 if any(r.owner_pid for r in self.ledger.list()):
                     self._poll_owners()
+
             self._poller = self.loop.call_later(OWNER_POLL_S, tick)
 
     def close(self) -> None:

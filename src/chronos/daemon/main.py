@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import fcntl
 import os
 import signal
@@ -20,6 +21,7 @@ from chronos.config import Config, load_config
 from chronos.daemon.deadlines import Deadlines
 from chronos.daemon.log import log
 from chronos.daemon.notify import sd_notify
+from chronos.daemon.sampler import Sampler
 from chronos.daemon.server import Server
 from chronos.errors import ChronosError
 from chronos.ledger import Ledger
@@ -33,12 +35,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="chronosd", description="The Chronos daemon: one authority per machine."
     )
-    parser.add_argument("--socket", type=Path, help="Unix socket to listen on "
-                        "(default $CHRONOS_SOCKET or /run/chronos/chronosd.sock).")
-    parser.add_argument("--state-dir", type=Path, help="Ledger directory "
-                        "(default $CHRONOS_HOME or /var/lib/chronos).")
-    parser.add_argument("--config", type=Path, help="Policy file "
-                        "(default $CHRONOS_CONFIG or /etc/chronos/config.toml).")
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        help="Unix socket to listen on (default $CHRONOS_SOCKET or /run/chronos/chronosd.sock).",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        help="Ledger directory (default $CHRONOS_HOME or /var/lib/chronos).",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="Policy file (default $CHRONOS_CONFIG or /etc/chronos/config.toml).",
+    )
     return parser.parse_args(argv)
 
 
@@ -77,20 +88,29 @@ class Daemon:
         service.on_change = deadlines.changed
         deadlines.changed()  # expiries that fell due while no daemon ran
 
+        sampler = Sampler(service, deadlines, lambda: self.config)
+        deadlines.on_ended = sampler.on_ended
+        sampling = asyncio.create_task(sampler.run())
         server = Server(service.handle, lambda: self.config.admin_group)
         listener = await self._listen(server)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._reload(service))
-        log("started", pid=os.getpid(), socket=str(self.sock_path),
-            state_dir=str(self.state_dir), backends=service.machine.backend_names,
-            devices=len(service.machine.devices))
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._reload(service, sampler))
+        log(
+            "started",
+            pid=os.getpid(),
+            socket=str(self.sock_path),
+            state_dir=str(self.state_dir),
+            backends=service.machine.backend_names,
+            devices=len(service.machine.devices),
+        )
         sd_notify("READY=1")
         try:
             await self._stop.wait()
         finally:
             sd_notify("STOPPING=1")
+            sampling.cancel()
             listener.close()
             deadlines.close()
             service.close()
@@ -135,22 +155,22 @@ class Daemon:
         self.sock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         # We hold the state lock, so a socket file left here is a dead daemon's.
         self._remove_socket()
-        listener = await asyncio.start_unix_server(server.serve_client, path=str(self.sock_path),
-                                                   backlog=1024)
+        listener = await asyncio.start_unix_server(
+            server.serve_client, path=str(self.sock_path), backlog=1024
+        )
         os.chmod(self.sock_path, 0o666)  # anyone may connect; SO_PEERCRED says who they are
         return listener
 
     def _remove_socket(self) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.sock_path.unlink()
-        except FileNotFoundError:
-            pass
 
-    def _reload(self, service: Service) -> None:
+    def _reload(self, service: Service, sampler: Sampler) -> None:
         try:
             self.config = load_config(self.config_path)
         except ChronosError as exc:
             log("config_rejected", level="error", error=str(exc))
             return
         service.config = self.config
+        sampler.reconfigure()
         log("config_reloaded")

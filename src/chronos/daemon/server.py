@@ -35,16 +35,18 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 
 
 class Server:
-    def __init__(self, handle: Callable[[Caller, Any], dict[str, Any]],
-                 admin_group: Callable[[], str]) -> None:
+    def __init__(
+        self, handle: Callable[[Caller, Any], dict[str, Any]], admin_group: Callable[[], str]
+    ) -> None:
         self._handle = handle
         self._admin_group = admin_group
         self.connections = 0
         self.requests = 0
         self.on_request: Callable[[str, float], None] = lambda op, seconds: None
 
-    async def serve_client(self, reader: asyncio.StreamReader,
-                           writer: asyncio.StreamWriter) -> None:
+    async def serve_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         self.connections += 1
         try:
             sock = writer.get_extra_info("socket")
@@ -60,8 +62,9 @@ class Server:
             self.connections -= 1
             writer.close()
 
-    async def _one_request(self, caller: Caller, reader: asyncio.StreamReader,
-                           writer: asyncio.StreamWriter) -> bool:
+    async def _one_request(
+        self, caller: Caller, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
         header = await asyncio.wait_for(reader.readexactly(protocol.HEADER.size), IDLE_TIMEOUT_S)
         try:
             length = protocol.frame_length(header)

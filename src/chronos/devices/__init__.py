@@ -58,7 +58,7 @@ class Machine:
         self._backends = backends
         self.notes = notes
         self.devices: list[Device] = []
-        for backend, devices in backends:
+        for _backend, devices in backends:
             for device in devices:
                 self.devices.append(replace(device, index=len(self.devices)))
         self.backend_names = [b.name for b, _ in backends]

@@ -1,0 +1,138 @@
+"""The daemon's sampling loop: per-process GPU memory, several times a second.
+
+Backend calls and /proc reads run in a worker thread so a slow driver never
+stalls the socket; decisions (``MemoryWatch``) and signals run on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from chronos.attribution import attribute_processes
+from chronos.config import Config
+from chronos.daemon.deadlines import Deadlines
+from chronos.daemon.log import log
+from chronos.enforcement import MemoryWatch, Violation
+from chronos.ledger import Ended
+from chronos.models import ACTIVE, ProcessUse
+from chronos.service import Service
+from chronos.units import format_bytes
+
+
+class Sampler:
+    def __init__(
+        self, service: Service, deadlines: Deadlines, config: Callable[[], Config]
+    ) -> None:
+        self.service = service
+        self.deadlines = deadlines
+        self.config = config
+        self.watch = self._new_watch()
+        self.last: list[ProcessUse] = []
+        self.last_at: float | None = None
+        self.sample_seconds: float | None = None
+
+    def _new_watch(self) -> MemoryWatch:
+        c = self.config()
+        return MemoryWatch(
+            grace_s=c.memory_grace_s,
+            unpartitioned=c.unpartitioned,
+            exempt_users=frozenset(c.exempt_users),
+            exempt_commands=frozenset(c.exempt_commands),
+        )
+
+    def reconfigure(self) -> None:
+        c = self.config()
+        self.watch.grace_s = c.memory_grace_s
+        self.watch.unpartitioned = c.unpartitioned
+        self.watch.exempt_users = frozenset(c.exempt_users)
+        self.watch.exempt_commands = frozenset(c.exempt_commands)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            try:
+                await self.sample_once()
+            except Exception as exc:  # noqa: BLE001 - keep sampling whatever one sample did
+                log("sample_failed", level="error", error=repr(exc))
+            interval = self.config().sample_interval_s
+            await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
+
+    async def sample_once(self) -> None:
+        ledger = self.service.ledger
+        now = time.time()
+        records = [r for r in ledger.active(now) if r.state_at(now) == ACTIVE]
+        attached = ledger.attached()
+        t0 = time.perf_counter()
+        found = await asyncio.get_running_loop().run_in_executor(
+            None, attribute_processes, self.service.machine, records, attached
+        )
+        self.sample_seconds = time.perf_counter() - t0
+        self.last, self.last_at = found, time.time()
+        for violation in self.watch.observe(self.last_at, records, found):
+            self._act(violation)
+        if self.watch.unpartitioned == "warn":
+            for proc in self.watch.warnings(found):
+                log(
+                    "unpartitioned",
+                    level="warning",
+                    pid=proc.pid,
+                    user=proc.user,
+                    device=proc.device,
+                    used_bytes=proc.used_bytes,
+                    command=proc.command,
+                )
+                ledger.log(
+                    "unpartitioned",
+                    uid=None,
+                    user=proc.user,
+                    detail={
+                        "pid": proc.pid,
+                        "device": proc.device,
+                        "used_bytes": proc.used_bytes,
+                        "action": "warn",
+                    },
+                )
+
+    def _act(self, v: Violation) -> None:
+        ledger = self.service.ledger
+        detail = {
+            "used_bytes": v.used_bytes,
+            "allowed_bytes": v.allowed_bytes,
+            "device": v.device,
+            "pids": list(v.pids),
+            "over_for_s": round(time.time() - v.over_since, 3),
+        }
+        if v.kind == "memory" and v.partition_id is not None:
+            record = ledger.get(v.partition_id)
+            log(
+                "memory_exceeded",
+                level="warning",
+                partition=record.id,
+                user=record.user,
+                used=format_bytes(v.used_bytes),
+                allowed=format_bytes(v.allowed_bytes),
+                **detail,
+            )
+            ledger.log("memory_exceeded", record.id, record.uid, record.user, detail)
+            self.deadlines.stop(record, "memory", grace=self.config().memory_grace_s)
+        else:
+            log("unpartitioned_stopped", level="warning", **detail)
+            ledger.log("unpartitioned", detail={**detail, "action": "enforce"})
+            self.deadlines.stop_pids(
+                dict.fromkeys(v.pids), "unpartitioned", grace=self.config().memory_grace_s
+            )
+
+    def on_ended(self, ended: list[Ended]) -> None:
+        for item in ended:
+            use = self.watch.finish(item.record.id)
+            if use is not None and use.last_at is not None:
+                self.service.ledger.log(
+                    "usage",
+                    item.record.id,
+                    item.record.uid,
+                    item.record.user,
+                    {"peak_bytes": use.peak_bytes, "byte_seconds": round(use.byte_seconds, 1)},
+                )
