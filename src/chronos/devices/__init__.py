@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import replace
+from typing import TypeVar
 
 from chronos.devices.base import Backend, Device, DeviceUsage, ProcessMemory
 from chronos.errors import DeviceError
@@ -99,7 +101,10 @@ class Machine:
             backend.close()
 
 
-def _safely(call, default):  # type: ignore[no-untyped-def]
+T = TypeVar("T")
+
+
+def _safely(call: Callable[[], T], default: T) -> T:
     try:
         return call()
     except DeviceError:
@@ -119,6 +124,7 @@ def open_machine(choice: str | None = None) -> Machine:
         except DeviceError as exc:
             notes.append(f"{name}: {exc}")
             continue
+        notes.extend(f"{name}: {note}" for note in getattr(backend, "notes", []))
         if devices:
             found.append((backend, devices))
         else:
