@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import threading
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
-from chronos.errors import PartitionEnded
-from chronos.models import ACTIVE, BOOKED, DeviceStats, PartitionRecord
+from chronos.errors import AdmissionRefused, ChronosError, PartitionEnded, Timeout
+from chronos.models import ACTIVE, BOOKED, EXPIRED, DeviceStats, PartitionRecord
 from chronos.transport import Transport, connect
 
 
 def _when(ts: float | None) -> datetime | None:
-    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).astimezone()
+    return None if ts is None else datetime.fromtimestamp(ts, tz=UTC).astimezone()
 
 
 class Partition:
@@ -32,6 +37,7 @@ class Partition:
         self._record = record
         self._transport = transport
         self._visible_env = dict(visible_env or {})
+        self._monitor: ExpiryMonitor | None = None
 
     # ----------------------------------------------------------------- fields
     @property
@@ -97,6 +103,8 @@ class Partition:
     def release(self) -> None:
         """End the partition now; raises PartitionEnded if it already ended."""
         self._record = PartitionRecord.from_wire(self._transport.call("release", id=self.id))
+        if self._monitor is not None:
+            self._monitor.stop()
 
     def extend(self, duration: float | str) -> None:
         """Move the end later by ``duration`` (seconds or ``30m``) if capacity allows."""
@@ -107,6 +115,33 @@ class Partition:
     def attach(self, pid: int) -> None:
         """Count process ``pid`` (and its children) toward this partition."""
         self._transport.call("attach", id=self.id, pid=pid)
+
+    def limits_env(self) -> dict[str, str]:
+        """Environment for a child process: this GPU only, and every framework capped."""
+        from chronos.frameworks import limits_env
+
+        return {**self.env, **limits_env(self.memory_bytes, self._record.device_total_bytes)}
+
+    def apply_framework_limits(self) -> dict[str, str]:
+        """Cap PyTorch, TensorFlow, JAX and CuPy in this process to the partition.
+
+        Call it before the framework first uses the GPU. Returns, per framework,
+        what was done.
+        """
+        from chronos.frameworks import apply_in_process
+
+        for name, value in self._visible_env.items():
+            os.environ.setdefault(name, value)
+        return apply_in_process(self.memory_bytes, self._record.device_total_bytes)
+
+    def on_expiring(self, seconds_before: float, callback: Callable[[Partition], Any]) -> None:
+        """Call ``callback(partition)`` in a background thread ``seconds_before`` the end."""
+        self._ensure_monitor().add_warning(float(seconds_before), callback)
+
+    def _ensure_monitor(self) -> ExpiryMonitor:
+        if self._monitor is None:
+            self._monitor = ExpiryMonitor(self)
+        return self._monitor
 
     def to_json(self) -> dict[str, Any]:
         return self._record.to_json()
@@ -163,32 +198,60 @@ class Partitioner:
         warn: float | str | None = None,
         warn_signal: str | None = None,
         start: float | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+        on_wait: Callable[[dict[str, Any]], Any] | None = None,
         kind: str = "api",
     ) -> Partition:
         """Reserve ``memory`` (fraction, ``50%`` or ``40GiB``) of GPU ``device`` for ``duration``.
 
         By default the partition belongs to this process and ends when it exits;
         ``persist=True`` keeps it until it expires or is released. ``warn``
-        sends ``warn_signal`` (default SIGUSR1) to its processes that long before the end.
+        sends ``warn_signal`` (default SIGUSR1) to its processes that long before
+        the end. ``start`` (epoch seconds) books it ahead of time. With
+        ``wait=True`` a request that does not fit now waits in the fair queue
+        (at most ``timeout`` seconds; ``on_wait(status)`` is called as it
+        waits) instead of failing.
         """
-        if warn is not None and warn_signal is None:
-            warn_signal = "SIGUSR1"
         result = self._transport.call(
-            "create",
-            device=device,
-            memory=memory,
-            duration=duration,
-            user=user,
-            persist=persist,
-            kind=kind,
-            grace=grace,
-            warn=warn,
-            warn_signal=warn_signal,
-            start=start,
+            "create", device=device, memory=memory, duration=duration, user=user,
+            persist=persist, kind=kind, grace=grace, warn=warn, warn_signal=warn_signal,
+            start=start, wait=wait or None, timeout=timeout,
         )
-        return Partition(
-            PartitionRecord.from_wire(result), self._transport, result.get("visible_env")
-        )
+        if "ticket" in result:
+            result = self._wait_for(result, on_wait)
+        partition = Partition(PartitionRecord.from_wire(result), self._transport,
+                              result.get("visible_env"))
+        if self.mode == "embedded" and partition.record.owner_pid == os.getpid():
+            # No daemon will end it on time: this process keeps the deadline itself.
+            partition._ensure_monitor()
+        return partition
+
+    def _wait_for(self, status: dict[str, Any],
+                  on_wait: Callable[[dict[str, Any]], Any] | None) -> dict[str, Any]:
+        """Poll a queued request until it is granted; leave the queue if interrupted."""
+        ticket = status["ticket"]
+        try:
+            while status["state"] == "waiting":
+                if on_wait is not None:
+                    on_wait(status)
+                status = self._transport.call("wait", id=ticket, max_wait=1.0)
+        except BaseException:
+            with contextlib.suppress(ChronosError):
+                self._transport.call("cancel", id=ticket)
+            raise
+        if status["state"] == "timeout":
+            raise Timeout(f"gave up waiting for GPU capacity ({status.get('reason')})")
+        if status["state"] != "granted":
+            raise AdmissionRefused(f"queued request {ticket} {status['state']}: "
+                                   f"{status.get('reason')}")
+        partition: dict[str, Any] = status["partition"]
+        return partition
+
+    def queue(self) -> list[dict[str, Any]]:
+        """Requests waiting for capacity, in the order they will be served."""
+        result: list[dict[str, Any]] = self._transport.call("queue")
+        return result
 
     def get(self, partition_id: str) -> Partition:
         return Partition(
@@ -215,3 +278,61 @@ class Partitioner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ExpiryMonitor:
+    """A background thread that keeps a partition's deadlines in this process.
+
+    It runs ``on_expiring`` callbacks, and where no daemon runs (embedded mode)
+    it ends an owner-bound partition at its expiry the way the daemon would:
+    the ledger records the expiry, then this process and the processes
+    attached to it get SIGTERM.
+    """
+
+    def __init__(self, partition: Partition) -> None:
+        self.partition = partition
+        self._warnings: list[tuple[float, Callable[[Partition], Any]]] = []
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=f"chronos-{partition.id}",
+                                        daemon=True)
+        self._thread.start()
+
+    def add_warning(self, seconds_before: float, callback: Callable[[Partition], Any]) -> None:
+        self._warnings.append((seconds_before, callback))
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            now = time.time()
+            record = self.partition.record
+            if record.state_at(now) not in (ACTIVE, BOOKED):
+                self._expire()
+                return
+            due = [(s, cb) for s, cb in self._warnings if now >= record.expires_at - s]
+            for item in due:
+                self._warnings.remove(item)
+                item[1](self.partition)
+            times = [record.expires_at - s for s, _ in self._warnings] + [record.expires_at]
+            self._wake.wait(max(0.0, min(times) - time.time()))
+            self._wake.clear()
+
+    def _expire(self) -> None:
+        p = self.partition
+        if self._stopped or p._transport.mode != "embedded":
+            return
+        try:
+            p.refresh()  # reaps it: the ledger records the expiry
+        except PartitionEnded:
+            pass
+        if p.record.state != EXPIRED or p.record.owner_pid != os.getpid():
+            return
+        from chronos import procs
+
+        for a in p._transport.call("attached_pids", id=p.id):
+            procs.signal_process(a["pid"], a["start_ticks"], signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from chronos.errors import ChronosError
+from chronos.errors import AdmissionRefused, BadRequest, ChronosError
 from chronos.models import ACTIVE, BOOKED, PartitionRecord
 from chronos.units import format_bytes, format_duration, local_clock
 
@@ -78,40 +78,206 @@ def cli() -> None:
 @click.option("--grace", help="Delay between SIGTERM and SIGKILL at expiry (default 30s).")
 @click.option("--warn", help="Signal the partition's processes this long before the end.")
 @click.option("--warn-signal", help="Signal sent at --warn time (default SIGUSR1).")
+@click.option("--start", help="Book ahead: +2h, 09:00, 'tomorrow 09:00', 2026-12-01T09:00.")
+@click.option("--repeat", type=click.Choice(["daily", "weekdays"]),
+              help="Repeat the booking every day (or weekday) until --until.")
+@click.option("--until", "until", help="Last day of a --repeat (YYYY-MM-DD).")
+@click.option("--wait", is_flag=True, help="If it does not fit now, wait in the fair queue.")
+@click.option("--timeout", help="With --wait: give up after this long (e.g. 10m).")
 @json_option
-def create(
-    device: int,
-    memory: str,
-    duration: str,
-    user: str | None,
-    grace: str | None,
-    warn: str | None,
-    warn_signal: str | None,
-    as_json: bool,
-) -> None:
+def create(device: int, memory: str, duration: str, user: str | None, grace: str | None,
+           warn: str | None, warn_signal: str | None, start: str | None, repeat: str | None,
+           until: str | None, wait: bool, timeout: str | None, as_json: bool) -> None:
     """Reserve MEMORY of GPU DEVICE for DURATION.
 
     MEMORY: a fraction (0.5), a percent (50%) or a size (40GiB, 512MiB).
     DURATION: seconds (3600) or 90s, 45m, 2h, 1h30m.
     The partition lives until it expires or is released.
     """
+    from chronos.units import parse_duration, parse_start
+
     if warn_signal and not warn:
-        raise ChronosError("--warn-signal needs --warn")
-    p = _client().create(
-        device=device,
-        memory=memory,
-        duration=duration,
-        user=user,
-        persist=True,
-        grace=grace,
-        warn=warn,
-        warn_signal=warn_signal,
-        kind="cli",
-    )
+        raise BadRequest("--warn-signal needs --warn")
+    if (repeat is None) != (until is None):
+        raise BadRequest("--repeat and --until go together")
+    if wait and start:
+        raise BadRequest("--wait is for requests that start now; --start books ahead")
+    now = time.time()
+    starts_at = parse_start(start, now) if start else None
+    options = dict(device=device, memory=memory, duration=duration, user=user, persist=True,
+                   grace=grace, warn=warn, warn_signal=warn_signal, kind="cli")
+    client = _client()
+    if repeat is not None:
+        assert until is not None
+        if starts_at is None:
+            raise BadRequest("--repeat needs --start (the first day's start time)")
+        sys.exit(_create_repeated(client, options, starts_at, repeat, until, as_json))
+    wait_s = parse_duration(timeout) if timeout else None
+    if timeout and not wait:
+        raise BadRequest("--timeout goes with --wait")
+    on_wait = WaitDisplay(as_json) if wait else None
+    p = client.create(**options, start=starts_at, wait=wait, timeout=wait_s, on_wait=on_wait)
+    if on_wait is not None:
+        on_wait.done()
     if as_json:
         emit_json(p.to_json())
     else:
-        click.echo("created " + describe(p.record, time.time()))
+        verb = "booked" if p.record.state_at(time.time()) == BOOKED else "created"
+        click.echo(f"{verb} " + describe(p.record, time.time()))
+
+
+def _create_repeated(client: Any, options: dict[str, Any], first: float, repeat: str,
+                     until: str, as_json: bool) -> int:
+    """One booking per day from ``first`` to ``until``; report the days that did not fit."""
+    from datetime import datetime, timedelta
+
+    from chronos.units import parse_date
+
+    last = parse_date(until)
+    day = datetime.fromtimestamp(first).astimezone()
+    made, failed = [], []
+    while day <= last:
+        if repeat == "daily" or day.weekday() < 5:
+            try:
+                made.append(client.create(**options, start=day.timestamp()).to_json())
+            except ChronosError as exc:
+                failed.append({"start": day.isoformat(), "error": str(exc)})
+        day += timedelta(days=1)
+    if as_json:
+        emit_json({"booked": made, "failed": failed})
+    else:
+        for item in made:
+            click.echo(f"booked {item['id']}: GPU {item['device']} from {item['starts_at']}")
+        for item in failed:
+            click.echo(f"not booked {item['start']}: {item['error']}", err=True)
+        click.echo(f"{len(made)} booked, {len(failed)} did not fit")
+    return 0 if not failed else AdmissionRefused.exit_code
+
+
+class WaitDisplay:
+    """Shows a waiting request's place in the queue: in place on a terminal, else as lines."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.last = ""
+
+    def __call__(self, status: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        line = self.describe(status)
+        if self.tty:
+            sys.stderr.write("\r\x1b[K" + line)
+            sys.stderr.flush()
+        elif line != self.last:
+            click.echo(line, err=True)
+        self.last = line
+
+    @staticmethod
+    def describe(status: dict[str, Any]) -> str:
+        now = time.time()
+        est = status.get("estimated_start")
+        when = ("unknown" if est is None else
+                f"{local_clock(est)} (in {format_duration(max(0.0, est - now))})")
+        blockers = ", ".join(status.get("waiting_for") or []) or "waiting requests ahead"
+        return (f"waiting: position {status.get('position', '?')} in the queue, for {blockers}; "
+                f"estimated start {when} [Ctrl-C leaves the queue]")
+
+    def done(self) -> None:
+        if self.tty and self.last and not self.quiet:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+@cli.command()
+@json_option
+def queue(as_json: bool) -> None:
+    """Show the requests waiting for GPU capacity, in the order they will be served."""
+    items = _client().queue()
+    if as_json:
+        emit_json(items)
+        return
+    if not items:
+        click.echo("no waiting requests")
+        return
+    rows = [[q["ticket"], str(q["device"]), str(q["position"]), q["user"],
+             f"{q['memory_fraction']:.1%} ({format_bytes(q['memory_bytes'])})",
+             format_duration(q["duration_s"]), format_duration(q["waited_s"]),
+             local_clock(q["estimated_start"]) if q["estimated_start"] else "unknown"]
+            for q in items]
+    click.echo(table(["TICKET", "GPU", "POS", "USER", "MEMORY", "DURATION", "WAITED",
+                      "EST. START"], rows))
+
+
+@cli.command()
+@click.option("--device", type=int, help="Only this GPU.")
+@click.option("--days", default=1.0, show_default=True, help="How far ahead to show.")
+@json_option
+def calendar(device: int | None, days: float, as_json: bool) -> None:
+    """Bookings, active partitions and the queue per GPU, as a timeline."""
+    from chronos.cli_calendar import render_calendar
+
+    client = _client()
+    records = [p.record for p in client.list()]
+    waiting = client.queue()
+    if device is not None:
+        records = [r for r in records if r.device == device]
+        waiting = [q for q in waiting if q["device"] == device]
+    if as_json:
+        emit_json({"partitions": [r.to_json() for r in records], "queue": waiting})
+        return
+    click.echo(render_calendar(records, waiting, time.time(), days * 86400.0))
+
+
+@cli.command()
+@click.option("--since", default="7d", show_default=True, help="How far back (e.g. 24h, 30d).")
+@click.option("--user", help="Only this user.")
+@json_option
+def usage(since: str, user: str | None, as_json: bool) -> None:
+    """GPU-hours reserved and used per user, and how their partitions ended."""
+    from chronos.units import parse_duration
+
+    cutoff = time.time() - parse_duration(since, float("inf"))
+    rows = _client().transport.call("usage", since=cutoff, user=user)
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        click.echo("no usage in that period")
+        return
+    headers = ["USER", "GPU-H RESERVED", "GPU-H USED", "CREATED", "RELEASED EARLY", "EXPIRED",
+               "REFUSED", "KILLED (MEMORY)"]
+    click.echo(table(headers, [[r["user"], f"{r['gpu_hours_reserved']:.2f}",
+                                f"{r['gpu_hours_used']:.2f}" if r["used_measured_partitions"]
+                                else "n/a", str(r["created"]), str(r["released_early"]),
+                                str(r["expired"]), str(r["refused"]),
+                                str(r["killed_for_memory"])] for r in rows]))
+
+
+@cli.group()
+def config() -> None:
+    """The machine policy file."""
+
+
+@config.command(name="check")
+@click.argument("path", required=False, type=click.Path(dir_okay=False))
+@json_option
+def config_check(path: str | None, as_json: bool) -> None:
+    """Validate the policy file (default $CHRONOS_CONFIG or /etc/chronos/config.toml)."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from chronos.config import config_path, load_config
+
+    where = Path(path) if path else config_path()
+    effective = asdict(load_config(where))
+    if as_json:
+        emit_json({"path": str(where), "exists": where.exists(), "policy": effective})
+        return
+    state = "ok" if where.exists() else "not found: built-in defaults apply"
+    click.echo(f"{where}: {state}")
+    for key, value in effective.items():
+        click.echo(f"  {key} = {json.dumps(value)}")
 
 
 @cli.command(name="list")

@@ -2,17 +2,16 @@
 
 Read from a TOML file (``$CHRONOS_CONFIG``, default ``/etc/chronos/config.toml``);
 a missing file means the defaults below. Unknown keys are errors, so a typo
-never silently leaves a limit unset.
+never silently leaves a limit unset. See ``docs/POLICY.md`` for an example.
 """
 
 from __future__ import annotations
 
 import os
+import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from chronos.errors import BadRequest
 from chronos.units import MAX_DURATION_S, parse_duration
@@ -21,11 +20,35 @@ DEFAULT_CONFIG = Path("/etc/chronos/config.toml")
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Per-user quotas; None means no limit."""
+
+    max_share: float | None = None
+    """Largest memory fraction of one partition."""
+    max_total_share: float | None = None
+    """Largest sum of fractions a user holds at once (over all GPUs)."""
+    max_duration_s: float | None = None
+    max_partitions: int | None = None
+    """Most open partitions (active or booked) at once."""
+    max_gpu_hours_day: float | None = None
+    """GPU-hours (fraction × hours) in any rolling 24 h."""
+    max_gpu_hours_week: float | None = None
+
+    def merged(self, override: Limits) -> Limits:
+        changes = {f.name: getattr(override, f.name) for f in fields(Limits)
+                   if getattr(override, f.name) is not None}
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
 class Config:
     admin_group: str = "chronos-admin"
     """Members of this Unix group (and root) are administrators."""
     grace_s: float = 30.0
     """SIGTERM → SIGKILL delay at expiry, unless a partition sets its own."""
+    warn_s: float | None = None
+    """Default warning before the end (off unless set; see ``warn_signal``)."""
+    warn_signal: str = "SIGUSR1"
     max_duration_s: float = MAX_DURATION_S
     reservable_share: float = 1.0
     """Share of each device that partitions may reserve (the rest stays ad hoc)."""
@@ -38,9 +61,23 @@ class Config:
     """What to do about GPU memory held outside any partition: off, warn or enforce."""
     exempt_users: tuple[str, ...] = ()
     exempt_commands: tuple[str, ...] = ()
+    fairshare_half_life_s: float = 7 * 86400.0
+    """Past usage counts half as much after this long (Slurm's PriorityDecayHalfLife)."""
+    fairshare_age_weight: float = 1.0
+    """GPU-hours of priority a waiting request gains per hour waited (no starvation)."""
+    default_limits: Limits = field(default_factory=Limits)
+    user_limits: dict[str, Limits] = field(default_factory=dict)
+    metrics_address: str | None = None
+    """``host:port`` for Prometheus metrics; off when unset."""
+    dashboard_address: str | None = None
+    """``host:port`` for the web dashboard served by the daemon; off when unset."""
 
     def reservable(self, device: int) -> float:
         return self.device_reservable_share.get(device, self.reservable_share)
+
+    def limits_for(self, user: str) -> Limits:
+        override = self.user_limits.get(user)
+        return self.default_limits if override is None else self.default_limits.merged(override)
 
 
 def config_path() -> Path:
@@ -62,46 +99,115 @@ def load_config(path: Path | None = None) -> Config:
     return parse_config(data, str(path))
 
 
+_ALIASES = {"grace": "grace_s", "warn": "warn_s", "max_duration": "max_duration_s",
+            "sample_interval": "sample_interval_s", "memory_grace": "memory_grace_s"}
+_TABLES = {"devices", "limits", "fairshare"}
+_NOT_TOP_LEVEL = {"device_reservable_share", "default_limits", "user_limits",
+                  "fairshare_half_life_s", "fairshare_age_weight"}
+
+
 def parse_config(data: dict[str, Any], origin: str = "config") -> Config:
-    config = Config()
-    known = {f.name for f in fields(Config)}
-    aliases = {
-        "grace": "grace_s",
-        "max_duration": "max_duration_s",
-        "sample_interval": "sample_interval_s",
-        "memory_grace": "memory_grace_s",
-    }
-    devices = data.pop("devices", {}) if isinstance(data.get("devices"), dict) else {}
+    known = {f.name for f in fields(Config)} - _NOT_TOP_LEVEL
     changes: dict[str, Any] = {}
     for key, value in data.items():
-        name = aliases.get(key, key)
-        if name not in known or name == "device_reservable_share":
+        if key in _TABLES:
+            continue
+        name = _ALIASES.get(key, key)
+        if name not in known:
             raise BadRequest(f"{origin}: unknown setting {key!r}")
-        changes[name] = _coerce(name, value, origin)
+        changes[name] = _coerce(name, value, f"{origin}: {key}")
+    changes.update(_fairshare(_table(data, "fairshare", origin), origin))
+    changes["device_reservable_share"] = _devices(_table(data, "devices", origin), origin)
+    limits = _table(data, "limits", origin)
+    for key in limits:
+        if key not in ("default", "users"):
+            raise BadRequest(f"{origin}: unknown table [limits.{key}] (use default or users)")
+    changes["default_limits"] = _limits(_table(limits, "default", origin), f"{origin} "
+                                        "[limits.default]")
+    users = _table(limits, "users", origin)
+    changes["user_limits"] = {name: _limits(_table(users, name, origin),
+                                            f"{origin} [limits.users.{name}]")
+                              for name in users}
+    return replace(Config(), **changes)
+
+
+def _table(data: dict[str, Any], key: str, origin: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise BadRequest(f"{origin}: {key} must be a table")
+    return value
+
+
+def _fairshare(table: dict[str, Any], origin: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key == "half_life":
+            out["fairshare_half_life_s"] = parse_duration(value)
+        elif key == "age_weight":
+            out["fairshare_age_weight"] = _number(value, f"{origin}: fairshare.age_weight", 0)
+        else:
+            raise BadRequest(f"{origin}: unknown setting fairshare.{key}")
+    return out
+
+
+def _devices(table: dict[str, Any], origin: str) -> dict[int, float]:
     shares = {}
-    for index, table in devices.items():
-        if not str(index).isdigit() or not isinstance(table, dict):
+    for index, settings in table.items():
+        if not str(index).isdigit() or not isinstance(settings, dict):
             raise BadRequest(f"{origin}: [devices.{index}] must be a table keyed by GPU index")
-        share = table.get("reservable_share", config.reservable_share)
-        shares[int(index)] = _coerce("reservable_share", share, origin)
-    return replace(config, **changes, device_reservable_share=shares)
+        for key in settings:
+            if key != "reservable_share":
+                raise BadRequest(f"{origin}: unknown setting devices.{index}.{key}")
+        if "reservable_share" in settings:
+            shares[int(index)] = _share(settings["reservable_share"],
+                                        f"{origin}: devices.{index}.reservable_share")
+    return shares
 
 
-def _coerce(name: str, value: Any, origin: str) -> Any:
+def _limits(table: dict[str, Any], origin: str) -> Limits:
+    changes: dict[str, Any] = {}
+    for key, value in table.items():
+        where = f"{origin}: {key}"
+        if key in ("max_share", "max_total_share"):
+            changes[key] = _number(value, where, 0, None if key == "max_total_share" else 1.0)
+        elif key == "max_duration":
+            changes["max_duration_s"] = parse_duration(value)
+        elif key == "max_partitions":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BadRequest(f"{where} must be a whole number of at least 1")
+            changes[key] = value
+        elif key in ("max_gpu_hours_day", "max_gpu_hours_week"):
+            changes[key] = _number(value, where, 0)
+        else:
+            raise BadRequest(f"{origin}: unknown limit {key!r}")
+    return Limits(**changes)
+
+
+def _number(value: Any, where: str, low: float, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= low \
+            or (high is not None and value > high):
+        bound = f"in ({low:g}, {high:g}]" if high is not None else f"more than {low:g}"
+        raise BadRequest(f"{where} must be a number {bound}")
+    return float(value)
+
+
+def _share(value: Any, where: str) -> float:
+    return _number(value, where, 0, 1.0)
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
     if name.endswith("_s"):
         return parse_duration(value)
     if name == "reservable_share":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise BadRequest(f"{origin}: reservable_share must be in (0, 1]")
-        return float(value)
+        return _share(value, where)
     if name == "unpartitioned":
         if value not in ("off", "warn", "enforce"):
-            raise BadRequest(f"{origin}: unpartitioned must be off, warn or enforce")
+            raise BadRequest(f"{where} must be off, warn or enforce")
         return value
     if name in ("exempt_users", "exempt_commands"):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise BadRequest(f"{origin}: {name} must be a list of strings")
+            raise BadRequest(f"{where} must be a list of strings")
         return tuple(value)
     if not isinstance(value, str):
-        raise BadRequest(f"{origin}: {name} must be a string")
+        raise BadRequest(f"{where} must be a string")
     return value

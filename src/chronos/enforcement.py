@@ -52,6 +52,7 @@ class MemoryWatch:
     _stray_since: dict[int, float] = field(default_factory=dict)
     _reported: set[str] = field(default_factory=set)
     _warned_pids: set[int] = field(default_factory=set)
+    _strays: set[tuple[int, int]] = field(default_factory=set)
 
     def observe(
         self, now: float, records: Iterable[PartitionRecord], processes: Iterable[ProcessUse]
@@ -72,7 +73,9 @@ class MemoryWatch:
             if (v := self._check_partition(now, by_id[pid_id], procs)) is not None
         ]
         out.extend(self._check_strays(now, strays))
-        self._forget(by_id.keys(), {p.pid for p in strays})
+        self._strays = {(p.pid, p.device) for p in strays}
+        # A stray that freed its memory starts a fresh grace when it takes some again.
+        self._forget(by_id.keys(), {p.pid for p in strays if p.used_bytes})
         return out
 
     def warnings(self, processes: Iterable[ProcessUse]) -> list[ProcessUse]:
@@ -80,7 +83,7 @@ class MemoryWatch:
         fresh = [
             p
             for p in processes
-            if p.partition_id is None
+            if (p.partition_id is None or (p.pid, p.device) in self._strays)
             and not self._exempt(p)
             and p.pid not in self._warned_pids
             and (p.used_bytes or 0) > 0

@@ -28,6 +28,10 @@ class AdmissionRefused(ChronosError):
     exit_code = 3
 
 
+class CapacityRefused(AdmissionRefused):
+    """Refused for lack of room on the device (waiting may help), not for a quota."""
+
+
 class NotFound(ChronosError):
     """No such partition (or device)."""
 

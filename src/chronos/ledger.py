@@ -20,16 +20,23 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from chronos import procs
-from chronos.errors import AdmissionRefused, ChronosError, NotFound, PartitionEnded
+from chronos.errors import (
+    AdmissionRefused,
+    CapacityRefused,
+    ChronosError,
+    NotFound,
+    PartitionEnded,
+)
 from chronos.models import ACTIVE, BOOKED, EXPIRED, RELEASED, Event, PartitionRecord
+from chronos.policy import Waiter, earliest_fit, peak_usage, plan_queue
 from chronos.units import format_bytes, format_duration, local_clock
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS partitions (
@@ -67,6 +74,17 @@ CREATE TABLE IF NOT EXISTS events (
     detail TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS events_at ON events (at);
+CREATE TABLE IF NOT EXISTS waiting (
+    id TEXT PRIMARY KEY,
+    enqueued_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    partition_id TEXT,
+    reason TEXT,
+    waiter_pid INTEGER,
+    waiter_start INTEGER,
+    timeout_at REAL,
+    request TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS attached (
     partition_id TEXT NOT NULL REFERENCES partitions(id),
     pid INTEGER NOT NULL,
@@ -105,6 +123,8 @@ class NewPartition:
     grace_s: float | None = None
     warn_s: float | None = None
     warn_signal: str | None = None
+    exempt: bool = False
+    """Made by an administrator: quotas do not apply (capacity still does)."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +144,25 @@ class Attached:
 
 
 OwnerCheck = Callable[[int, "int | None"], bool]
+QuotaCheck = Callable[[list[PartitionRecord], float, float, float], None]
+"""``check(user's recent partitions, start, end, now)``; raises AdmissionRefused."""
+PriorityOf = Callable[[str, float, list[PartitionRecord]], float]
+"""``priority(user, waited seconds, user's recent partitions)``; lower goes first."""
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A queued request and what became of it."""
+
+    id: str
+    state: str
+    """``waiting``, ``granted``, ``cancelled``, ``timeout`` or ``refused``."""
+    enqueued_at: float
+    request: NewPartition
+    partition_id: str | None = None
+    reason: str | None = None
+    timeout_at: float | None = None
+    waiter_pid: int | None = None
 
 
 class Ledger:
@@ -155,7 +194,7 @@ class Ledger:
         db.execute("PRAGMA synchronous = FULL")
         db.execute("PRAGMA foreign_keys = ON")
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version == 0:
+        if version < SCHEMA_VERSION:
             # executescript commits any open transaction first, so the script brings its own.
             db.executescript(
                 f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
@@ -171,33 +210,39 @@ class Ledger:
 
     # ------------------------------------------------------------------ writes
 
-    def create(self, req: NewPartition) -> PartitionRecord:
-        """Admit and record ``req``, or raise :class:`AdmissionRefused` (and log it)."""
+    def create(self, req: NewPartition, check: QuotaCheck | None = None) -> PartitionRecord:
+        """Admit and record ``req``, or raise :class:`AdmissionRefused` (and log it).
+
+        ``check(mine, start, end, now)`` runs inside the transaction with the
+        user's recent partitions, so quotas hold under races too. A request
+        fits only if it also leaves room for everyone already waiting.
+        """
         with _immediate(self._db):
             now = self.clock()
             self._reap(now)
             start = now if req.starts_at is None or req.starts_at <= now else req.starts_at
             end = start + req.duration_s
-            booked = self._open_on_device(req.device_uuid, now)
-            peak = peak_usage(booked, start, end)
-            refusal = None
-            if peak + req.memory_bytes > req.capacity_bytes:
-                refusal = self._refusal(req, booked, start, peak, now)
-                self._event(
-                    now,
-                    "refused",
-                    None,
-                    req.uid,
-                    req.user,
-                    req.device_uuid,
-                    req.memory_bytes,
-                    {"reason": str(refusal)},
-                )
+            refusal: AdmissionRefused | None = None
+            try:
+                if check is not None:
+                    check(self._recent_of(req.uid, now), start, end, now)
+                self._fit(req, start, end, now)
+            except AdmissionRefused as exc:
+                refusal = exc
+                self._event(now, "refused", None, req.uid, req.user, req.device_uuid,
+                            req.memory_bytes, {"reason": str(exc)})
             else:
                 record = self._admit(req, now, start, end)
         if refusal is not None:
             raise refusal
         return record
+
+    def _fit(self, req: NewPartition, start: float, end: float, now: float) -> None:
+        booked = self._open_on_device(req.device_uuid, now)
+        held = booked + self._reservations(req.device_uuid, now)
+        peak = peak_usage(held, start, end)
+        if peak + req.memory_bytes > req.capacity_bytes:
+            raise self._refusal(req, booked, held, start, peak, now)
 
     def _admit(self, req: NewPartition, now: float, start: float, end: float) -> PartitionRecord:
         record = PartitionRecord(
@@ -316,6 +361,146 @@ class Ledger:
         """Append an event that changes no partition (a warning, a kill, …)."""
         with _immediate(self._db):
             self._event(self.clock(), kind, partition_id, uid, user, None, None, detail or {})
+
+    # ------------------------------------------------------------------- queue
+
+    def enqueue(self, req: NewPartition, waiter_pid: int | None, timeout_at: float | None
+                ) -> Ticket:
+        """Put ``req`` in the queue; :meth:`grant_waiting` admits it when it fits."""
+        with _immediate(self._db):
+            now = self.clock()
+            ticket_id = "q" + self._new_id()[1:]
+            self._db.execute(
+                "INSERT INTO waiting (id, enqueued_at, state, waiter_pid, waiter_start, "
+                "timeout_at, request) VALUES (?, ?, 'waiting', ?, ?, ?, ?)",
+                (ticket_id, now, waiter_pid, procs.start_ticks(waiter_pid) if waiter_pid
+                 else None, timeout_at, json.dumps(asdict(req))),
+            )
+            self._event(now, "queued", None, req.uid, req.user, req.device_uuid,
+                        req.memory_bytes, {"ticket": ticket_id, "duration_s": req.duration_s})
+        return self.ticket(ticket_id)
+
+    def ticket(self, ticket_id: str) -> Ticket:
+        row = self._db.execute(
+            "SELECT id, state, enqueued_at, request, partition_id, reason, timeout_at, "
+            "waiter_pid FROM waiting WHERE id = ?", (ticket_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no queued request {ticket_id!r}")
+        return _ticket(row)
+
+    def cancel(self, ticket_id: str, state: str = "cancelled", reason: str = "cancelled") -> None:
+        with _immediate(self._db):
+            self._close_ticket(ticket_id, state, reason, self.clock())
+
+    def waiting(self) -> list[Ticket]:
+        rows = self._db.execute(
+            "SELECT id, state, enqueued_at, request, partition_id, reason, timeout_at, "
+            "waiter_pid FROM waiting WHERE state = 'waiting' ORDER BY enqueued_at").fetchall()
+        return [_ticket(r) for r in rows]
+
+    def grant_waiting(self, priority_of: PriorityOf,
+                      check_for: Callable[[NewPartition], QuotaCheck | None]) -> list[Ticket]:
+        """Admit every queued request that fits now without delaying one ahead of it."""
+        if not self._db.execute("SELECT 1 FROM waiting WHERE state = 'waiting' LIMIT 1"
+                                ).fetchone():
+            return []
+        granted = []
+        with _immediate(self._db):
+            now = self.clock()
+            self._reap(now)
+            self._drop_stale_tickets(now)
+            for ticket in self._plan(priority_of, now)[1]:
+                req = ticket.request
+                start, end = now, now + req.duration_s
+                check = check_for(req)
+                try:
+                    if check is not None:
+                        check(self._recent_of(req.uid, now), start, end, now)
+                except AdmissionRefused as exc:
+                    self._close_ticket(ticket.id, "refused", str(exc), now)
+                    continue
+                record = self._admit(req, now, start, end)
+                self._db.execute("UPDATE waiting SET state = 'granted', partition_id = ? "
+                                 "WHERE id = ?", (record.id, ticket.id))
+                granted.append(ticket)
+        return granted
+
+    def queue(self, priority_of: PriorityOf) -> list[tuple[Ticket, float | None]]:
+        """Waiting requests in the order they will be served, with estimated starts."""
+        now = self.clock()
+        ordered, _, plan = self._plan(priority_of, now, with_plan=True)
+        return [(t, plan.estimated_start.get(t.id, now)) for t in ordered]
+
+    def _plan(self, priority_of: PriorityOf, now: float, with_plan: bool = False
+              ) -> tuple[list[Ticket], list[Ticket], Any]:
+        tickets = self.waiting()
+        recent: dict[int, list[PartitionRecord]] = {}
+        keyed = []
+        for t in tickets:
+            mine = recent.setdefault(t.request.uid, self._recent_of(t.request.uid, now))
+            keyed.append((priority_of(t.request.user, now - t.enqueued_at, mine),
+                          t.enqueued_at, t))
+        ordered = [t for _, _, t in sorted(keyed, key=lambda k: (k[0], k[1]))]
+        devices = {t.request.device_uuid for t in ordered}
+        intervals = {uuid: self._open_on_device(uuid, now) for uuid in devices}
+        plan = plan_queue([_waiter(t) for t in ordered], intervals, now)
+        grant_ids = set(plan.grant)
+        return ordered, [t for t in ordered if t.id in grant_ids], plan
+
+    def _reservations(self, device_uuid: str, now: float) -> list[tuple[float, float, int, str]]:
+        """Where queued requests on ``device_uuid`` would run: nobody may take that room."""
+        tickets = [t for t in self.waiting() if t.request.device_uuid == device_uuid]
+        if not tickets:
+            return []
+        held = self._open_on_device(device_uuid, now)
+        out: list[tuple[float, float, int, str]] = []
+        for t in tickets:  # enqueue order: a direct request never overtakes a waiting one
+            req = t.request
+            start = earliest_fit(held + out, req.memory_bytes, req.duration_s, now,
+                                 req.capacity_bytes)
+            if start is not None:
+                out.append((start, start + req.duration_s, req.memory_bytes, t.id))
+        return out
+
+    def _drop_stale_tickets(self, now: float) -> None:
+        for t in self.waiting():
+            if t.timeout_at is not None and now >= t.timeout_at:
+                self._close_ticket(t.id, "timeout", "timed out waiting", now)
+            elif t.waiter_pid is not None and not self._owner_alive(
+                t.waiter_pid, self._waiter_start(t.id)
+            ):
+                self._close_ticket(t.id, "cancelled", "the waiting process exited", now)
+
+    def _waiter_start(self, ticket_id: str) -> int | None:
+        row = self._db.execute("SELECT waiter_start FROM waiting WHERE id = ?",
+                               (ticket_id,)).fetchone()
+        return None if row is None else row[0]
+
+    def _close_ticket(self, ticket_id: str, state: str, reason: str, now: float) -> None:
+        ticket = self.ticket(ticket_id)
+        if ticket.state != "waiting":
+            return
+        self._db.execute("UPDATE waiting SET state = ?, reason = ? WHERE id = ?",
+                         (state, reason, ticket_id))
+        req = ticket.request
+        self._event(now, f"queue_{state}", None, req.uid, req.user, req.device_uuid,
+                    req.memory_bytes, {"ticket": ticket_id, "reason": reason})
+
+    def _recent_of(self, uid: int, now: float) -> list[PartitionRecord]:
+        """The user's open partitions and those that ended in the last 8 days."""
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM partitions WHERE uid = ? AND "
+            f"({_OPEN} OR COALESCE(ended_at, expires_at) >= ?)",
+            (uid, now - 8 * 86400.0),
+        ).fetchall()
+        return [_record(r) for r in rows]
+
+    def recent(self, since: float) -> list[PartitionRecord]:
+        """Every partition open now or ended after ``since`` (for usage reports)."""
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM partitions WHERE {_OPEN} OR "
+            "COALESCE(ended_at, expires_at) >= ? ORDER BY created_at", (since,)).fetchall()
+        return [_record(r) for r in rows]
 
     # ------------------------------------------------------------------- reads
 
@@ -509,58 +694,39 @@ class Ledger:
         self,
         req: NewPartition,
         booked: Sequence[tuple[float, float, int, str]],
+        held: Sequence[tuple[float, float, int, str]],
         start: float,
         peak: int,
         now: float,
     ) -> AdmissionRefused:
         free = max(0, req.capacity_bytes - peak)
-        fit = earliest_fit(booked, req.memory_bytes, req.duration_s, start, req.capacity_bytes)
+        fit = earliest_fit(held, req.memory_bytes, req.duration_s, start, req.capacity_bytes)
         want = format_bytes(req.memory_bytes)
         where = f"GPU {req.device}"
         if req.memory_bytes > req.capacity_bytes:
-            return AdmissionRefused(
+            return CapacityRefused(
                 f"{want} is more than {where} lets partitions reserve "
                 f"({format_bytes(req.capacity_bytes)})"
             )
         when = "now" if start <= now else f"at {local_clock(start)}"
         msg = f"{where} has {format_bytes(free)} free {when}, {want} requested"
+        ahead = len(held) - len(booked)
+        if ahead:
+            msg += f" ({ahead} waiting request(s) ahead)"
         if fit is not None:
             msg += f"; it fits from {local_clock(fit)} (in {format_duration(fit - now)})"
-        return AdmissionRefused(msg)
+        return CapacityRefused(msg)
 
 
-def peak_usage(intervals: Sequence[tuple[float, float, int, str]], start: float, end: float) -> int:
-    """Most bytes held at any instant of ``[start, end)`` by ``(start, end, bytes, id)`` intervals."""
-    points: list[tuple[float, int]] = []
-    for s, e, nbytes, _ in intervals:
-        if e <= start or s >= end:
-            continue
-        points.append((max(s, start), nbytes))
-        points.append((e, -nbytes))
-    # At equal times, ends (negative) come first: a partition ending at t frees room at t.
-    points.sort(key=lambda p: (p[0], p[1]))
-    peak = level = 0
-    for _, delta in points:
-        level += delta
-        peak = max(peak, level)
-    return peak
+def _ticket(row: Sequence[Any]) -> Ticket:
+    ticket_id, state, enqueued_at, request, partition_id, reason, timeout_at, waiter_pid = row
+    return Ticket(ticket_id, state, enqueued_at, NewPartition(**json.loads(request)),
+                  partition_id, reason, timeout_at, waiter_pid)
 
 
-def earliest_fit(
-    intervals: Sequence[tuple[float, float, int, str]],
-    nbytes: int,
-    duration: float,
-    not_before: float,
-    capacity: int,
-) -> float | None:
-    """The first moment from ``not_before`` on when ``nbytes`` fits for ``duration``."""
-    if nbytes > capacity:
-        return None
-    candidates = sorted({not_before} | {e for _, e, _, _ in intervals if e > not_before})
-    for t in candidates:
-        if peak_usage(intervals, t, t + duration) + nbytes <= capacity:
-            return t
-    return None
+def _waiter(ticket: Ticket) -> Waiter:
+    r = ticket.request
+    return Waiter(ticket.id, r.device_uuid, r.memory_bytes, r.duration_s, r.capacity_bytes)
 
 
 def _record(row: Sequence[Any]) -> PartitionRecord:

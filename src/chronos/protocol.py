@@ -36,12 +36,19 @@ OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "warn": (_SPEC, False),
         "warn_signal": ((str,), False),
         "start": (_NUM, False),
+        "wait": ((bool,), False),
+        "timeout": (_NUM, False),
     },
+    "wait": {"id": ((str,), True), "max_wait": (_NUM, False)},
+    "cancel": {"id": ((str,), True)},
+    "queue": {},
+    "usage": {"since": (_NUM, False), "user": ((str,), False)},
     "release": {"id": ((str,), True)},
     "get": {"id": ((str,), True)},
     "list": {"all": ((bool,), False)},
     "stats": {"processes": ((bool,), False)},
     "attach": {"id": ((str,), True), "pid": ((int,), True)},
+    "attached_pids": {"id": ((str,), True)},
     "extend": {"id": ((str,), True), "duration": (_SPEC, True)},
     "events": {"since": (_NUM, False), "id": ((str,), False)},
 }
@@ -99,7 +106,7 @@ def encode(message: dict[str, Any]) -> bytes:
 def decode_body(body: bytes) -> Any:
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # ValueError: bad UTF-8, bad JSON, int over 4300 digits
         raise ProtocolError("message is not valid JSON") from None
 
 

@@ -9,21 +9,29 @@ daemon.
 
 from __future__ import annotations
 
+import math
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
 from chronos import procs, protocol
 from chronos.attribution import attribute_processes
-from chronos.config import Config
+from chronos.config import Config, Limits
 from chronos.devices import Machine, open_machine
-from chronos.errors import BadRequest, ChronosError, PermissionDenied
+from chronos.errors import BadRequest, CapacityRefused, ChronosError, PermissionDenied
 from chronos.identity import Caller, resolve_user
-from chronos.ledger import Ledger, NewPartition
+from chronos.ledger import Ledger, NewPartition, QuotaCheck
 from chronos.models import ACTIVE, BOOKED, DeviceStats, PartitionRecord
+from chronos.policy import Ask, check_limits, decayed_usage, priority
 from chronos.units import parse_duration, parse_memory
 
 KINDS = ("api", "cli", "run")
+MAX_POLL_S = 5.0
+"""Longest one ``wait`` call blocks; clients call again."""
+EMBEDDED_POLL_S = 0.05
+MAX_BOOK_AHEAD_S = 366 * 86400.0
+"""Latest start a booking may ask for, from now."""
 
 
 class Service:
@@ -89,6 +97,8 @@ class Service:
         warn: Any = None,
         warn_signal: str | None = None,
         start: float | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
     ) -> dict[str, Any]:
         if kind not in KINDS:
             raise BadRequest(f"unknown partition kind {kind!r}")
@@ -96,6 +106,10 @@ class Service:
         dev = self.machine.device(device)
         nbytes = parse_memory(memory, dev.total_bytes)
         seconds = parse_duration(duration, self.config.max_duration_s)
+        if start is not None and not (
+            math.isfinite(start) and start <= self.ledger.clock() + MAX_BOOK_AHEAD_S
+        ):  # NaN broke the insert; 1e300 was stored and then crashed every `chronos list`
+            raise BadRequest("start must be a time (epoch seconds) at most a year from now")
         owner_pid = None if persist or caller.pid is None else caller.pid
         request = NewPartition(
             device=dev.index,
@@ -111,12 +125,123 @@ class Service:
             owner_start=procs.start_ticks(owner_pid) if owner_pid else None,
             kind=kind,
             grace_s=None if grace is None else _grace(grace),
-            warn_s=None if warn is None else parse_duration(warn),
-            warn_signal=None if warn_signal is None else _signal_name(warn_signal),
+            warn_s=self.config.warn_s if warn is None else parse_duration(warn),
+            warn_signal=_signal_name(warn_signal or self.config.warn_signal),
+            exempt=caller.is_admin,
         )
-        record = self.ledger.create(request)
+        try:
+            record = self.ledger.create(request, self._quota_check(request))
+        except CapacityRefused as refusal:
+            if not wait or start is not None:
+                raise
+            if timeout is not None and not (math.isfinite(timeout) and timeout >= 0):
+                raise BadRequest("timeout must be a number of seconds") from None
+            timeout_at = None if timeout is None else self.ledger.clock() + timeout
+            ticket = self.ledger.enqueue(request, caller.pid, timeout_at)
+            self.on_change()
+            return self._ticket_status(ticket.id, note=str(refusal))
         self.on_change()
         return {**record.to_wire(), "visible_env": dict(dev.visible_env)}
+
+    # ----------------------------------------------------------------- queue
+
+    def op_wait(self, caller: Caller, id: str, max_wait: float = 0.0) -> dict[str, Any]:
+        """Where ticket ``id`` stands; embedded mode polls up to ``max_wait`` seconds."""
+        self._authorize_ticket(caller, id)
+        deadline = time.monotonic() + min(max(0.0, max_wait), MAX_POLL_S)
+        while True:
+            self.grant_waiting()
+            status = self._ticket_status(id)
+            if status["state"] != "waiting" or self.mode == "daemon":
+                return status
+            if time.monotonic() >= deadline:
+                return status
+            time.sleep(EMBEDDED_POLL_S)
+
+    def op_cancel(self, caller: Caller, id: str) -> dict[str, Any]:
+        self._authorize_ticket(caller, id)
+        self.ledger.cancel(id)
+        self.on_change()
+        return self._ticket_status(id)
+
+    def op_queue(self, caller: Caller) -> list[dict[str, Any]]:
+        self.grant_waiting()
+        return self._queue_statuses()
+
+    def grant_waiting(self) -> list[str]:
+        """Admit queued requests that now fit; return their partition ids."""
+        granted = self.ledger.grant_waiting(self._priority, self._quota_check)
+        ids = [self.ledger.ticket(t.id).partition_id or "" for t in granted]
+        if granted:
+            self.on_change()
+        return ids
+
+    def _priority(self, user: str, waited_s: float, mine: list[PartitionRecord]) -> float:
+        now = self.ledger.clock()
+        usage = decayed_usage(mine, now, self.config.fairshare_half_life_s)
+        return priority(usage, waited_s, self.config.fairshare_age_weight)
+
+    def _quota_check(self, request: NewPartition) -> QuotaCheck | None:
+        if request.exempt:
+            return None
+        limits = self.config.limits_for(request.user)
+        if limits == Limits():
+            return None
+        fraction = request.memory_bytes / request.device_total_bytes
+
+        def check(mine: list[PartitionRecord], start: float, end: float, now: float) -> None:
+            ask = Ask(request.user, request.device, fraction, start, end)
+            check_limits(limits, ask, mine, now)
+
+        return check
+
+    def _queue_statuses(self) -> list[dict[str, Any]]:
+        now = self.ledger.clock()
+        out = []
+        per_device: dict[str, int] = {}
+        for ticket, estimate in self.ledger.queue(self._priority):
+            req = ticket.request
+            per_device[req.device_uuid] = per_device.get(req.device_uuid, 0) + 1
+            out.append({
+                "ticket": ticket.id, "state": ticket.state, "user": req.user,
+                "device": req.device, "memory_bytes": req.memory_bytes,
+                "memory_fraction": round(req.memory_bytes / req.device_total_bytes, 6),
+                "duration_s": req.duration_s, "enqueued_at": ticket.enqueued_at,
+                "waited_s": round(now - ticket.enqueued_at, 3),
+                "position": per_device[req.device_uuid],
+                "estimated_start": estimate,
+                "waiting_for": self._blockers(req, estimate),
+            })
+        return out
+
+    def _blockers(self, req: NewPartition, estimate: float | None) -> list[str]:
+        """Partitions on the device that end by the estimated start (what we wait for)."""
+        if estimate is None:
+            return []
+        return [r.id for r in self.ledger.active() if r.device_uuid == req.device_uuid
+                and r.expires_at <= estimate + 1e-6]
+
+    def _ticket_status(self, ticket_id: str, note: str | None = None) -> dict[str, Any]:
+        ticket = self.ledger.ticket(ticket_id)
+        status: dict[str, Any] = {"ticket": ticket.id, "state": ticket.state,
+                                  "reason": ticket.reason or note}
+        if ticket.state == "granted" and ticket.partition_id:
+            record = self.ledger.get(ticket.partition_id)
+            dev = self.machine.by_uuid(record.device_uuid)
+            status["partition"] = {**record.to_wire(),
+                                   "visible_env": dict(dev.visible_env) if dev else {}}
+        elif ticket.state == "waiting":
+            mine = next((q for q in self._queue_statuses() if q["ticket"] == ticket.id), None)
+            if mine is not None:
+                status.update({k: mine[k] for k in ("position", "estimated_start",
+                                                    "waiting_for", "waited_s")})
+        return status
+
+    def _authorize_ticket(self, caller: Caller, ticket_id: str) -> None:
+        ticket = self.ledger.ticket(ticket_id)
+        if caller.uid != ticket.request.uid and not caller.is_admin:
+            raise PermissionDenied(f"queued request {ticket_id} belongs to "
+                                   f"{ticket.request.user}")
 
     def op_release(self, caller: Caller, id: str) -> dict[str, Any]:
         self._authorize(caller, self.ledger.get(id), "release")
@@ -191,6 +316,10 @@ class Service:
         self.on_change()
         return {"id": id, "pid": pid}
 
+    def op_attached_pids(self, caller: Caller, id: str) -> list[dict[str, Any]]:
+        return [{"pid": a.pid, "start_ticks": a.start_ticks, "uid": a.uid}
+                for a in self.ledger.attached(id)]
+
     def op_extend(self, caller: Caller, id: str, duration: Any) -> dict[str, Any]:
         record = self.ledger.get(id)
         self._authorize(caller, record, "extend")
@@ -198,6 +327,8 @@ class Service:
         new_end = record.expires_at + extra
         if new_end - record.starts_at > self.config.max_duration_s:
             raise BadRequest("that would make the partition longer than the maximum duration")
+        if not caller.is_admin:
+            self._check_extension(record, new_end)
         capacity = int(record.device_total_bytes * self.config.reservable(record.device))
         updated = self.ledger.extend_expiry(id, new_end, capacity, caller.uid, caller.user)
         self.on_change()
@@ -207,6 +338,24 @@ class Service:
         self, caller: Caller, since: float | None = None, id: str | None = None
     ) -> list[dict[str, Any]]:
         return [e.to_json() for e in self.ledger.events(since, id)]
+
+    def _check_extension(self, record: PartitionRecord, new_end: float) -> None:
+        """An extension must pass the same quotas as a partition of the new length."""
+        limits = self.config.limits_for(record.user)
+        now = self.ledger.clock()
+        mine = [r for r in self.ledger.recent(now - 8 * 86400.0)
+                if r.uid == record.uid and r.id != record.id]
+        ask = Ask(record.user, record.device, record.memory_fraction, record.starts_at, new_end)
+        check_limits(limits, ask, mine, now)
+
+    def op_usage(self, caller: Caller, since: float | None = None,
+                 user: str | None = None) -> list[dict[str, Any]]:
+        from chronos.accounting import usage_report
+
+        now = self.ledger.clock()
+        since = now - 7 * 86400.0 if since is None else since
+        return usage_report(self.ledger.recent(since), self.ledger.events(since), since, now,
+                            user)
 
     # ------------------------------------------------------------------ helpers
 

@@ -77,7 +77,7 @@ class Supervisor:
 
     def run(self, command: Sequence[str]) -> int:
         procs.set_child_subreaper()
-        env = {**os.environ, **self.partition.env}
+        env = {**os.environ, **self.partition.limits_env()}
         signal.pthread_sigmask(signal.SIG_BLOCK, _WATCHED)
         try:
             child = self._spawn(command, env)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime, timedelta
 
 from chronos.errors import BadRequest
 
@@ -27,8 +27,8 @@ _UNITS = {
     "tib": 1024**4,
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]+)\s*$")
-_DURATION_PART_RE = re.compile(r"([0-9]*\.?[0-9]+)\s*(d|h|m|s)")
-_DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+_DURATION_PART_RE = re.compile(r"([0-9]*\.?[0-9]+)\s*(ms|d|h|m|s)")
+_DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 
 
 def parse_memory(text: str | float, total_bytes: int) -> int:
@@ -146,10 +146,61 @@ def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return (
-        datetime.fromtimestamp(ts, tz=timezone.utc).astimezone().isoformat(timespec="milliseconds")
+        datetime.fromtimestamp(ts, tz=UTC).astimezone().isoformat(timespec="milliseconds")
     )
 
 
 def local_clock(ts: float) -> str:
     """Epoch seconds -> ``2026-11-28 14:05:00`` in local time, for tables."""
     return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+_CLOCK_RE = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2}))?$")
+
+
+def parse_start(text: str, now: float) -> float:
+    """When a booking starts: ``+2h``, ``09:00`` (next one), ``tomorrow 09:00``, or ISO.
+
+    Times without a zone are local time.
+    """
+    raw = text.strip().lower()
+    base = datetime.fromtimestamp(now).astimezone()
+    if raw.startswith("+"):
+        return now + parse_duration(raw[1:])
+    if raw == "now":
+        return now
+    day_offset = None
+    for word, offset in (("today", 0), ("tomorrow", 1)):
+        if raw.startswith(word):
+            day_offset, raw = offset, raw[len(word):].strip()
+    match = _CLOCK_RE.match(raw)
+    if match:
+        hour, minute, second = (int(g or 0) for g in match.groups())
+        if hour > 23 or minute > 59 or second > 59:
+            raise BadRequest(f"invalid time {text!r}")
+        at = base.replace(hour=hour, minute=minute, second=second, microsecond=0)
+        if day_offset is not None:
+            at += timedelta(days=day_offset)
+        elif at.timestamp() <= now:
+            at += timedelta(days=1)  # 09:00 after nine means tomorrow's
+        return at.timestamp()
+    if day_offset is not None:
+        raise BadRequest(f"invalid start {text!r}: use e.g. 'tomorrow 09:00'")
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise BadRequest(
+            f"invalid start {text!r}: use +2h, 09:00, 'tomorrow 09:00' or 2026-12-01T09:00"
+        ) from None
+    if when.tzinfo is None:
+        when = when.astimezone()
+    return when.timestamp()
+
+
+def parse_date(text: str) -> datetime:
+    """``2026-12-24`` (local) for ``--until``; the whole day is included."""
+    try:
+        day = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise BadRequest(f"invalid date {text!r}: use YYYY-MM-DD") from None
+    return day.replace(hour=23, minute=59, second=59).astimezone()

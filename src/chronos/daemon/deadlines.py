@@ -37,12 +37,18 @@ class Deadlines:
         self._kills: dict[str, asyncio.TimerHandle] = {}
         self._poller: asyncio.TimerHandle | None = None
         self.on_ended: Callable[[list[Ended]], None] = lambda ended: None
+        self.after_time: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------ arming
 
     def changed(self) -> None:
         """Re-read what is due after any change to the ledger."""
         self._process_due()
+
+    def _on_time(self) -> None:
+        """A timer or an owner's exit: act, then let the daemon react (e.g. grant waiters)."""
+        self._process_due()
+        self.after_time()
 
     def _process_due(self) -> None:
         ended = self.ledger.reap()
@@ -71,7 +77,7 @@ class Deadlines:
         if early > 0:
             self._timer = self.loop.call_later(early, self._fire, due)
             return
-        self._process_due()
+        self._on_time()
 
     def _next_due(self) -> float | None:
         candidates = []
@@ -202,12 +208,12 @@ class Deadlines:
         try:
             fd = pidfd_open(record.owner_pid)
         except OSError:
-            self.loop.call_soon(self._process_due)  # already gone
+            self.loop.call_soon(self._on_time)  # already gone
             return
         self._owner_fds[record.id] = fd
-        self.loop.add_reader(fd, self._process_due)
+        self.loop.add_reader(fd, self._on_time)
         if not procs.is_same_process(record.owner_pid, record.owner_start):
-            self.loop.call_soon(self._process_due)  # the PID was reused before we looked
+            self.loop.call_soon(self._on_time)  # the PID was reused before we looked
 
     def _unwatch(self, partition_id: str) -> None:
         fd = self._owner_fds.pop(partition_id, None)
@@ -220,7 +226,7 @@ class Deadlines:
 
             def tick() -> None:
                 self._poller = None
-                self._process_due()
+                self._on_time()
                 if any(r.owner_pid for r in self.ledger.list()):
                     self._poll_owners()
 

@@ -22,7 +22,7 @@ from chronos.daemon.deadlines import Deadlines
 from chronos.daemon.log import log
 from chronos.daemon.notify import sd_notify
 from chronos.daemon.sampler import Sampler
-from chronos.daemon.server import Server
+from chronos.daemon.server import Broadcast, Server
 from chronos.errors import ChronosError
 from chronos.ledger import Ledger
 from chronos.paths import LEDGER_FILE, SYSTEM_STATE_DIR, socket_path
@@ -76,6 +76,8 @@ class Daemon:
         self.config: Config = load_config(config_path)
         self._lock_fd: int | None = None
         self._stop = asyncio.Event()
+        self.broadcast = Broadcast()
+        self._busy = self._dirty = False
 
     async def run(self) -> int:
         self._prepare_state_dir()
@@ -85,13 +87,15 @@ class Daemon:
         service = Service(ledger, self.config, "daemon")
         service.machine  # noqa: B018 - open the GPU backends now, not on the first request
         deadlines = Deadlines(ledger, lambda: self.config.grace_s)
-        service.on_change = deadlines.changed
-        deadlines.changed()  # expiries that fell due while no daemon ran
+        self.service, self.deadlines = service, deadlines
+        service.on_change = self._changed
+        deadlines.after_time = self._changed
+        self._changed()  # expiries that fell due while no daemon ran
 
         sampler = Sampler(service, deadlines, lambda: self.config)
         deadlines.on_ended = sampler.on_ended
         sampling = asyncio.create_task(sampler.run())
-        server = Server(service.handle, lambda: self.config.admin_group)
+        server = Server(service.handle, lambda: self.config.admin_group, self.broadcast)
         listener = await self._listen(server)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
@@ -117,6 +121,22 @@ class Daemon:
             self._remove_socket()
             log("stopped")
         return 0
+
+    def _changed(self) -> None:
+        """After any change: act on what fell due, grant waiters, wake long polls."""
+        if self._busy:
+            self._dirty = True  # a grant changed things again: the loop below goes round
+            return
+        self._busy = True
+        try:
+            self._dirty = True
+            while self._dirty:
+                self._dirty = False
+                self.deadlines.changed()
+                self.service.grant_waiting()
+        finally:
+            self._busy = False
+        self.broadcast.notify()
 
     def _prepare_state_dir(self) -> None:
         try:
@@ -174,3 +194,7 @@ class Daemon:
         service.config = self.config
         sampler.reconfigure()
         log("config_reloaded")
+
+
+if __name__ == "__main__":  # python -m chronos.daemon.main
+    sys.exit(main())

@@ -10,6 +10,7 @@ are short.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import time
@@ -24,6 +25,7 @@ from chronos.identity import Caller
 READ_TIMEOUT_S = 10.0
 """Longest a started frame may take to arrive in full."""
 IDLE_TIMEOUT_S = 3600.0
+LONG_POLL_MAX_S = 5.0
 _UCRED = struct.Struct("3i")
 
 
@@ -34,12 +36,31 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
+class Broadcast:
+    """Wakes every coroutine waiting for "something changed" at once."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+
+
 class Server:
     def __init__(
-        self, handle: Callable[[Caller, Any], dict[str, Any]], admin_group: Callable[[], str]
+        self,
+        handle: Callable[[Caller, Any], dict[str, Any]],
+        admin_group: Callable[[], str],
+        changes: Broadcast | None = None,
     ) -> None:
         self._handle = handle
         self._admin_group = admin_group
+        self._changes = changes or Broadcast()
         self.connections = 0
         self.requests = 0
         self.on_request: Callable[[str, float], None] = lambda op, seconds: None
@@ -79,12 +100,30 @@ class Server:
             if isinstance(message, dict) and isinstance(message.get("op"), str):
                 op = message["op"][:32]
             reply = self._handle(caller, message)
+            if op == "wait":
+                reply = await self._long_poll(caller, message, reply)
         except ChronosError as exc:
             reply = protocol.error(exc)
         self.requests += 1
         self.on_request(op if op in protocol.OPS else "invalid", time.perf_counter() - started)
         await self._reply(writer, reply)
         return True
+
+    async def _long_poll(self, caller: Caller, message: Any,
+                         reply: dict[str, Any]) -> dict[str, Any]:
+        """Hold a ``wait`` until its ticket changes state or ``max_wait`` passes."""
+        args = message.get("args") or {}
+        max_wait = args.get("max_wait", 0)
+        if not isinstance(max_wait, (int, float)) or isinstance(max_wait, bool):
+            return reply
+        deadline = time.monotonic() + min(max(0.0, float(max_wait)), LONG_POLL_MAX_S)
+        while reply.get("ok") and reply["result"].get("state") == "waiting":
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            await self._changes.wait(left)
+            reply = self._handle(caller, message)
+        return reply
 
     @staticmethod
     async def _reply(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:

@@ -1,0 +1,90 @@
+"""Soft caps: the knobs that keep each ML framework inside a partition.
+
+A framework told its limit fails an allocation past it with its own clean
+out-of-memory error, which a program can catch; the daemon's hard cap only
+kills. The soft cap is set below the partition's bytes by ``CONTEXT_RESERVE``
+because the hard cap counts what the driver reports for the process, which
+includes the CUDA context and library workspaces that no framework limit
+covers (about 0.5 GiB on an H200).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+CONTEXT_RESERVE = 1 << 30
+"""Bytes left outside the framework's cap for the CUDA context and libraries."""
+STARTUP_DIR = Path(__file__).parent / "_startup"
+
+
+def soft_limit_bytes(partition_bytes: int) -> int:
+    """What a framework may allocate so the whole process stays inside the partition."""
+    reserve = min(CONTEXT_RESERVE, partition_bytes // 2)
+    return partition_bytes - reserve
+
+
+def limits_env(partition_bytes: int, total_bytes: int,
+               base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment that caps PyTorch, TensorFlow, JAX and CuPy in a child process."""
+    soft = soft_limit_bytes(partition_bytes)
+    base = os.environ if base is None else base
+    pythonpath = base.get("PYTHONPATH")
+    return {
+        "CHRONOS_PARTITION_BYTES": str(partition_bytes),
+        "CHRONOS_SOFT_LIMIT_BYTES": str(soft),
+        "CHRONOS_DEVICE_TOTAL_BYTES": str(total_bytes),
+        # PyTorch and TensorFlow: applied at import by _startup/sitecustomize.py.
+        "PYTHONPATH": str(STARTUP_DIR) + (os.pathsep + pythonpath if pythonpath else ""),
+        "TF_FORCE_GPU_ALLOW_GROWTH": "true",
+        # JAX: never hold more than the cap, and take memory only as used.
+        "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+        "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{_floor(soft / total_bytes):.4f}",
+        # CuPy: the memory pool refuses past this many bytes.
+        "CUPY_GPU_MEMORY_LIMIT": str(soft),
+    }
+
+
+def apply_in_process(partition_bytes: int, total_bytes: int) -> dict[str, str]:
+    """Cap the frameworks of the *current* process; return what was applied.
+
+    Environment knobs only work before the framework is imported (JAX, CuPy)
+    or before CUDA starts (``CUDA_VISIBLE_DEVICES``); PyTorch and TensorFlow
+    are capped directly if already imported, else at import.
+    """
+    soft = soft_limit_bytes(partition_bytes)
+    env = limits_env(partition_bytes, total_bytes)
+    applied: dict[str, str] = {}
+    for name in ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION",
+                 "CUPY_GPU_MEMORY_LIMIT", "TF_FORCE_GPU_ALLOW_GROWTH",
+                 "CHRONOS_SOFT_LIMIT_BYTES", "CHRONOS_DEVICE_TOTAL_BYTES"):
+        os.environ[name] = env[name]
+    for module, late in (("jax", "jax was imported before the limit was set"),
+                         ("cupy", "cupy was imported before the limit was set")):
+        applied[module] = late if module in sys.modules else "capped by environment"
+    hooks = _startup_hooks()
+    for name in ("torch", "tensorflow"):
+        if name in sys.modules:
+            hooks._HOOKS[name](sys.modules[name])
+            applied[name] = f"capped at {soft} bytes"
+        else:
+            applied[name] = "capped at import"
+    hooks._install()
+    return applied
+
+
+def _startup_hooks():  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_chronos_startup",
+                                                  STARTUP_DIR / "sitecustomize.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # not named "sitecustomize": defines, runs nothing
+    return module
+
+
+def _floor(value: float, places: int = 4) -> float:
+    scale = 10**places
+    return int(value * scale) / scale

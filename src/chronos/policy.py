@@ -1,0 +1,191 @@
+"""Fair sharing: quotas, fair-share priority and the backfill rule, as pure functions.
+
+Everything here works on plain records and explicit times, so the ledger can
+call it inside its write transaction (quotas then hold under races) and tests
+can drive it with any clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from chronos.config import Limits
+from chronos.errors import AdmissionRefused
+from chronos.models import ACTIVE, BOOKED, PartitionRecord
+from chronos.units import format_duration
+
+DAY = 86400.0
+WEEK = 7 * DAY
+
+Interval = tuple[float, float, int, str]
+"""(start, end, bytes, id) of something holding a device."""
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What a user asks for, in the terms quotas speak."""
+
+    user: str
+    device: int
+    fraction: float
+    start: float
+    end: float
+
+
+def held_until(record: PartitionRecord, now: float) -> float:
+    """When ``record`` stops (or stopped) holding its share."""
+    if record.state in (ACTIVE, BOOKED):
+        return record.expires_at
+    return min(record.expires_at, record.ended_at or record.expires_at)
+
+
+def gpu_hours(records: Iterable[PartitionRecord], lo: float, hi: float, now: float) -> float:
+    """Fraction × hours of ``records`` that falls inside ``[lo, hi)``."""
+    total = 0.0
+    for r in records:
+        overlap = min(hi, held_until(r, now)) - max(lo, r.starts_at)
+        if overlap > 0:
+            total += r.memory_fraction * overlap / 3600.0
+    return total
+
+
+def check_limits(limits: Limits, ask: Ask, mine: Sequence[PartitionRecord], now: float) -> None:
+    """Raise :class:`AdmissionRefused` naming the first limit ``ask`` would break.
+
+    ``mine`` are the user's partitions (open ones, and ended ones of the last week).
+    """
+    duration = ask.end - ask.start
+    open_now = [r for r in mine if r.state in (ACTIVE, BOOKED) and r.expires_at > now]
+    if limits.max_share is not None and ask.fraction > limits.max_share + 1e-9:
+        raise _over("max_share", f"{ask.fraction:.1%} of a GPU asked, at most "
+                    f"{limits.max_share:.1%} per partition")
+    if limits.max_duration_s is not None and duration > limits.max_duration_s + 1e-6:
+        raise _over("max_duration", f"{format_duration(duration)} asked, at most "
+                    f"{format_duration(limits.max_duration_s)}")
+    if limits.max_partitions is not None and len(open_now) >= limits.max_partitions:
+        raise _over("max_partitions", f"{ask.user} already holds {len(open_now)} open "
+                    f"partition(s) of {limits.max_partitions}")
+    if limits.max_total_share is not None:
+        held = peak_share(open_now, ask.start, ask.end)
+        if held + ask.fraction > limits.max_total_share + 1e-9:
+            raise _over("max_total_share", f"{ask.user} holds {held:.1%} then, asks "
+                        f"{ask.fraction:.1%}, at most {limits.max_total_share:.1%} at once")
+    for name, window, limit in (("max_gpu_hours_day", DAY, limits.max_gpu_hours_day),
+                                ("max_gpu_hours_week", WEEK, limits.max_gpu_hours_week)):
+        if limit is None:
+            continue
+        used = gpu_hours(mine, ask.end - window, ask.end, now)
+        added = ask.fraction * duration / 3600.0
+        if used + added > limit + 1e-9:
+            span = "24 h" if window == DAY else "7 days"
+            raise _over(name, f"{ask.user} has {used:.2f} GPU-hours in the {span} before its "
+                        f"end, asks {added:.2f} more, at most {limit:g}")
+
+
+def peak_share(records: Sequence[PartitionRecord], start: float, end: float) -> float:
+    """Largest sum of fractions of ``records`` open at one instant of ``[start, end)``."""
+    points: list[tuple[float, float]] = []
+    for r in records:
+        if r.expires_at <= start or r.starts_at >= end:
+            continue
+        points.append((max(r.starts_at, start), r.memory_fraction))
+        points.append((r.expires_at, -r.memory_fraction))
+    points.sort()
+    level = peak = 0.0
+    for _, delta in points:
+        level += delta
+        peak = max(peak, level)
+    return peak
+
+
+def _over(limit: str, standing: str) -> AdmissionRefused:
+    return AdmissionRefused(f"over the {limit} limit: {standing}")
+
+
+def decayed_usage(records: Iterable[PartitionRecord], now: float, half_life: float) -> float:
+    """GPU-hours held, each hour weighted 0.5^(age / half_life) (age at its end)."""
+    total = 0.0
+    for r in records:
+        end = min(held_until(r, now), now)
+        if end <= r.starts_at:
+            continue
+        hours = r.memory_fraction * (end - r.starts_at) / 3600.0
+        total += hours * 0.5 ** ((now - end) / half_life)
+    return total
+
+
+def priority(usage_gpu_hours: float, waited_s: float, age_weight: float) -> float:
+    """Lower goes first. Waiting lowers it without bound, so nobody waits forever."""
+    return usage_gpu_hours - age_weight * waited_s / 3600.0
+
+
+def peak_usage(intervals: Sequence[Interval], start: float, end: float) -> int:
+    """Most bytes held at any instant of ``[start, end)``."""
+    points: list[tuple[float, int]] = []
+    for s, e, nbytes, _ in intervals:
+        if e <= start or s >= end:
+            continue
+        points.append((max(s, start), nbytes))
+        points.append((e, -nbytes))
+    # At equal times, ends (negative) come first: a partition ending at t frees room at t.
+    points.sort(key=lambda p: (p[0], p[1]))
+    peak = level = 0
+    for _, delta in points:
+        level += delta
+        peak = max(peak, level)
+    return peak
+
+
+def earliest_fit(intervals: Sequence[Interval], nbytes: int, duration: float,
+                 not_before: float, capacity: int) -> float | None:
+    """The first moment from ``not_before`` on when ``nbytes`` fits for ``duration``."""
+    if nbytes > capacity:
+        return None
+    candidates = sorted({not_before} | {e for _, e, _, _ in intervals if e > not_before})
+    for t in candidates:
+        if peak_usage(intervals, t, t + duration) + nbytes <= capacity:
+            return t
+    return None
+
+
+@dataclass(frozen=True)
+class Waiter:
+    """A queued request, as the planner sees it."""
+
+    id: str
+    device_uuid: str
+    memory_bytes: int
+    duration_s: float
+    capacity_bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    grant: list[str]
+    """Waiters that fit now without delaying anyone ahead of them, in order."""
+    estimated_start: dict[str, float | None]
+    """For every waiter not granted, when it would start if nothing else changed."""
+
+
+def plan_queue(ordered: Sequence[Waiter], intervals: dict[str, list[Interval]],
+               now: float) -> Plan:
+    """Conservative backfill over waiters already in priority order.
+
+    Each waiter that does not fit now is given a virtual reservation at its
+    earliest fit; later (lower-priority) waiters must fit around those, so a
+    small request may start ahead of a large one only when it cannot delay it.
+    """
+    held = {uuid: list(ints) for uuid, ints in intervals.items()}
+    grant: list[str] = []
+    estimate: dict[str, float | None] = {}
+    for w in ordered:
+        ints = held.setdefault(w.device_uuid, [])
+        start = earliest_fit(ints, w.memory_bytes, w.duration_s, now, w.capacity_bytes)
+        if start is not None and start <= now:
+            grant.append(w.id)
+        else:
+            estimate[w.id] = start
+        if start is not None:
+            ints.append((start, start + w.duration_s, w.memory_bytes, w.id))
+    return Plan(grant, estimate)
