@@ -99,7 +99,10 @@ def hard_cap(env: dict[str, str], runs: int) -> dict[str, list[float]]:
         freed = wait_pid_freed(int(term["pid"]))
         if freed is not None:
             to_free.append(freed - term["t"])
-    return {"cap crossed -> SIGTERM": to_term, "SIGTERM -> memory free (NVML)": to_free}
+    return {
+        "hard cap: cap crossed -> SIGTERM": to_term,
+        "hard cap: SIGTERM -> memory free (NVML)": to_free,
+    }
 
 
 def expiry(env: dict[str, str], runs: int) -> dict[str, list[float]]:
@@ -147,7 +150,10 @@ def expiry(env: dict[str, str], runs: int) -> dict[str, list[float]]:
         freed = wait_pid_freed(int(term["pid"]))
         if freed is not None:
             free.append(freed - term["t"])
-    return {"expires_at -> SIGTERM": late, "SIGTERM -> memory free (NVML)": free}
+    return {
+        "expiry: expires_at -> SIGTERM": late,
+        f"expiry: SIGTERM -> memory free (NVML), {runs} processes exiting together": free,
+    }
 
 
 def matmul_round(env: dict[str, str] | None, iters: int) -> float:
