@@ -214,21 +214,35 @@ class Partitioner:
         waits) instead of failing.
         """
         result = self._transport.call(
-            "create", device=device, memory=memory, duration=duration, user=user,
-            persist=persist, kind=kind, grace=grace, warn=warn, warn_signal=warn_signal,
-            start=start, wait=wait or None, timeout=timeout,
+            "create",
+            device=device,
+            memory=memory,
+            duration=duration,
+            user=user,
+            persist=persist,
+            kind=kind,
+            grace=grace,
+            warn=warn,
+            warn_signal=warn_signal,
+            start=start,
+            wait=wait or None,
+            timeout=timeout,
         )
         if "ticket" in result:
             result = self._wait_for(result, on_wait)
-        partition = Partition(PartitionRecord.from_wire(result), self._transport,
-                              result.get("visible_env"))
-        if self.mode == "embedded" and partition.record.owner_pid == os.getpid():
+        partition = Partition(
+            PartitionRecord.from_wire(result), self._transport, result.get("visible_env")
+        )
+        if self.mode == "embedded" and partition.record.owner_pid == os.getpid() and kind != "run":
             # No daemon will end it on time: this process keeps the deadline itself.
+            # (Not for ``chronos run``: its supervisor keeps the deadline, and a
+            # thread here would take the SIGTERM it blocks and forwards.)
             partition._ensure_monitor()
         return partition
 
-    def _wait_for(self, status: dict[str, Any],
-                  on_wait: Callable[[dict[str, Any]], Any] | None) -> dict[str, Any]:
+    def _wait_for(
+        self, status: dict[str, Any], on_wait: Callable[[dict[str, Any]], Any] | None
+    ) -> dict[str, Any]:
         """Poll a queued request until it is granted; leave the queue if interrupted."""
         ticket = status["ticket"]
         try:
@@ -243,8 +257,9 @@ class Partitioner:
         if status["state"] == "timeout":
             raise Timeout(f"gave up waiting for GPU capacity ({status.get('reason')})")
         if status["state"] != "granted":
-            raise AdmissionRefused(f"queued request {ticket} {status['state']}: "
-                                   f"{status.get('reason')}")
+            raise AdmissionRefused(
+                f"queued request {ticket} {status['state']}: {status.get('reason')}"
+            )
         partition: dict[str, Any] = status["partition"]
         return partition
 
@@ -257,12 +272,6 @@ class Partitioner:
         return Partition(
             PartitionRecord.from_wire(self._transport.call("get", id=partition_id)), self._transport
         )
-
-    def list(self, all: bool = False) -> list[Partition]:
-        return [
-            Partition(PartitionRecord.from_wire(r), self._transport)
-            for r in self._transport.call("list", all=all)
-        ]
 
     def release(self, partition_id: str) -> None:
         self._transport.call("release", id=partition_id)
@@ -279,6 +288,12 @@ class Partitioner:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def list(self, all: bool = False) -> list[Partition]:
+        return [
+            Partition(PartitionRecord.from_wire(r), self._transport)
+            for r in self._transport.call("list", all=all)
+        ]
+
 
 class ExpiryMonitor:
     """A background thread that keeps a partition's deadlines in this process.
@@ -294,8 +309,9 @@ class ExpiryMonitor:
         self._warnings: list[tuple[float, Callable[[Partition], Any]]] = []
         self._wake = threading.Event()
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name=f"chronos-{partition.id}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"chronos-{partition.id}", daemon=True
+        )
         self._thread.start()
 
     def add_warning(self, seconds_before: float, callback: Callable[[Partition], Any]) -> None:
@@ -311,28 +327,38 @@ class ExpiryMonitor:
             now = time.time()
             record = self.partition.record
             if record.state_at(now) not in (ACTIVE, BOOKED):
-                self._expire()
-                return
+                if self._expire():
+                    return
+                continue  # extended by another process: keep the new deadline
             due = [(s, cb) for s, cb in self._warnings if now >= record.expires_at - s]
             for item in due:
                 self._warnings.remove(item)
-                item[1](self.partition)
+                try:
+                    item[1](self.partition)
+                except Exception:  # a failing callback must not stop the deadline keeping
+                    import traceback
+
+                    traceback.print_exc()
             times = [record.expires_at - s for s, _ in self._warnings] + [record.expires_at]
             self._wake.wait(max(0.0, min(times) - time.time()))
             self._wake.clear()
 
-    def _expire(self) -> None:
+    def _expire(self) -> bool:
+        """The end as last known has passed: act on it; False if it lives on (extended)."""
         p = self.partition
-        if self._stopped or p._transport.mode != "embedded":
-            return
+        if self._stopped or p._transport.mode != "embedded" or p.record.owner_pid != os.getpid():
+            return True
         try:
             p.refresh()  # reaps it: the ledger records the expiry
         except PartitionEnded:
             pass
-        if p.record.state != EXPIRED or p.record.owner_pid != os.getpid():
-            return
+        if p.record.state_at(time.time()) in (ACTIVE, BOOKED):
+            return False
+        if p.record.state != EXPIRED:
+            return True
         from chronos import procs
 
         for a in p._transport.call("attached_pids", id=p.id):
             procs.signal_process(a["pid"], a["start_ticks"], signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)
+        return True

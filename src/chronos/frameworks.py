@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 CONTEXT_RESERVE = 1 << 30
 """Bytes left outside the framework's cap for the CUDA context and libraries."""
@@ -25,12 +26,12 @@ def soft_limit_bytes(partition_bytes: int) -> int:
     return partition_bytes - reserve
 
 
-def limits_env(partition_bytes: int, total_bytes: int,
-               base: dict[str, str] | None = None) -> dict[str, str]:
+def limits_env(
+    partition_bytes: int, total_bytes: int, base: dict[str, str] | None = None
+) -> dict[str, str]:
     """Environment that caps PyTorch, TensorFlow, JAX and CuPy in a child process."""
     soft = soft_limit_bytes(partition_bytes)
-    base = os.environ if base is None else base
-    pythonpath = base.get("PYTHONPATH")
+    pythonpath = (os.environ if base is None else base).get("PYTHONPATH")
     return {
         "CHRONOS_PARTITION_BYTES": str(partition_bytes),
         "CHRONOS_SOFT_LIMIT_BYTES": str(soft),
@@ -56,12 +57,19 @@ def apply_in_process(partition_bytes: int, total_bytes: int) -> dict[str, str]:
     soft = soft_limit_bytes(partition_bytes)
     env = limits_env(partition_bytes, total_bytes)
     applied: dict[str, str] = {}
-    for name in ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION",
-                 "CUPY_GPU_MEMORY_LIMIT", "TF_FORCE_GPU_ALLOW_GROWTH",
-                 "CHRONOS_SOFT_LIMIT_BYTES", "CHRONOS_DEVICE_TOTAL_BYTES"):
+    for name in (
+        "XLA_PYTHON_CLIENT_PREALLOCATE",
+        "XLA_PYTHON_CLIENT_MEM_FRACTION",
+        "CUPY_GPU_MEMORY_LIMIT",
+        "TF_FORCE_GPU_ALLOW_GROWTH",
+        "CHRONOS_SOFT_LIMIT_BYTES",
+        "CHRONOS_DEVICE_TOTAL_BYTES",
+    ):
         os.environ[name] = env[name]
-    for module, late in (("jax", "jax was imported before the limit was set"),
-                         ("cupy", "cupy was imported before the limit was set")):
+    for module, late in (
+        ("jax", "jax was imported before the limit was set"),
+        ("cupy", "cupy was imported before the limit was set"),
+    ):
         applied[module] = late if module in sys.modules else "capped by environment"
     hooks = _startup_hooks()
     for name in ("torch", "tensorflow"):
@@ -74,11 +82,12 @@ def apply_in_process(partition_bytes: int, total_bytes: int) -> dict[str, str]:
     return applied
 
 
-def _startup_hooks():  # type: ignore[no-untyped-def]
+def _startup_hooks() -> Any:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("_chronos_startup",
-                                                  STARTUP_DIR / "sitecustomize.py")
+    spec = importlib.util.spec_from_file_location(
+        "_chronos_startup", STARTUP_DIR / "sitecustomize.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # not named "sitecustomize": defines, runs nothing
@@ -87,4 +96,4 @@ def _startup_hooks():  # type: ignore[no-untyped-def]
 
 def _floor(value: float, places: int = 4) -> float:
     scale = 10**places
-    return int(value * scale) / scale
+    return float(int(value * scale) / scale)

@@ -229,8 +229,16 @@ class Ledger:
                 self._fit(req, start, end, now)
             except AdmissionRefused as exc:
                 refusal = exc
-                self._event(now, "refused", None, req.uid, req.user, req.device_uuid,
-                            req.memory_bytes, {"reason": str(exc)})
+                self._event(
+                    now,
+                    "refused",
+                    None,
+                    req.uid,
+                    req.user,
+                    req.device_uuid,
+                    req.memory_bytes,
+                    {"reason": str(exc)},
+                )
             else:
                 record = self._admit(req, now, start, end)
         if refusal is not None:
@@ -364,8 +372,9 @@ class Ledger:
 
     # ------------------------------------------------------------------- queue
 
-    def enqueue(self, req: NewPartition, waiter_pid: int | None, timeout_at: float | None
-                ) -> Ticket:
+    def enqueue(
+        self, req: NewPartition, waiter_pid: int | None, timeout_at: float | None
+    ) -> Ticket:
         """Put ``req`` in the queue; :meth:`grant_waiting` admits it when it fits."""
         with _immediate(self._db):
             now = self.clock()
@@ -373,17 +382,33 @@ class Ledger:
             self._db.execute(
                 "INSERT INTO waiting (id, enqueued_at, state, waiter_pid, waiter_start, "
                 "timeout_at, request) VALUES (?, ?, 'waiting', ?, ?, ?, ?)",
-                (ticket_id, now, waiter_pid, procs.start_ticks(waiter_pid) if waiter_pid
-                 else None, timeout_at, json.dumps(asdict(req))),
+                (
+                    ticket_id,
+                    now,
+                    waiter_pid,
+                    procs.start_ticks(waiter_pid) if waiter_pid else None,
+                    timeout_at,
+                    json.dumps(asdict(req)),
+                ),
             )
-            self._event(now, "queued", None, req.uid, req.user, req.device_uuid,
-                        req.memory_bytes, {"ticket": ticket_id, "duration_s": req.duration_s})
+            self._event(
+                now,
+                "queued",
+                None,
+                req.uid,
+                req.user,
+                req.device_uuid,
+                req.memory_bytes,
+                {"ticket": ticket_id, "duration_s": req.duration_s},
+            )
         return self.ticket(ticket_id)
 
     def ticket(self, ticket_id: str) -> Ticket:
         row = self._db.execute(
             "SELECT id, state, enqueued_at, request, partition_id, reason, timeout_at, "
-            "waiter_pid FROM waiting WHERE id = ?", (ticket_id,)).fetchone()
+            "waiter_pid FROM waiting WHERE id = ?",
+            (ticket_id,),
+        ).fetchone()
         if row is None:
             raise NotFound(f"no queued request {ticket_id!r}")
         return _ticket(row)
@@ -395,14 +420,15 @@ class Ledger:
     def waiting(self) -> list[Ticket]:
         rows = self._db.execute(
             "SELECT id, state, enqueued_at, request, partition_id, reason, timeout_at, "
-            "waiter_pid FROM waiting WHERE state = 'waiting' ORDER BY enqueued_at").fetchall()
+            "waiter_pid FROM waiting WHERE state = 'waiting' ORDER BY enqueued_at"
+        ).fetchall()
         return [_ticket(r) for r in rows]
 
-    def grant_waiting(self, priority_of: PriorityOf,
-                      check_for: Callable[[NewPartition], QuotaCheck | None]) -> list[Ticket]:
+    def grant_waiting(
+        self, priority_of: PriorityOf, check_for: Callable[[NewPartition], QuotaCheck | None]
+    ) -> list[Ticket]:
         """Admit every queued request that fits now without delaying one ahead of it."""
-        if not self._db.execute("SELECT 1 FROM waiting WHERE state = 'waiting' LIMIT 1"
-                                ).fetchone():
+        if not self._db.execute("SELECT 1 FROM waiting WHERE state = 'waiting' LIMIT 1").fetchone():
             return []
         granted = []
         with _immediate(self._db):
@@ -420,8 +446,10 @@ class Ledger:
                     self._close_ticket(ticket.id, "refused", str(exc), now)
                     continue
                 record = self._admit(req, now, start, end)
-                self._db.execute("UPDATE waiting SET state = 'granted', partition_id = ? "
-                                 "WHERE id = ?", (record.id, ticket.id))
+                self._db.execute(
+                    "UPDATE waiting SET state = 'granted', partition_id = ? WHERE id = ?",
+                    (record.id, ticket.id),
+                )
                 granted.append(ticket)
         return granted
 
@@ -431,15 +459,15 @@ class Ledger:
         ordered, _, plan = self._plan(priority_of, now, with_plan=True)
         return [(t, plan.estimated_start.get(t.id, now)) for t in ordered]
 
-    def _plan(self, priority_of: PriorityOf, now: float, with_plan: bool = False
-              ) -> tuple[list[Ticket], list[Ticket], Any]:
+    def _plan(
+        self, priority_of: PriorityOf, now: float, with_plan: bool = False
+    ) -> tuple[list[Ticket], list[Ticket], Any]:
         tickets = self.waiting()
         recent: dict[int, list[PartitionRecord]] = {}
         keyed = []
         for t in tickets:
             mine = recent.setdefault(t.request.uid, self._recent_of(t.request.uid, now))
-            keyed.append((priority_of(t.request.user, now - t.enqueued_at, mine),
-                          t.enqueued_at, t))
+            keyed.append((priority_of(t.request.user, now - t.enqueued_at, mine), t.enqueued_at, t))
         ordered = [t for _, _, t in sorted(keyed, key=lambda k: (k[0], k[1]))]
         devices = {t.request.device_uuid for t in ordered}
         intervals = {uuid: self._open_on_device(uuid, now) for uuid in devices}
@@ -456,8 +484,9 @@ class Ledger:
         out: list[tuple[float, float, int, str]] = []
         for t in tickets:  # enqueue order: a direct request never overtakes a waiting one
             req = t.request
-            start = earliest_fit(held + out, req.memory_bytes, req.duration_s, now,
-                                 req.capacity_bytes)
+            start = earliest_fit(
+                held + out, req.memory_bytes, req.duration_s, now, req.capacity_bytes
+            )
             if start is not None:
                 out.append((start, start + req.duration_s, req.memory_bytes, t.id))
         return out
@@ -472,19 +501,29 @@ class Ledger:
                 self._close_ticket(t.id, "cancelled", "the waiting process exited", now)
 
     def _waiter_start(self, ticket_id: str) -> int | None:
-        row = self._db.execute("SELECT waiter_start FROM waiting WHERE id = ?",
-                               (ticket_id,)).fetchone()
+        row = self._db.execute(
+            "SELECT waiter_start FROM waiting WHERE id = ?", (ticket_id,)
+        ).fetchone()
         return None if row is None else row[0]
 
     def _close_ticket(self, ticket_id: str, state: str, reason: str, now: float) -> None:
         ticket = self.ticket(ticket_id)
         if ticket.state != "waiting":
             return
-        self._db.execute("UPDATE waiting SET state = ?, reason = ? WHERE id = ?",
-                         (state, reason, ticket_id))
+        self._db.execute(
+            "UPDATE waiting SET state = ?, reason = ? WHERE id = ?", (state, reason, ticket_id)
+        )
         req = ticket.request
-        self._event(now, f"queue_{state}", None, req.uid, req.user, req.device_uuid,
-                    req.memory_bytes, {"ticket": ticket_id, "reason": reason})
+        self._event(
+            now,
+            f"queue_{state}",
+            None,
+            req.uid,
+            req.user,
+            req.device_uuid,
+            req.memory_bytes,
+            {"ticket": ticket_id, "reason": reason},
+        )
 
     def _recent_of(self, uid: int, now: float) -> list[PartitionRecord]:
         """The user's open partitions and those that ended in the last 8 days."""
@@ -499,7 +538,9 @@ class Ledger:
         """Every partition open now or ended after ``since`` (for usage reports)."""
         rows = self._db.execute(
             f"SELECT {_COLUMNS} FROM partitions WHERE {_OPEN} OR "
-            "COALESCE(ended_at, expires_at) >= ? ORDER BY created_at", (since,)).fetchall()
+            "COALESCE(ended_at, expires_at) >= ? ORDER BY created_at",
+            (since,),
+        ).fetchall()
         return [_record(r) for r in rows]
 
     # ------------------------------------------------------------------- reads
@@ -507,7 +548,9 @@ class Ledger:
     def get(self, partition_id: str) -> PartitionRecord:
         return self._get(partition_id)
 
-    def list(self, include_ended: bool = False, limit: int | None = None) -> list[PartitionRecord]:
+    def partitions(
+        self, include_ended: bool = False, limit: int | None = None
+    ) -> list[PartitionRecord]:
         """Open partitions (``include_ended``: every partition), oldest first.
 
         Partitions whose end has passed but that nobody has reaped yet are
@@ -524,7 +567,7 @@ class Ledger:
 
     def active(self, now: float | None = None) -> list[PartitionRecord]:
         now = self.clock() if now is None else now
-        return [r for r in self.list() if r.state_at(now) in (ACTIVE, BOOKED)]
+        return [r for r in self.partitions() if r.state_at(now) in (ACTIVE, BOOKED)]
 
     def committed_bytes(self, device_uuid: str, now: float | None = None) -> int:
         now = self.clock() if now is None else now
@@ -551,7 +594,7 @@ class Ledger:
             sql += " AND partition_id = ?"
             args.append(partition_id)
         rows = self._db.execute(sql + " ORDER BY seq", args).fetchall()
-        return [Event(*row[:8], detail=json.loads(row[8])) for row in rows]
+        return [_event(row) for row in rows]
 
     def next_deadline(self) -> float | None:
         """The earliest ``expires_at`` (or ``starts_at`` of a booking) still to come."""
@@ -603,14 +646,31 @@ class Ledger:
         return due
 
     def _reap(self, now: float) -> list[Ended]:
-        ended = []
-        for record, state, reason in self._due(now):
-            at = record.expires_at if state == EXPIRED else now
-            ended.append(Ended(self._end(record, state, at, reason, None, None), reason))
+        # A booking whose start has come becomes active: that state change is logged too
+        # (first, so a booking that also ended since the last reap reads started, then ended).
+        for row in self._db.execute(
+            f"SELECT {_COLUMNS} FROM partitions WHERE state = 'booked' AND starts_at <= ?",
+            (now,),
+        ).fetchall():
+            r = _record(row)
+            self._event(
+                r.starts_at,
+                "started",
+                r.id,
+                r.uid,
+                r.user,
+                r.device_uuid,
+                r.memory_bytes,
+                {"reason": "booking began"},
+            )
         self._db.execute(
             "UPDATE partitions SET state = 'active' WHERE state = 'booked' AND starts_at <= ?",
             (now,),
         )
+        ended = []
+        for record, state, reason in self._due(now):
+            at = record.expires_at if state == EXPIRED else now
+            ended.append(Ended(self._end(record, state, at, reason, None, None), reason))
         return ended
 
     def _end(
@@ -718,10 +778,25 @@ class Ledger:
         return CapacityRefused(msg)
 
 
+def _event(row: Sequence[Any]) -> Event:
+    seq, at, kind, partition_id, uid, user, device_uuid, memory_bytes, detail = row
+    return Event(
+        seq, at, kind, partition_id, uid, user, device_uuid, memory_bytes, json.loads(detail)
+    )
+
+
 def _ticket(row: Sequence[Any]) -> Ticket:
     ticket_id, state, enqueued_at, request, partition_id, reason, timeout_at, waiter_pid = row
-    return Ticket(ticket_id, state, enqueued_at, NewPartition(**json.loads(request)),
-                  partition_id, reason, timeout_at, waiter_pid)
+    return Ticket(
+        ticket_id,
+        state,
+        enqueued_at,
+        NewPartition(**json.loads(request)),
+        partition_id,
+        reason,
+        timeout_at,
+        waiter_pid,
+    )
 
 
 def _waiter(ticket: Ticket) -> Waiter:

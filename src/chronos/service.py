@@ -256,7 +256,7 @@ class Service:
     def op_list(self, caller: Caller, all: bool = False) -> list[dict[str, Any]]:
         self._reap()
         now = self.ledger.clock()
-        records = self.ledger.list(include_ended=all)
+        records = self.ledger.partitions(include_ended=all)
         return [r.to_wire() for r in records if all or r.state_at(now) in (ACTIVE, BOOKED)]
 
     def op_stats(self, caller: Caller, processes: bool = True) -> dict[str, Any]:

@@ -36,6 +36,8 @@ class Deadlines:
         }
         self._kills: dict[str, asyncio.TimerHandle] = {}
         self._poller: asyncio.TimerHandle | None = None
+        self._open: set[str] = set()
+        """Partitions open at the last look, to notice those ended by someone else."""
         self.on_ended: Callable[[list[Ended]], None] = lambda ended: None
         self.after_time: Callable[[], None] = lambda: None
 
@@ -52,6 +54,7 @@ class Deadlines:
 
     def _process_due(self) -> None:
         ended = self.ledger.reap()
+        ended += self._ended_elsewhere(ended)
         for item in ended:
             self._on_end(item)
         if ended:
@@ -59,6 +62,19 @@ class Deadlines:
         self._warn_due()
         self._watch_owners()
         self._arm()
+
+    def _ended_elsewhere(self, reaped: list[Ended]) -> list[Ended]:
+        """Partitions that a request ended on its way (every op reaps what is due).
+
+        A busy daemon may serve a request after a deadline and before its timer:
+        that request's reap ends the partition, so act on those here too, or
+        their processes would never be stopped.
+        """
+        now_open = {r.id for r in self.ledger.partitions()}
+        gone = self._open - now_open - {e.record.id for e in reaped}
+        self._open = now_open
+        records = [self.ledger.get(pid_id) for pid_id in sorted(gone)]
+        return [Ended(r, r.end_reason or r.state) for r in records]
 
     def _arm(self) -> None:
         if self._timer is not None:
@@ -84,7 +100,7 @@ class Deadlines:
         deadline = self.ledger.next_deadline()
         if deadline is not None:
             candidates.append(deadline)
-        for r in self.ledger.list():
+        for r in self.ledger.partitions():
             if r.warn_s and r.id not in self._warned:
                 candidates.append(_warn_at(r))
         return min(candidates) if candidates else None
@@ -93,7 +109,7 @@ class Deadlines:
 
     def _warn_due(self) -> None:
         now = time.time()
-        for r in self.ledger.list():
+        for r in self.ledger.partitions():
             if not r.warn_s or r.id in self._warned or r.state_at(now) != ACTIVE:
                 continue
             if now < _warn_at(r):
@@ -190,7 +206,7 @@ class Deadlines:
 
     def _watch_owners(self) -> None:
         open_ids = set()
-        for r in self.ledger.list():
+        for r in self.ledger.partitions():
             open_ids.add(r.id)
             if r.owner_pid is None or r.id in self._owner_fds:
                 continue
@@ -227,7 +243,7 @@ class Deadlines:
             def tick() -> None:
                 self._poller = None
                 self._on_time()
-                if any(r.owner_pid for r in self.ledger.list()):
+                if any(r.owner_pid for r in self.ledger.partitions()):
                     self._poll_owners()
 
             self._poller = self.loop.call_later(OWNER_POLL_S, tick)

@@ -14,8 +14,10 @@ import contextlib
 import fcntl
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from chronos.config import Config, load_config
 from chronos.daemon.deadlines import Deadlines
@@ -50,6 +52,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         help="Policy file (default $CHRONOS_CONFIG or /etc/chronos/config.toml).",
     )
+    parser.add_argument(
+        "--metrics",
+        metavar="ADDRESS",
+        help="Serve Prometheus metrics on HOST:PORT (overrides metrics_address; e.g. "
+        "127.0.0.1:9464).",
+    )
+    parser.add_argument(
+        "--dashboard",
+        metavar="ADDRESS",
+        help="Serve the read-only web dashboard on HOST:PORT (overrides dashboard_address).",
+    )
     return parser.parse_args(argv)
 
 
@@ -60,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["CHRONOS_HOME"] = str(state_dir)
     sock_path = args.socket or socket_path()
     try:
-        return asyncio.run(Daemon(state_dir, sock_path, args.config).run())
+        return asyncio.run(
+            Daemon(state_dir, sock_path, args.config, args.metrics, args.dashboard).run()
+        )
     except ChronosError as exc:
         print(f"chronosd: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -69,8 +84,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class Daemon:
-    def __init__(self, state_dir: Path, sock_path: Path, config_path: Path | None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        sock_path: Path,
+        config_path: Path | None,
+        metrics_address: str | None = None,
+        dashboard_address: str | None = None,
+    ) -> None:
         self.state_dir = state_dir
+        self.metrics_address = metrics_address
+        self.dashboard_address = dashboard_address
         self.sock_path = sock_path
         self.config_path = config_path
         self.config: Config = load_config(config_path)
@@ -97,6 +121,7 @@ class Daemon:
         sampling = asyncio.create_task(sampler.run())
         server = Server(service.handle, lambda: self.config.admin_group, self.broadcast)
         listener = await self._listen(server)
+        endpoints = self._start_http(service, sampler, server)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
@@ -115,6 +140,8 @@ class Daemon:
         finally:
             sd_notify("STOPPING=1")
             sampling.cancel()
+            for endpoint in endpoints:
+                endpoint.close()
             listener.close()
             deadlines.close()
             service.close()
@@ -137,6 +164,38 @@ class Daemon:
         finally:
             self._busy = False
         self.broadcast.notify()
+
+    def _start_http(self, service: Service, sampler: Sampler, server: Server) -> list[Any]:
+        """Prometheus metrics and the web dashboard, each only where an address is set.
+
+        Imported only then (``prometheus_client`` stays out of every other process);
+        one that cannot start is logged, and the daemon runs on without it.
+        """
+        started: list[Any] = []
+        metrics_at = self.metrics_address or self.config.metrics_address
+        dashboard_at = self.dashboard_address or self.config.dashboard_address
+        try:
+            if metrics_at:
+                from chronos.metrics import start_metrics
+
+                metrics = start_metrics(
+                    metrics_at, service, sampler, server, self.state_dir / LEDGER_FILE
+                )
+                started.append(metrics)
+                log("metrics_serving", address=f"{metrics.host}:{metrics.port}")
+                if metrics.warning:
+                    log("metrics_exposed", level="warning", message=metrics.warning)
+            if dashboard_at:
+                from chronos.dashboard.server import start_daemon_dashboard
+
+                dashboard = start_daemon_dashboard(dashboard_at, self.sock_path)
+                started.append(dashboard)
+                log("dashboard_serving", address=f"{dashboard.host}:{dashboard.port}")
+                if dashboard.warning:
+                    log("dashboard_exposed", level="warning", message=dashboard.warning)
+        except ChronosError as exc:
+            log("http_failed", level="error", error=str(exc))
+        return started
 
     def _prepare_state_dir(self) -> None:
         try:
@@ -173,13 +232,28 @@ class Daemon:
 
     async def _listen(self, server: Server) -> asyncio.AbstractServer:
         self.sock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        # We hold the state lock, so a socket file left here is a dead daemon's.
-        self._remove_socket()
+        # Our state lock does not cover a daemon of another state dir on this socket:
+        # taking its socket over would leave its clients on the wrong ledger.
+        if self._socket_answers():
+            raise ChronosError(
+                f"another chronosd is already running on {self.sock_path} (another state dir)"
+            )
+        self._remove_socket()  # nobody answers: a dead daemon's socket
         listener = await asyncio.start_unix_server(
             server.serve_client, path=str(self.sock_path), backlog=1024
         )
         os.chmod(self.sock_path, 0o666)  # anyone may connect; SO_PEERCRED says who they are
         return listener
+
+    def _socket_answers(self) -> bool:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(self.sock_path))
+        except OSError:
+            return False
+        finally:
+            probe.close()
+        return True
 
     def _remove_socket(self) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -82,14 +82,16 @@ class Machine:
     def usage(self) -> dict[str, DeviceUsage]:
         out: dict[str, DeviceUsage] = {}
         for backend, _ in self._backends:
-            for item in _safely(backend.usage, []):
+            empty: list[DeviceUsage] = []
+            for item in _safely(backend.usage, empty):
                 out[item.uuid] = item
         return out
 
     def processes(self) -> list[ProcessMemory]:
         out: list[ProcessMemory] = []
         for backend, _ in self._backends:
-            out.extend(_safely(backend.processes, []))
+            none: list[ProcessMemory] = []
+            out.extend(_safely(backend.processes, none))
         return out
 
     @property

@@ -1,0 +1,592 @@
+"""The SQLite ledger, driven directly with a fake clock (no sleeping)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chronos.errors import AdmissionRefused, NotFound, PartitionEnded
+from chronos.ledger import Ledger, NewPartition, earliest_fit, peak_usage
+from chronos.models import (
+    ACTIVE,
+    BOOKED,
+    EXPIRED,
+    RELEASED,
+    STATES,
+    Event,
+    PartitionRecord,
+)
+from chronos.units import format_bytes, local_clock
+
+GIB = 1024**3
+CAP = 80 * GIB
+DEV_A = "GPU-A"
+DEV_B = "GPU-B"
+T0 = 1_800_000_000.0
+
+
+class FakeClock:
+    """A clock tests move by hand."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def req(
+    nbytes: int,
+    duration: float,
+    *,
+    uuid: str = DEV_A,
+    device: int = 0,
+    capacity: int = CAP,
+    starts_at: float | None = None,
+    owner_pid: int | None = None,
+    user: str = "alice",
+    uid: int = 1000,
+) -> NewPartition:
+    return NewPartition(
+        device=device,
+        device_uuid=uuid,
+        device_total_bytes=CAP,
+        capacity_bytes=capacity,
+        memory_bytes=nbytes,
+        uid=uid,
+        user=user,
+        duration_s=duration,
+        starts_at=starts_at,
+        owner_pid=owner_pid,
+        owner_start=None,
+    )
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def ledger(tmp_path: Path, clock: FakeClock) -> Ledger:
+    led = Ledger(tmp_path / "ledger.db", clock=clock, owner_alive=lambda pid, ticks: True)
+    yield led
+    led.close()
+
+
+def snapshot(led: Ledger) -> tuple[list[object], list[object]]:
+    return led.list(include_ended=True), led.events()
+
+
+# ------------------------------------------------------------ basic writes
+
+
+def test_create_list_release(ledger: Ledger, clock: FakeClock) -> None:
+    a = ledger.create(req(10 * GIB, 3600))
+    b = ledger.create(req(20 * GIB, 60, uuid=DEV_B, device=1, user="bob", uid=1001))
+    assert a.id != b.id
+    assert a.state == ACTIVE and a.created_at == T0 and a.starts_at == T0
+    assert a.expires_at == T0 + 3600
+    assert a.memory_fraction == pytest.approx(10 / 80)
+    assert [r.id for r in ledger.partitions()] == [a.id, b.id]
+    assert ledger.get(b.id).user == "bob"
+    assert ledger.committed_bytes(DEV_A) == 10 * GIB
+    assert ledger.committed_bytes(DEV_B) == 20 * GIB
+
+    clock.advance(5)
+    done = ledger.release(a.id, 1000, "alice")
+    assert done.state == RELEASED
+    assert done.ended_at == T0 + 5
+    assert [r.id for r in ledger.partitions()] == [b.id]
+    assert {r.id for r in ledger.partitions(include_ended=True)} == {a.id, b.id}
+    assert ledger.committed_bytes(DEV_A) == 0
+
+
+def test_release_twice_and_unknown(ledger: Ledger) -> None:
+    a = ledger.create(req(GIB, 60))
+    ledger.release(a.id, 1000, "alice")
+    before = snapshot(ledger)
+    with pytest.raises(PartitionEnded, match="released"):
+        ledger.release(a.id, 1000, "alice")
+    with pytest.raises(NotFound):
+        ledger.release("deadbeef", 1000, "alice")
+    with pytest.raises(NotFound):
+        ledger.get("deadbeef")
+    assert snapshot(ledger) == before
+
+
+def test_release_of_expired_partition_says_expired(ledger: Ledger, clock: FakeClock) -> None:
+    a = ledger.create(req(GIB, 60))
+    clock.advance(61)
+    before = ledger.events()
+    with pytest.raises(PartitionEnded, match="expired"):
+        ledger.release(a.id, 1000, "alice")
+    assert ledger.get(a.id).state_at(clock.now) == EXPIRED
+    assert [e.kind for e in ledger.events()] == [e.kind for e in before]  # no 'released'
+    ledger.reap()
+    assert ledger.get(a.id).state == EXPIRED
+    assert ledger.get(a.id).ended_at == a.expires_at
+
+
+# --------------------------------------------------------------- admission
+
+
+def test_admission_refuses_over_commit(ledger: Ledger, clock: FakeClock) -> None:
+    first = ledger.create(req(50 * GIB, 3600))
+    clock.advance(10)
+    with pytest.raises(AdmissionRefused) as info:
+        ledger.create(req(40 * GIB, 600))
+    message = str(info.value)
+    assert format_bytes(30 * GIB) in message  # what is free now
+    assert format_bytes(40 * GIB) in message  # what was asked
+    assert local_clock(first.expires_at) in message  # when it fits
+    # The other device is unaffected, and exactly the free amount still fits.
+    ledger.create(req(40 * GIB, 600, uuid=DEV_B, device=1))
+    ledger.create(req(30 * GIB, 600))
+    assert ledger.committed_bytes(DEV_A) == CAP
+
+
+def test_refusal_names_earliest_fit_not_first_expiry(ledger: Ledger, clock: FakeClock) -> None:
+    ledger.create(req(30 * GIB, 100))
+    late = ledger.create(req(40 * GIB, 500))
+    with pytest.raises(AdmissionRefused) as info:
+        ledger.create(req(45 * GIB, 60))
+    # At +100 only 40 GiB free again (not enough); at +500 everything is free.
+    assert local_clock(late.expires_at) in str(info.value)
+    assert format_bytes(10 * GIB) in str(info.value)
+
+
+def test_refusal_respects_reservable_capacity(ledger: Ledger) -> None:
+    with pytest.raises(AdmissionRefused, match=format_bytes(60 * GIB)):
+        ledger.create(req(70 * GIB, 60, capacity=60 * GIB))
+    ledger.create(req(60 * GIB, 60, capacity=60 * GIB))
+    with pytest.raises(AdmissionRefused):
+        ledger.create(req(1, 60, capacity=60 * GIB))
+
+
+# ------------------------------------------------------------------ expiry
+
+
+def test_expiry_is_exact(ledger: Ledger, clock: FakeClock) -> None:
+    a = ledger.create(req(CAP, 100))
+    clock.now = a.expires_at - 1e-6
+    assert [r.id for r in ledger.active()] == [a.id]
+    assert ledger.committed_bytes(DEV_A) == CAP
+    assert ledger.get(a.id).state_at(clock.now) == ACTIVE
+    with pytest.raises(AdmissionRefused):
+        ledger.create(req(1, 1))
+
+    clock.now = a.expires_at
+    assert ledger.active() == []
+    assert ledger.committed_bytes(DEV_A) == 0
+    assert ledger.get(a.id).state_at(clock.now) == EXPIRED
+    assert ledger.get(a.id).time_remaining_at(clock.now) == 0
+    # A full-GPU partition right at the expiry instant is admitted.
+    b = ledger.create(req(CAP, 100))
+    assert b.starts_at == a.expires_at
+    assert [r.id for r in ledger.partitions()] == [b.id]
+
+
+def test_reaping_records_the_real_expiry_time(ledger: Ledger, clock: FakeClock) -> None:
+    a = ledger.create(req(GIB, 10))
+    b = ledger.create(req(GIB, 20))
+    c = ledger.create(req(GIB, 1000))
+    clock.advance(500)  # reaped long after both expiries
+    ended = ledger.reap()
+    assert {e.record.id for e in ended} == {a.id, b.id}
+    assert all(e.reason == "expired" for e in ended)
+    for rec in (a, b):
+        stored = ledger.get(rec.id)
+        assert stored.state == EXPIRED
+        assert stored.ended_at == rec.expires_at
+        (event,) = [e for e in ledger.events(partition_id=rec.id) if e.kind == "expired"]
+        assert event.at == rec.expires_at
+        assert event.user == "alice"
+    assert ledger.get(c.id).state == ACTIVE
+    assert ledger.reap() == []  # nothing left to do, and nothing logged twice
+    assert len([e for e in ledger.events() if e.kind == "expired"]) == 2
+
+
+def test_owner_death_releases_owner_bound_partitions(tmp_path: Path, clock: FakeClock) -> None:
+    alive = {111: True, 222: True}
+    led = Ledger(
+        tmp_path / "ledger.db", clock=clock, owner_alive=lambda pid, ticks: alive.get(pid, False)
+    )
+    try:
+        bound = led.create(req(40 * GIB, 3600, owner_pid=111))
+        other = led.create(req(30 * GIB, 3600, owner_pid=222))
+        free = led.create(req(10 * GIB, 3600))
+        with pytest.raises(AdmissionRefused):
+            led.create(req(10 * GIB, 60))
+        clock.advance(3)
+        alive[111] = False
+        # Admission itself notices the dead owner and frees its memory.
+        new = led.create(req(30 * GIB, 60))
+        assert new.state == ACTIVE
+        gone = led.get(bound.id)
+        assert gone.state == RELEASED
+        assert gone.ended_at == clock.now
+        assert "111" in (gone.end_reason or "")
+        assert led.get(other.id).state == ACTIVE
+        assert led.get(free.id).state == ACTIVE
+        (event,) = [e for e in led.events(partition_id=bound.id) if e.kind == RELEASED]
+        assert "owner" in event.detail["reason"]
+        alive[222] = False
+        ended = led.reap()
+        assert [e.record.id for e in ended] == [other.id]
+    finally:
+        led.close()
+
+
+def test_event_history(ledger: Ledger, clock: FakeClock) -> None:
+    a = ledger.create(req(60 * GIB, 100))
+    clock.advance(1)
+    with pytest.raises(AdmissionRefused):
+        ledger.create(req(30 * GIB, 100, user="bob", uid=1001))
+    clock.advance(1)
+    ledger.release(a.id, 0, "root")
+    b = ledger.create(req(30 * GIB, 10, user="bob", uid=1001))
+    clock.advance(20)
+    ledger.reap()
+    events = ledger.events()
+    assert [e.kind for e in events] == ["created", "refused", "released", "created", "expired"]
+    assert [e.seq for e in events] == sorted(e.seq for e in events)
+    created, refused, released, created_b, expired = events
+    assert created.partition_id == a.id and created.user == "alice" and created.at == T0
+    assert created.memory_bytes == 60 * GIB
+    assert refused.partition_id is None and refused.user == "bob" and refused.uid == 1001
+    assert "free" in refused.detail["reason"]
+    assert refused.memory_bytes == 30 * GIB
+    assert released.user == "root" and released.detail["reason"] == "released"
+    assert released.detail["owner_uid"] == 1000
+    assert created_b.partition_id == b.id
+    assert expired.partition_id == b.id and expired.detail["reason"] == "expired"
+    assert expired.at == b.expires_at
+    assert ledger.events(since=T0 + 1.5) == [released, created_b, expired]
+    assert ledger.events(partition_id=a.id) == [created, released]
+    json.dumps([e.to_json() for e in events])
+
+
+# ------------------------------------------------------------ future bookings
+
+
+def test_booking_counts_only_in_its_window(ledger: Ledger, clock: FakeClock) -> None:
+    booking = ledger.create(req(60 * GIB, 100, starts_at=T0 + 1000))
+    assert booking.state == BOOKED
+    assert ledger.committed_bytes(DEV_A) == 0
+    # Before the booking starts the whole GPU is free ...
+    ledger.create(req(CAP, 1000))
+    # ... but nothing more may overlap the booked window.
+    with pytest.raises(AdmissionRefused):
+        ledger.create(req(30 * GIB, 1001))
+    ledger.create(req(20 * GIB, 100, starts_at=T0 + 1000))
+    with pytest.raises(AdmissionRefused):
+        ledger.create(req(1, 10, starts_at=T0 + 1050))
+    clock.now = T0 + 1000
+    assert ledger.reap() != []  # the full-GPU one expired
+    assert ledger.get(booking.id).state == ACTIVE
+    # Becoming active is a state change, and is in the history at the booked start.
+    started = [e for e in ledger.events(partition_id=booking.id) if e.kind == "started"]
+    assert [e.at for e in started] == [T0 + 1000]
+    assert ledger.committed_bytes(DEV_A) == CAP
+    clock.now = T0 + 1100
+    assert ledger.committed_bytes(DEV_A) == 0
+    ledger.create(req(CAP, 10))
+
+
+# ------------------------------------------------- peak_usage / earliest_fit
+
+
+def iv(start: float, end: float, nbytes: int, pid: str = "x") -> tuple[float, float, int, str]:
+    return (start, end, nbytes, pid)
+
+
+def test_peak_usage_adjacent_intervals_do_not_overlap() -> None:
+    intervals = [iv(0, 10, 5), iv(10, 20, 7), iv(20, 30, 3)]
+    assert peak_usage(intervals, 0, 30) == 7
+    assert peak_usage(intervals, 0, 10) == 5
+    assert peak_usage(intervals, 10, 20) == 7
+    assert peak_usage(intervals, 20, 25) == 3
+    assert peak_usage(intervals, 30, 40) == 0
+    assert peak_usage([], 0, 1) == 0
+
+
+def test_peak_usage_overlaps_and_future_bookings() -> None:
+    intervals = [iv(0, 100, 5), iv(50, 60, 10), iv(55, 70, 1)]
+    assert peak_usage(intervals, 0, 50) == 5
+    assert peak_usage(intervals, 0, 51) == 15
+    assert peak_usage(intervals, 56, 57) == 16
+    assert peak_usage(intervals, 60, 100) == 6
+    assert peak_usage(intervals, 70, 100) == 5
+    # A booking far in the future counts only inside its window.
+    assert peak_usage([iv(1000, 2000, 9)], 0, 1000) == 0
+    assert peak_usage([iv(1000, 2000, 9)], 0, 1000.001) == 9
+
+
+def test_earliest_fit() -> None:
+    intervals = [iv(0, 100, 6), iv(0, 50, 3), iv(200, 300, 8)]
+    assert earliest_fit(intervals, 1, 10, 0, 10) == 0
+    assert earliest_fit(intervals, 2, 10, 0, 10) == 50
+    assert earliest_fit(intervals, 5, 10, 0, 10) == 100
+    # Fits between 100 and 200 only if short enough; else after the booking.
+    assert earliest_fit(intervals, 5, 100, 0, 10) == 100
+    assert earliest_fit(intervals, 5, 101, 0, 10) == 300
+    assert earliest_fit(intervals, 11, 1, 0, 10) is None
+    assert earliest_fit([], 10, 1, 42, 10) == 42
+
+
+# ------------------------------------------------------- property: no over-commit
+
+SMALL_CAP = 100
+
+op_create = st.tuples(
+    st.just("create"),
+    st.sampled_from([0, 0, 0, 1]),  # device
+    st.sampled_from([10, 20, 30, 45, 60, 100, 101]),  # bytes (may exceed capacity)
+    st.sampled_from([1.0, 2.0, 5.0, 10.0, 0.5, 7.25]),  # duration
+    st.sampled_from([None, 0.0, 1.0, 3.0, 5.0, 12.5]),  # start offset
+)
+op_release = st.tuples(st.just("release"), st.integers(0, 50))
+op_advance = st.tuples(st.just("advance"), st.sampled_from([0.0, 0.5, 1.0, 2.5, 5.0, 1e-6]))
+ops = st.lists(st.one_of(op_create, op_release, op_advance), max_size=40)
+
+
+def open_interval(rec: object) -> tuple[float, float]:
+    """When a partition really held its memory: start to end (or release)."""
+    start, end = rec.starts_at, rec.expires_at  # type: ignore[attr-defined]
+    if rec.state == RELEASED:  # type: ignore[attr-defined]
+        end = min(end, rec.ended_at)  # type: ignore[attr-defined]
+    return start, end
+
+
+def check_history(records: list[PartitionRecord], events: list[Event]) -> None:
+    """Every partition's events tell its story: created, [started], [ended]."""
+    by_id: dict[str, list[str]] = {}
+    for e in events:
+        if e.partition_id is not None:
+            by_id.setdefault(e.partition_id, []).append(e.kind)
+    for r in records:
+        kinds = by_id.get(r.id, [])
+        booking = r.starts_at > r.created_at
+        began = r.state == ACTIVE or (r.state in (RELEASED, EXPIRED) and r.ended_at >= r.starts_at)
+        expected = ["created"]
+        if booking and began:
+            expected.append("started")
+        if r.state in (RELEASED, EXPIRED):
+            expected.append(r.state)
+        assert kinds == expected, f"{r.id} ({r.state}): {kinds}"
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(ops)
+def test_no_overcommit_property(sequence: list[tuple[object, ...]]) -> None:
+    clock = FakeClock()
+    with tempfile.TemporaryDirectory() as tmp:
+        led = Ledger(Path(tmp) / "l.db", clock=clock, owner_alive=lambda pid, ticks: True)
+        created: list[str] = []
+        try:
+            for op in sequence:
+                if op[0] == "create":
+                    _, dev, nbytes, duration, offset = op
+                    start = None if offset is None else clock.now + offset
+                    try:
+                        rec = led.create(
+                            req(
+                                nbytes,
+                                duration,
+                                uuid=f"D{dev}",
+                                device=dev,
+                                capacity=SMALL_CAP,
+                                starts_at=start,
+                            )
+                        )
+                    except AdmissionRefused:
+                        continue
+                    assert nbytes <= SMALL_CAP
+                    created.append(rec.id)
+                elif op[0] == "release":
+                    if created:
+                        pid = created[op[1] % len(created)]
+                        try:
+                            led.release(pid, 1000, "alice")
+                        except PartitionEnded:
+                            pass
+                else:
+                    clock.advance(op[1])
+            led.reap()
+            records = led.list(include_ended=True)
+            events = led.events()
+        finally:
+            led.close()
+    check_history(records, events)
+    for dev in ("D0", "D1"):
+        spans = [(open_interval(r), r.memory_bytes) for r in records if r.device_uuid == dev]
+        boundaries = {t for (s, e), _ in spans for t in (s, e)}
+        for t in boundaries:
+            held = sum(b for (s, e), b in spans if s <= t < e)
+            assert held <= SMALL_CAP, f"{dev} holds {held} > {SMALL_CAP} at t={t - T0}"
+
+
+# --------------------------------------------------- bad requests change nothing
+
+
+def test_refusals_and_errors_leave_partitions_alone(ledger: Ledger, clock: FakeClock) -> None:
+    a = ledger.create(req(70 * GIB, 100))
+    ledger.release(ledger.create(req(5 * GIB, 100)).id, 1000, "alice")
+    before_list, before_events = snapshot(ledger)
+    for bad in (
+        lambda: ledger.release("nope", 1000, "alice"),
+        lambda: ledger.release(before_list[1].id, 1000, "alice"),
+        lambda: ledger.get("nope"),
+        lambda: ledger.attach("nope", os.getpid(), None, 0, 0),
+        lambda: ledger.extend_expiry("nope", T0 + 1e6, CAP, 0, "root"),
+    ):
+        with pytest.raises((NotFound, PartitionEnded)):
+            bad()
+        assert snapshot(ledger) == (before_list, before_events)
+    # A refusal appends exactly one 'refused' event and changes no partition.
+    with pytest.raises(AdmissionRefused):
+        ledger.create(req(20 * GIB, 10))
+    after_list, after_events = snapshot(ledger)
+    assert after_list == before_list
+    assert after_events[:-1] == before_events
+    assert after_events[-1].kind == "refused"
+    assert ledger.get(a.id).state == ACTIVE
+
+
+# ---------------------------------------------------------- crash consistency
+
+_WORKER = r"""
+import random, sys, time
+from chronos.errors import AdmissionRefused, ChronosError
+from chronos.ledger import Ledger, NewPartition
+led = Ledger(sys.argv[1])
+mine = []
+rng = random.Random()
+print("ready", flush=True)
+while True:
+    if mine and rng.random() < 0.45:
+        try:
+            led.release(mine.pop(rng.randrange(len(mine))), 0, "root")
+        except ChronosError:
+            pass
+        continue
+    req = NewPartition(device=0, device_uuid="GPU-A", device_total_bytes=100,
+                       capacity_bytes=100, memory_bytes=rng.randint(1, 30), uid=0,
+                       user="root", duration_s=rng.choice([0.01, 0.05, 5.0, 60.0]))
+    try:
+        mine.append(led.create(req).id)
+    except AdmissionRefused:
+        pass
+"""
+
+
+def check_consistent(path: Path) -> None:
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        rows = db.execute(
+            "SELECT id, state, memory_bytes, starts_at, expires_at, ended_at FROM partitions"
+        ).fetchall()
+        events: dict[str, list[str]] = {}
+        for pid, kind in db.execute(
+            "SELECT partition_id, kind FROM events WHERE partition_id IS NOT NULL ORDER BY seq"
+        ):
+            events.setdefault(pid, []).append(kind)
+    finally:
+        db.close()
+    for pid, state, _nbytes, _start, _end, ended_at in rows:
+        assert state in STATES
+        kinds = events.get(pid, [])
+        assert kinds[:1] == ["created"], f"{pid}: events {kinds}"
+        if state in (RELEASED, EXPIRED):
+            assert kinds[1:] == [state], f"{pid} is {state} but events say {kinds}"
+            assert ended_at is not None
+        else:
+            assert kinds == ["created"], f"{pid} is {state} but events say {kinds}"
+            assert ended_at is None
+    assert set(events) <= {r[0] for r in rows}, "event for a partition that was never stored"
+    # Never over-committed at any stored instant.
+    spans = []
+    for _pid, state, nbytes, start, end, ended_at in rows:
+        if state == RELEASED:
+            end = min(end, ended_at)
+        spans.append((start, end, nbytes))
+    for t in {s for s, _, _ in spans}:
+        assert sum(b for s, e, b in spans if s <= t < e) <= 100
+
+
+def test_crash_consistency_under_sigkill(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    rng = random.Random(1234)
+    for _round in range(6):
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-c", _WORKER, str(path)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        try:
+            for w in workers:
+                assert w.stdout is not None
+                assert w.stdout.readline().strip() == "ready", w.stderr.read()  # type: ignore[union-attr]
+            time.sleep(rng.uniform(0.05, 0.4))
+            for w in workers:
+                w.send_signal(signal.SIGKILL)
+        finally:
+            for w in workers:
+                if w.poll() is None:
+                    w.kill()
+                w.wait(timeout=10)
+                w.stdout.close()  # type: ignore[union-attr]
+                w.stderr.close()  # type: ignore[union-attr]
+        for w in workers:
+            assert w.returncode == -signal.SIGKILL, "worker died on its own"
+        check_consistent(path)
+    # The ledger still works after the crashes: reaping and admission go on.
+    clock_now = time.time() + 10_000
+    led = Ledger(path, clock=lambda: clock_now, owner_alive=lambda pid, ticks: True)
+    try:
+        led.reap()
+        assert led.active() == []
+        full = NewPartition(
+            device=0,
+            device_uuid="GPU-A",
+            device_total_bytes=100,
+            capacity_bytes=100,
+            memory_bytes=100,
+            uid=0,
+            user="root",
+            duration_s=1.0,
+        )
+        led.create(full)
+        counts = {k: 0 for k in ("created", "released", "expired")}
+        for e in led.events():
+            if e.kind in counts:
+                counts[e.kind] += 1
+        assert counts["created"] > 6, counts  # the workers really did work
+    finally:
+        led.close()
+    check_consistent(path)
