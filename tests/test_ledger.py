@@ -90,7 +90,7 @@ def ledger(tmp_path: Path, clock: FakeClock) -> Ledger:
 
 
 def snapshot(led: Ledger) -> tuple[list[object], list[object]]:
-    return led.list(include_ended=True), led.events()
+    return led.partitions(include_ended=True), led.events()
 
 
 # ------------------------------------------------------------ basic writes
@@ -433,7 +433,7 @@ def test_no_overcommit_property(sequence: list[tuple[object, ...]]) -> None:
                 else:
                     clock.advance(op[1])
             led.reap()
-            records = led.list(include_ended=True)
+            records = led.partitions(include_ended=True)
             events = led.events()
         finally:
             led.close()
