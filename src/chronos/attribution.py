@@ -1,10 +1,12 @@
 """Which partition a GPU process counts toward.
 
 A process belongs to a partition when (checked in this order):
-1. it, or an ancestor, is attached to the partition or is its owner process; or
-2. it was started with ``CHRONOS_PARTITION_ID=<id>`` in its environment (every
+1. the daemon placed it (or an ancestor) in the partition's cgroup (cgroups.py),
+   which no ordinary process can leave; or
+2. it, or an ancestor, is attached to the partition or is its owner process; or
+3. it was started with ``CHRONOS_PARTITION_ID=<id>`` in its environment (every
    child inherits that, double-forked or not).
-Either way it counts only if it runs as the partition's user, unless an
+In cases 2 and 3 it counts only if it runs as the partition's user, unless an
 administrator attached it: nobody can charge their work to someone else's
 partition, or hide it in one, by setting an environment variable.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from chronos import procs
+from chronos import cgroups, procs
 from chronos.devices import Machine
 from chronos.ledger import Attached
 from chronos.models import PartitionRecord, ProcessUse
@@ -36,6 +38,9 @@ class Attributor:
                 self._anchors[a.pid] = (a.partition_id, by_admin)
 
     def partition_of(self, pid: int) -> str | None:
+        placed = cgroups.partition_of(pid)
+        if placed in self.records:
+            return placed  # only the daemon (root) can put a process there, after authorizing
         uid = procs.process_uid(pid)
         current: int | None = pid
         for _ in range(64):
@@ -57,6 +62,7 @@ class Attributor:
         roots = [pid for pid, (pid_id, _) in self._anchors.items() if pid_id == partition_id]
         tree = procs.children_map()
         found = {p for p in procs.descendants(roots, tree) if self.partition_of(p) == partition_id}
+        found |= cgroups.members(partition_id)
         for pid in procs.all_pids():
             if (
                 pid not in found

@@ -17,6 +17,7 @@ from typing import Any
 
 from chronos import procs, protocol
 from chronos.attribution import attribute_processes
+from chronos.cgroups import PartitionCgroups
 from chronos.config import Config, Limits
 from chronos.devices import Machine, open_machine
 from chronos.errors import BadRequest, CapacityRefused, ChronosError, PermissionDenied
@@ -48,6 +49,8 @@ class Service:
         self._machine_factory = machine_factory
         self._machine: Machine | None = None
         self.on_change: Callable[[], None] = lambda: None
+        self.cgroups: PartitionCgroups | None = None
+        """Set by the daemon where it can place attached processes in cgroups."""
         """Called after any change to the set of open partitions (the daemon re-arms timers)."""
 
     @property
@@ -130,7 +133,7 @@ class Service:
             exempt=caller.is_admin,
         )
         try:
-            record = self.ledger.create(request, self._quota_check(request))
+            record = self.ledger.create(request, self._quota_check(request), self._priority)
         except CapacityRefused as refusal:
             if not wait or start is not None:
                 raise
@@ -313,8 +316,9 @@ class Service:
                 f"{record.user}; only an administrator may attach it"
             )
         self.ledger.attach(id, pid, ticks, owner if owner is not None else -1, caller.uid)
+        placed = self.cgroups.place(id, pid) if self.cgroups is not None else False
         self.on_change()
-        return {"id": id, "pid": pid}
+        return {"id": id, "pid": pid, "cgroup": placed}
 
     def op_attached_pids(self, caller: Caller, id: str) -> list[dict[str, Any]]:
         return [{"pid": a.pid, "start_ticks": a.start_ticks, "uid": a.uid}
@@ -330,7 +334,9 @@ class Service:
         if not caller.is_admin:
             self._check_extension(record, new_end)
         capacity = int(record.device_total_bytes * self.config.reservable(record.device))
-        updated = self.ledger.extend_expiry(id, new_end, capacity, caller.uid, caller.user)
+        updated = self.ledger.extend_expiry(
+            id, new_end, capacity, caller.uid, caller.user, self._priority
+        )
         self.on_change()
         return updated.to_wire()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -79,26 +78,20 @@ class Supervisor:
         procs.set_child_subreaper()
         env = {**os.environ, **self.partition.limits_env()}
         signal.pthread_sigmask(signal.SIG_BLOCK, _WATCHED)
+        # The child waits on this pipe before exec, so the daemon has attached it (and placed
+        # it in the partition's cgroup) before the command can run or fork anything.
         try:
-            child = self._spawn(command, env)
-            if child is None:
-                return 127
+            child = Gated(command, env)
             if self.mode == "daemon":
                 self.partition.attach(child.pid)
+            error = child.release()
+            if error is not None:
+                say(f"cannot run {command[0]!r}: {error}")
+                os.waitpid(child.pid, 0)
+                return 127
             return self._wait(child.pid)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _WATCHED)
-
-    def _spawn(self, command: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes] | None:
-        try:
-            return subprocess.Popen(
-                list(command),
-                env=env,
-                preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, _WATCHED),
-            )
-        except OSError as exc:
-            say(f"cannot run {command[0]!r}: {exc.strerror}")
-            return None
 
     def _wait(self, child_pid: int) -> int:
         status: int | None = None
@@ -208,6 +201,40 @@ class Supervisor:
             return self.partition.state != "active"
         except ChronosError:
             return False
+
+
+class Gated:
+    """A forked child that execs the command only once :meth:`release` lets it.
+
+    subprocess.Popen returns only after exec, so it cannot hold a child back
+    while the daemon attaches it; a plain fork can.
+    """
+
+    def __init__(self, command: Sequence[str], env: dict[str, str]) -> None:
+        gate_read, self._gate = os.pipe()
+        self._errors, errors_write = os.pipe2(os.O_CLOEXEC)
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: wait for the gate, then become the command
+            try:
+                os.close(self._gate)
+                os.close(self._errors)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _WATCHED)
+                os.read(gate_read, 2)
+                os.execvpe(command[0], list(command), env)
+            except OSError as exc:
+                os.write(errors_write, (exc.strerror or str(exc)).encode())
+            finally:
+                os._exit(127)
+        os.close(gate_read)
+        os.close(errors_write)
+
+    def release(self) -> str | None:
+        """Let the child exec; return why exec failed, or None once it succeeded."""
+        os.write(self._gate, b"go")
+        os.close(self._gate)
+        with os.fdopen(self._errors, "rb") as errors:
+            message = errors.read()  # EOF at a successful exec (close-on-exec)
+        return message.decode(errors="replace") or None
 
 
 def _exit_code(status: int | None) -> int:

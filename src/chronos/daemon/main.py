@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from chronos.cgroups import PartitionCgroups
 from chronos.config import Config, load_config
 from chronos.daemon.deadlines import Deadlines
 from chronos.daemon.log import log
@@ -109,6 +110,7 @@ class Daemon:
         ledger = Ledger(self.state_dir / LEDGER_FILE, file_mode=0o644)
         self._lock_down(self.state_dir / LEDGER_FILE)
         service = Service(ledger, self.config, "daemon")
+        service.cgroups = PartitionCgroups.detect()
         service.machine  # noqa: B018 - open the GPU backends now, not on the first request
         deadlines = Deadlines(ledger, lambda: self.config.grace_s)
         self.service, self.deadlines = service, deadlines
@@ -132,6 +134,7 @@ class Daemon:
             socket=str(self.sock_path),
             state_dir=str(self.state_dir),
             backends=service.machine.backend_names,
+            cgroups=str(service.cgroups.base) if service.cgroups.available else "unavailable",
             devices=len(service.machine.devices),
         )
         sd_notify("READY=1")

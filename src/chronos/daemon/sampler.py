@@ -71,6 +71,7 @@ class Sampler:
         )
         self.sample_seconds = time.perf_counter() - t0
         self.last, self.last_at = found, time.time()
+        self._remove_ended_cgroups({r.id for r in records})
         for violation in self.watch.observe(self.last_at, records, found):
             self._act(violation)
         if self.watch.unpartitioned == "warn":
@@ -95,6 +96,15 @@ class Sampler:
                         "action": "warn",
                     },
                 )
+
+    def _remove_ended_cgroups(self, open_ids: set[str]) -> None:
+        """Ended partitions' cgroups go once their last process has exited."""
+        cg = self.service.cgroups
+        if cg is None or not cg.available:
+            return
+        for partition_id in cg.leftovers():
+            if partition_id not in open_ids:
+                cg.remove(partition_id)
 
     def _act(self, v: Violation) -> None:
         ledger = self.service.ledger
