@@ -404,17 +404,33 @@ def stats(watch: bool, interval: float, as_json: bool) -> None:
 @click.option("--memory", required=True, help="Fraction, percent or size (0.25, 25%, 20GiB).")
 @click.option("--duration", required=True, help="How long (3600, 2h, 1h30m).")
 @click.option("--grace", help="Delay between SIGTERM and SIGKILL at expiry (default 30s).")
+@click.option("--json", "as_json", is_flag=True,
+              help="When COMMAND ends, print a JSON summary (partition, exit code, why).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run(
-    device: int, memory: str, duration: str, grace: str | None, command: tuple[str, ...]
-) -> None:
+def run(device: int, memory: str, duration: str, grace: str | None, as_json: bool,
+        command: tuple[str, ...]) -> None:
     """Run COMMAND inside a new partition; release it when COMMAND exits.
 
+    Exits with COMMAND's status, or 124 if the partition's end stopped it.
     Example: chronos run --memory 0.25 --duration 2h -- python train.py
     """
     from chronos.supervisor import run_in_partition
 
-    sys.exit(run_in_partition(device, memory, duration, grace, list(command)))
+    code, summary = run_in_partition(device, memory, duration, grace, list(command))
+    if as_json:
+        emit_json(summary)
+    sys.exit(code)
+
+
+@cli.command()
+@click.option("--bind", metavar="HOST:PORT",
+              help="Address to serve on (default 127.0.0.1:8080, this machine only; a "
+                   "non-loopback address exposes the page to the network).")
+def dashboard(bind: str | None) -> None:
+    """Serve a live, read-only web page of the GPUs, partitions, queue and processes."""
+    from chronos.dashboard.server import run_dashboard
+
+    sys.exit(run_dashboard(bind))
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from chronos import procs
 from chronos.api import Partition, Partitioner
@@ -40,17 +41,24 @@ def say(message: str) -> None:
 
 def run_in_partition(
     device: int, memory: str, duration: str, grace: str | None, command: Sequence[str]
-) -> int:
+) -> tuple[int, dict[str, Any]]:
+    """Run ``command`` in a new partition; return its exit code and a summary."""
     client = Partitioner()
     partition = client.create(
         device=device, memory=memory, duration=duration, kind="run", grace=grace
     )
+    supervisor = Supervisor(partition, client.mode)
     try:
-        return Supervisor(partition, client.mode).run(command)
+        code = supervisor.run(command)
     finally:
         with contextlib.suppress(PartitionEnded, ChronosError):
             partition.release()
+        with contextlib.suppress(ChronosError):
+            partition.refresh()
         client.close()
+    stopped = "expired" if supervisor.expired else "memory" if supervisor.stopped_for_memory \
+        else None
+    return code, {"partition": partition.to_json(), "exit_code": code, "stopped_by": stopped}
 
 
 class Supervisor:

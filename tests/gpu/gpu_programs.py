@@ -126,7 +126,43 @@ def torch_hold_10gib(out: str) -> None:
     time.sleep(120)
 
 
+def _over_then_within(out: str, allocate_half, allocate_small, oom_types) -> None:  # type: ignore[no-untyped-def]
+    """Ask for half the GPU (over the soft cap), then for a little, then keep it a while."""
+    record_sigterm(out)
+    total = int(os.environ["CHRONOS_DEVICE_TOTAL_BYTES"])
+    try:
+        allocate_half(total // 2)
+        emit(out, event="big_allocation_succeeded")
+    except oom_types as exc:
+        emit(out, event="oom_on_big_allocation", error=type(exc).__name__)
+    held = allocate_small(GIB)
+    time.sleep(1.5)
+    emit(out, event="alive", held=bool(held is not None))
+
+
+def jax_soft_cap(out: str) -> None:
+    import jax.numpy as jnp
+
+    def alloc(n: int):  # type: ignore[no-untyped-def]
+        return jnp.ones((n // 4,), dtype=jnp.float32).block_until_ready()
+
+    _over_then_within(out, alloc, alloc, (Exception,))
+
+
+def cupy_soft_cap(out: str) -> None:
+    import cupy
+
+    def alloc(n: int):  # type: ignore[no-untyped-def]
+        x = cupy.ones((n,), dtype=cupy.uint8)
+        cupy.cuda.runtime.deviceSynchronize()
+        return x
+
+    _over_then_within(out, alloc, alloc, (cupy.cuda.memory.OutOfMemoryError,))
+
+
 PROGRAMS = {
+    "jax_soft_cap": jax_soft_cap,
+    "cupy_soft_cap": cupy_soft_cap,
     "torch_fill_to_soft_cap": torch_fill_to_soft_cap,
     "cupy_exceed": cupy_exceed,
     "torch_hold_until_end": torch_hold_until_end,

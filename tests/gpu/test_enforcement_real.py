@@ -109,6 +109,18 @@ def test_soft_cap_gives_a_clean_oom_and_no_kill(daemon: dict[str, str], out: Pat
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.parametrize("program", ["jax_soft_cap", "cupy_soft_cap"])
+def test_jax_and_cupy_soft_caps_give_their_own_oom(
+    daemon: dict[str, str], out: Path, program: str
+) -> None:
+    result = run_in_partition(daemon, program, out, "0.1", "300")
+    events = read_events(out)
+    report(f"{program}: {[(e['event'], e.get('error')) for e in events]}; exit {result.returncode}")
+    assert "oom_on_big_allocation" in kinds(events), result.stderr
+    assert "alive" in kinds(events) and "sigterm" not in kinds(events)
+    assert result.returncode == 0, result.stderr
+
+
 def test_hard_cap_terminates_a_process_that_ignores_the_soft_cap(
     daemon: dict[str, str], out: Path
 ) -> None:
