@@ -348,17 +348,19 @@ class ExpiryMonitor:
         p = self.partition
         if self._stopped or p._transport.mode != "embedded" or p.record.owner_pid != os.getpid():
             return True
+        attached: list[dict[str, Any]] = []
         try:
             p.refresh()  # reaps it: the ledger records the expiry
-        except PartitionEnded:
+            attached = p._transport.call("attached_pids", id=p.id)
+        except Exception:  # noqa: BLE001 - e.g. the client was closed: the clock still rules
             pass
         if p.record.state_at(time.time()) in (ACTIVE, BOOKED):
             return False
-        if p.record.state != EXPIRED:
-            return True
+        if p.record.state_at(time.time()) != EXPIRED:
+            return True  # released meanwhile
         from chronos import procs
 
-        for a in p._transport.call("attached_pids", id=p.id):
+        for a in attached:
             procs.signal_process(a["pid"], a["start_ticks"], signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)
         return True

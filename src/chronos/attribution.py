@@ -76,13 +76,18 @@ class Attributor:
 def attribute_processes(
     machine: Machine, records: Iterable[PartitionRecord], attached: Iterable[Attached]
 ) -> list[ProcessUse]:
+    records = list(records)
     attributor = Attributor(records, attached)
+    device_of = {r.id: r.device_uuid for r in records}
     index = {d.uuid: d.index for d in machine.devices}
     out = []
     for proc in machine.processes():
         if proc.device_uuid not in index:
             continue
         uid = procs.process_uid(proc.pid)
+        partition_id = attributor.partition_of(proc.pid)
+        if partition_id is not None and device_of[partition_id] != proc.device_uuid:
+            partition_id = None  # memory on a GPU its partition is not on is unpartitioned
         out.append(
             ProcessUse(
                 pid=proc.pid,
@@ -90,7 +95,7 @@ def attribute_processes(
                 used_bytes=proc.used_bytes,
                 user=procs.user_name(uid) if uid is not None else None,
                 command=procs.command_line(proc.pid),
-                partition_id=attributor.partition_of(proc.pid),
+                partition_id=partition_id,
             )
         )
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -56,9 +57,12 @@ class EmbeddedTransport(Transport):
         config = load_config()
         self.service = Service(Ledger(path), config, self.mode)
         self.caller = Caller.this_process(config.admin_group)
+        # One SQLite connection; an API ExpiryMonitor thread may call beside the main thread.
+        self._lock = threading.Lock()
 
     def call(self, op: str, **args: Any) -> Any:
-        reply = self.service.handle(self.caller, protocol.request(op, **args))
+        with self._lock:
+            reply = self.service.handle(self.caller, protocol.request(op, **args))
         return _unwrap(reply)
 
     def close(self) -> None:
