@@ -146,11 +146,6 @@ def test_restart_catches_up_and_keeps_tracking(daemon: DaemonProcess) -> None:
             proc.wait()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: the SIGKILL due after the grace is a timer in the daemon's memory; "
-    "a restart between SIGTERM and SIGKILL forgets it, and a process ignoring SIGTERM lives on",
-)
 def test_sigkill_after_grace_survives_a_restart(daemon: DaemonProcess) -> None:
     stubborn = ignoring_sigterm()
     try:

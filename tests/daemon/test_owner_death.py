@@ -105,6 +105,13 @@ def test_run_partition_ends_when_the_supervisor_is_killed(daemon: DaemonProcess)
         run.wait()
         wait_for(lambda: record["id"] not in daemon.open_ids(), 1.0, what="release")
         assert "owner" in daemon.record(record["id"])["end_reason"]
+        # The command does not run on without a reservation: the daemon stops it too.
+        wait_for(
+            lambda: not any(procs.is_same_process(p, t) for p, t in command.items()),
+            5.0,
+            what="the orphaned command to be stopped",
+        )
+        assert daemon.events("sigterm", partition=record["id"])
     finally:
         if run.poll() is None:
             run.kill()

@@ -153,6 +153,28 @@ class Deadlines:
         )
         if record.state == EXPIRED:
             self.stop(record, "expired")
+        elif record.kind == "run" and item.reason.startswith("owner process"):
+            # The `chronos run` supervisor died: its command must not run on unreserved.
+            self.stop(record, "supervisor exited")
+
+    def resume_kills(self, horizon_s: float = 86400.0) -> None:
+        """After a restart: send the SIGKILLs a previous daemon had scheduled but not sent."""
+        now = time.time()
+        for event in self.ledger.events(since=now - horizon_s):
+            detail = event.detail
+            if event.kind != "terminated" or "kill_at" not in detail or not event.partition_id:
+                continue
+            members = {int(pid): int(ticks) for pid, ticks in detail.get("members", [])}
+            alive = {
+                pid: ticks for pid, ticks in members.items() if procs.is_same_process(pid, ticks)
+            }
+            if not alive:
+                continue
+            record = self.ledger.get(event.partition_id)
+            delay = max(0.0, float(detail["kill_at"]) - now)
+            self._kills[record.id] = self.loop.call_later(
+                delay, self._kill, record, alive, str(detail.get("why", "expired"))
+            )
 
     def stop(self, record: PartitionRecord, why: str, grace: float | None = None) -> int:
         """SIGTERM the partition's processes now, SIGKILL what is left after the grace."""
@@ -169,10 +191,17 @@ class Deadlines:
                 sent=sent,
                 grace_s=grace,
             )
+            # The pending SIGKILL is written down too, so a restarted daemon still sends it.
             self.ledger.log(
                 "terminated",
                 record.id,
-                detail={"why": why, "signal": "SIGTERM", "processes": sorted(members)},
+                detail={
+                    "why": why,
+                    "signal": "SIGTERM",
+                    "processes": sorted(members),
+                    "members": sorted(members.items()),
+                    "kill_at": time.time() + grace,
+                },
             )
         if record.id in self._kills:
             self._kills[record.id].cancel()

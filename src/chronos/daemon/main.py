@@ -116,6 +116,7 @@ class Daemon:
         self.service, self.deadlines = service, deadlines
         service.on_change = self._changed
         deadlines.after_time = self._changed
+        deadlines.resume_kills()  # SIGKILLs a previous daemon scheduled but did not send
         self._changed()  # expiries that fell due while no daemon ran
 
         sampler = Sampler(service, deadlines, lambda: self.config)
