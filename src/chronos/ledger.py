@@ -210,23 +210,30 @@ class Ledger:
 
     # ------------------------------------------------------------------ writes
 
-    def create(self, req: NewPartition, check: QuotaCheck | None = None) -> PartitionRecord:
+    def create(
+        self,
+        req: NewPartition,
+        check: QuotaCheck | None = None,
+        priority_of: PriorityOf | None = None,
+    ) -> PartitionRecord:
         """Admit and record ``req``, or raise :class:`AdmissionRefused` (and log it).
 
         ``check(mine, start, end, now)`` runs inside the transaction with the
         user's recent partitions, so quotas hold under races too. A request
-        fits only if it also leaves room for everyone already waiting.
+        fits only if it also leaves room for everyone already waiting (where
+        the queue, served in ``priority_of`` order, will run them).
         """
         with _immediate(self._db):
             now = self.clock()
             self._reap(now)
+            self._drop_stale_tickets(now)  # a dead or timed-out waiter holds no room
             start = now if req.starts_at is None or req.starts_at <= now else req.starts_at
             end = start + req.duration_s
             refusal: AdmissionRefused | None = None
             try:
                 if check is not None:
                     check(self._recent_of(req.uid, now), start, end, now)
-                self._fit(req, start, end, now)
+                self._fit(req, start, end, now, priority_of)
             except AdmissionRefused as exc:
                 refusal = exc
                 self._event(
@@ -245,9 +252,16 @@ class Ledger:
             raise refusal
         return record
 
-    def _fit(self, req: NewPartition, start: float, end: float, now: float) -> None:
+    def _fit(
+        self,
+        req: NewPartition,
+        start: float,
+        end: float,
+        now: float,
+        priority_of: PriorityOf | None = None,
+    ) -> None:
         booked = self._open_on_device(req.device_uuid, now)
-        held = booked + self._reservations(req.device_uuid, now)
+        held = booked + self._reservations(req.device_uuid, now, priority_of)
         peak = peak_usage(held, start, end)
         if peak + req.memory_bytes > req.capacity_bytes:
             raise self._refusal(req, booked, held, start, peak, now)
@@ -323,25 +337,37 @@ class Ledger:
             )
 
     def extend_expiry(
-        self, partition_id: str, new_expires_at: float, capacity_bytes: int, uid: int, user: str
+        self,
+        partition_id: str,
+        new_expires_at: float,
+        capacity_bytes: int,
+        uid: int,
+        user: str,
+        priority_of: PriorityOf | None = None,
     ) -> PartitionRecord:
-        """Move an open partition's end later, if the device has room for it meanwhile."""
+        """Move an open partition's end later, if the device has room for it meanwhile.
+
+        Room means room left by other partitions, bookings and the queue's
+        reservations: an extension never delays a waiting request.
+        """
         with _immediate(self._db):
             now = self.clock()
             self._reap(now)
+            self._drop_stale_tickets(now)
             record = self._get(partition_id)
             if record.state not in (ACTIVE, BOOKED):
                 raise PartitionEnded(_ended_message(record))
             others = [
                 p for p in self._open_on_device(record.device_uuid, now) if p[3] != partition_id
-            ]
+            ] + self._reservations(record.device_uuid, now, priority_of)
             peak = peak_usage(others, record.expires_at, new_expires_at)
             if peak + record.memory_bytes > capacity_bytes:
                 free = capacity_bytes - peak
                 raise AdmissionRefused(
-                    f"cannot extend {partition_id}: other partitions or bookings need the "
-                    f"device before {local_clock(new_expires_at)} "
-                    f"(only {format_bytes(max(0, free))} free then)"
+                    f"cannot extend {partition_id}: other partitions, bookings or waiting "
+                    f"requests need the device before {local_clock(new_expires_at)} "
+                    f"(only {format_bytes(max(0, free))} free then; in the way: "
+                    f"{_in_the_way(others, record.expires_at, new_expires_at, now)})"
                 )
             self._db.execute(
                 "UPDATE partitions SET expires_at = ? WHERE id = ?", (new_expires_at, partition_id)
@@ -435,22 +461,26 @@ class Ledger:
             now = self.clock()
             self._reap(now)
             self._drop_stale_tickets(now)
-            for ticket in self._plan(priority_of, now)[1]:
-                req = ticket.request
-                start, end = now, now + req.duration_s
-                check = check_for(req)
-                try:
-                    if check is not None:
-                        check(self._recent_of(req.uid, now), start, end, now)
-                except AdmissionRefused as exc:
-                    self._close_ticket(ticket.id, "refused", str(exc), now)
-                    continue
-                record = self._admit(req, now, start, end)
-                self._db.execute(
-                    "UPDATE waiting SET state = 'granted', partition_id = ? WHERE id = ?",
-                    (record.id, ticket.id),
-                )
-                granted.append(ticket)
+            replan = True
+            while replan:  # a refused waiter frees the room the plan gave it: plan again
+                replan = False
+                for ticket in self._plan(priority_of, now)[1]:
+                    req = ticket.request
+                    start, end = now, now + req.duration_s
+                    check = check_for(req)
+                    try:
+                        if check is not None:
+                            check(self._recent_of(req.uid, now), start, end, now)
+                    except AdmissionRefused as exc:
+                        self._close_ticket(ticket.id, "refused", str(exc), now)
+                        replan = True
+                        continue
+                    record = self._admit(req, now, start, end)
+                    self._db.execute(
+                        "UPDATE waiting SET state = 'granted', partition_id = ? WHERE id = ?",
+                        (record.id, ticket.id),
+                    )
+                    granted.append(ticket)
         return granted
 
     def queue(self, priority_of: PriorityOf) -> list[tuple[Ticket, float | None]]:
@@ -475,11 +505,29 @@ class Ledger:
         grant_ids = set(plan.grant)
         return ordered, [t for t in ordered if t.id in grant_ids], plan
 
-    def _reservations(self, device_uuid: str, now: float) -> list[tuple[float, float, int, str]]:
-        """Where queued requests on ``device_uuid`` would run: nobody may take that room."""
+    def _reservations(
+        self, device_uuid: str, now: float, priority_of: PriorityOf | None = None
+    ) -> list[tuple[float, float, int, str]]:
+        """Where queued requests on ``device_uuid`` would run: nobody may take that room.
+
+        With ``priority_of`` these are the queue's own plan (served in priority
+        order), so nothing admitted around them can delay any waiter.
+        """
         tickets = [t for t in self.waiting() if t.request.device_uuid == device_uuid]
         if not tickets:
             return []
+        if priority_of is not None:
+            ordered, _, plan = self._plan(priority_of, now)
+            starts = [
+                (t, plan.estimated_start.get(t.id, now))
+                for t in ordered
+                if t.request.device_uuid == device_uuid
+            ]
+            return [
+                (s, s + t.request.duration_s, t.request.memory_bytes, t.id)
+                for t, s in starts
+                if s is not None
+            ]
         held = self._open_on_device(device_uuid, now)
         out: list[tuple[float, float, int, str]] = []
         for t in tickets:  # enqueue order: a direct request never overtakes a waiting one
@@ -764,7 +812,7 @@ class Ledger:
         want = format_bytes(req.memory_bytes)
         where = f"GPU {req.device}"
         if req.memory_bytes > req.capacity_bytes:
-            return CapacityRefused(
+            return AdmissionRefused(  # not CapacityRefused: waiting can never make it fit
                 f"{want} is more than {where} lets partitions reserve "
                 f"({format_bytes(req.capacity_bytes)})"
             )
@@ -806,6 +854,22 @@ def _waiter(ticket: Ticket) -> Waiter:
 
 def _record(row: Sequence[Any]) -> PartitionRecord:
     return PartitionRecord(*row)
+
+
+def _in_the_way(
+    held: Sequence[tuple[float, float, int, str]], start: float, end: float, now: float
+) -> str:
+    """Names of what holds the device somewhere in ``[start, end)``."""
+    names = [
+        f"queued request {i}"
+        if i.startswith("q")
+        else f"booking {i}"
+        if s > now
+        else f"partition {i}"
+        for s, e, _, i in sorted(held)
+        if s < end and e > start
+    ]
+    return ", ".join(names) or "nothing"
 
 
 def _ended_message(record: PartitionRecord) -> str:

@@ -1,0 +1,244 @@
+"""Parsing and formatting of user-given memory sizes, durations and times."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from chronos.errors import BadRequest, ChronosError
+from chronos.units import (
+    MAX_DURATION_S,
+    format_bytes,
+    format_duration,
+    iso,
+    local_clock,
+    parse_duration,
+    parse_memory,
+)
+
+GIB = 1024**3
+MIB = 1024**2
+TOTAL = 80 * GIB
+
+
+# ------------------------------------------------------------------ memory
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (0.5, TOTAL // 2),
+        ("0.5", TOTAL // 2),
+        (1, TOTAL),
+        ("1", TOTAL),
+        ("50%", TOTAL // 2),
+        ("100%", TOTAL),
+        ("12.5%", TOTAL // 8),
+        ("40GiB", 40 * GIB),
+        ("40 GiB", 40 * GIB),
+        ("40gib", 40 * GIB),
+        ("512MiB", 512 * MIB),
+        ("80GiB", TOTAL),
+        ("1GB", 10**9),
+    ],
+)
+def test_parse_memory_accepts(text: object, expected: int) -> None:
+    assert parse_memory(text, TOTAL) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1.5",
+        1.5,
+        "nan",
+        float("nan"),
+        "inf",
+        float("inf"),
+        "-inf",
+        "-1",
+        -1,
+        "0",
+        0,
+        0.0,
+        "0%",
+        "150%",
+        "-50%",
+        "abc",
+        "",
+        "   ",
+        "200GiB",
+        "80.5GiB",
+        "0GiB",
+        "-5GiB",
+        "40XB",
+        "GiB",
+        "nan%",
+        True,
+        False,
+    ],
+)
+def test_parse_memory_rejects(text: object) -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_memory(text, TOTAL)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert message and "\n" not in message
+    assert isinstance(info.value, ChronosError)
+
+
+def test_parse_memory_too_big_names_device_size() -> None:
+    with pytest.raises(BadRequest, match=r"80\.0 GiB"):
+        parse_memory("200GiB", TOTAL)
+
+
+@given(st.floats(min_value=1e-6, max_value=1.0))
+def test_parse_memory_fraction_is_floor_of_share(fraction: float) -> None:
+    nbytes = parse_memory(fraction, TOTAL)
+    assert 0 < nbytes <= TOTAL
+    assert nbytes == int(fraction * TOTAL)
+
+
+@given(st.floats(allow_nan=True, allow_infinity=True))
+def test_parse_memory_never_exceeds_device_or_crashes(value: float) -> None:
+    try:
+        nbytes = parse_memory(value, TOTAL)
+    except BadRequest:
+        return
+    assert 0 < nbytes <= TOTAL
+    assert math.isfinite(value) and 0 < value <= 1
+
+
+@given(st.text(max_size=12))
+def test_parse_memory_any_text_is_bytes_or_bad_request(text: str) -> None:
+    try:
+        nbytes = parse_memory(text, TOTAL)
+    except BadRequest:
+        return
+    assert isinstance(nbytes, int)
+    assert 0 < nbytes <= TOTAL
+
+
+# ---------------------------------------------------------------- duration
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (3600, 3600.0),
+        ("3600", 3600.0),
+        (0.25, 0.25),
+        ("90s", 90.0),
+        ("45m", 2700.0),
+        ("2h", 7200.0),
+        ("1h30m", 5400.0),
+        ("1h 30m", 5400.0),
+        ("1H30M", 5400.0),
+        ("1d", 86400.0),
+        ("1d2h3m4s", 86400 + 7200 + 180 + 4.0),
+        ("1.5s", 1.5),
+        ("30d", MAX_DURATION_S),
+    ],
+)
+def test_parse_duration_accepts(text: object, expected: float) -> None:
+    assert parse_duration(text) == pytest.approx(expected)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "0",
+        0,
+        "0s",
+        "-5",
+        -5,
+        "-5m",
+        "abc",
+        "",
+        "1h30",
+        "h",
+        "5x",
+        "nan",
+        "inf",
+        float("inf"),
+        float("nan"),
+        "1e400",
+        "31d",
+        "99999999999",
+        MAX_DURATION_S + 1,
+        True,
+    ],
+)
+def test_parse_duration_rejects(text: object) -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_duration(text)  # type: ignore[arg-type]
+    assert "\n" not in str(info.value)
+
+
+def test_parse_duration_respects_a_lower_maximum() -> None:
+    assert parse_duration("1h", maximum=3600) == 3600
+    with pytest.raises(BadRequest, match="maximum"):
+        parse_duration("61m", maximum=3600)
+
+
+@given(st.text(max_size=12))
+def test_parse_duration_any_text_is_positive_or_bad_request(text: str) -> None:
+    try:
+        seconds = parse_duration(text)
+    except BadRequest:
+        return
+    assert math.isfinite(seconds)
+    assert 0 < seconds <= MAX_DURATION_S
+
+
+# -------------------------------------------------------------- formatting
+
+
+@given(st.integers(min_value=1, max_value=int(MAX_DURATION_S)))
+def test_format_duration_round_trips(seconds: int) -> None:
+    text = format_duration(seconds)
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(5400, "1h30m"), (42.3, "42s"), (0, "0s"), (86400 + 61, "1d1m1s")]
+)
+def test_format_duration_examples(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+
+
+@given(st.integers(min_value=1, max_value=4 * 1024**4))
+def test_format_bytes_round_trips_within_display_precision(nbytes: int) -> None:
+    text = format_bytes(nbytes)
+    back = parse_memory(text, 1 << 60)
+    # One decimal of the unit shown: the error is at most 0.05 unit, i.e. < 5 %.
+    assert abs(back - nbytes) <= 0.05 * nbytes + 1
+
+
+@pytest.mark.parametrize(
+    ("nbytes", "text"),
+    [(80 * GIB, "80.0 GiB"), (512 * MIB, "512.0 MiB"), (1023, "1023 B"), (1536, "1.5 KiB")],
+)
+def test_format_bytes_examples(nbytes: int, text: str) -> None:
+    assert format_bytes(nbytes) == text
+    assert parse_memory(text, 1 << 60) == nbytes
+
+
+@given(st.floats(min_value=0, max_value=4e9))
+def test_iso_is_timezone_aware_and_round_trips(ts: float) -> None:
+    text = iso(ts)
+    assert text is not None
+    parsed = datetime.fromisoformat(text)
+    assert parsed.tzinfo is not None
+    assert abs(parsed.timestamp() - ts) <= 0.0011
+
+
+def test_iso_none_and_local_clock() -> None:
+    assert iso(None) is None
+    ts = 1_800_000_000.0
+    assert datetime.strptime(local_clock(ts), "%Y-%m-%d %H:%M:%S") == datetime.fromtimestamp(
+        ts
+    ).replace(microsecond=0)
