@@ -70,7 +70,8 @@ def cli() -> None:
     """Reserve a share of a GPU's memory for a span of time, on a shared machine."""
 
 
-@cli.command()
+# ignore_unknown_options: "-1" is a (bad) MEMORY, and should be told so, not "no such option".
+@cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("device", type=int)
 @click.argument("memory")
 @click.argument("duration")
@@ -327,7 +328,7 @@ def release(partition_id: str, as_json: bool) -> None:
         click.echo("released " + describe(record, time.time()))
 
 
-@cli.command()
+@cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("partition_id", metavar="ID")
 @click.argument("duration")
 @json_option

@@ -16,34 +16,55 @@ def _mem(value: int | None) -> str:
 def render_stats(data: dict[str, Any]) -> str:
     mode = data["mode"]
     where = "chronosd" if mode == "daemon" else "embedded ledger (no daemon running)"
-    lines = [f"mode: {where}; backends: {', '.join(data['backends'])}"]
+    header = f"mode: {where}; backends: {', '.join(data['backends'])}"
+    columns = ["GPU", "NAME", "VENDOR", "TOTAL", "USED", "FREE", "COMMITTED", "PARTITIONS", "UTIL"]
+    rows: list[list[str]] = []
+    under: list[list[str]] = []
     for d in data["devices"]:
         util = "n/a" if d["utilization_pct"] is None else f"{d['utilization_pct']:.0f}%"
-        lines.append("")
-        lines.append(f"GPU {d['index']}  {d['name']}  [{d['vendor']}]  {d['uuid']}")
-        lines.append(
-            f"  memory  total {_mem(d['total_bytes'])}  used {_mem(d['used_bytes'])}  "
-            f"free {_mem(d['free_bytes'])}  util {util}"
-        )
         share = d["committed_bytes"] / d["total_bytes"] if d["total_bytes"] else 0.0
-        lines.append(
-            f"  partitions  {d['active_partitions']} active, committed "
-            f"{_mem(d['committed_bytes'])} ({share:.1%}) of {_mem(d['reservable_bytes'])} "
-            "reservable"
+        rows.append(
+            [
+                str(d["index"]),
+                d["name"],
+                d["vendor"],
+                _mem(d["total_bytes"]),
+                _mem(d["used_bytes"]),
+                _mem(d["free_bytes"]),
+                f"{_mem(d['committed_bytes'])} ({share:.0%})",
+                str(d["active_partitions"]),
+                util,
+            ]
         )
-        procs = d.get("processes", [])
-        if not data.get("per_process_memory", True):
-            lines.append("  processes  per-process GPU memory is not available on this GPU")
-        elif procs:
-            lines.append(f"  {'PID':>8}  {'USER':<12} {'MEMORY':>10}  {'PARTITION':<14} COMMAND")
-            for p in procs:
-                lines.append(
-                    f"  {p['pid']:>8}  {(p['user'] or '?'):<12} {_mem(p['used_bytes']):>10}  "
-                    f"{(p['partition_id'] or 'unpartitioned'):<14} {p['command'] or '?'}"
-                )
-        else:
-            lines.append("  processes  none")
-    return "\n".join(lines)
+        under.append(_process_lines(d, data.get("per_process_memory", True)))
+    widths = [
+        max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)
+    ]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    out = [header, "", line(columns)]
+    for row, procs in zip(rows, under):
+        out.append(line(row))
+        out.extend(procs)
+    return "\n".join(out)
+
+
+def _process_lines(d: dict[str, Any], per_process: bool) -> list[str]:
+    """The processes holding a GPU's memory, indented under its row."""
+    if not per_process:
+        return ["    (per-process GPU memory is not available on this GPU)"]
+    procs = d.get("processes", [])
+    if not procs:
+        return []
+    lines = [f"    {'PID':>8}  {'USER':<12} {'MEMORY':>10}  {'PARTITION':<14} COMMAND"]
+    for p in procs:
+        lines.append(
+            f"    {p['pid']:>8}  {(p['user'] or '?'):<12} {_mem(p['used_bytes']):>10}  "
+            f"{(p['partition_id'] or 'unpartitioned'):<14} {p['command'] or '?'}"
+        )
+    return lines
 
 
 def watch_stats(client: Any, interval: float) -> None:

@@ -167,6 +167,18 @@ def signal_process(pid: int, ticks: int | None, sig: int) -> bool:
     return True
 
 
+def set_parent_death_signal(sig: int) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        return bool(libc.prctl(pr_set_pdeathsig, sig, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
 def set_child_subreaper() -> bool:
     """Make orphaned descendants re-parent to us (Linux), so none escapes by double-forking."""
     try:

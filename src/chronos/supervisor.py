@@ -118,7 +118,9 @@ class Supervisor:
                     self._sample_memory()
                 else:
                     self._on_deadline(expires_at)
-            elif info.si_signo in _FORWARDED:
+            elif info.si_signo in _FORWARDED or (
+                info.si_signo == signal.SIGINT and info.si_code <= 0  # kill(), not the tty
+            ):
                 procs.signal_all(self.members(), info.si_signo)
         if self.mode == "daemon":
             self._report_daemon_actions()
@@ -227,6 +229,8 @@ class Gated:
                 os.close(self._gate)
                 os.close(self._errors)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _WATCHED)
+                # If the supervisor is killed (even by SIGKILL), the command gets SIGTERM.
+                procs.set_parent_death_signal(signal.SIGTERM)
                 os.read(gate_read, 2)
                 os.execvpe(command[0], list(command), env)
             except OSError as exc:
