@@ -26,7 +26,13 @@ MARKER = "CHRONOS_PARTITION_ID"
 class Attributor:
     """Maps PIDs to open partitions, for one snapshot of the process table."""
 
-    def __init__(self, records: Iterable[PartitionRecord], attached: Iterable[Attached]) -> None:
+    def __init__(
+        self,
+        records: Iterable[PartitionRecord],
+        attached: Iterable[Attached],
+        table: procs.ProcessTable | None = None,
+    ) -> None:
+        self.table = table or procs.ProcessTable()
         self.records = {r.id: r for r in records}
         self._anchors: dict[int, tuple[str, bool]] = {}
         for r in self.records.values():
@@ -41,7 +47,7 @@ class Attributor:
         placed = cgroups.partition_of(pid)
         if placed in self.records:
             return placed  # only the daemon (root) can put a process there, after authorizing
-        uid = procs.process_uid(pid)
+        uid = self.table.uid(pid)
         current: int | None = pid
         for _ in range(64):
             if current is None or current <= 1:
@@ -51,8 +57,8 @@ class Attributor:
                 pid_id, by_admin = anchor
                 if by_admin or uid == self.records[pid_id].uid:
                     return pid_id
-            current = procs.parent_pid(current)
-        marked = procs.environ_value(pid, MARKER)
+            current = self.table.parent(current)
+        marked = self.table.environ(pid, MARKER)
         if marked in self.records and uid == self.records[marked].uid:
             return marked
         return None
@@ -60,13 +66,13 @@ class Attributor:
     def members(self, partition_id: str) -> set[int]:
         """Every live process that counts toward ``partition_id``."""
         roots = [pid for pid, (pid_id, _) in self._anchors.items() if pid_id == partition_id]
-        tree = procs.children_map()
+        tree = self.table.children()
         found = {p for p in procs.descendants(roots, tree) if self.partition_of(p) == partition_id}
         found |= cgroups.members(partition_id)
-        for pid in procs.all_pids():
+        for pid in self.table.pids():
             if (
                 pid not in found
-                and procs.environ_value(pid, MARKER) == partition_id
+                and self.table.environ(pid, MARKER) == partition_id
                 and self.partition_of(pid) == partition_id
             ):
                 found.add(pid)

@@ -135,14 +135,15 @@ def _create_repeated(client: Any, options: dict[str, Any], first: float, repeat:
     from chronos.units import parse_date
 
     last = parse_date(until)
-    day = datetime.fromtimestamp(first).astimezone()
+    day = datetime.fromtimestamp(first)  # local wall time: 09:00 stays 09:00 across DST
     made, failed = [], []
-    while day <= last:
+    while day.astimezone() <= last:
         if repeat == "daily" or day.weekday() < 5:
+            start = day.astimezone()  # this day's own UTC offset
             try:
-                made.append(client.create(**options, start=day.timestamp()).to_json())
+                made.append(client.create(**options, start=start.timestamp()).to_json())
             except ChronosError as exc:
-                failed.append({"start": day.isoformat(), "error": str(exc)})
+                failed.append({"start": start.isoformat(), "error": str(exc)})
         day += timedelta(days=1)
     if as_json:
         emit_json({"booked": made, "failed": failed})

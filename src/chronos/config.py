@@ -142,7 +142,7 @@ def _fairshare(table: dict[str, Any], origin: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in table.items():
         if key == "half_life":
-            out["fairshare_half_life_s"] = parse_duration(value)
+            out["fairshare_half_life_s"] = _duration(value, f"{origin}: fairshare.half_life")
         elif key == "age_weight":
             out["fairshare_age_weight"] = _number(value, f"{origin}: fairshare.age_weight", 0)
         else:
@@ -171,7 +171,7 @@ def _limits(table: dict[str, Any], origin: str) -> Limits:
         if key in ("max_share", "max_total_share"):
             changes[key] = _number(value, where, 0, None if key == "max_total_share" else 1.0)
         elif key == "max_duration":
-            changes["max_duration_s"] = parse_duration(value)
+            changes["max_duration_s"] = _duration(value, where)
         elif key == "max_partitions":
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BadRequest(f"{where} must be a whole number of at least 1")
@@ -191,13 +191,21 @@ def _number(value: Any, where: str, low: float, high: float | None = None) -> fl
     return float(value)
 
 
+def _duration(value: Any, where: str) -> float:
+    """A duration setting; a bad one is named in the error (the message alone says not which)."""
+    try:
+        return parse_duration(value)
+    except BadRequest as exc:
+        raise BadRequest(f"{where}: {exc}") from None
+
+
 def _share(value: Any, where: str) -> float:
     return _number(value, where, 0, 1.0)
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
     if name.endswith("_s"):
-        return parse_duration(value)
+        return _duration(value, where)
     if name == "reservable_share":
         return _share(value, where)
     if name == "unpartitioned":

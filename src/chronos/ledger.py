@@ -14,6 +14,7 @@ it. Time comes from an injectable clock so tests never sleep.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import sqlite3
@@ -36,7 +37,7 @@ from chronos.models import ACTIVE, BOOKED, EXPIRED, RELEASED, Event, PartitionRe
 from chronos.policy import Waiter, earliest_fit, peak_usage, plan_queue
 from chronos.units import format_bytes, format_duration, local_clock
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS partitions (
@@ -73,6 +74,8 @@ CREATE TABLE IF NOT EXISTS events (
     memory_bytes INTEGER,
     detail TEXT NOT NULL DEFAULT '{}'
 );
+CREATE INDEX IF NOT EXISTS partitions_booked
+    ON partitions (starts_at) WHERE state = 'booked';
 CREATE INDEX IF NOT EXISTS events_at ON events (at);
 CREATE TABLE IF NOT EXISTS waiting (
     id TEXT PRIMARY KEY,
@@ -178,6 +181,8 @@ class Ledger:
         self.path = Path(path)
         self.clock = clock
         self._owner_alive = owner_alive
+        self.reap_owners = True
+        """Check owner processes on every reap (the daemon turns this off: it has pidfds)."""
         self._db = self._open(file_mode)
 
     def _open(self, file_mode: int) -> sqlite3.Connection:
@@ -260,11 +265,14 @@ class Ledger:
         now: float,
         priority_of: PriorityOf | None = None,
     ) -> None:
-        booked = self._open_on_device(req.device_uuid, now)
-        held = booked + self._reservations(req.device_uuid, now, priority_of)
-        peak = peak_usage(held, start, end)
+        # Only what overlaps [start, end) can matter: with thousands of bookings ahead,
+        # reading them all took longer than the rest of admission together.
+        near = self._open_on_device(req.device_uuid, now, start, end)
+        reserved = self._reservations(req.device_uuid, now, priority_of)
+        peak = peak_usage(near + reserved, start, end)
         if peak + req.memory_bytes > req.capacity_bytes:
-            raise self._refusal(req, booked, held, start, peak, now)
+            booked = self._open_on_device(req.device_uuid, now)  # all: to say when it fits
+            raise self._refusal(req, booked, booked + reserved, start, peak, now)
 
     def _admit(self, req: NewPartition, now: float, start: float, end: float) -> PartitionRecord:
         record = PartitionRecord(
@@ -311,13 +319,19 @@ class Ledger:
                 raise PartitionEnded(_ended_message(record))
             return self._end(record, RELEASED, now, reason, uid, user)
 
-    def reap(self) -> list[Ended]:
-        """End every partition that is due (expired, or its owner process died)."""
+    def reap(self, owners: bool | None = None) -> list[Ended]:
+        """End every partition that is due (expired, or its owner process died).
+
+        ``owners=False`` skips the owner checks (the daemon learns of owner
+        deaths from pidfds, and asks with ``owners=True`` then); the default is
+        the ledger's ``reap_owners``.
+        """
+        check = self.reap_owners if owners is None else owners
         now = self.clock()
-        if not self._anything_due(now):
+        if not self._anything_due(now, check):
             return []
         with _immediate(self._db):
-            return self._reap(self.clock())
+            return self._reap(self.clock(), check)
 
     def attach(
         self, partition_id: str, pid: int, start_ticks: int | None, uid: int, by_uid: int
@@ -383,6 +397,15 @@ class Ledger:
                 {"from": record.expires_at, "to": new_expires_at},
             )
             return self._get(partition_id)
+
+    def log_many(self, items: list[tuple[str, str | None, dict[str, Any]]]) -> None:
+        """Append several ``(kind, partition_id, detail)`` events in one transaction."""
+        if not items:
+            return
+        with _immediate(self._db):
+            now = self.clock()
+            for kind, partition_id, detail in items:
+                self._event(now, kind, partition_id, None, None, None, None, detail)
 
     def log(
         self,
@@ -662,25 +685,28 @@ class Ledger:
             raise NotFound(f"no partition {partition_id!r}")
         return _record(row)
 
-    def _open_on_device(self, device_uuid: str, now: float) -> list[tuple[float, float, int, str]]:
+    def _open_on_device(
+        self, device_uuid: str, now: float, start: float = -math.inf, end: float = math.inf
+    ) -> list[tuple[float, float, int, str]]:
+        """Open partitions of the device (only those overlapping ``[start, end)``)."""
         rows = self._db.execute(
             f"SELECT starts_at, expires_at, memory_bytes, id FROM partitions "
-            f"WHERE {_OPEN} AND device_uuid = ? AND expires_at > ?",
-            (device_uuid, now),
+            f"WHERE {_OPEN} AND device_uuid = ? AND expires_at > ? "
+            "AND expires_at > ? AND starts_at < ?",
+            (device_uuid, now, start, end),
         ).fetchall()
         return [(float(s), float(e), int(b), str(i)) for s, e, b, i in rows]
 
-    def _anything_due(self, now: float) -> bool:
+    def _anything_due(self, now: float, owners: bool) -> bool:
         booking_due = self._db.execute(
             "SELECT 1 FROM partitions WHERE state = 'booked' AND starts_at <= ? LIMIT 1", (now,)
         ).fetchone()
-        return booking_due is not None or bool(self._due(now))
+        return booking_due is not None or bool(self._due(now, owners))
 
-    def _due(self, now: float) -> list[tuple[PartitionRecord, str, str]]:
+    def _due(self, now: float, owners: bool = True) -> list[tuple[PartitionRecord, str, str]]:
+        which = "(expires_at <= ? OR owner_pid IS NOT NULL)" if owners else "expires_at <= ?"
         rows = self._db.execute(
-            f"SELECT {_COLUMNS} FROM partitions WHERE {_OPEN} AND "
-            "(expires_at <= ? OR owner_pid IS NOT NULL)",
-            (now,),
+            f"SELECT {_COLUMNS} FROM partitions WHERE {_OPEN} AND {which}", (now,)
         ).fetchall()
         due = []
         for row in rows:
@@ -693,7 +719,7 @@ class Ledger:
                 due.append((record, RELEASED, f"owner process {record.owner_pid} exited"))
         return due
 
-    def _reap(self, now: float) -> list[Ended]:
+    def _reap(self, now: float, owners: bool | None = None) -> list[Ended]:
         # A booking whose start has come becomes active: that state change is logged too
         # (first, so a booking that also ended since the last reap reads started, then ended).
         for row in self._db.execute(
@@ -716,7 +742,7 @@ class Ledger:
             (now,),
         )
         ended = []
-        for record, state, reason in self._due(now):
+        for record, state, reason in self._due(now, self.reap_owners if owners is None else owners):
             at = record.expires_at if state == EXPIRED else now
             ended.append(Ended(self._end(record, state, at, reason, None, None), reason))
         return ended

@@ -7,6 +7,7 @@ can drive it with any clock.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -75,12 +76,55 @@ def check_limits(limits: Limits, ask: Ask, mine: Sequence[PartitionRecord], now:
                                 ("max_gpu_hours_week", WEEK, limits.max_gpu_hours_week)):
         if limit is None:
             continue
-        used = gpu_hours(mine, ask.end - window, ask.end, now)
-        added = ask.fraction * duration / 3600.0
+        used, added = _busiest_window(mine, ask, window, now)
         if used + added > limit + 1e-9:
             span = "24 h" if window == DAY else "7 days"
-            raise _over(name, f"{ask.user} has {used:.2f} GPU-hours in the {span} before its "
-                        f"end, asks {added:.2f} more, at most {limit:g}")
+            raise _over(name, f"{ask.user} has {used:.2f} GPU-hours in the busiest {span} "
+                        f"around it, asks {added:.2f} more, at most {limit:g}")
+
+
+def _busiest_window(mine: Sequence[PartitionRecord], ask: Ask, window: float,
+                    now: float) -> tuple[float, float]:
+    """(GPU-hours already held, GPU-hours asked) in the rolling window that would hold most.
+
+    Every window of length ``window`` that overlaps the ask counts, not only the
+    one ending with it: a booking placed before an existing one must not push
+    a later day over. The total is piecewise linear in the window's position,
+    so its maximum is where a window edge meets a partition's start or end;
+    each candidate is summed in O(log n) from a running total of share-seconds.
+    """
+    change: dict[float, float] = {}
+    for r in mine:
+        start, end = r.starts_at, held_until(r, now)
+        if start < end and start < ask.end + window and end > ask.start - window:
+            change[start] = change.get(start, 0.0) + r.memory_fraction
+            change[end] = change.get(end, 0.0) - r.memory_fraction
+    times = sorted(change)
+    before: list[float] = []  # share-seconds held before times[i]
+    level_from: list[float] = []  # share held from times[i] to the next time
+    level = total = 0.0
+    for i, t in enumerate(times):
+        if i:
+            total += level * (t - times[i - 1])
+        before.append(total)
+        level += change[t]
+        level_from.append(level)
+
+    def held_before(t: float) -> float:
+        i = bisect_right(times, t) - 1
+        return 0.0 if i < 0 else before[i] + level_from[i] * (t - times[i])
+
+    best = (0.0, 0.0)
+    for edge in {ask.start, ask.end, *times}:
+        for lo in (edge, edge - window):
+            hi = lo + window
+            if hi <= ask.start or lo >= ask.end:
+                continue
+            used = (held_before(hi) - held_before(lo)) / 3600.0
+            added = ask.fraction * (min(hi, ask.end) - max(lo, ask.start)) / 3600.0
+            if used + added > sum(best):
+                best = (used, added)
+    return best
 
 
 def peak_share(records: Sequence[PartitionRecord], start: float, end: float) -> float:

@@ -215,3 +215,45 @@ def pids_with_marker(name: str, value: str, uid: int | None) -> set[int]:
         if environ_value(pid, name) == value:
             found.add(pid)
     return found
+
+
+class ProcessTable:
+    """One look at the process table, read lazily and cached, for many questions at once."""
+
+    def __init__(self) -> None:
+        self._parents: dict[int, int | None] = {}
+        self._children: dict[int, list[int]] | None = None
+        self._uids: dict[int, int | None] = {}
+        self._environ: dict[tuple[int, str], str | None] = {}
+        self._pids: list[int] | None = None
+
+    def parent(self, pid: int) -> int | None:
+        if pid not in self._parents:
+            self._parents[pid] = parent_pid(pid)
+        return self._parents[pid]
+
+    def children(self) -> dict[int, list[int]]:
+        if self._children is None:
+            tree: dict[int, list[int]] = {}
+            for pid in self.pids():
+                ppid = self.parent(pid)
+                if ppid is not None:
+                    tree.setdefault(ppid, []).append(pid)
+            self._children = tree
+        return self._children
+
+    def pids(self) -> list[int]:
+        if self._pids is None:
+            self._pids = list(all_pids())
+        return self._pids
+
+    def uid(self, pid: int) -> int | None:
+        if pid not in self._uids:
+            self._uids[pid] = process_uid(pid)
+        return self._uids[pid]
+
+    def environ(self, pid: int, name: str) -> str | None:
+        key = (pid, name)
+        if key not in self._environ:
+            self._environ[key] = environ_value(pid, name)
+        return self._environ[key]

@@ -127,7 +127,7 @@ class Service:
             owner_pid=owner_pid,
             owner_start=procs.start_ticks(owner_pid) if owner_pid else None,
             kind=kind,
-            grace_s=None if grace is None else _grace(grace),
+            grace_s=self.config.grace_s if grace is None else _grace(grace),  # keeps its terms
             warn_s=self.config.warn_s if warn is None else parse_duration(warn),
             warn_signal=_signal_name(warn_signal or self.config.warn_signal),
             exempt=caller.is_admin,

@@ -9,6 +9,7 @@ machine with a daemon never has a second writer.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -101,6 +102,13 @@ class SocketTransport(Transport):
             self._sock.close()
             self._sock = self._connect()
             reply = self._exchange(frame)
+        except BaseException:
+            # Interrupted (Ctrl-C in a wait) after sending: the reply still to come would
+            # be read as the next call's. Go on over a fresh connection instead.
+            self._sock.close()
+            with contextlib.suppress(DaemonUnavailable):
+                self._sock = self._connect()
+            raise
         return _unwrap(reply)
 
     def _exchange(self, frame: bytes) -> Any:

@@ -13,12 +13,13 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 from chronos import procs
 from chronos.attribution import Attributor
 from chronos.daemon.log import log
 from chronos.ledger import Ended, Ledger
-from chronos.models import ACTIVE, EXPIRED, PartitionRecord
+from chronos.models import ACTIVE, BOOKED, EXPIRED, PartitionRecord
 
 OWNER_POLL_S = 0.5
 """Fallback owner check where pidfds are missing (kernels before 5.3)."""
@@ -45,42 +46,42 @@ class Deadlines:
 
     def changed(self) -> None:
         """Re-read what is due after any change to the ledger."""
-        self._process_due()
+        self._process_due(owners=False)
 
     def _on_time(self) -> None:
         """A timer or an owner's exit: act, then let the daemon react (e.g. grant waiters)."""
-        self._process_due()
+        self._process_due(owners=True)
         self.after_time()
 
-    def _process_due(self) -> None:
-        ended = self.ledger.reap()
-        ended += self._ended_elsewhere(ended)
-        for item in ended:
-            self._on_end(item)
+    def _process_due(self, owners: bool) -> None:
+        # Owner deaths arrive through pidfds (_on_time); a plain change checks only the clock.
+        ended = self.ledger.reap(owners=owners)
+        open_records = self.ledger.partitions()  # the one read of open partitions per change
+        ended += self._ended_elsewhere(ended, {r.id for r in open_records})
         if ended:
+            self._on_ended(ended)
             self.on_ended(ended)
-        self._warn_due()
-        self._watch_owners()
-        self._arm()
+        self._warn_due(open_records)
+        self._watch_owners(open_records)
+        self._arm(open_records)
 
-    def _ended_elsewhere(self, reaped: list[Ended]) -> list[Ended]:
+    def _ended_elsewhere(self, reaped: list[Ended], now_open: set[str]) -> list[Ended]:
         """Partitions that a request ended on its way (every op reaps what is due).
 
         A busy daemon may serve a request after a deadline and before its timer:
         that request's reap ends the partition, so act on those here too, or
         their processes would never be stopped.
         """
-        now_open = {r.id for r in self.ledger.partitions()}
         gone = self._open - now_open - {e.record.id for e in reaped}
         self._open = now_open
         records = [self.ledger.get(pid_id) for pid_id in sorted(gone)]
         return [Ended(r, r.end_reason or r.state) for r in records]
 
-    def _arm(self) -> None:
+    def _arm(self, open_records: list[PartitionRecord]) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        due = self._next_due()
+        due = self._next_due(open_records)
         if due is None:
             return
         delay = max(0.0, due - time.time())
@@ -95,21 +96,16 @@ class Deadlines:
             return
         self._on_time()
 
-    def _next_due(self) -> float | None:
-        candidates = []
-        deadline = self.ledger.next_deadline()
-        if deadline is not None:
-            candidates.append(deadline)
-        for r in self.ledger.partitions():
-            if r.warn_s and r.id not in self._warned:
-                candidates.append(_warn_at(r))
+    def _next_due(self, open_records: list[PartitionRecord]) -> float | None:
+        candidates = [r.starts_at if r.state == BOOKED else r.expires_at for r in open_records]
+        candidates += [_warn_at(r) for r in open_records if r.warn_s and r.id not in self._warned]
         return min(candidates) if candidates else None
 
     # ---------------------------------------------------------------- warnings
 
-    def _warn_due(self) -> None:
+    def _warn_due(self, open_records: list[PartitionRecord]) -> None:
         now = time.time()
-        for r in self.ledger.partitions():
+        for r in open_records:
             if not r.warn_s or r.id in self._warned or r.state_at(now) != ACTIVE:
                 continue
             if now < _warn_at(r):
@@ -131,31 +127,38 @@ class Deadlines:
 
     # ----------------------------------------------------------------- endings
 
-    def members(self, record: PartitionRecord) -> dict[int, int]:
+    def members(
+        self, record: PartitionRecord, attributor: Attributor | None = None
+    ) -> dict[int, int]:
         """Processes of ``record`` to signal (a ``chronos run`` supervisor is not one)."""
-        attributor = Attributor([record], self.ledger.attached(record.id))
+        if attributor is None:
+            attributor = Attributor([record], self.ledger.attached(record.id))
         pids = attributor.members(record.id)
         if record.kind == "run" and record.owner_pid is not None:
             pids.discard(record.owner_pid)
         return procs.snapshot(pids)
 
-    def _on_end(self, item: Ended) -> None:
-        record = item.record
-        self._unwatch(record.id)
-        log(
-            record.state,
-            partition=record.id,
-            user=record.user,
-            reason=item.reason,
-            lateness_ms=round((time.time() - record.expires_at) * 1000, 3)
-            if record.state == EXPIRED
-            else None,
-        )
-        if record.state == EXPIRED:
-            self.stop(record, "expired")
-        elif record.kind == "run" and item.reason.startswith("owner process"):
-            # The `chronos run` supervisor died: its command must not run on unreserved.
-            self.stop(record, "supervisor exited")
+    def _on_ended(self, ended: list[Ended]) -> None:
+        to_stop: list[tuple[PartitionRecord, str]] = []
+        for item in ended:
+            record = item.record
+            self._unwatch(record.id)
+            if record.state == EXPIRED:
+                to_stop.append((record, "expired"))
+            elif record.kind == "run" and item.reason.startswith("owner process"):
+                # The `chronos run` supervisor died: its command must not run on unreserved.
+                to_stop.append((record, "supervisor exited"))
+        self.stop_many(to_stop)
+        for item in ended:  # after the signals: logging must not delay them
+            record = item.record
+            lateness = (time.time() - record.expires_at) * 1000 if record.state == EXPIRED else None
+            log(
+                record.state,
+                partition=record.id,
+                user=record.user,
+                reason=item.reason,
+                lateness_ms=None if lateness is None else round(lateness, 3),
+            )
 
     def resume_kills(self, horizon_s: float = 86400.0) -> None:
         """After a restart: send the SIGKILLs a previous daemon had scheduled but not sent."""
@@ -178,35 +181,52 @@ class Deadlines:
 
     def stop(self, record: PartitionRecord, why: str, grace: float | None = None) -> int:
         """SIGTERM the partition's processes now, SIGKILL what is left after the grace."""
-        members = self.members(record)
-        sent = procs.signal_all(members, signal.SIGTERM)
-        if grace is None:
-            grace = record.grace_s if record.grace_s is not None else self.default_grace_s()
-        if members:
-            log(
-                "sigterm",
-                partition=record.id,
-                why=why,
-                processes=sorted(members),
-                sent=sent,
-                grace_s=grace,
-            )
-            # The pending SIGKILL is written down too, so a restarted daemon still sends it.
-            self.ledger.log(
-                "terminated",
-                record.id,
-                detail={
-                    "why": why,
-                    "signal": "SIGTERM",
-                    "processes": sorted(members),
-                    "members": sorted(members.items()),
-                    "kill_at": time.time() + grace,
-                },
-            )
-        if record.id in self._kills:
-            self._kills[record.id].cancel()
-        self._kills[record.id] = self.loop.call_later(grace, self._kill, record, members, why)
-        return sent
+        return self.stop_many([(record, why)], grace)
+
+    def stop_many(
+        self, items: list[tuple[PartitionRecord, str]], grace: float | None = None
+    ) -> int:
+        """Stop several partitions' processes from one look at the process table.
+
+        All SIGTERMs go out first; the events that record them (and the SIGKILLs
+        still due, so a restarted daemon sends them) are written afterwards in one
+        transaction, so partitions ending together are not stopped one by one.
+        """
+        if not items:
+            return 0
+        records = [r for r, _ in items]
+        attached = [a for a in self.ledger.attached() if a.partition_id in {r.id for r in records}]
+        attributor = Attributor(records, attached)
+        sent_total = 0
+        events: list[tuple[str, str | None, dict[str, Any]]] = []
+        for record, why in items:
+            members = self.members(record, attributor)
+            sent_total += procs.signal_all(members, signal.SIGTERM)
+            wait = grace
+            if wait is None:
+                wait = record.grace_s if record.grace_s is not None else self.default_grace_s()
+            if record.id in self._kills:
+                self._kills[record.id].cancel()
+            self._kills[record.id] = self.loop.call_later(wait, self._kill, record, members, why)
+            if members:
+                log(
+                    "sigterm", partition=record.id, why=why, processes=sorted(members), grace_s=wait
+                )
+                events.append(
+                    (
+                        "terminated",
+                        record.id,
+                        {
+                            "why": why,
+                            "signal": "SIGTERM",
+                            "processes": sorted(members),
+                            "members": sorted(members.items()),
+                            "kill_at": time.time() + wait,
+                        },
+                    )
+                )
+        self.ledger.log_many(events)
+        return sent_total
 
     def _kill(self, record: PartitionRecord, first: dict[int, int], why: str) -> None:
         self._kills.pop(record.id, None)
@@ -233,9 +253,9 @@ class Deadlines:
 
     # ------------------------------------------------------------ owner death
 
-    def _watch_owners(self) -> None:
+    def _watch_owners(self, open_records: list[PartitionRecord]) -> None:
         open_ids = set()
-        for r in self.ledger.partitions():
+        for r in open_records:
             open_ids.add(r.id)
             if r.owner_pid is None or r.id in self._owner_fds:
                 continue

@@ -109,6 +109,7 @@ class Daemon:
         self._take_lock()
         ledger = Ledger(self.state_dir / LEDGER_FILE, file_mode=0o644)
         self._lock_down(self.state_dir / LEDGER_FILE)
+        ledger.reap_owners = False  # owner deaths come from pidfds (Deadlines), not /proc scans
         service = Service(ledger, self.config, "daemon")
         service.cgroups = PartitionCgroups.detect()
         service.machine  # noqa: B018 - open the GPU backends now, not on the first request
