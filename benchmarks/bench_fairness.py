@@ -1,0 +1,270 @@
+"""Fair sharing at scale: admission with 10,000 bookings, and grant latency after a release.
+
+Run: .venv/bin/python benchmarks/bench_fairness.py [--bookings 10000] [--samples 300]
+     [--trials 40] [--no-doc] [--profile]
+
+* Admission: ``create(0, 0.25, 1h)`` (then a release, not timed) through the
+  Python API while the ledger holds ``--bookings`` bookings, spread over both
+  GPUs and the next 300 days (none overlaps the request, as most would not on
+  a real machine), 20 users owning them. Embedded mode as an administrator (no
+  quotas) and as an ordinary user under quotas (the user owns 1/20 of the
+  bookings, so the quota check has their history to go through), then
+  through a real ``chronosd``; and, for reference, the same with no bookings.
+* Grant latency: a blocker holds all of GPU 0; a second process's
+  ``create(0, 0.6, 60, wait=True)`` waits in the queue; the blocker is
+  released. Timed from the moment the ``release`` call returned to the moment
+  the waiting ``create`` returned (``time.perf_counter``, CLOCK_MONOTONIC, so
+  comparable across the two processes), ``--trials`` times, through the
+  daemon, with and without the bookings.
+
+The bookings are written straight into the ledger in one transaction (the API
+would fsync 10,000 times); each is a valid partition that admission would have
+accepted. ``--profile`` prints a cProfile summary of the embedded admissions.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+GPUS = "80GiB,80GiB"
+USERS = 20
+SPAN_S = 300 * 86400.0
+"""Bookings start over the next 300 days (a year is the most one may book ahead)."""
+BOOKED_FRACTION = 0.25
+POLICY = """\
+[limits.default]
+max_share = 0.5
+max_total_share = 1.0
+max_duration = "8h"
+max_gpu_hours_day = 24
+max_gpu_hours_week = 100
+"""
+
+
+# ------------------------------------------------------------------------ bookings
+
+
+def add_bookings(ledger_path: Path, count: int, now: float) -> None:
+    """``count`` one-hour bookings of a quarter GPU, alternating GPUs, none overlapping."""
+    from chronos.devices import open_machine
+    from chronos.ledger import Ledger, _immediate
+    from chronos.models import BOOKED, PartitionRecord
+
+    devices = open_machine("simulated").devices
+    ledger = Ledger(ledger_path)
+    per_device = (count + len(devices) - 1) // len(devices)
+    step = SPAN_S / per_device
+    with _immediate(ledger._db):
+        for i in range(count):
+            dev = devices[i % len(devices)]
+            start = now + 2 * 3600.0 + (i // len(devices)) * step
+            user = i % USERS
+            ledger._insert(
+                PartitionRecord(
+                    id=f"b{i:07x}",
+                    device=dev.index,
+                    device_uuid=dev.uuid,
+                    device_total_bytes=dev.total_bytes,
+                    memory_bytes=int(dev.total_bytes * BOOKED_FRACTION),
+                    uid=60000 + user,
+                    user=f"bench{user:02d}",
+                    created_at=now,
+                    starts_at=start,
+                    expires_at=start + 3600.0,
+                    state=BOOKED,
+                    kind="api",
+                )
+            )
+    ledger.close()
+
+
+# ----------------------------------------------------------------------- admission
+
+
+def time_admissions(client: Any, samples: int, warmup: int) -> list[float]:
+    out = []
+    for i in range(warmup + samples):
+        t0 = time.perf_counter()
+        p = client.create(0, 0.25, 3600, persist=True)
+        t1 = time.perf_counter()
+        p.release()
+        if i >= warmup:
+            out.append(t1 - t0)
+    return out
+
+
+def as_ordinary_user(client: Any) -> Any:
+    """Make an embedded client act as bench00, an ordinary user (quotas apply)."""
+    from chronos.identity import Caller
+
+    client.transport.caller = Caller(60000, 60000, None, "bench00", False)
+    return client
+
+
+# --------------------------------------------------------------------- grant latency
+
+
+def _waiter(conn: Any) -> None:
+    from chronos import Partitioner
+
+    with Partitioner() as client:
+        while conn.recv() == "go":
+            p = client.create(0, 0.6, 60, persist=True, wait=True)
+            conn.send((time.perf_counter(), p.id))
+
+
+def grant_latency(trials: int) -> tuple[list[float], list[float]]:
+    """(from release returned, from release called) to the waiter's create returning."""
+    from chronos import Partitioner
+
+    ctx = mp.get_context("fork")
+    here, there = ctx.Pipe()
+    worker = ctx.Process(target=_waiter, args=(there,))
+    worker.start()
+    after_return, after_call = [], []
+    try:
+        with Partitioner() as client:
+            for i in range(trials + 3):
+                blocker = client.create(0, 1.0, 600, persist=True)
+                here.send("go")
+                deadline = time.monotonic() + 10
+                while not client.queue():
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the waiter never joined the queue")
+                    time.sleep(0.002)
+                time.sleep(0.02)  # let it settle into its long poll
+                t0 = time.perf_counter()
+                client.release(blocker.id)
+                t1 = time.perf_counter()
+                granted_at, pid = here.recv()
+                client.release(pid)
+                if i >= 3:  # warm-up
+                    after_return.append(granted_at - t1)
+                    after_call.append(granted_at - t0)
+    finally:
+        here.send("stop")
+        worker.join(10)
+    return after_return, after_call
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = C.base_parser(__doc__.split("\n", 1)[0])
+    parser.add_argument("--bookings", type=int, default=10_000)
+    parser.add_argument("--samples", type=int, default=300, help="admissions per row")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--trials", type=int, default=40, help="grant-latency trials")
+    args = parser.parse_args()
+    from chronos import Partitioner
+
+    admission: list[list[Any]] = []
+    grants: list[list[Any]] = []
+    profile = ""
+    info: dict[str, str] = {}
+    meter = None
+    for count in (0, args.bookings):
+        label = f"{count:,} bookings"
+        with C.fresh_env("embedded", GPUS) as (home, env):
+            if not info:
+                info = C.machine_info(home)
+                meter = C.LoadMeter()
+            (home / "config.toml").write_text(POLICY)
+            with Partitioner() as client:
+                client.create(0, 0.1, 60, persist=True).release()  # creates the ledger
+            if count:
+                add_bookings(home / "ledger.db", count, time.time())
+            C.banner(f"admission, embedded, {label}")
+            with Partitioner() as client:
+                admission.append(
+                    C.stat_row(
+                        f"embedded, admin (no quotas), {label}",
+                        time_admissions(client, args.samples, args.warmup),
+                    )
+                )
+                print(C.text_table(C.STAT_HEADERS, admission[-1:]), flush=True)
+            with Partitioner() as client:
+                as_ordinary_user(client)
+                admission.append(
+                    C.stat_row(
+                        f"embedded, user under quotas, {label}",
+                        time_admissions(client, args.samples, args.warmup),
+                    )
+                )
+                print(C.text_table(C.STAT_HEADERS, admission[-1:]), flush=True)
+                if args.profile and count:
+                    profile = C.profile_summary(time_admissions, client, 100, 0, top=25)
+                    print(profile)
+            env = {k: v for k, v in env.items() if k != "CHRONOS_MODE"}
+            os.environ.pop("CHRONOS_MODE", None)
+            with C.DaemonProcess(home, env) as daemon:
+                os.environ["CHRONOS_MODE"] = "daemon"
+                C.banner(f"admission and grant latency through chronosd, {label}")
+                with Partitioner() as client:
+                    assert client.mode == "daemon"
+                    admission.append(
+                        C.stat_row(
+                            f"chronosd, admin (no quotas), {label}",
+                            time_admissions(client, args.samples, args.warmup),
+                        )
+                    )
+                    print(C.text_table(C.STAT_HEADERS, admission[-1:]), flush=True)
+                after_return, after_call = grant_latency(args.trials)
+                grants.append(C.stat_row(f"from `release` returned, {label}", after_return))
+                grants.append(C.stat_row(f"from `release` called, {label}", after_call))
+                print(C.text_table(C.STAT_HEADERS, grants[-2:]), flush=True)
+                daemon.report_errors()
+    assert meter is not None
+    info["other processes during the run"] = f"{meter.others():.0%} CPU busy"
+    print(f"other processes kept the CPUs {info['other processes during the run']}")
+    if not args.no_doc:
+        C.update_section("fairness", render(args, info, admission, grants))
+        print(f"\nupdated {C.DOC.relative_to(C.ROOT)} (section fairness)")
+    return 0
+
+
+def render(
+    args: Any, info: dict[str, str], admission: list[list[Any]], grants: list[list[Any]]
+) -> str:
+    return "\n".join(
+        [
+            "## Fair sharing (`bench_fairness.py`)",
+            "",
+            f"Two simulated 80 GiB GPUs. The ledger holds {args.bookings:,} one-hour bookings "
+            f"of a quarter GPU ({USERS} users, alternating GPUs, spread over the next 300 "
+            "days, none overlapping the timed requests), or none. Policy: per-user limits "
+            "(max_share, max_total_share, max_duration, GPU-hours per day and week); "
+            "administrators (root runs the benchmark) are exempt, so the quota rows act as "
+            "an ordinary user who owns 1/20 of the bookings.",
+            "",
+            C.machine_markdown(info),
+            "",
+            f"### Admission: `create(0, 0.25, 1h)` ({args.samples} after {args.warmup} warm-up; "
+            "each released, untimed)",
+            "",
+            C.md_table(C.STAT_HEADERS, admission),
+            "",
+            f"### Grant latency after a release ({args.trials} trials, through chronosd)",
+            "",
+            "A blocker holds all of GPU 0; another process waits in `create(0, 0.6, 60, "
+            "wait=True)` (a long poll on the daemon); the blocker is released. Time from the "
+            "`release` call returning (or being called) to the waiting `create` returning in "
+            "the other process. The target is 100 ms.",
+            "",
+            C.md_table(C.STAT_HEADERS, grants),
+        ]
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
