@@ -181,6 +181,9 @@ class Ledger:
         self.path = Path(path)
         self.clock = clock
         self._owner_alive = owner_alive
+        self.capacity_of: Callable[[NewPartition], int] = lambda req: req.capacity_bytes
+        """Bytes a (queued) request may use on its device; the service applies the policy
+        in force now, so a reload also reaches requests still waiting."""
         self.reap_owners = True
         """Check owner processes on every reap (the daemon turns this off: it has pidfds)."""
         self._db = self._open(file_mode)
@@ -524,9 +527,13 @@ class Ledger:
         ordered = [t for _, _, t in sorted(keyed, key=lambda k: (k[0], k[1]))]
         devices = {t.request.device_uuid for t in ordered}
         intervals = {uuid: self._open_on_device(uuid, now) for uuid in devices}
-        plan = plan_queue([_waiter(t) for t in ordered], intervals, now)
+        plan = plan_queue([self._waiter(t) for t in ordered], intervals, now)
         grant_ids = set(plan.grant)
         return ordered, [t for t in ordered if t.id in grant_ids], plan
+
+    def _waiter(self, ticket: Ticket) -> Waiter:
+        r = ticket.request
+        return Waiter(ticket.id, r.device_uuid, r.memory_bytes, r.duration_s, self.capacity_of(r))
 
     def _reservations(
         self, device_uuid: str, now: float, priority_of: PriorityOf | None = None
@@ -556,7 +563,7 @@ class Ledger:
         for t in tickets:  # enqueue order: a direct request never overtakes a waiting one
             req = t.request
             start = earliest_fit(
-                held + out, req.memory_bytes, req.duration_s, now, req.capacity_bytes
+                held + out, req.memory_bytes, req.duration_s, now, self.capacity_of(req)
             )
             if start is not None:
                 out.append((start, start + req.duration_s, req.memory_bytes, t.id))
@@ -635,6 +642,40 @@ class Ledger:
         if limit is not None:
             records = records[-limit:]
         return records
+
+    def running(self, now: float | None = None) -> list[PartitionRecord]:
+        """Partitions active at ``now`` (not bookings still to come), straight from SQL."""
+        now = self.clock() if now is None else now
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM partitions WHERE {_OPEN} AND starts_at <= ? "
+            "AND expires_at > ? ORDER BY created_at",
+            (now, now),
+        ).fetchall()
+        return [_record(r) for r in rows]
+
+    def watched(self) -> list[PartitionRecord]:
+        """Open partitions a daemon must watch: owner-bound, or with a warning due."""
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM partitions WHERE {_OPEN} AND "
+            "(owner_pid IS NOT NULL OR warn_s IS NOT NULL)"
+        ).fetchall()
+        return [_record(r) for r in rows]
+
+    def ended_since(self, seq: int) -> tuple[list[str], int]:
+        """Ids of partitions ended by events after ``seq``, and the newest seq."""
+        rows = self._db.execute(
+            "SELECT seq, partition_id FROM events WHERE seq > ? AND kind IN "
+            "('released', 'expired')",
+            (seq,),
+        ).fetchall()
+        last = max((r[0] for r in rows), default=seq)
+        if not rows:
+            last = self.last_seq(seq)
+        return [r[1] for r in rows if r[1]], last
+
+    def last_seq(self, default: int = 0) -> int:
+        row = self._db.execute("SELECT MAX(seq) FROM events").fetchone()
+        return default if row[0] is None else int(row[0])
 
     def active(self, now: float | None = None) -> list[PartitionRecord]:
         now = self.clock() if now is None else now
@@ -871,11 +912,6 @@ def _ticket(row: Sequence[Any]) -> Ticket:
         timeout_at,
         waiter_pid,
     )
-
-
-def _waiter(ticket: Ticket) -> Waiter:
-    r = ticket.request
-    return Waiter(ticket.id, r.device_uuid, r.memory_bytes, r.duration_s, r.capacity_bytes)
 
 
 def _record(row: Sequence[Any]) -> PartitionRecord:

@@ -59,32 +59,50 @@ def check_limits(limits: Limits, ask: Ask, mine: Sequence[PartitionRecord], now:
     duration = ask.end - ask.start
     open_now = [r for r in mine if r.state in (ACTIVE, BOOKED) and r.expires_at > now]
     if limits.max_share is not None and ask.fraction > limits.max_share + 1e-9:
-        raise _over("max_share", f"{ask.fraction:.1%} of a GPU asked, at most "
-                    f"{limits.max_share:.1%} per partition")
+        raise _over(
+            "max_share",
+            f"{ask.fraction:.1%} of a GPU asked, at most {limits.max_share:.1%} per partition",
+        )
     if limits.max_duration_s is not None and duration > limits.max_duration_s + 1e-6:
-        raise _over("max_duration", f"{format_duration(duration)} asked, at most "
-                    f"{format_duration(limits.max_duration_s)}")
-    if limits.max_partitions is not None and len(open_now) >= limits.max_partitions:
-        raise _over("max_partitions", f"{ask.user} already holds {len(open_now)} open "
-                    f"partition(s) of {limits.max_partitions}")
+        raise _over(
+            "max_duration",
+            f"{format_duration(duration)} asked, at most {format_duration(limits.max_duration_s)}",
+        )
+    if limits.max_partitions is not None:
+        at_once = peak_count(open_now, ask.start, ask.end)
+        if at_once >= limits.max_partitions:
+            raise _over(
+                "max_partitions",
+                f"{ask.user} already holds {at_once} partition(s) "
+                f"at once then, at most {limits.max_partitions}",
+            )
     if limits.max_total_share is not None:
         held = peak_share(open_now, ask.start, ask.end)
         if held + ask.fraction > limits.max_total_share + 1e-9:
-            raise _over("max_total_share", f"{ask.user} holds {held:.1%} then, asks "
-                        f"{ask.fraction:.1%}, at most {limits.max_total_share:.1%} at once")
-    for name, window, limit in (("max_gpu_hours_day", DAY, limits.max_gpu_hours_day),
-                                ("max_gpu_hours_week", WEEK, limits.max_gpu_hours_week)):
+            raise _over(
+                "max_total_share",
+                f"{ask.user} holds {held:.1%} then, asks "
+                f"{ask.fraction:.1%}, at most {limits.max_total_share:.1%} at once",
+            )
+    for name, window, limit in (
+        ("max_gpu_hours_day", DAY, limits.max_gpu_hours_day),
+        ("max_gpu_hours_week", WEEK, limits.max_gpu_hours_week),
+    ):
         if limit is None:
             continue
         used, added = _busiest_window(mine, ask, window, now)
         if used + added > limit + 1e-9:
             span = "24 h" if window == DAY else "7 days"
-            raise _over(name, f"{ask.user} has {used:.2f} GPU-hours in the busiest {span} "
-                        f"around it, asks {added:.2f} more, at most {limit:g}")
+            raise _over(
+                name,
+                f"{ask.user} has {used:.2f} GPU-hours in the busiest {span} "
+                f"around it, asks {added:.2f} more, at most {limit:g}",
+            )
 
 
-def _busiest_window(mine: Sequence[PartitionRecord], ask: Ask, window: float,
-                    now: float) -> tuple[float, float]:
+def _busiest_window(
+    mine: Sequence[PartitionRecord], ask: Ask, window: float, now: float
+) -> tuple[float, float]:
     """(GPU-hours already held, GPU-hours asked) in the rolling window that would hold most.
 
     Every window of length ``window`` that overlaps the ask counts, not only the
@@ -143,6 +161,22 @@ def peak_share(records: Sequence[PartitionRecord], start: float, end: float) -> 
     return peak
 
 
+def peak_count(records: Sequence[PartitionRecord], start: float, end: float) -> int:
+    """Most of ``records`` open at one instant of ``[start, end)``."""
+    points: list[tuple[float, int]] = []
+    for r in records:
+        if r.expires_at <= start or r.starts_at >= end:
+            continue
+        points.append((max(r.starts_at, start), 1))
+        points.append((r.expires_at, -1))
+    points.sort(key=lambda p: (p[0], p[1]))
+    level = peak = 0
+    for _, delta in points:
+        level += delta
+        peak = max(peak, level)
+    return peak
+
+
 def _over(limit: str, standing: str) -> AdmissionRefused:
     return AdmissionRefused(f"over the {limit} limit: {standing}")
 
@@ -181,8 +215,9 @@ def peak_usage(intervals: Sequence[Interval], start: float, end: float) -> int:
     return peak
 
 
-def earliest_fit(intervals: Sequence[Interval], nbytes: int, duration: float,
-                 not_before: float, capacity: int) -> float | None:
+def earliest_fit(
+    intervals: Sequence[Interval], nbytes: int, duration: float, not_before: float, capacity: int
+) -> float | None:
     """The first moment from ``not_before`` on when ``nbytes`` fits for ``duration``."""
     if nbytes > capacity:
         return None
@@ -212,8 +247,7 @@ class Plan:
     """For every waiter not granted, when it would start if nothing else changed."""
 
 
-def plan_queue(ordered: Sequence[Waiter], intervals: dict[str, list[Interval]],
-               now: float) -> Plan:
+def plan_queue(ordered: Sequence[Waiter], intervals: dict[str, list[Interval]], now: float) -> Plan:
     """Conservative backfill over waiters already in priority order.
 
     Each waiter that does not fit now is given a virtual reservation at its

@@ -49,6 +49,7 @@ class Service:
         self._machine_factory = machine_factory
         self._machine: Machine | None = None
         self.on_change: Callable[[], None] = lambda: None
+        ledger.capacity_of = self._capacity_of
         self.cgroups: PartitionCgroups | None = None
         """Set by the daemon where it can place attached processes in cgroups."""
         """Called after any change to the set of open partitions (the daemon re-arms timers)."""
@@ -179,6 +180,10 @@ class Service:
             self.on_change()
         return ids
 
+    def _capacity_of(self, request: NewPartition) -> int:
+        """What admission may hand out on the request's device under the policy in force now."""
+        return int(request.device_total_bytes * self.config.reservable(request.device))
+
     def _priority(self, user: str, waited_s: float, mine: list[PartitionRecord]) -> float:
         now = self.ledger.clock()
         usage = decayed_usage(mine, now, self.config.fairshare_half_life_s)
@@ -205,46 +210,60 @@ class Service:
         for ticket, estimate in self.ledger.queue(self._priority):
             req = ticket.request
             per_device[req.device_uuid] = per_device.get(req.device_uuid, 0) + 1
-            out.append({
-                "ticket": ticket.id, "state": ticket.state, "user": req.user,
-                "device": req.device, "memory_bytes": req.memory_bytes,
-                "memory_fraction": round(req.memory_bytes / req.device_total_bytes, 6),
-                "duration_s": req.duration_s, "enqueued_at": ticket.enqueued_at,
-                "waited_s": round(now - ticket.enqueued_at, 3),
-                "position": per_device[req.device_uuid],
-                "estimated_start": estimate,
-                "waiting_for": self._blockers(req, estimate),
-            })
+            out.append(
+                {
+                    "ticket": ticket.id,
+                    "state": ticket.state,
+                    "user": req.user,
+                    "device": req.device,
+                    "memory_bytes": req.memory_bytes,
+                    "memory_fraction": round(req.memory_bytes / req.device_total_bytes, 6),
+                    "duration_s": req.duration_s,
+                    "enqueued_at": ticket.enqueued_at,
+                    "waited_s": round(now - ticket.enqueued_at, 3),
+                    "position": per_device[req.device_uuid],
+                    "estimated_start": estimate,
+                    "waiting_for": self._blockers(req, estimate),
+                }
+            )
         return out
 
     def _blockers(self, req: NewPartition, estimate: float | None) -> list[str]:
         """Partitions on the device that end by the estimated start (what we wait for)."""
         if estimate is None:
             return []
-        return [r.id for r in self.ledger.active() if r.device_uuid == req.device_uuid
-                and r.expires_at <= estimate + 1e-6]
+        return [
+            r.id
+            for r in self.ledger.active()
+            if r.device_uuid == req.device_uuid and r.expires_at <= estimate + 1e-6
+        ]
 
     def _ticket_status(self, ticket_id: str, note: str | None = None) -> dict[str, Any]:
         ticket = self.ledger.ticket(ticket_id)
-        status: dict[str, Any] = {"ticket": ticket.id, "state": ticket.state,
-                                  "reason": ticket.reason or note}
+        status: dict[str, Any] = {
+            "ticket": ticket.id,
+            "state": ticket.state,
+            "reason": ticket.reason or note,
+        }
         if ticket.state == "granted" and ticket.partition_id:
             record = self.ledger.get(ticket.partition_id)
             dev = self.machine.by_uuid(record.device_uuid)
-            status["partition"] = {**record.to_wire(),
-                                   "visible_env": dict(dev.visible_env) if dev else {}}
+            status["partition"] = {
+                **record.to_wire(),
+                "visible_env": dict(dev.visible_env) if dev else {},
+            }
         elif ticket.state == "waiting":
             mine = next((q for q in self._queue_statuses() if q["ticket"] == ticket.id), None)
             if mine is not None:
-                status.update({k: mine[k] for k in ("position", "estimated_start",
-                                                    "waiting_for", "waited_s")})
+                status.update(
+                    {k: mine[k] for k in ("position", "estimated_start", "waiting_for", "waited_s")}
+                )
         return status
 
     def _authorize_ticket(self, caller: Caller, ticket_id: str) -> None:
         ticket = self.ledger.ticket(ticket_id)
         if caller.uid != ticket.request.uid and not caller.is_admin:
-            raise PermissionDenied(f"queued request {ticket_id} belongs to "
-                                   f"{ticket.request.user}")
+            raise PermissionDenied(f"queued request {ticket_id} belongs to {ticket.request.user}")
 
     def op_release(self, caller: Caller, id: str) -> dict[str, Any]:
         self._authorize(caller, self.ledger.get(id), "release")
@@ -266,7 +285,7 @@ class Service:
         self._reap()
         machine = self.machine
         now = self.ledger.clock()
-        open_records = self.ledger.active(now)
+        open_records = self.ledger.running(now)
         usage = machine.usage()
         found = (
             attribute_processes(machine, open_records, self.ledger.attached()) if processes else []
@@ -321,8 +340,10 @@ class Service:
         return {"id": id, "pid": pid, "cgroup": placed}
 
     def op_attached_pids(self, caller: Caller, id: str) -> list[dict[str, Any]]:
-        return [{"pid": a.pid, "start_ticks": a.start_ticks, "uid": a.uid}
-                for a in self.ledger.attached(id)]
+        return [
+            {"pid": a.pid, "start_ticks": a.start_ticks, "uid": a.uid}
+            for a in self.ledger.attached(id)
+        ]
 
     def op_extend(self, caller: Caller, id: str, duration: Any) -> dict[str, Any]:
         record = self.ledger.get(id)
@@ -349,19 +370,22 @@ class Service:
         """An extension must pass the same quotas as a partition of the new length."""
         limits = self.config.limits_for(record.user)
         now = self.ledger.clock()
-        mine = [r for r in self.ledger.recent(now - 8 * 86400.0)
-                if r.uid == record.uid and r.id != record.id]
+        mine = [
+            r
+            for r in self.ledger.recent(now - 8 * 86400.0)
+            if r.uid == record.uid and r.id != record.id
+        ]
         ask = Ask(record.user, record.device, record.memory_fraction, record.starts_at, new_end)
         check_limits(limits, ask, mine, now)
 
-    def op_usage(self, caller: Caller, since: float | None = None,
-                 user: str | None = None) -> list[dict[str, Any]]:
+    def op_usage(
+        self, caller: Caller, since: float | None = None, user: str | None = None
+    ) -> list[dict[str, Any]]:
         from chronos.accounting import usage_report
 
         now = self.ledger.clock()
         since = now - 7 * 86400.0 if since is None else since
-        return usage_report(self.ledger.recent(since), self.ledger.events(since), since, now,
-                            user)
+        return usage_report(self.ledger.recent(since), self.ledger.events(since), since, now, user)
 
     # ------------------------------------------------------------------ helpers
 

@@ -123,9 +123,10 @@ def test_wait_is_granted_right_after_an_expiry_or_the_owner_dying(daemon_factory
         ],
         d.env,
     )
+    # The blocker must hold GPU 1 before the waiter asks, or the waiter may take it first.
+    wait_for(lambda: owner.out().strip(), 10, "the owner's partition")
     waiter = d.popen("create", "1", "0.6", "1h", "--wait")
     try:
-        wait_for(lambda: owner.out().strip(), 10, "the owner's partition")
         wait_queued(d, 1, waiter)
         owner.proc.kill()
         after_death = _grant_delay_ms(d, waiter, owner.out().strip())
@@ -579,7 +580,7 @@ def test_a_quota_refusal_names_the_limit_and_the_standing(
     ok(ann.cli(d, "create", "0", "0.2", "1h"))
     line = one_line_error(ann.cli(d, "create", "1", "0.2", "1h"), REFUSED)
     assert "over the max_partitions limit" in line
-    assert f"{ann.name} already holds 1 open partition(s) of 1" in line
+    assert f"{ann.name} already holds 1 partition(s) at once then, at most 1" in line
     # A quota refusal does not wait, even with --wait.
     line = one_line_error(ann.cli(d, "create", "1", "0.2", "1h", "--wait"), REFUSED)
     assert "max_partitions" in line and d.queue() == []

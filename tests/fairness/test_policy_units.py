@@ -91,7 +91,7 @@ def test_max_duration_names_the_limit_and_the_ask() -> None:
     assert "max_duration" in msg and "9h" in msg and "8h" in msg
 
 
-def test_max_partitions_counts_open_partitions_and_bookings_only() -> None:
+def test_max_partitions_counts_partitions_open_at_once_during_the_ask() -> None:
     mine = [
         rec(T0 - H, T0 + H, 0.1, pid="a"),
         rec(T0 + 5 * H, T0 + 6 * H, 0.1, state=BOOKED, pid="b"),
@@ -99,10 +99,17 @@ def test_max_partitions_counts_open_partitions_and_bookings_only() -> None:
         rec(T0 - 3 * H, T0 - H, 0.1, state=EXPIRED, ended_at=T0 - H, pid="d"),
         rec(T0 - 2 * H, T0, 0.1, pid="e"),
     ]  # due now, not reaped yet: not open
-    msg = refusal(Limits(max_partitions=2), ask(0.1, T0, T0 + H), mine)
+    # Only "a" overlaps the ask; "b" is booked later and does not count at the same time.
+    msg = refusal(Limits(max_partitions=1), ask(0.1, T0, T0 + H), mine)
     assert "max_partitions" in msg
-    assert "alice already holds 2 open partition(s) of 2" in msg
-    check_limits(Limits(max_partitions=3), ask(0.1, T0, T0 + H), mine, T0)
+    assert "alice already holds 1 partition(s) at once then, at most 1" in msg
+    check_limits(Limits(max_partitions=2), ask(0.1, T0, T0 + H), mine, T0)
+    # An ask spanning both still meets only one of them at any instant.
+    check_limits(Limits(max_partitions=2), ask(0.1, T0, T0 + 6 * H), mine, T0)
+    # A second partition beside "a" makes two at once.
+    both = [*mine, rec(T0 - H, T0 + 2 * H, 0.1, pid="f")]
+    msg = refusal(Limits(max_partitions=2), ask(0.1, T0, T0 + H), both)
+    assert "2 partition(s) at once" in msg
 
 
 def test_max_total_share_looks_at_what_overlaps_the_ask() -> None:
@@ -437,11 +444,6 @@ def test_new_partitions_keep_the_grace_of_the_policy_they_were_granted_under(
     assert h.ok(ALICE, "get", id=own["id"])["grace_s"] == 2.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: a queued request keeps the capacity "
-    "(reservable share) of the policy it was queued under",
-)
 def test_a_lowered_reservable_share_applies_to_requests_still_waiting(harness_factory: Any) -> None:
     h = harness_factory()
     p = _full(h, 1.0, "100s")

@@ -335,10 +335,11 @@ class Schedule(RuleBasedStateMachine):
                 for r in mine
                 if effective_end(r) > r.starts_at
             ]
-            open_now = [r for r in mine if r.state_at(self.now) in (ACTIVE, BOOKED)]
             context = f"{c.user}: {limits}; steps: {self.steps}"
             assert limits.max_partitions is not None
-            assert len(open_now) <= limits.max_partitions, context
+            # "most partitions at once": count the user's partitions held at one instant.
+            at_once = max_overlap([(s, e, 1.0) for s, e, _ in spans])
+            assert at_once <= limits.max_partitions + EPS, context
             for r in mine:
                 assert limits.max_share is not None and limits.max_duration_s is not None
                 assert r.memory_fraction <= limits.max_share + EPS, context

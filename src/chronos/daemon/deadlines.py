@@ -19,7 +19,7 @@ from chronos import procs
 from chronos.attribution import Attributor
 from chronos.daemon.log import log
 from chronos.ledger import Ended, Ledger
-from chronos.models import ACTIVE, BOOKED, EXPIRED, PartitionRecord
+from chronos.models import ACTIVE, EXPIRED, PartitionRecord
 
 OWNER_POLL_S = 0.5
 """Fallback owner check where pidfds are missing (kernels before 5.3)."""
@@ -37,8 +37,8 @@ class Deadlines:
         }
         self._kills: dict[str, asyncio.TimerHandle] = {}
         self._poller: asyncio.TimerHandle | None = None
-        self._open: set[str] = set()
-        """Partitions open at the last look, to notice those ended by someone else."""
+        self._seq = ledger.last_seq()
+        """The newest event seen, to notice partitions ended by someone else."""
         self.on_ended: Callable[[list[Ended]], None] = lambda ended: None
         self.after_time: Callable[[], None] = lambda: None
 
@@ -56,25 +56,26 @@ class Deadlines:
     def _process_due(self, owners: bool) -> None:
         # Owner deaths arrive through pidfds (_on_time); a plain change checks only the clock.
         ended = self.ledger.reap(owners=owners)
-        open_records = self.ledger.partitions()  # the one read of open partitions per change
-        ended += self._ended_elsewhere(ended, {r.id for r in open_records})
+        ended += self._ended_elsewhere(ended)
         if ended:
             self._on_ended(ended)
             self.on_ended(ended)
-        self._warn_due(open_records)
-        self._watch_owners(open_records)
-        self._arm(open_records)
+        # Only the partitions with an owner or a warning, not every booking: cheap at scale.
+        watched = self.ledger.watched()
+        self._warn_due(watched)
+        self._watch_owners(watched)
+        self._arm(watched)
 
-    def _ended_elsewhere(self, reaped: list[Ended], now_open: set[str]) -> list[Ended]:
-        """Partitions that a request ended on its way (every op reaps what is due).
+    def _ended_elsewhere(self, reaped: list[Ended]) -> list[Ended]:
+        """Partitions ended since the last look other than by this reap.
 
         A busy daemon may serve a request after a deadline and before its timer:
         that request's reap ends the partition, so act on those here too, or
-        their processes would never be stopped.
+        their processes would never be stopped. Releases arrive here as well.
         """
-        gone = self._open - now_open - {e.record.id for e in reaped}
-        self._open = now_open
-        records = [self.ledger.get(pid_id) for pid_id in sorted(gone)]
+        ids, self._seq = self.ledger.ended_since(self._seq)
+        done = {e.record.id for e in reaped}
+        records = [self.ledger.get(pid_id) for pid_id in dict.fromkeys(ids) if pid_id not in done]
         return [Ended(r, r.end_reason or r.state) for r in records]
 
     def _arm(self, open_records: list[PartitionRecord]) -> None:
@@ -96,9 +97,10 @@ class Deadlines:
             return
         self._on_time()
 
-    def _next_due(self, open_records: list[PartitionRecord]) -> float | None:
-        candidates = [r.starts_at if r.state == BOOKED else r.expires_at for r in open_records]
-        candidates += [_warn_at(r) for r in open_records if r.warn_s and r.id not in self._warned]
+    def _next_due(self, watched: list[PartitionRecord]) -> float | None:
+        deadline = self.ledger.next_deadline()
+        candidates = [] if deadline is None else [deadline]
+        candidates += [_warn_at(r) for r in watched if r.warn_s and r.id not in self._warned]
         return min(candidates) if candidates else None
 
     # ---------------------------------------------------------------- warnings

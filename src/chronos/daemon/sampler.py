@@ -16,7 +16,7 @@ from chronos.daemon.deadlines import Deadlines
 from chronos.daemon.log import log
 from chronos.enforcement import MemoryWatch, Violation
 from chronos.ledger import Ended
-from chronos.models import ACTIVE, ProcessUse
+from chronos.models import ProcessUse
 from chronos.service import Service
 from chronos.units import format_bytes
 
@@ -63,7 +63,7 @@ class Sampler:
     async def sample_once(self) -> None:
         ledger = self.service.ledger
         now = time.time()
-        records = [r for r in ledger.active(now) if r.state_at(now) == ACTIVE]
+        records = ledger.running(now)
         attached = ledger.attached()
         t0 = time.perf_counter()
         found = await asyncio.get_running_loop().run_in_executor(

@@ -109,8 +109,9 @@ class Server:
         await self._reply(writer, reply)
         return True
 
-    async def _long_poll(self, caller: Caller, message: Any,
-                         reply: dict[str, Any]) -> dict[str, Any]:
+    async def _long_poll(
+        self, caller: Caller, message: Any, reply: dict[str, Any]
+    ) -> dict[str, Any]:
         """Hold a ``wait`` until its ticket changes state or ``max_wait`` passes."""
         args = message.get("args") or {}
         max_wait = args.get("max_wait", 0)
