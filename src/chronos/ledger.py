@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -859,7 +858,7 @@ class Ledger:
 
     def _new_id(self) -> str:
         while True:
-            candidate = secrets.token_hex(4)
+            candidate = os.urandom(4).hex()
             if not self._db.execute(
                 "SELECT 1 FROM partitions WHERE id = ?", (candidate,)
             ).fetchone():

@@ -10,11 +10,14 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from chronos.config import Limits
 from chronos.errors import AdmissionRefused
 from chronos.models import ACTIVE, BOOKED, PartitionRecord
 from chronos.units import format_duration
+
+if TYPE_CHECKING:  # only for annotations: keeps tomllib out of the CLI's import
+    from chronos.config import Limits
 
 DAY = 86400.0
 WEEK = 7 * DAY
