@@ -326,6 +326,8 @@ def fresh_env(mode: str | None, gpus: str = "1TiB,1TiB") -> Iterator[tuple[Path,
     env = dict(os.environ)
     for key in [k for k in env if k.startswith("CHRONOS_") and not k.startswith("CHRONOS_BENCH")]:
         del env[key]
+    # Measure what an installed Chronos does: Python caches compiled modules (.pyc).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.update(
         {
             "CHRONOS_BACKEND": "simulated",
