@@ -27,7 +27,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
@@ -42,8 +42,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from chronos.dashboard.net import exposure_warning, family_of, is_loopback, parse_address
-from chronos.errors import ChronosError
+from chronos.dashboard.net import bind_http, exposure_warning, is_loopback, parse_address
 from chronos.models import ACTIVE, BOOKED
 
 if TYPE_CHECKING:
@@ -524,21 +523,10 @@ class MetricsEndpoint:
     def __init__(
         self, address: str, registry: CollectorRegistry, on_close: Callable[[], None] = lambda: None
     ) -> None:
-        host, port = parse_address(address)
+        host, _ = parse_address(address)
         self.registry = registry
         self._on_close = on_close
-        handler = _handler_for(registry)
-
-        class Server(ThreadingHTTPServer):
-            address_family = family_of(host)
-            daemon_threads = True
-
-        try:
-            self.httpd = Server((host, port), handler)
-        except OSError as exc:
-            raise ChronosError(
-                f"cannot serve metrics on {address}: {exc.strerror or exc}"
-            ) from None
+        self.httpd = bind_http(address, _handler_for(registry), "metrics")
         self.host, self.port = host, int(self.httpd.server_address[1])
         self.loopback = is_loopback(host)
         self._thread = threading.Thread(target=self._serve, name="chronos-metrics", daemon=True)

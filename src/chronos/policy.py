@@ -8,7 +8,7 @@ can drive it with any clock.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -150,30 +150,29 @@ def _busiest_window(
 
 def peak_share(records: Sequence[PartitionRecord], start: float, end: float) -> float:
     """Largest sum of fractions of ``records`` open at one instant of ``[start, end)``."""
-    points: list[tuple[float, float]] = []
-    for r in records:
-        if r.expires_at <= start or r.starts_at >= end:
-            continue
-        points.append((max(r.starts_at, start), r.memory_fraction))
-        points.append((r.expires_at, -r.memory_fraction))
-    points.sort()
-    level = peak = 0.0
-    for _, delta in points:
-        level += delta
-        peak = max(peak, level)
-    return peak
+    return _peak(records, start, end, lambda r: r.memory_fraction)
 
 
 def peak_count(records: Sequence[PartitionRecord], start: float, end: float) -> int:
     """Most of ``records`` open at one instant of ``[start, end)``."""
-    points: list[tuple[float, int]] = []
+    return int(_peak(records, start, end, lambda r: 1.0))
+
+
+def _peak(
+    records: Sequence[PartitionRecord],
+    start: float,
+    end: float,
+    weight: Callable[[PartitionRecord], float],
+) -> float:
+    points: list[tuple[float, float]] = []
     for r in records:
         if r.expires_at <= start or r.starts_at >= end:
             continue
-        points.append((max(r.starts_at, start), 1))
-        points.append((r.expires_at, -1))
-    points.sort(key=lambda p: (p[0], p[1]))
-    level = peak = 0
+        points.append((max(r.starts_at, start), weight(r)))
+        points.append((r.expires_at, -weight(r)))
+    # At equal times, ends (negative) come first: a partition ending at t frees room at t.
+    points.sort()
+    level = peak = 0.0
     for _, delta in points:
         level += delta
         peak = max(peak, level)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from chronos.errors import BadRequest
+from chronos.errors import BadRequest, ChronosError
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
@@ -67,3 +68,19 @@ def exposure_warning(what: str, host: str, port: int) -> str:
         f"reach this machine on port {port} can read it (users, partitions, process commands); "
         "there is no authentication. Prefer 127.0.0.1 and an SSH tunnel, or a firewall."
     )
+
+
+def bind_http(
+    address: str, handler: type[BaseHTTPRequestHandler], what: str
+) -> ThreadingHTTPServer:
+    """A threading HTTP server bound to ``address``, or a one-line ChronosError saying why not."""
+    host, port = parse_address(address)
+
+    class Server(ThreadingHTTPServer):
+        address_family = family_of(host)
+        daemon_threads = True
+
+    try:
+        return Server((host, port), handler)
+    except OSError as exc:
+        raise ChronosError(f"cannot serve {what} on {address}: {exc.strerror or exc}") from None

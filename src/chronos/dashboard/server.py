@@ -28,15 +28,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from importlib import resources
 from pathlib import Path
 from string import Template
 from typing import Any
 
 from chronos.dashboard.net import (
+    bind_http,
     exposure_warning,
-    family_of,
     is_loopback,
     parse_address,
     url_of,
@@ -276,21 +276,10 @@ class DashboardServer:
     """The HTTP server; ``serve_forever()`` in the foreground or ``start()`` a thread."""
 
     def __init__(self, address: str, source: Callable[[], Snapshot]) -> None:
-        host, port = parse_address(address)
+        host, _ = parse_address(address)
         self.source = source
         self.loopback = is_loopback(host)
-        handler = _handler_for(self)
-
-        class Server(ThreadingHTTPServer):
-            address_family = family_of(host)
-            daemon_threads = True
-
-        try:
-            self.httpd = Server((host, port), handler)
-        except OSError as exc:
-            raise ChronosError(
-                f"cannot serve the dashboard on {address}: {exc.strerror or exc}"
-            ) from None
+        self.httpd = bind_http(address, _handler_for(self), "the dashboard")
         self.host, self.port = host, int(self.httpd.server_address[1])
         self.allowed_hosts = _loopback_hosts(host) if self.loopback else None
         self._thread: threading.Thread | None = None
