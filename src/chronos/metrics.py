@@ -43,7 +43,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from chronos.dashboard.net import bind_http, exposure_warning, is_loopback, parse_address
-from chronos.models import ACTIVE, BOOKED
+from chronos.models import ACTIVE, BOOKED, DeviceStats
 
 if TYPE_CHECKING:
     from chronos.daemon.sampler import Sampler
@@ -98,17 +98,9 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class GpuState:
-    index: int
-    uuid: str
-    name: str
-    vendor: str
-    backend: str
-    total_bytes: int
-    used_bytes: int | None
-    utilization_pct: float | None
-    reservable_bytes: int
-    committed_bytes: int
-    active_partitions: int
+    """A GPU as ``chronos stats`` sees it, plus what only the metrics show."""
+
+    stats: DeviceStats
     booked_partitions: int
     queue_length: int
     unpartitioned_bytes: int | None
@@ -158,26 +150,15 @@ def read_state(
         if p.partition_id is None:
             unpartitioned[p.device] = unpartitioned.get(p.device, 0) + p.used_bytes
     gpus = []
-    for dev in machine.devices:
-        mine = [r for r in records if r.device_uuid == dev.uuid]
-        active = [r for r in mine if r.state_at(now) == ACTIVE]
-        use = usage.get(dev.uuid)
+    for stats in service.device_stats(now, records, usage, []):
         gpus.append(
             GpuState(
-                index=dev.index,
-                uuid=dev.uuid,
-                name=dev.name,
-                vendor=dev.vendor,
-                backend=dev.backend,
-                total_bytes=dev.total_bytes,
-                used_bytes=use.used_bytes if use else None,
-                utilization_pct=use.utilization_pct if use else None,
-                reservable_bytes=int(dev.total_bytes * service.config.reservable(dev.index)),
-                committed_bytes=sum(r.memory_bytes for r in active),
-                active_partitions=len(active),
-                booked_partitions=sum(1 for r in mine if r.state_at(now) == BOOKED),
-                queue_length=sum(1 for t in waiting if t.request.device_uuid == dev.uuid),
-                unpartitioned_bytes=unpartitioned.get(dev.index, 0)
+                stats=stats,
+                booked_partitions=sum(
+                    1 for r in records if r.device_uuid == stats.uuid and r.state_at(now) == BOOKED
+                ),
+                queue_length=sum(1 for t in waiting if t.request.device_uuid == stats.uuid),
+                unpartitioned_bytes=unpartitioned.get(stats.index, 0)
                 if per_process and sampled
                 else None,
             )
@@ -391,20 +372,26 @@ class ChronosCollector(Collector):
         booked = gpu_gauge("booked_partitions", "Partitions booked on the GPU for later.")
         queue = gpu_gauge("queue_length", "Requests waiting in the queue for the GPU.")
         for g in state.gpus:
-            label = [str(g.index)]
+            label = [str(g.stats.index)]
             info.add_metric(
-                label, {"uuid": g.uuid, "name": g.name, "vendor": g.vendor, "backend": g.backend}
+                label,
+                {
+                    "uuid": g.stats.uuid,
+                    "name": g.stats.name,
+                    "vendor": g.stats.vendor,
+                    "backend": g.stats.backend,
+                },
             )
-            total.add_metric(label, g.total_bytes)
-            if g.used_bytes is not None:
-                used.add_metric(label, g.used_bytes)
-            committed.add_metric(label, g.committed_bytes)
-            reservable.add_metric(label, g.reservable_bytes)
+            total.add_metric(label, g.stats.total_bytes)
+            if g.stats.used_bytes is not None:
+                used.add_metric(label, g.stats.used_bytes)
+            committed.add_metric(label, g.stats.committed_bytes)
+            reservable.add_metric(label, g.stats.reservable_bytes)
             if g.unpartitioned_bytes is not None:
                 unpartitioned.add_metric(label, g.unpartitioned_bytes)
-            if g.utilization_pct is not None:
-                util.add_metric(label, g.utilization_pct / 100.0)
-            active.add_metric(label, g.active_partitions)
+            if g.stats.utilization_pct is not None:
+                util.add_metric(label, g.stats.utilization_pct / 100.0)
+            active.add_metric(label, g.stats.active_partitions)
             booked.add_metric(label, g.booked_partitions)
             queue.add_metric(label, g.queue_length)
         yield from (

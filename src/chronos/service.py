@@ -19,11 +19,11 @@ from chronos import procs, protocol
 from chronos.attribution import attribute_processes
 from chronos.cgroups import PartitionCgroups
 from chronos.config import Config, Limits
-from chronos.devices import Machine, open_machine
+from chronos.devices import DeviceUsage, Machine, open_machine
 from chronos.errors import BadRequest, CapacityRefused, ChronosError, PermissionDenied
 from chronos.identity import Caller, resolve_user
 from chronos.ledger import Ledger, NewPartition, QuotaCheck
-from chronos.models import ACTIVE, BOOKED, DeviceStats, PartitionRecord
+from chronos.models import ACTIVE, BOOKED, DeviceStats, PartitionRecord, ProcessUse
 from chronos.policy import Ask, check_limits, decayed_usage, priority
 from chronos.units import parse_duration, parse_memory
 
@@ -290,13 +290,27 @@ class Service:
         found = (
             attribute_processes(machine, open_records, self.ledger.attached()) if processes else []
         )
-        devices = []
-        for dev in machine.devices:
-            mine = [
-                r for r in open_records if r.device_uuid == dev.uuid and r.state_at(now) == ACTIVE
-            ]
+        devices = [d.to_json() for d in self.device_stats(now, open_records, usage, found)]
+        return {
+            "mode": self.mode,
+            "backends": machine.backend_names,
+            "per_process_memory": machine.per_process_memory,
+            "devices": devices,
+        }
+
+    def device_stats(
+        self,
+        now: float,
+        records: list[PartitionRecord],
+        usage: dict[str, DeviceUsage],
+        found: list[ProcessUse],
+    ) -> list[DeviceStats]:
+        """Each GPU with its memory, the partitions active on it now, and its processes."""
+        out = []
+        for dev in self.machine.devices:
+            mine = [r for r in records if r.device_uuid == dev.uuid and r.state_at(now) == ACTIVE]
             use = usage.get(dev.uuid)
-            devices.append(
+            out.append(
                 DeviceStats(
                     index=dev.index,
                     uuid=dev.uuid,
@@ -313,14 +327,9 @@ class Service:
                     pci_bus_id=dev.pci_bus_id,
                     details=dict(dev.details),
                     processes=[p for p in found if p.device == dev.index],
-                ).to_json()
+                )
             )
-        return {
-            "mode": self.mode,
-            "backends": machine.backend_names,
-            "per_process_memory": machine.per_process_memory,
-            "devices": devices,
-        }
+        return out
 
     def op_attach(self, caller: Caller, id: str, pid: int) -> dict[str, Any]:
         record = self.ledger.get(id)
