@@ -590,3 +590,25 @@ def test_crash_consistency_under_sigkill(tmp_path: Path) -> None:
     finally:
         led.close()
     check_consistent(path)
+
+
+def test_many_processes_can_create_the_same_new_ledger_at_once(tmp_path: Path) -> None:
+    """The first use on a machine may come from several users at the same instant."""
+    path = tmp_path / "ledger.db"
+    code = (
+        "import sys; from chronos.ledger import Ledger; "
+        "Ledger(sys.argv[1]).partitions(); print('ok')"
+    )
+    for _ in range(3):
+        path.unlink(missing_ok=True)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, str(path)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(8)
+        ]
+        results = [p.communicate(timeout=60) for p in procs]
+        assert [out.strip() for out, _ in results] == ["ok"] * 8, [e for _, e in results]

@@ -195,7 +195,7 @@ class Ledger:
             os.chmod(self.path, file_mode)
         db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA busy_timeout = 30000")
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = _journal_mode_wal(db)
         if mode != "wal":
             raise ChronosError(f"ledger {self.path}: cannot use WAL mode (got {mode})")
         db.execute("PRAGMA synchronous = FULL")
@@ -897,6 +897,19 @@ def _event(row: Sequence[Any]) -> Event:
     return Event(
         seq, at, kind, partition_id, uid, user, device_uuid, memory_bytes, json.loads(detail)
     )
+
+
+def _journal_mode_wal(db: sqlite3.Connection, patience_s: float = 30.0) -> str:
+    """Switch to WAL, retrying: while another process creates the same new database, SQLite
+    answers this pragma "database is locked" at once instead of waiting on the busy timeout."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return str(db.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _ticket(row: Sequence[Any]) -> Ticket:
