@@ -502,6 +502,29 @@ class DaemonProcess:
         self.stop()
 
 
+def api_latency(
+    mode: str, iterations: int, warmup: int, memory: float, duration: float
+) -> dict[str, list[float]]:
+    """Seconds of each ``create(0, memory, duration, persist=True)`` and ``.release()``
+    through the Python API (which must be in ``mode``), one call at a time after a warm-up."""
+    from chronos import Partitioner
+
+    creates: list[float] = []
+    releases: list[float] = []
+    with Partitioner() as client:
+        assert client.mode == mode, client.mode
+        for i in range(warmup + iterations):
+            t0 = time.perf_counter()
+            p = client.create(0, memory, duration, persist=True)
+            t1 = time.perf_counter()
+            p.release()
+            t2 = time.perf_counter()
+            if i >= warmup:
+                creates.append(t1 - t0)
+                releases.append(t2 - t1)
+    return {"create": creates, "release": releases}
+
+
 def fill_history(ledger: Path, count: int) -> None:
     """Add ``count`` ended partitions to ``ledger``, as months of use would leave.
 

@@ -31,25 +31,6 @@ MEMORY = 0.001  # ~1 GiB of a simulated 1 TiB GPU; released after each use
 LONG = 3600
 
 
-def bench_api(iterations: int, warmup: int) -> dict[str, list[float]]:
-    from chronos import Partitioner
-
-    creates: list[float] = []
-    releases: list[float] = []
-    with Partitioner() as client:
-        assert client.mode == "daemon", client.mode
-        for i in range(warmup + iterations):
-            t0 = time.perf_counter()
-            p = client.create(0, MEMORY, LONG, persist=True)
-            t1 = time.perf_counter()
-            p.release()
-            t2 = time.perf_counter()
-            if i >= warmup:
-                creates.append(t1 - t0)
-                releases.append(t2 - t1)
-    return {"create": creates, "release": releases}
-
-
 def bench_cli(env: dict[str, str], runs: int, open_partitions: int) -> dict[str, list[float]]:
     from chronos import Partitioner
 
@@ -108,7 +89,7 @@ def main() -> int:
             print(f"chronosd pid {daemon.pid}, started as {daemon.how}")
             C.banner("API through chronosd")
             cpu0 = daemon.cpu_seconds()
-            api = bench_api(args.iterations, args.warmup)
+            api = C.api_latency("daemon", args.iterations, args.warmup, MEMORY, LONG)
             cpu1 = daemon.cpu_seconds()
             api_rows = [C.stat_row(f"API {k}", v) for k, v in api.items()]
             print(C.text_table(C.STAT_HEADERS, api_rows))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +26,6 @@ import _common as C  # noqa: E402
 
 MEMORY = 0.001  # ~1 GiB of a simulated 1 TiB GPU; released after each use
 LONG = 3600
-
-
-def bench_api(iterations: int, warmup: int) -> dict[str, list[float]]:
-    from chronos import Partitioner
-
-    creates: list[float] = []
-    releases: list[float] = []
-    with Partitioner() as client:
-        assert client.mode == "embedded", client.mode
-        for i in range(warmup + iterations):
-            t0 = time.perf_counter()
-            p = client.create(0, MEMORY, LONG, persist=True)
-            t1 = time.perf_counter()
-            p.release()
-            t2 = time.perf_counter()
-            if i >= warmup:
-                creates.append(t1 - t0)
-                releases.append(t2 - t1)
-    return {"create": creates, "release": releases}
 
 
 def bench_cli(env: dict[str, str], runs: int, open_partitions: int) -> dict[str, list[float]]:
@@ -137,11 +117,11 @@ def main() -> int:
         info = C.machine_info(home)
         meter = C.LoadMeter()
         C.banner("API (embedded)")
-        api = bench_api(args.iterations, args.warmup)
+        api = C.api_latency("embedded", args.iterations, args.warmup, MEMORY, LONG)
         api_rows = [C.stat_row(f"API {k}", v) for k, v in api.items()]
         print(C.text_table(C.STAT_HEADERS, api_rows))
         if args.profile:
-            print(C.profile_summary(bench_api, 300, 10))
+            print(C.profile_summary(C.api_latency, "embedded", 300, 10, MEMORY, LONG))
 
         C.banner("CLI (embedded, subprocess wall time)")
         cli = bench_cli(env, args.cli_runs, args.cli_open)

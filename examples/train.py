@@ -14,10 +14,14 @@ from chronos.units import format_bytes
 
 
 def train(p: Partition, epochs: int = 3) -> None:
-    print(f"partition {p.id}: GPU {p.device} ({p.device_uuid}), "
-          f"{p.memory_fraction:.0%} = {format_bytes(p.memory_bytes)}, owner {p.user}")
-    print(f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}  "
-          f"framework soft cap={os.environ.get('CHRONOS_SOFT_LIMIT_BYTES', 'not set')} bytes")
+    print(
+        f"partition {p.id}: GPU {p.device} ({p.device_uuid}), "
+        f"{p.memory_fraction:.0%} = {format_bytes(p.memory_bytes)}, owner {p.user}"
+    )
+    print(
+        f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}  "
+        f"framework soft cap={os.environ.get('CHRONOS_SOFT_LIMIT_BYTES', 'not set')} bytes"
+    )
     for epoch in range(epochs):
         time.sleep(0.2)  # one "epoch" of work
         print(f"epoch {epoch} done, {p.time_remaining:.0f} s left")

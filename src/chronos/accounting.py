@@ -9,17 +9,32 @@ from chronos.models import EXPIRED, RELEASED, Event, PartitionRecord
 from chronos.policy import gpu_hours
 
 
-def usage_report(records: Iterable[PartitionRecord], events: Iterable[Event], since: float,
-                 now: float, user: str | None = None) -> list[dict[str, Any]]:
+def usage_report(
+    records: Iterable[PartitionRecord],
+    events: Iterable[Event],
+    since: float,
+    now: float,
+    user: str | None = None,
+) -> list[dict[str, Any]]:
     """One row per user: GPU-hours reserved and used, and how their partitions ended."""
     rows: dict[str, dict[str, Any]] = {}
 
     def row(name: str) -> dict[str, Any]:
-        return rows.setdefault(name, {
-            "user": name, "gpu_hours_reserved": 0.0, "gpu_hours_used": 0.0,
-            "used_measured_partitions": 0, "created": 0, "released_early": 0, "expired": 0,
-            "refused": 0, "killed_for_memory": 0, "queued": 0,
-        })
+        return rows.setdefault(
+            name,
+            {
+                "user": name,
+                "gpu_hours_reserved": 0.0,
+                "gpu_hours_used": 0.0,
+                "used_measured_partitions": 0,
+                "created": 0,
+                "released_early": 0,
+                "expired": 0,
+                "refused": 0,
+                "killed_for_memory": 0,
+                "queued": 0,
+            },
+        )
 
     by_id: dict[str, PartitionRecord] = {}
     for r in records:

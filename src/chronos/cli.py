@@ -80,15 +80,30 @@ def cli() -> None:
 @click.option("--warn", help="Signal the partition's processes this long before the end.")
 @click.option("--warn-signal", help="Signal sent at --warn time (default SIGUSR1).")
 @click.option("--start", help="Book ahead: +2h, 09:00, 'tomorrow 09:00', 2026-12-01T09:00.")
-@click.option("--repeat", type=click.Choice(["daily", "weekdays"]),
-              help="Repeat the booking every day (or weekday) until --until.")
+@click.option(
+    "--repeat",
+    type=click.Choice(["daily", "weekdays"]),
+    help="Repeat the booking every day (or weekday) until --until.",
+)
 @click.option("--until", "until", help="Last day of a --repeat (YYYY-MM-DD).")
 @click.option("--wait", is_flag=True, help="If it does not fit now, wait in the fair queue.")
 @click.option("--timeout", help="With --wait: give up after this long (e.g. 10m).")
 @json_option
-def create(device: int, memory: str, duration: str, user: str | None, grace: str | None,
-           warn: str | None, warn_signal: str | None, start: str | None, repeat: str | None,
-           until: str | None, wait: bool, timeout: str | None, as_json: bool) -> None:
+def create(
+    device: int,
+    memory: str,
+    duration: str,
+    user: str | None,
+    grace: str | None,
+    warn: str | None,
+    warn_signal: str | None,
+    start: str | None,
+    repeat: str | None,
+    until: str | None,
+    wait: bool,
+    timeout: str | None,
+    as_json: bool,
+) -> None:
     """Reserve MEMORY of GPU DEVICE for DURATION.
 
     MEMORY: a fraction (0.5), a percent (50%) or a size (40GiB, 512MiB).
@@ -105,8 +120,17 @@ def create(device: int, memory: str, duration: str, user: str | None, grace: str
         raise BadRequest("--wait is for requests that start now; --start books ahead")
     now = time.time()
     starts_at = parse_start(start, now) if start else None
-    options = dict(device=device, memory=memory, duration=duration, user=user, persist=True,
-                   grace=grace, warn=warn, warn_signal=warn_signal, kind="cli")
+    options = dict(
+        device=device,
+        memory=memory,
+        duration=duration,
+        user=user,
+        persist=True,
+        grace=grace,
+        warn=warn,
+        warn_signal=warn_signal,
+        kind="cli",
+    )
     client = _client()
     if repeat is not None:
         assert until is not None
@@ -127,8 +151,9 @@ def create(device: int, memory: str, duration: str, user: str | None, grace: str
         click.echo(f"{verb} " + describe(p.record, time.time()))
 
 
-def _create_repeated(client: Any, options: dict[str, Any], first: float, repeat: str,
-                     until: str, as_json: bool) -> int:
+def _create_repeated(
+    client: Any, options: dict[str, Any], first: float, repeat: str, until: str, as_json: bool
+) -> int:
     """One booking per day from ``first`` to ``until``; report the days that did not fit."""
     from datetime import datetime, timedelta
 
@@ -179,11 +204,16 @@ class WaitDisplay:
     def describe(status: dict[str, Any]) -> str:
         now = time.time()
         est = status.get("estimated_start")
-        when = ("unknown" if est is None else
-                f"{local_clock(est)} (in {format_duration(max(0.0, est - now))})")
+        when = (
+            "unknown"
+            if est is None
+            else f"{local_clock(est)} (in {format_duration(max(0.0, est - now))})"
+        )
         blockers = ", ".join(status.get("waiting_for") or []) or "waiting requests ahead"
-        return (f"waiting: position {status.get('position', '?')} in the queue, for {blockers}; "
-                f"estimated start {when} [Ctrl-C leaves the queue]")
+        return (
+            f"waiting: position {status.get('position', '?')} in the queue, for {blockers}; "
+            f"estimated start {when} [Ctrl-C leaves the queue]"
+        )
 
     def done(self) -> None:
         if self.tty and self.last and not self.quiet:
@@ -202,13 +232,22 @@ def queue(as_json: bool) -> None:
     if not items:
         click.echo("no waiting requests")
         return
-    rows = [[q["ticket"], str(q["device"]), str(q["position"]), q["user"],
-             f"{q['memory_fraction']:.1%} ({format_bytes(q['memory_bytes'])})",
-             format_duration(q["duration_s"]), format_duration(q["waited_s"]),
-             local_clock(q["estimated_start"]) if q["estimated_start"] else "unknown"]
-            for q in items]
-    click.echo(table(["TICKET", "GPU", "POS", "USER", "MEMORY", "DURATION", "WAITED",
-                      "EST. START"], rows))
+    rows = [
+        [
+            q["ticket"],
+            str(q["device"]),
+            str(q["position"]),
+            q["user"],
+            f"{q['memory_fraction']:.1%} ({format_bytes(q['memory_bytes'])})",
+            format_duration(q["duration_s"]),
+            format_duration(q["waited_s"]),
+            local_clock(q["estimated_start"]) if q["estimated_start"] else "unknown",
+        ]
+        for q in items
+    ]
+    click.echo(
+        table(["TICKET", "GPU", "POS", "USER", "MEMORY", "DURATION", "WAITED", "EST. START"], rows)
+    )
 
 
 @cli.command()
@@ -247,13 +286,34 @@ def usage(since: str, user: str | None, as_json: bool) -> None:
     if not rows:
         click.echo("no usage in that period")
         return
-    headers = ["USER", "GPU-H RESERVED", "GPU-H USED", "CREATED", "RELEASED EARLY", "EXPIRED",
-               "REFUSED", "KILLED (MEMORY)"]
-    click.echo(table(headers, [[r["user"], f"{r['gpu_hours_reserved']:.2f}",
-                                f"{r['gpu_hours_used']:.2f}" if r["used_measured_partitions"]
-                                else "n/a", str(r["created"]), str(r["released_early"]),
-                                str(r["expired"]), str(r["refused"]),
-                                str(r["killed_for_memory"])] for r in rows]))
+    headers = [
+        "USER",
+        "GPU-H RESERVED",
+        "GPU-H USED",
+        "CREATED",
+        "RELEASED EARLY",
+        "EXPIRED",
+        "REFUSED",
+        "KILLED (MEMORY)",
+    ]
+    click.echo(
+        table(
+            headers,
+            [
+                [
+                    r["user"],
+                    f"{r['gpu_hours_reserved']:.2f}",
+                    f"{r['gpu_hours_used']:.2f}" if r["used_measured_partitions"] else "n/a",
+                    str(r["created"]),
+                    str(r["released_early"]),
+                    str(r["expired"]),
+                    str(r["refused"]),
+                    str(r["killed_for_memory"]),
+                ]
+                for r in rows
+            ],
+        )
+    )
 
 
 @cli.group()
@@ -406,11 +466,21 @@ def stats(watch: bool, interval: float, as_json: bool) -> None:
 @click.option("--memory", required=True, help="Fraction, percent or size (0.25, 25%, 20GiB).")
 @click.option("--duration", required=True, help="How long (3600, 2h, 1h30m).")
 @click.option("--grace", help="Delay between SIGTERM and SIGKILL at expiry (default 30s).")
-@click.option("--json", "as_json", is_flag=True,
-              help="When COMMAND ends, print a JSON summary (partition, exit code, why).")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="When COMMAND ends, print a JSON summary (partition, exit code, why).",
+)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run(device: int, memory: str, duration: str, grace: str | None, as_json: bool,
-        command: tuple[str, ...]) -> None:
+def run(
+    device: int,
+    memory: str,
+    duration: str,
+    grace: str | None,
+    as_json: bool,
+    command: tuple[str, ...],
+) -> None:
     """Run COMMAND inside a new partition; release it when COMMAND exits.
 
     Exits with COMMAND's status, or 124 if the partition's end stopped it.
@@ -425,9 +495,12 @@ def run(device: int, memory: str, duration: str, grace: str | None, as_json: boo
 
 
 @cli.command()
-@click.option("--bind", metavar="HOST:PORT",
-              help="Address to serve on (default 127.0.0.1:8080, this machine only; a "
-                   "non-loopback address exposes the page to the network).")
+@click.option(
+    "--bind",
+    metavar="HOST:PORT",
+    help="Address to serve on (default 127.0.0.1:8080, this machine only; a "
+    "non-loopback address exposes the page to the network).",
+)
 def dashboard(bind: str | None) -> None:
     """Serve a live, read-only web page of the GPUs, partitions, queue and processes."""
     from chronos.dashboard.server import run_dashboard

@@ -10,13 +10,16 @@ from chronos.units import format_bytes, local_clock
 WIDTH = 72
 
 
-def render_calendar(records: list[PartitionRecord], waiting: list[dict[str, Any]], now: float,
-                    span: float) -> str:
+def render_calendar(
+    records: list[PartitionRecord], waiting: list[dict[str, Any]], now: float, span: float
+) -> str:
     end = now + span
     step = span / WIDTH
     devices = sorted({r.device for r in records} | {q["device"] for q in waiting})
-    lines = [f"from {local_clock(now)} to {local_clock(end)}; one column = "
-             f"{step / 60:.0f} min; █ active  ▒ booked  ░ queued (estimated)"]
+    lines = [
+        f"from {local_clock(now)} to {local_clock(end)}; one column = "
+        f"{step / 60:.0f} min; █ active  ▒ booked  ░ queued (estimated)"
+    ]
     if not devices:
         lines.append("nothing booked, active or waiting")
     for device in devices:
@@ -30,8 +33,7 @@ def render_calendar(records: list[PartitionRecord], waiting: list[dict[str, Any]
         for q in (q for q in waiting if q["device"] == device):
             start = q["estimated_start"]
             label = f"{q['ticket']} {q['user'][:10]:<10} {q['memory_fraction']:>4.0%}"
-            bar = (_bar(start, start + q["duration_s"], now, step, "░") if start
-                   else "(no estimate)")
+            bar = _bar(start, start + q["duration_s"], now, step, "░") if start else "(no estimate)"
             lines.append(f"  {label}  {bar}  waiting, {format_bytes(q['memory_bytes'])}")
     return "\n".join(lines)
 

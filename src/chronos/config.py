@@ -35,8 +35,11 @@ class Limits:
     max_gpu_hours_week: float | None = None
 
     def merged(self, override: Limits) -> Limits:
-        changes = {f.name: getattr(override, f.name) for f in fields(Limits)
-                   if getattr(override, f.name) is not None}
+        changes = {
+            f.name: getattr(override, f.name)
+            for f in fields(Limits)
+            if getattr(override, f.name) is not None
+        }
         return replace(self, **changes)
 
 
@@ -99,11 +102,21 @@ def load_config(path: Path | None = None) -> Config:
     return parse_config(data, str(path))
 
 
-_ALIASES = {"grace": "grace_s", "warn": "warn_s", "max_duration": "max_duration_s",
-            "sample_interval": "sample_interval_s", "memory_grace": "memory_grace_s"}
+_ALIASES = {
+    "grace": "grace_s",
+    "warn": "warn_s",
+    "max_duration": "max_duration_s",
+    "sample_interval": "sample_interval_s",
+    "memory_grace": "memory_grace_s",
+}
 _TABLES = {"devices", "limits", "fairshare"}
-_NOT_TOP_LEVEL = {"device_reservable_share", "default_limits", "user_limits",
-                  "fairshare_half_life_s", "fairshare_age_weight"}
+_NOT_TOP_LEVEL = {
+    "device_reservable_share",
+    "default_limits",
+    "user_limits",
+    "fairshare_half_life_s",
+    "fairshare_age_weight",
+}
 
 
 def parse_config(data: dict[str, Any], origin: str = "config") -> Config:
@@ -122,12 +135,14 @@ def parse_config(data: dict[str, Any], origin: str = "config") -> Config:
     for key in limits:
         if key not in ("default", "users"):
             raise BadRequest(f"{origin}: unknown table [limits.{key}] (use default or users)")
-    changes["default_limits"] = _limits(_table(limits, "default", origin), f"{origin} "
-                                        "[limits.default]")
+    changes["default_limits"] = _limits(
+        _table(limits, "default", origin), f"{origin} [limits.default]"
+    )
     users = _table(limits, "users", origin)
-    changes["user_limits"] = {name: _limits(_table(users, name, origin),
-                                            f"{origin} [limits.users.{name}]")
-                              for name in users}
+    changes["user_limits"] = {
+        name: _limits(_table(users, name, origin), f"{origin} [limits.users.{name}]")
+        for name in users
+    }
     return replace(Config(), **changes)
 
 
@@ -159,8 +174,9 @@ def _devices(table: dict[str, Any], origin: str) -> dict[int, float]:
             if key != "reservable_share":
                 raise BadRequest(f"{origin}: unknown setting devices.{index}.{key}")
         if "reservable_share" in settings:
-            shares[int(index)] = _share(settings["reservable_share"],
-                                        f"{origin}: devices.{index}.reservable_share")
+            shares[int(index)] = _share(
+                settings["reservable_share"], f"{origin}: devices.{index}.reservable_share"
+            )
     return shares
 
 
@@ -184,8 +200,12 @@ def _limits(table: dict[str, Any], origin: str) -> Limits:
 
 
 def _number(value: Any, where: str, low: float, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= low \
-            or (high is not None and value > high):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or value <= low
+        or (high is not None and value > high)
+    ):
         bound = f"in ({low:g}, {high:g}]" if high is not None else f"more than {low:g}"
         raise BadRequest(f"{where} must be a number {bound}")
     return float(value)

@@ -56,8 +56,9 @@ def run_in_partition(
         with contextlib.suppress(ChronosError):
             partition.refresh()
         client.close()
-    stopped = "expired" if supervisor.expired else "memory" if supervisor.stopped_for_memory \
-        else None
+    stopped = (
+        "expired" if supervisor.expired else "memory" if supervisor.stopped_for_memory else None
+    )
     return code, {"partition": partition.to_json(), "exit_code": code, "stopped_by": stopped}
 
 
@@ -185,9 +186,11 @@ class Supervisor:
         if violation is None:
             return
         self.stopped_for_memory = True
-        say(f"partition {self.partition.id}: the command held {format_bytes(violation.used_bytes)}"
+        say(
+            f"partition {self.partition.id}: the command held {format_bytes(violation.used_bytes)}"
             f" of GPU {violation.device}, over the partition's "
-            f"{format_bytes(violation.allowed_bytes)}; stopping it")
+            f"{format_bytes(violation.allowed_bytes)}; stopping it"
+        )
         members = self.members()
         procs.signal_all(members, signal.SIGTERM)
         self.kill_at = time.time() + self.memory.grace_s
@@ -202,9 +205,11 @@ class Supervisor:
             if event["kind"] == "memory_exceeded":
                 d = event["detail"]
                 self.stopped_for_memory = True
-                say(f"chronosd stopped the command: partition {self.partition.id}'s processes "
+                say(
+                    f"chronosd stopped the command: partition {self.partition.id}'s processes "
                     f"held {format_bytes(d['used_bytes'])} of GPU {d['device']}, over its "
-                    f"{format_bytes(d['allowed_bytes'])}")
+                    f"{format_bytes(d['allowed_bytes'])}"
+                )
 
     def _daemon_ended_it(self) -> bool:
         try:
@@ -260,8 +265,9 @@ def _exit_code(status: int | None) -> int:
 class EmbeddedMemoryCap:
     """With no daemon, ``chronos run`` samples its own processes' GPU memory."""
 
-    def __init__(self, partition: Partition, machine: Machine, interval_s: float,
-                 grace_s: float) -> None:
+    def __init__(
+        self, partition: Partition, machine: Machine, interval_s: float, grace_s: float
+    ) -> None:
         self.partition = partition
         self.machine = machine
         self.interval_s = interval_s
@@ -286,8 +292,14 @@ class EmbeddedMemoryCap:
         self.next_sample = now + self.interval_s
         record = self.partition.record
         found = [
-            ProcessUse(pid=p.pid, device=record.device, used_bytes=p.used_bytes, user=None,
-                       command=None, partition_id=record.id)
+            ProcessUse(
+                pid=p.pid,
+                device=record.device,
+                used_bytes=p.used_bytes,
+                user=None,
+                command=None,
+                partition_id=record.id,
+            )
             for p in self.machine.processes()
             if p.pid in members and p.device_uuid == record.device_uuid
         ]

@@ -145,9 +145,7 @@ def iso(ts: float | None) -> str | None:
     """Epoch seconds -> ISO-8601 in local time with its offset."""
     if ts is None:
         return None
-    return (
-        datetime.fromtimestamp(ts, tz=UTC).astimezone().isoformat(timespec="milliseconds")
-    )
+    return datetime.fromtimestamp(ts, tz=UTC).astimezone().isoformat(timespec="milliseconds")
 
 
 def local_clock(ts: float) -> str:
@@ -172,7 +170,7 @@ def parse_start(text: str, now: float) -> float:
     day_offset = None
     for word, offset in (("today", 0), ("tomorrow", 1)):
         if raw.startswith(word):
-            day_offset, raw = offset, raw[len(word):].strip()
+            day_offset, raw = offset, raw[len(word) :].strip()
     match = _CLOCK_RE.match(raw)
     if match:
         hour, minute, second = (int(g or 0) for g in match.groups())

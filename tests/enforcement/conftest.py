@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import pwd
-import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from chronos_testing import clean_env, daemons, unix_accounts
 
-from .support import Daemon, OtherUser, clean_env
+from .support import Daemon, OtherUser
 
 THROWAWAY = "chronos_t_enf"
 
@@ -22,61 +19,24 @@ CAP_CONFIG = 'memory_grace = "0.3s"\nsample_interval = "0.1s"\nunpartitioned = "
 @pytest.fixture
 def daemon_factory() -> Iterator[Callable[[str], Daemon]]:
     """Start a chronosd with the given policy TOML; each is stopped and removed at teardown."""
-    made: list[Daemon] = []
-
-    def make(config: str = CAP_CONFIG) -> Daemon:
-        d = Daemon(config)
-        made.append(d)
-        return d.start()
-
-    yield make
-    for d in made:
-        d.stop()
+    with daemons() as make:
+        yield lambda config=CAP_CONFIG: make(factory=Daemon, config=config)
 
 
 @pytest.fixture(scope="module")
 def cap_daemon() -> Iterator[Daemon]:
     """One chronosd (CAP_CONFIG) shared by a module's tests."""
-    d = Daemon(CAP_CONFIG)
-    try:
-        yield d.start()
-    finally:
-        d.stop()
+    with daemons() as make:
+        yield make(factory=Daemon, config=CAP_CONFIG)
 
 
 @pytest.fixture(scope="session")
 def other_user() -> Iterator[OtherUser]:
     """A throwaway Unix account (created with useradd, removed afterwards)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create a Unix account and run as it")
-    for tool in ("useradd", "userdel", "setpriv"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"needs {tool}")
-    created = False
-    try:
-        pwd.getpwnam(THROWAWAY)
-    except KeyError:
-        proc = subprocess.run(
-            [
-                "useradd",
-                "--no-create-home",
-                "--shell",
-                "/usr/sbin/nologin",
-                "--user-group",
-                THROWAWAY,
-            ],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            pytest.skip(f"useradd failed: {proc.stderr.strip()}")
-        created = True
-    entry = pwd.getpwnam(THROWAWAY)
-    try:
-        yield OtherUser(THROWAWAY, entry.pw_uid, entry.pw_gid)
-    finally:
-        if created:
-            subprocess.run(["userdel", THROWAWAY], capture_output=True)
+    with unix_accounts(THROWAWAY, why="needs root to create a Unix account and run as it") as (
+        user,
+    ):
+        yield user
 
 
 @pytest.fixture

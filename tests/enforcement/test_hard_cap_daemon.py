@@ -30,7 +30,9 @@ from .support import (
     STAYS_UNDER,
     Daemon,
     OtherUser,
+    chronos_argv,
     kill_pid,
+    run_args,
     running,
     wait_for,
 )
@@ -39,19 +41,7 @@ from .support import (
 def chronos_run(
     daemon: Daemon, code: str, out: Path, memory: str = "10GiB", timeout: float = 40
 ) -> subprocess.CompletedProcess[str]:
-    return daemon.cli(
-        "run",
-        "--memory",
-        memory,
-        "--duration",
-        "60",
-        "--",
-        PY,
-        "-c",
-        code,
-        str(out),
-        timeout=timeout,
-    )
+    return daemon.cli(*run_args(code, out, memory), timeout=timeout)
 
 
 def run_partition_ids(daemon: Daemon) -> set[str]:
@@ -203,21 +193,7 @@ def test_a_double_forked_grandchild_counts_toward_the_run_partition(
         "os.wait()\n"
     )
     run = subprocess.Popen(
-        [
-            PY,
-            "-m",
-            "chronos.cli",
-            "run",
-            "--memory",
-            "10GiB",
-            "--duration",
-            "60",
-            "--",
-            PY,
-            "-c",
-            code,
-            str(tmp_path),
-        ],
+        chronos_argv(*run_args(code, tmp_path)),
         env=cap_daemon.env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -7,26 +7,20 @@ import subprocess
 import time
 from pathlib import Path
 
-from .support import GIB, GROWS_PAST_CAP, IGNORES_SIGTERM, PY, STAYS_UNDER, declare
+from .support import (
+    GIB,
+    GROWS_PAST_CAP,
+    IGNORES_SIGTERM,
+    STAYS_UNDER,
+    chronos_argv,
+    declare,
+    run_args,
+)
 
 
 def embedded_run(env: dict[str, str], code: str, out: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [
-            PY,
-            "-m",
-            "chronos.cli",
-            "run",
-            "--memory",
-            "10GiB",
-            "--duration",
-            "60",
-            "--",
-            PY,
-            "-c",
-            code,
-            str(out),
-        ],
+        chronos_argv(*run_args(code, out)),
         env=env,
         capture_output=True,
         text=True,

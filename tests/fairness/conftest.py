@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import pwd
-import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
+from chronos_testing import daemons, unix_accounts
 
-from .support import Account, FairDaemon, Harness, clean_env, make_service, python_candidates
+from .support import Account, FairDaemon, Harness, make_service
 
 ANN = "chronos_f_ann"
 BEN = "chronos_f_ben"
@@ -46,16 +43,8 @@ def harness_factory() -> Iterator[Callable[..., Harness]]:
 
 @pytest.fixture
 def daemon_factory() -> Iterator[Callable[[str], FairDaemon]]:
-    made: list[FairDaemon] = []
-
-    def make(policy: str = "") -> FairDaemon:
-        d = FairDaemon(policy)
-        made.append(d)
-        return d.start()
-
-    yield make
-    for d in made:
-        d.cleanup()
+    with daemons() as make:
+        yield lambda policy="": make(factory=FairDaemon, policy=policy)
 
 
 @dataclass
@@ -64,59 +53,11 @@ class Accounts:
     ben: Account
 
 
-def _run(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
-
-
 @pytest.fixture(scope="session")
 def accounts() -> Iterator[Accounts]:
     """Two ordinary Unix accounts (created here, removed afterwards)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create accounts and switch to them")
-    for tool in ("useradd", "userdel", "setpriv"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"needs {tool}")
-    created: list[str] = []
-    try:
-        for name in (ANN, BEN):
-            try:
-                pwd.getpwnam(name)
-            except KeyError:
-                proc = _run(
-                    "useradd",
-                    "--no-create-home",
-                    "--shell",
-                    "/usr/sbin/nologin",
-                    "--user-group",
-                    name,
-                )
-                if proc.returncode != 0:
-                    pytest.skip(f"cannot create user {name}: {proc.stderr.strip()}")
-                created.append(name)
-        a, b = pwd.getpwnam(ANN), pwd.getpwnam(BEN)
-        probe = Account(ANN, a.pw_uid, a.pw_gid)
-        tried = []
-        for python, extra in python_candidates():
-            probe.python, probe.python_env = python, extra
-            proc = subprocess.run(
-                probe.argv(*python, "-c", "import chronos.cli"),
-                env=probe.env(clean_env()),
-                capture_output=True,
-                text=True,
-                timeout=30,
-                cwd="/",
-            )
-            if proc.returncode == 0:
-                break
-            tried.append(f"{python}: {proc.stderr.strip()[-200:]}")
-        else:
-            pytest.skip(
-                "no interpreter can import chronos as an ordinary user: " + "; ".join(tried)
-            )
-        yield Accounts(
-            Account(ANN, a.pw_uid, a.pw_gid, probe.python, probe.python_env),
-            Account(BEN, b.pw_uid, b.pw_gid, probe.python, probe.python_env),
-        )
-    finally:
-        for name in reversed(created):
-            _run("userdel", name)
+    with unix_accounts(ANN, BEN, why="needs root to create accounts and switch to them") as (
+        ann,
+        ben,
+    ):
+        yield Accounts(Account(ann), Account(ben))

@@ -5,28 +5,27 @@
 * :func:`make_service` builds a :class:`~chronos.service.Service` over a fresh
   ledger and the simulated backend (two 80 GiB GPUs), with a policy given as
   the dict a TOML file would parse to.
-* :class:`FairDaemon` runs a real ``chronosd`` (``python -m chronos.daemon.main``)
-  on a private state directory under /tmp, with a policy file it can rewrite
-  and reload with SIGHUP.
+* :class:`FairDaemon` is the shared :class:`~chronos_testing.DaemonProcess` (a real
+  ``chronosd`` under /tmp, with a policy file it can rewrite and reload with SIGHUP)
+  whose background CLI processes are time-stamped :class:`Popen`.
 * :class:`Account` runs the CLI as an ordinary Unix account through ``setpriv``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import sysconfig
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+from chronos_testing import DaemonProcess, TestUser, chronos_argv
+from chronos_testing import wait_for as wait_for  # re-exported for the tests
 
 from chronos import protocol
 from chronos.config import parse_config
@@ -41,20 +40,6 @@ GPU_BYTES = 80 * GIB
 """Size of each default simulated GPU."""
 T0 = 1_750_000_000.0
 """Where fake clocks start (a Sunday evening, UTC; nothing depends on the weekday)."""
-
-#: Variables of the surrounding shell that could point a test at another Chronos.
-SCRUBBED = (
-    "CHRONOS_CONFIG",
-    "CHRONOS_SOCKET",
-    "CHRONOS_HOME",
-    "CHRONOS_MODE",
-    "CHRONOS_BACKEND",
-    "CHRONOS_SIMULATED_GPUS",
-    "CHRONOS_SIMULATED_PROCESSES",
-    "CHRONOS_PARTITION_ID",
-    "NOTIFY_SOCKET",
-)
-
 
 # --------------------------------------------------------------------------- in process
 
@@ -129,32 +114,6 @@ def make_service(
 # ------------------------------------------------------------------------------ daemon
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED}
-    env.update(extra)
-    return env
-
-
-def shared_tmpdir(prefix: str) -> Path:
-    """A fresh directory under /tmp that every user may traverse."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    os.chmod(path, 0o755)
-    return path
-
-
-def wait_for(
-    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.01
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 def toml_policy(text: str) -> str:
     """Dedent a policy written inline in a test."""
     import textwrap
@@ -162,134 +121,17 @@ def toml_policy(text: str) -> str:
     return textwrap.dedent(text).strip() + "\n"
 
 
-class FairDaemon:
-    """A real chronosd on simulated GPUs with a policy file of the test's choosing."""
+class FairDaemon(DaemonProcess):
+    """A real chronosd on simulated GPUs with a policy file of the test's choosing.
+
+    Its ``cli`` runs as root (an administrator: quotas do not apply).
+    """
 
     def __init__(self, policy: str = "") -> None:
-        self.base = shared_tmpdir("chronos-fair-")
-        self.sock = self.base / "chronosd.sock"
-        self.config_path = self.base / "config.toml"
-        self.config_path.write_text(policy)
-        os.chmod(self.config_path, 0o644)
-        self.log_path = self.base / "chronosd.log"
-        self.env = clean_env(
-            CHRONOS_BACKEND="simulated",
-            CHRONOS_HOME=str(self.base),
-            CHRONOS_SOCKET=str(self.sock),
-            CHRONOS_CONFIG=str(self.config_path),
-            CHRONOS_MODE="daemon",
-            PYTHONDONTWRITEBYTECODE="1",
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 15.0) -> FairDaemon:
-        daemon_env = {k: v for k, v in self.env.items() if k != "CHRONOS_MODE"}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "chronos.daemon.main",
-                    "--state-dir",
-                    str(self.base),
-                    "--socket",
-                    str(self.sock),
-                    "--config",
-                    str(self.config_path),
-                ],
-                env=daemon_env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                cwd="/",
-            )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"chronosd exited with {self.proc.returncode}:\n" + self.log_text()
-                )
-            try:
-                self.call("ping")
-                return self
-            except Exception:  # noqa: BLE001 - not listening yet
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"chronosd did not answer in {timeout}s:\n" + self.log_text())
-            time.sleep(0.02)
-
-    def call(self, op: str, **args: Any) -> Any:
-        from chronos.transport import SocketTransport
-
-        transport = SocketTransport(self.sock, timeout=10.0)
-        try:
-            return transport.call(op, **args)
-        finally:
-            transport.close()
-
-    def cli(
-        self, *args: str, timeout: float = 30, env: dict[str, str] | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        """``chronos ARGS`` as root (an administrator: quotas do not apply)."""
-        return subprocess.run(
-            [sys.executable, "-m", "chronos.cli", *args],
-            env=env or self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd="/",
-        )
+        super().__init__(config=policy, prefix="chronos-fair-")
 
     def popen(self, *args: str) -> Popen:
-        return Popen([sys.executable, "-m", "chronos.cli", *args], self.env)
-
-    def write_policy(self, text: str) -> None:
-        self.config_path.write_text(text)
-
-    def reload(self) -> None:
-        """SIGHUP, then wait for the daemon to log that it took the new policy."""
-        assert self.proc is not None
-        before = len(self.log_events("config_reloaded"))
-        self.proc.send_signal(signal.SIGHUP)
-        wait_for(
-            lambda: len(self.log_events("config_reloaded")) > before,
-            5,
-            "config_reloaded in the daemon log",
-        )
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_events(self, name: str) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("event") == name:
-                out.append(record)
-        return out
-
-    def queue(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self.call("queue")
-        return result
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.base, ignore_errors=True)
+        return Popen(chronos_argv(*args), self.env)
 
 
 class Popen:
@@ -349,58 +191,27 @@ class Popen:
 # ------------------------------------------------------------------------------ users
 
 
-SRC = ROOT / "src"
-SITE_PACKAGES = Path(sysconfig.get_paths()["purelib"])
-
-
 @dataclass
 class Account:
-    """An ordinary Unix account the CLI runs as (through setpriv)."""
+    """An ordinary Unix account the CLI runs as (through setpriv), against a daemon."""
 
-    name: str
-    uid: int
-    gid: int
-    python: list[str] = field(default_factory=lambda: [sys.executable])
-    python_env: dict[str, str] = field(default_factory=dict)
+    user: TestUser
 
-    def argv(self, *command: str) -> list[str]:
-        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups", *command]
+    @property
+    def name(self) -> str:
+        return self.user.name
 
-    def env(self, base: dict[str, str]) -> dict[str, str]:
-        return {
-            **base,
-            **self.python_env,
-            "HOME": "/",
-            "USER": self.name,
-            "LOGNAME": self.name,
-            "PYTHONDONTWRITEBYTECODE": "1",
-        }
+    @property
+    def uid(self) -> int:
+        return self.user.uid
 
     def cli(
         self, daemon: FairDaemon, *args: str, timeout: float = 30
     ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            self.argv(*self.python, "-m", "chronos.cli", *args),
-            env=self.env(daemon.env),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd="/",
-        )
+        return self.user.cli(*args, env=daemon.env, timeout=timeout)
 
     def popen(self, daemon: FairDaemon, *args: str) -> Popen:
-        return Popen(self.argv(*self.python, "-m", "chronos.cli", *args), self.env(daemon.env))
-
-
-def python_candidates() -> list[tuple[list[str], dict[str, str]]]:
-    """Interpreters an ordinary user may run this tree with, best first."""
-    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    path_env = {"PYTHONPATH": os.pathsep.join([str(SRC), str(SITE_PACKAGES)])}
-    out: list[tuple[list[str], dict[str, str]]] = [([sys.executable], {})]
-    for candidate in (f"/usr/bin/python{ver}", f"/usr/local/bin/python{ver}"):
-        if os.path.exists(candidate):
-            out.append(([candidate], path_env))
-    return out
+        return Popen(self.user.python_argv("-m", "chronos.cli", *args), self.user.env(daemon.env))
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str] | Popen, code: int | None = None) -> str:

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from chronos_testing import daemons
 
 from .support import CHROMIUM, CHROMIUM_ARGS, Daemon, find_browser
 
@@ -13,16 +14,8 @@ from .support import CHROMIUM, CHROMIUM_ARGS, Daemon, find_browser
 @pytest.fixture
 def daemon_factory() -> Iterator[Callable[..., Daemon]]:
     """Start chronosd with a policy (TOML text) and flags; all are stopped at teardown."""
-    made: list[Daemon] = []
-
-    def make(config: str = "", args: tuple[str, ...] = ()) -> Daemon:
-        d = Daemon(config, args)
-        made.append(d)
-        return d.start()
-
-    yield make
-    for d in made:
-        d.stop()
+    with daemons() as make:
+        yield lambda config="", args=(): make(factory=Daemon, config=config, args=args)
 
 
 @pytest.fixture(scope="module")

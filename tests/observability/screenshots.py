@@ -17,41 +17,15 @@ import pwd
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
+from chronos_testing import unix_accounts  # noqa: E402
 from support import CHROMIUM, CHROMIUM_ARGS, GIB, ROOT, Daemon, wait_for  # noqa: E402
 
 USERS = ("alice", "bob", "carol")
 OUT = ROOT / "docs" / "images"
-
-
-@contextlib.contextmanager
-def accounts() -> Iterator[list[str]]:
-    created = []
-    try:
-        for name in USERS:
-            try:
-                pwd.getpwnam(name)
-            except KeyError:
-                subprocess.run(
-                    [
-                        "useradd",
-                        "--no-create-home",
-                        "--shell",
-                        "/usr/sbin/nologin",
-                        "--user-group",
-                        name,
-                    ],
-                    check=True,
-                )
-                created.append(name)
-        yield list(USERS)
-    finally:
-        for name in created:
-            subprocess.run(["userdel", name], check=False)
 
 
 def as_user(name: str) -> list[str]:
@@ -145,7 +119,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("run as root (it creates the demo accounts)", file=sys.stderr)
         return 2
-    with accounts():
+    with unix_accounts(*USERS):
         daemon = Daemon('dashboard_address = "127.0.0.1:0"\nsample_interval = "0.2s"\n')
         try:
             daemon.start()
@@ -153,7 +127,7 @@ def main() -> int:
             url = "http://" + daemon.address_of("dashboard_serving") + "/"
             shoot(url)
         finally:
-            daemon.stop()
+            daemon.cleanup()
     print(f"wrote {OUT / 'dashboard.png'} and {OUT / 'dashboard-phone.png'}")
     return 0
 

@@ -106,7 +106,6 @@ def _chain():
 if __name__ == "sitecustomize":
     _install()
     try:
-
         _chain()
     except Exception as exc:
         sys.stderr.write(f"chronos: the next sitecustomize failed: {exc}\n")
