@@ -652,6 +652,15 @@ class Ledger:
         ).fetchall()
         return [_record(r) for r in rows]
 
+    def ending_by(self, device_uuid: str, when: float) -> list[str]:
+        """Ids of open partitions on ``device_uuid`` that end by ``when``, soonest first."""
+        rows = self._db.execute(
+            f"SELECT id FROM partitions WHERE {_OPEN} AND device_uuid = ? AND expires_at > ? "
+            "AND expires_at <= ? ORDER BY expires_at",
+            (device_uuid, self.clock(), when),
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
     def watched(self) -> list[PartitionRecord]:
         """Open partitions a daemon must watch: owner-bound, or with a warning due."""
         rows = self._db.execute(

@@ -232,11 +232,7 @@ class Service:
         """Partitions on the device that end by the estimated start (what we wait for)."""
         if estimate is None:
             return []
-        return [
-            r.id
-            for r in self.ledger.active()
-            if r.device_uuid == req.device_uuid and r.expires_at <= estimate + 1e-6
-        ]
+        return self.ledger.ending_by(req.device_uuid, estimate + 1e-6)
 
     def _ticket_status(self, ticket_id: str, note: str | None = None) -> dict[str, Any]:
         ticket = self.ledger.ticket(ticket_id)
