@@ -54,9 +54,7 @@ def usage_report(
         if e.kind in ("refused", "queue_refused"):
             row(e.user)["refused"] += 1
         elif e.kind == "queued":
-            entry = row(e.user)
-            entry["queued"] += 1
-            entry["refused"] -= 1  # the "no room now" that sent it to the queue refused nothing
+            row(e.user)["queued"] += 1
         elif e.kind == "memory_exceeded":
             row(e.user)["killed_for_memory"] += 1
         elif e.kind == "usage" and e.partition_id in by_id:
@@ -67,7 +65,6 @@ def usage_report(
             entry["used_measured_partitions"] += 1
     out = sorted(rows.values(), key=lambda r: -r["gpu_hours_reserved"])
     for entry in out:
-        entry["refused"] = max(0, entry["refused"])
         entry["gpu_hours_reserved"] = round(entry["gpu_hours_reserved"], 4)
         entry["gpu_hours_used"] = round(entry["gpu_hours_used"], 4)
     return [e for e in out if user is None or e["user"] == user]

@@ -79,7 +79,13 @@ class MemoryWatch:
         return out
 
     def warnings(self, processes: Iterable[ProcessUse]) -> list[ProcessUse]:
-        """Unpartitioned processes not reported before (for the ``warn`` policy)."""
+        """Unpartitioned processes not reported before (for the ``warn`` policy).
+
+        A process is forgotten once it no longer holds memory, so the set stays as
+        small as the GPUs' process lists and a reused PID is reported anew.
+        """
+        processes = list(processes)
+        self._warned_pids &= {p.pid for p in processes if (p.used_bytes or 0) > 0}
         fresh = [
             p
             for p in processes

@@ -222,8 +222,12 @@ class Ledger:
         req: NewPartition,
         check: QuotaCheck | None = None,
         priority_of: PriorityOf | None = None,
+        will_queue: bool = False,
     ) -> PartitionRecord:
         """Admit and record ``req``, or raise :class:`AdmissionRefused` (and log it).
+
+        ``will_queue``: the caller queues the request if there is no room now, so a
+        lack of room is not a refusal (quota refusals are still logged).
 
         ``check(mine, start, end, now)`` runs inside the transaction with the
         user's recent partitions, so quotas hold under races too. A request
@@ -243,16 +247,18 @@ class Ledger:
                 self._fit(req, start, end, now, priority_of)
             except AdmissionRefused as exc:
                 refusal = exc
-                self._event(
-                    now,
-                    "refused",
-                    None,
-                    req.uid,
-                    req.user,
-                    req.device_uuid,
-                    req.memory_bytes,
-                    {"reason": str(exc)},
-                )
+                # A request the caller will queue is not refused: enqueue() logs "queued".
+                if not (will_queue and isinstance(exc, CapacityRefused)):
+                    self._event(
+                        now,
+                        "refused",
+                        None,
+                        req.uid,
+                        req.user,
+                        req.device_uuid,
+                        req.memory_bytes,
+                        {"reason": str(exc)},
+                    )
             else:
                 record = self._admit(req, now, start, end)
         if refusal is not None:

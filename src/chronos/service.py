@@ -134,7 +134,12 @@ class Service:
             exempt=caller.is_admin,
         )
         try:
-            record = self.ledger.create(request, self._quota_check(request), self._priority)
+            record = self.ledger.create(
+                request,
+                self._quota_check(request),
+                self._priority,
+                will_queue=wait and start is None,
+            )
         except CapacityRefused as refusal:
             if not wait or start is not None:
                 raise

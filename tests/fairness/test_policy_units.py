@@ -484,9 +484,8 @@ def test_usage_report_rows_from_a_history() -> None:
 
     events = [
         event("refused", "alice"),
-        event("refused", "alice"),
-        event("queued", "alice"),  # the second refusal only sent it to the queue
-        event("queue_refused", "alice"),
+        event("queued", "alice"),  # no room now, so it waited: not a refusal
+        event("queue_refused", "alice"),  # refused later, at grant time (a quota)
         event("memory_exceeded", "bob", "e"),
         event("usage", "alice", "a", byte_seconds=GPU_BYTES * 0.25 * 2 * H),
     ]
