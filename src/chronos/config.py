@@ -78,6 +78,10 @@ class Config:
     def reservable(self, device: int) -> float:
         return self.device_reservable_share.get(device, self.reservable_share)
 
+    def reservable_bytes(self, device: int, total_bytes: int) -> int:
+        """What partitions may hold of a device of ``total_bytes`` (its capacity for admission)."""
+        return int(total_bytes * self.reservable(device))
+
     def limits_for(self, user: str) -> Limits:
         override = self.user_limits.get(user)
         return self.default_limits if override is None else self.default_limits.merged(override)

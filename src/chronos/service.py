@@ -119,7 +119,7 @@ class Service:
             device=dev.index,
             device_uuid=dev.uuid,
             device_total_bytes=dev.total_bytes,
-            capacity_bytes=int(dev.total_bytes * self.config.reservable(dev.index)),
+            capacity_bytes=self.config.reservable_bytes(dev.index, dev.total_bytes),
             memory_bytes=nbytes,
             uid=uid,
             user=name,
@@ -187,7 +187,7 @@ class Service:
 
     def _capacity_of(self, request: NewPartition) -> int:
         """What admission may hand out on the request's device under the policy in force now."""
-        return int(request.device_total_bytes * self.config.reservable(request.device))
+        return self.config.reservable_bytes(request.device, request.device_total_bytes)
 
     def _priority(self, user: str, waited_s: float, mine: list[PartitionRecord]) -> float:
         now = self.ledger.clock()
@@ -322,7 +322,7 @@ class Service:
                     used_bytes=use.used_bytes if use else None,
                     free_bytes=use.free_bytes if use else None,
                     utilization_pct=use.utilization_pct if use else None,
-                    reservable_bytes=int(dev.total_bytes * self.config.reservable(dev.index)),
+                    reservable_bytes=self.config.reservable_bytes(dev.index, dev.total_bytes),
                     committed_bytes=sum(r.memory_bytes for r in mine),
                     active_partitions=len(mine),
                     pci_bus_id=dev.pci_bus_id,
@@ -364,7 +364,7 @@ class Service:
             raise BadRequest("that would make the partition longer than the maximum duration")
         if not caller.is_admin:
             self._check_extension(record, new_end)
-        capacity = int(record.device_total_bytes * self.config.reservable(record.device))
+        capacity = self.config.reservable_bytes(record.device, record.device_total_bytes)
         updated = self.ledger.extend_expiry(
             id, new_end, capacity, caller.uid, caller.user, self._priority
         )
