@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from chronos.errors import BadRequest
-from chronos.units import MAX_DURATION_S, parse_duration
+from chronos.units import parse_duration
 
 DEFAULT_CONFIG = Path("/etc/chronos/config.toml")
+DEFAULT_MAX_DURATION_S = 7 * 86400.0
+DEFAULT_MAX_GRACE_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,10 @@ class Limits:
     max_gpu_hours_day: float | None = None
     """GPU-hours (fraction × hours) in any rolling 24 h."""
     max_gpu_hours_week: float | None = None
+    max_waiting: int | None = None
+    """Most requests a user may have waiting in the fair queue at once."""
+    max_bookings: int | None = None
+    """Most bookings (partitions whose start is still to come) a user may hold at once."""
 
     def merged(self, override: Limits) -> Limits:
         changes = {
@@ -41,6 +47,10 @@ class Limits:
             if getattr(override, f.name) is not None
         }
         return replace(self, **changes)
+
+
+DEFAULT_LIMITS = Limits(max_waiting=8, max_bookings=50)
+"""Built-in limits for everyone: one user cannot flood the queue or the calendar."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,10 @@ class Config:
     warn_s: float | None = None
     """Default warning before the end (off unless set; see ``warn_signal``)."""
     warn_signal: str = "SIGUSR1"
-    max_duration_s: float = MAX_DURATION_S
+    max_duration_s: float = DEFAULT_MAX_DURATION_S
+    """Longest partition anyone may ask for (a shared machine's default: 7 days)."""
+    max_grace_s: float = DEFAULT_MAX_GRACE_S
+    """Longest SIGTERM → SIGKILL grace a partition may ask for (administrators too)."""
     reservable_share: float = 1.0
     """Share of each device that partitions may reserve (the rest stays ad hoc)."""
     device_reservable_share: dict[int, float] = field(default_factory=dict)
@@ -68,7 +81,7 @@ class Config:
     """Past usage counts half as much after this long (Slurm's PriorityDecayHalfLife)."""
     fairshare_age_weight: float = 1.0
     """GPU-hours of priority a waiting request gains per hour waited (no starvation)."""
-    default_limits: Limits = field(default_factory=Limits)
+    default_limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
     user_limits: dict[str, Limits] = field(default_factory=dict)
     metrics_address: str | None = None
     """``host:port`` for Prometheus metrics; off when unset."""
@@ -110,6 +123,7 @@ _ALIASES = {
     "grace": "grace_s",
     "warn": "warn_s",
     "max_duration": "max_duration_s",
+    "max_grace": "max_grace_s",
     "sample_interval": "sample_interval_s",
     "memory_grace": "memory_grace_s",
 }
@@ -139,8 +153,9 @@ def parse_config(data: dict[str, Any], origin: str = "config") -> Config:
     for key in limits:
         if key not in ("default", "users"):
             raise BadRequest(f"{origin}: unknown table [limits.{key}] (use default or users)")
-    changes["default_limits"] = _limits(
-        _table(limits, "default", origin), f"{origin} [limits.default]"
+    # A [limits.default] table raises or lowers the built-in limits; it never drops them.
+    changes["default_limits"] = DEFAULT_LIMITS.merged(
+        _limits(_table(limits, "default", origin), f"{origin} [limits.default]")
     )
     users = _table(limits, "users", origin)
     changes["user_limits"] = {
@@ -192,7 +207,7 @@ def _limits(table: dict[str, Any], origin: str) -> Limits:
             changes[key] = _number(value, where, 0, None if key == "max_total_share" else 1.0)
         elif key == "max_duration":
             changes["max_duration_s"] = _duration(value, where)
-        elif key == "max_partitions":
+        elif key in ("max_partitions", "max_waiting", "max_bookings"):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BadRequest(f"{where} must be a whole number of at least 1")
             changes[key] = value
