@@ -162,7 +162,13 @@ def parse_config(data: dict[str, Any], origin: str = "config") -> Config:
         name: _limits(_table(users, name, origin), f"{origin} [limits.users.{name}]")
         for name in users
     }
-    return replace(Config(), **changes)
+    config = replace(Config(), **changes)
+    if config.grace_s > config.max_grace_s:
+        raise BadRequest(
+            f"{origin}: grace ({config.grace_s:g} s) is more than max_grace "
+            f"({config.max_grace_s:g} s)"
+        )
+    return config
 
 
 def _table(data: dict[str, Any], key: str, origin: str) -> dict[str, Any]:

@@ -183,6 +183,9 @@ class Ledger:
         self.capacity_of: Callable[[NewPartition], int] = lambda req: req.capacity_bytes
         """Bytes a (queued) request may use on its device; the service applies the policy
         in force now, so a reload also reaches requests still waiting."""
+        self.lingering: Callable[[str], list[tuple[float, float, int, str]]] = lambda uuid: []
+        """Memory of ended partitions whose processes still run (the daemon keeps it):
+        admission counts it as committed, so it never hands out memory still held."""
         self.reap_owners = True
         """Check owner processes on every reap (the daemon turns this off: it has pidfds)."""
         self._db = self._open(file_mode)
@@ -405,6 +408,22 @@ class Ledger:
                 {"from": record.expires_at, "to": new_expires_at},
             )
             return self._get(partition_id)
+
+    def shift_open(self, step: float) -> None:
+        """Move every open partition by ``step`` seconds: the wall clock stepped (daemon).
+
+        One transaction, so remaining times are kept for all or none; the event
+        says by how much, for whoever reads the history across the step.
+        """
+        with _immediate(self._db):
+            self._db.execute(
+                f"UPDATE partitions SET starts_at = starts_at + ?, expires_at = expires_at + ? "
+                f"WHERE {_OPEN}",
+                (step, step),
+            )
+            self._event(
+                self.clock() + step, "clock_stepped", None, None, None, None, None, {"step_s": step}
+            )
 
     def log_many(self, items: list[tuple[str, str | None, dict[str, Any]]]) -> None:
         """Append several ``(kind, partition_id, detail)`` events in one transaction."""
@@ -750,7 +769,8 @@ class Ledger:
             "AND expires_at > ? AND starts_at < ?",
             (device_uuid, now, start, end),
         ).fetchall()
-        return [(float(s), float(e), int(b), str(i)) for s, e, b, i in rows]
+        held = [(float(s), float(e), int(b), str(i)) for s, e, b, i in rows]
+        return held + [x for x in self.lingering(device_uuid) if x[1] > start and x[0] < end]
 
     def _anything_due(self, now: float, owners: bool) -> bool:
         booking_due = self._db.execute(

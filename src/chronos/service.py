@@ -18,6 +18,7 @@ from typing import Any
 from chronos import procs, protocol
 from chronos.attribution import attribute_processes
 from chronos.cgroups import PartitionCgroups
+from chronos.cgroups import cgroup_of as cgroups_of
 from chronos.config import Config, Limits
 from chronos.devices import DeviceUsage, Machine, open_machine
 from chronos.errors import BadRequest, CapacityRefused, ChronosError, PermissionDenied
@@ -25,7 +26,7 @@ from chronos.identity import Caller, resolve_user
 from chronos.ledger import Ledger, NewPartition, QuotaCheck
 from chronos.models import ACTIVE, BOOKED, DeviceStats, PartitionRecord, ProcessUse
 from chronos.policy import Ask, check_limits, decayed_usage, priority
-from chronos.units import parse_duration, parse_memory
+from chronos.units import format_duration, parse_duration, parse_memory
 
 KINDS = ("api", "cli", "run")
 MAX_POLL_S = 5.0
@@ -50,9 +51,12 @@ class Service:
         self._machine: Machine | None = None
         self.on_change: Callable[[], None] = lambda: None
         ledger.capacity_of = self._capacity_of
+        """Called after any change to the set of open partitions (the daemon re-arms timers)."""
         self.cgroups: PartitionCgroups | None = None
         """Set by the daemon where it can place attached processes in cgroups."""
-        """Called after any change to the set of open partitions (the daemon re-arms timers)."""
+        self.on_supervised: Callable[[str, int, int | None], None] = lambda i, pid, start: None
+        """Called when a ``chronos run`` supervisor attached its gated child (the daemon
+        spares that process, and only it, when it stops the partition)."""
 
     @property
     def machine(self) -> Machine:
@@ -127,8 +131,10 @@ class Service:
             starts_at=start,
             owner_pid=owner_pid,
             owner_start=procs.start_ticks(owner_pid) if owner_pid else None,
+            # ``run`` is only what the client asks for: the daemon spares a supervisor only
+            # once it has seen it attach its gated child (op_attach), never on the client's word.
             kind=kind,
-            grace_s=self.config.grace_s if grace is None else _grace(grace),  # keeps its terms
+            grace_s=self._grace_of(grace),  # keeps its terms
             warn_s=self.config.warn_s if warn is None else parse_duration(warn),
             warn_signal=_signal_name(warn_signal or self.config.warn_signal),
             exempt=caller.is_admin,
@@ -184,6 +190,18 @@ class Service:
         if granted:
             self.on_change()
         return ids
+
+    def _grace_of(self, grace: Any) -> float:
+        """The SIGTERM → SIGKILL grace a partition gets: at most the policy's max_grace."""
+        if grace is None:
+            return min(self.config.grace_s, self.config.max_grace_s)
+        seconds = _grace(grace)
+        if seconds > self.config.max_grace_s:
+            raise BadRequest(
+                f"grace {format_duration(seconds)} is more than the maximum "
+                f"({format_duration(self.config.max_grace_s)}, max_grace in the policy)"
+            )
+        return seconds
 
     def _capacity_of(self, request: NewPartition) -> int:
         """What admission may hand out on the request's device under the policy in force now."""
@@ -335,19 +353,71 @@ class Service:
     def op_attach(self, caller: Caller, id: str, pid: int) -> dict[str, Any]:
         record = self.ledger.get(id)
         self._authorize(caller, record, "attach to")
-        ticks = procs.start_ticks(pid)
-        if ticks is None:
-            raise BadRequest(f"no process {pid}")
-        owner = procs.process_uid(pid)
-        if owner != record.uid and not caller.is_admin:
-            raise PermissionDenied(
-                f"process {pid} belongs to {procs.user_name(owner or -1)}, not to "
-                f"{record.user}; only an administrator may attach it"
-            )
-        self.ledger.attach(id, pid, ticks, owner if owner is not None else -1, caller.uid)
-        placed = self.cgroups.place(id, pid) if self.cgroups is not None else False
+        with procs.Pinned(pid) as pinned:
+            owner = self._attachable(caller, record, pid)
+            placed = self._place(id, pinned)
+            try:
+                self.ledger.attach(id, pid, pinned.ticks, owner, caller.uid)
+            except BaseException:
+                if placed and self.cgroups is not None:
+                    self.cgroups.unplace(pid, None)
+                raise
+        if self._is_gate(caller, record, pid):
+            self.ledger.log("supervised", id, detail={"pid": caller.pid, "child": pid})
+            self.on_supervised(id, record.owner_pid or 0, record.owner_start)
         self.on_change()
         return {"id": id, "pid": pid, "cgroup": placed}
+
+    def _attachable(self, caller: Caller, record: PartitionRecord, pid: int) -> int:
+        """The uid of ``pid``, if ``caller`` may attach it to ``record``."""
+        owner = procs.process_uid(pid)
+        if owner is None:
+            raise BadRequest(f"no process {pid}")
+        if owner != record.uid and not caller.is_admin:
+            raise PermissionDenied(
+                f"process {pid} belongs to {procs.user_name(owner)}, not to "
+                f"{record.user}; only an administrator may attach it"
+            )
+        return owner
+
+    def _place(self, partition_id: str, pinned: procs.Pinned) -> bool:
+        """Move the pinned process into the partition's cgroup; undo it if it changed meanwhile.
+
+        Its owner and start time were checked before; after the move the pin says
+        whether the PID still names that process (it cannot be reused while the
+        process lives), and owner and start time are read again.
+        """
+        if self.cgroups is None or not self.cgroups.available:
+            pinned.verify()
+            return False
+        owner = procs.process_uid(pinned.pid)
+        origin = cgroups_of(pinned.pid)
+        placed = self.cgroups.place(partition_id, pinned.pid)
+        try:
+            pinned.verify()
+            if procs.process_uid(pinned.pid) != owner:
+                raise BadRequest(f"process {pinned.pid} changed owner while it was attached")
+        except BadRequest:
+            if placed:
+                self.cgroups.unplace(pinned.pid, origin)
+            raise
+        return placed
+
+    def _is_gate(self, caller: Caller, record: PartitionRecord, pid: int) -> bool:
+        """``chronos run``'s gate: the partition's owner attaching the child it just forked.
+
+        The child still runs the supervisor's own program (it execs only once
+        attached), so a client that merely asks for ``kind="run"`` gains nothing.
+        """
+        return (
+            self.mode == "daemon"
+            and record.kind == "run"
+            and caller.pid is not None
+            and caller.pid == record.owner_pid
+            and procs.parent_pid(pid) == caller.pid
+            and procs.executable(pid) is not None
+            and procs.executable(pid) == procs.executable(caller.pid)
+        )
 
     def op_attached_pids(self, caller: Caller, id: str) -> list[dict[str, Any]]:
         return [

@@ -113,9 +113,12 @@ class Daemon:
         service = Service(ledger, self.config, "daemon")
         service.cgroups = PartitionCgroups.detect()
         service.machine  # noqa: B018 - open the GPU backends now, not on the first request
-        deadlines = Deadlines(ledger, lambda: self.config.grace_s)
+        deadlines = Deadlines(
+            ledger, lambda: self.config.grace_s, max_grace_s=lambda: self.config.max_grace_s
+        )
         self.service, self.deadlines = service, deadlines
         service.on_change = self._changed
+        service.on_supervised = deadlines.supervised
         deadlines.after_time = self._changed
         deadlines.resume_kills()  # SIGKILLs a previous daemon scheduled but did not send
         self._changed()  # expiries that fell due while no daemon ran
@@ -164,8 +167,11 @@ class Daemon:
             self._dirty = True
             while self._dirty:
                 self._dirty = False
-                self.deadlines.changed()
-                self.service.grant_waiting()
+                self.deadlines.changed()  # guarded: logs and retries its own failures
+                try:
+                    self.service.grant_waiting()
+                except Exception as exc:  # noqa: BLE001 - a failed grant must not end the chain
+                    log("grant_failed", level="error", error=repr(exc))
         finally:
             self._busy = False
         self.broadcast.notify()
