@@ -34,7 +34,7 @@ from chronos.config import DEFAULT_MAX_GRACE_S
 from chronos.daemon.clock import SteadyClock
 from chronos.daemon.log import log
 from chronos.ledger import Ended, Ledger
-from chronos.models import ACTIVE, EXPIRED, PartitionRecord
+from chronos.models import ACTIVE, BOOKED, EXPIRED, PartitionRecord
 
 OWNER_POLL_S = 0.5
 """Owner check where pidfds cannot be used (old kernels, seccomp, no descriptors left)."""
@@ -230,6 +230,7 @@ class Deadlines:
         log("clock_stepped", level="warning", step_s=round(step, 3))
         self.ledger.shift_open(step)
         self.clock.rebase(step)
+        self.loop.call_soon(self.changed)  # the armed timer names a deadline of before
 
     # ---------------------------------------------------------------- warnings
 
@@ -312,7 +313,6 @@ class Deadlines:
         self.stop_many(items, ending=True)
         for record, _ in items:
             self._pending.pop(record.id, None)
-            self._supervisors.pop(record.id, None)
 
     def _signal_unrecorded_expiries(self) -> None:
         """The reap could not be written: stop what has expired anyway (read-only)."""
@@ -421,6 +421,8 @@ class Deadlines:
     def _kill(self, record: PartitionRecord, first: dict[int, int], why: str) -> None:
         self._kills.pop(record.id, None)
         members = {**first, **self.members(record)}
+        if record.state not in (ACTIVE, BOOKED):
+            self._supervisors.pop(record.id, None)  # its last signal: forget the supervisor
         killed = procs.signal_all(members, signal.SIGKILL)
         if record.id in self._lingering:
             self._lingering[record.id].until = self.clock.now() + LINGER_MARGIN_S
