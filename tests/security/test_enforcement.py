@@ -270,16 +270,17 @@ DUTY_CYCLE = (
     "end = time.time() + 20\n"
     "while time.time() < end:\n"
     "    declare_process(os.getpid(), 0, 8 << 30)\n"
-    "    time.sleep(0.25)\n"
+    "    time.sleep(0.3)\n"
     "    declare_process(os.getpid(), 0, 2 << 30)\n"
-    "    time.sleep(0.12)\n"
+    "    time.sleep(0.15)\n"
 )
 
 
 def test_duty_cycling_over_the_hard_cap_is_stopped(
     daemon_factory: Callable[..., DaemonProcess], tmp_path: Path
 ) -> None:
-    daemon = daemon_factory(config='memory_grace = "0.3s"\nsample_interval = "0.1s"\ngrace="1s"\n')
+    # Over for 0.3 s, under for 0.15 s: never over for the whole 0.5 s grace at a stretch.
+    daemon = daemon_factory(config='memory_grace = "0.5s"\nsample_interval = "0.1s"\ngrace="1s"\n')
     started = tmp_path / "started"
     began = time.monotonic()
     proc = daemon.cli(
