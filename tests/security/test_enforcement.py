@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -458,6 +459,23 @@ def test_without_pidfds_expiry_signals_and_owner_death_is_noticed_without_spinni
     watched.wait(10)
     wait_for(lambda: daemon.call("get", id=partition_id)["state"] == "released", 5, "owner death")
     kill(client)
+
+
+def test_a_pidfd_open_out_of_descriptors_still_signals_the_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def exhausted(pid: int, flags: int = 0) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    sleeper = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
+    try:
+        ticks = procs.start_ticks(sleeper.pid)
+        monkeypatch.setattr(os, "pidfd_open", exhausted)
+        assert procs.signal_process(sleeper.pid, ticks, signal.SIGTERM)
+        assert sleeper.wait(10) == -signal.SIGTERM
+        assert not procs.signal_process(sleeper.pid, ticks, signal.SIGTERM)  # reaped: gone
+    finally:
+        kill(sleeper)
 
 
 # ------------------------------------------- 2 + 15: signals never wait on a write

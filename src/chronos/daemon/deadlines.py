@@ -451,13 +451,25 @@ class Deadlines:
         self._lingering[record.id] = Lingering(record, dict(members), until + LINGER_MARGIN_S)
 
     def lingering_on(self, device_uuid: str) -> list[tuple[float, float, int, str]]:
-        """Memory of ended partitions whose processes still run, as admission intervals."""
+        """Memory of ended partitions whose processes still run, as admission intervals.
+
+        Also partitions that expired since this daemon last looked (a request's own
+        reap can end one just before the fit, before anyone signalled its processes).
+        """
         now = self.clock.now()
-        return [
+        out = [
             (entry.record.expires_at, max(entry.until, now + LINGER_MARGIN_S), b, r_id)
             for r_id, entry in self._lingering.items()
             if entry.record.device_uuid == device_uuid and (b := entry.record.memory_bytes) > 0
         ]
+        ids, _ = self.ledger.ended_since(self._seq)
+        for r_id in dict.fromkeys(ids):
+            if r_id in self._lingering:
+                continue
+            r = self.ledger.get(r_id)
+            if r.state == EXPIRED and r.device_uuid == device_uuid and r.memory_bytes > 0:
+                out.append((r.expires_at, now + LINGER_MARGIN_S, r.memory_bytes, r.id))
+        return out
 
     def prune_lingering(self) -> bool:
         """Forget ended partitions whose processes are all gone; True if any was forgotten."""
