@@ -50,8 +50,8 @@ class Service:
         self._machine_factory = machine_factory
         self._machine: Machine | None = None
         self.on_change: Callable[[], None] = lambda: None
-        ledger.capacity_of = self._capacity_of
         """Called after any change to the set of open partitions (the daemon re-arms timers)."""
+        ledger.capacity_of = self._capacity_of
         self.cgroups: PartitionCgroups | None = None
         """Set by the daemon where it can place attached processes in cgroups."""
         self.on_supervised: Callable[[str, int, int | None], None] = lambda i, pid, start: None
@@ -407,7 +407,9 @@ class Service:
         """``chronos run``'s gate: the partition's owner attaching the child it just forked.
 
         The child still runs the supervisor's own program (it execs only once
-        attached), so a client that merely asks for ``kind="run"`` gains nothing.
+        attached). A client that merely asks for ``kind="run"`` gains nothing; one
+        that imitates the gate is spared only while it holds no GPU memory itself
+        (Deadlines.members), which is all a real supervisor needs.
         """
         return (
             self.mode == "daemon"

@@ -90,6 +90,12 @@ class Deadlines:
         self.after_time: Callable[[], None] = lambda: None
         self.holds_gpu: Callable[[int], bool] = lambda pid: False
         """Whether a process holds GPU memory now (the sampler's last look)."""
+        if not procs.pidfd_usable():
+            log(
+                "pidfds_unavailable",
+                level="warning",
+                fallback=f"kill after a fresh check; owners polled every {OWNER_POLL_S}s",
+            )
 
     # ------------------------------------------------------------ start-up state
 
@@ -160,7 +166,7 @@ class Deadlines:
         self.after_time()
 
     def _process_due(self, owners: bool) -> None:
-        self._guarded("clock", self.check_clock)  # a failed re-base must not stop expiry
+        self.check_clock()  # never raises: a failed re-base must not stop expiry
         self._stop_pending()  # what an earlier failure left unsignalled
         # Owner deaths arrive through pidfds (_on_time); a plain change checks only the clock.
         try:
@@ -222,14 +228,20 @@ class Deadlines:
         """Notice a wall-clock step and re-base onto it, keeping every remaining time.
 
         Open partitions are shifted by the step in one transaction (with a
-        ``clock_stepped`` event); only then does the daemon's clock follow.
+        ``clock_stepped`` event); only then does the daemon's clock follow. If
+        that write fails the daemon stays on its steady clock and tries again
+        at the next look: deadlines are never acted on from the stepped clock.
         """
         step = self.clock.step()
         if not step:
             return
-        log("clock_stepped", level="warning", step_s=round(step, 3))
-        self.ledger.shift_open(step)
+        try:
+            self.ledger.shift_open(step)
+        except Exception as exc:  # noqa: BLE001 - retried at the next sample or change
+            log("clock_rebase_failed", level="error", step_s=round(step, 3), error=repr(exc))
+            return
         self.clock.rebase(step)
+        log("clock_stepped", level="warning", step_s=round(step, 3))
         self.loop.call_soon(self.changed)  # the armed timer names a deadline of before
 
     # ---------------------------------------------------------------- warnings
