@@ -515,6 +515,39 @@ def test_expiry_signals_and_kills_when_the_ledger_cannot_be_written(
     flag.unlink()
 
 
+NO_DESCRIPTORS_FOR_PROC = """
+import builtins, errno, os
+_open = builtins.open
+_flag = os.environ['CHRONOS_TEST_PROC_EMFILE']
+def _open_or_emfile(file, *args, **kwargs):
+    if isinstance(file, str) and file.startswith('/proc/') and os.path.exists(_flag):
+        raise OSError(errno.EMFILE, 'Too many open files')
+    return _open(file, *args, **kwargs)
+builtins.open = _open_or_emfile
+"""
+
+
+def test_an_expiry_recorded_while_descriptors_ran_out_is_still_signalled_later(
+    daemon_factory: Callable[..., DaemonProcess],
+) -> None:
+    site = sitecustomize(NO_DESCRIPTORS_FOR_PROC)
+    flag = site / "emfile"
+    daemon = daemon_factory(
+        config=CAP, extra_env={"PYTHONPATH": str(site), "CHRONOS_TEST_PROC_EMFILE": str(flag)}
+    )
+    out = out_dir("chronos-sec-emfile-")
+    client = start_client(daemon, out, duration="2")
+    partition_id = created_id(out)
+    flag.write_text("")  # the daemon cannot open /proc any more (as under EMFILE)
+    wait_for(lambda: daemon.call("get", id=partition_id)["state"] == "expired", 10, "expiry")
+    wait_for(lambda: "Too many open files" in daemon.log_text(), 5, "the daemon to hit EMFILE")
+    assert not (out / "term").exists()
+    flag.unlink()  # descriptors are back: the timer chain must still be alive
+    wait_for(lambda: (out / "term").exists() or gone(client), 10, "the SIGTERM, retried")
+    assert (out / "term").exists()
+    kill(client)
+
+
 # ------------------------------------------------------ 17: wall-clock steps
 
 
