@@ -113,8 +113,8 @@ class Deadlines:
         since = min(r.starts_at for r in due) - WARNED_SLACK_S
         return {
             e.partition_id
-            for e in self.ledger.events(since=since)
-            if e.kind == "warned" and e.partition_id in ids
+            for e in self.ledger.events_of_kind("warned", since)
+            if e.partition_id in ids
         }
 
     def _supervised_of_open(self) -> dict[str, tuple[int, int | None]]:
@@ -124,8 +124,8 @@ class Deadlines:
             return {}
         since = min(r.created_at for r in runs.values())
         out: dict[str, tuple[int, int | None]] = {}
-        for e in self.ledger.events(since=since):
-            if e.kind == "supervised" and e.partition_id in runs:
+        for e in self.ledger.events_of_kind("supervised", since):
+            if e.partition_id in runs:
                 r = runs[e.partition_id]
                 out[r.id] = (int(e.detail["pid"]), r.owner_start)
         return out
@@ -346,9 +346,9 @@ class Deadlines:
         """
         now = self.clock.now()
         horizon = horizon_s if horizon_s is not None else self.max_grace_s() + 60.0
-        for event in self.ledger.events(since=now - horizon):
+        for event in self.ledger.events_of_kind("terminated", now - horizon):
             detail = event.detail
-            if event.kind != "terminated" or "kill_at" not in detail or not event.partition_id:
+            if "kill_at" not in detail or not event.partition_id:
                 continue
             members = {int(pid): int(ticks) for pid, ticks in detail.get("members", [])}
             alive = {
