@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from chronos.errors import BadRequest
-from chronos.units import parse_duration
+from chronos.units import parse_duration, parse_signal_name
 
 DEFAULT_CONFIG = Path("/etc/chronos/config.toml")
 DEFAULT_MAX_DURATION_S = 7 * 86400.0
@@ -230,10 +230,14 @@ def _number(value: Any, where: str, low: float, high: float | None = None) -> fl
     return float(value)
 
 
-def _duration(value: Any, where: str) -> float:
+_SUBSECOND_SETTINGS = {"sample_interval_s", "memory_grace_s"}
+"""Daemon timings that are rightly shorter than the one second a partition must last."""
+
+
+def _duration(value: Any, where: str, minimum: float = 1.0) -> float:
     """A duration setting; a bad one is named in the error (the message alone says not which)."""
     try:
-        return parse_duration(value)
+        return parse_duration(value, minimum=minimum)
     except BadRequest as exc:
         raise BadRequest(f"{where}: {exc}") from None
 
@@ -244,7 +248,12 @@ def _share(value: Any, where: str) -> float:
 
 def _coerce(name: str, value: Any, where: str) -> Any:
     if name.endswith("_s"):
-        return _duration(value, where)
+        return _duration(value, where, 0.001 if name in _SUBSECOND_SETTINGS else 1.0)
+    if name == "warn_signal":
+        try:
+            return parse_signal_name(value)
+        except BadRequest as exc:
+            raise BadRequest(f"{where}: {exc}") from None
     if name == "reservable_share":
         return _share(value, where)
     if name == "unpartitioned":
