@@ -230,8 +230,9 @@ def _number(value: Any, where: str, low: float, high: float | None = None) -> fl
     return float(value)
 
 
-_SUBSECOND_SETTINGS = {"sample_interval_s", "memory_grace_s"}
-"""Daemon timings that are rightly shorter than the one second a partition must last."""
+_SUBSECOND_SETTINGS = {"sample_interval_s", "memory_grace_s", "grace_s", "max_grace_s"}
+"""Delays of the daemon's own actions, which may rightly be shorter than the one second
+that a partition (or a warning) must last."""
 
 
 def _duration(value: Any, where: str, minimum: float = 1.0) -> float:

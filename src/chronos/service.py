@@ -421,9 +421,11 @@ class Service:
 
 
 def _grace(value: Any) -> float:
-    if str(value).strip() in ("0", "0s"):
+    zero_text = isinstance(value, str) and value.strip() in ("0", "0s")
+    if zero_text or (type(value) in (int, float) and value == 0):
         return 0.0
-    return parse_duration(value)
+    # A kill delay, not a share of time: under a second is the owner's own choice.
+    return parse_duration(value, minimum=0.0)
 
 
 def _signal_name(name: Any) -> str:
