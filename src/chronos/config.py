@@ -7,6 +7,7 @@ never silently leaves a limit unset. See ``docs/POLICY.md`` for an example.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from chronos.errors import BadRequest
-from chronos.units import parse_duration, parse_signal_name
+from chronos.units import format_duration, parse_duration, parse_signal_name
 
 DEFAULT_CONFIG = Path("/etc/chronos/config.toml")
 DEFAULT_MAX_DURATION_S = 7 * 86400.0
@@ -104,11 +105,15 @@ def config_path() -> Path:
     return Path(os.environ.get("CHRONOS_CONFIG") or DEFAULT_CONFIG)
 
 
-def load_config(path: Path | None = None) -> Config:
+def load_config(path: Path | None = None, missing_ok: bool = True) -> Config:
+    """The policy in ``path``; a missing file means the defaults unless ``missing_ok`` is off
+    (a file named on the command line that is not there is a mistake, not "no policy")."""
     path = path or config_path()
     try:
         text = path.read_text()
     except FileNotFoundError:
+        if not missing_ok:
+            raise BadRequest(f"config {path}: no such file") from None
         return Config()
     except OSError as exc:
         raise BadRequest(f"cannot read config {path}: {exc.strerror}") from None
@@ -268,3 +273,74 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     if not isinstance(value, str):
         raise BadRequest(f"{where} must be a string")
     return value
+
+
+# ------------------------------------------------------ the effective policy, as TOML
+
+_FILE_KEYS = {name: key for key, name in _ALIASES.items()}
+_LIMIT_KEYS = {"max_duration_s": "max_duration"}
+_BARE_KEY = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+def to_toml(config: Config) -> str:
+    """The whole effective policy in the policy file's own syntax, defaults included.
+
+    ``parse_config(tomllib.loads(to_toml(c))) == c``: what ``chronos config check``
+    prints can be pasted back into the file. Unset settings are shown commented out.
+    """
+    lines = [
+        _toml_line(_FILE_KEYS.get(f.name, f.name), getattr(config, f.name), f.name)
+        for f in fields(Config)
+        if f.name not in _NOT_TOP_LEVEL
+    ]
+    for index, share in sorted(config.device_reservable_share.items()):
+        lines += ["", f"[devices.{index}]", _toml_line("reservable_share", share)]
+    lines += [
+        "",
+        "[fairshare]",
+        _toml_line("half_life", config.fairshare_half_life_s, "half_life_s"),
+        _toml_line("age_weight", config.fairshare_age_weight),
+        "",
+        "[limits.default]  # everyone; unset = no limit",
+        *_limit_lines(config.default_limits, show_unset=True),
+    ]
+    for user, limits in sorted(config.user_limits.items()):
+        lines += ["", f"[limits.users.{_toml_key(user)}]", *_limit_lines(limits, False)]
+    return "\n".join(lines) + "\n"
+
+
+def _limit_lines(limits: Limits, show_unset: bool) -> list[str]:
+    return [
+        _toml_line(_LIMIT_KEYS.get(f.name, f.name), getattr(limits, f.name), f.name)
+        for f in fields(Limits)
+        if show_unset or getattr(limits, f.name) is not None
+    ]
+
+
+def _toml_line(key: str, value: Any, name: str = "") -> str:
+    if value is None:
+        return f"# {key} = (unset)"
+    return f"{key} = {_toml_value(value, is_duration=name.endswith('_s'))}"
+
+
+def _toml_value(value: Any, is_duration: bool) -> str:
+    if is_duration:
+        return json.dumps(_duration_text(float(value)))
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    if isinstance(value, tuple):
+        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+    return repr(value)  # int, or a float that repr writes as TOML does (0.5, 8.0)
+
+
+def _duration_text(seconds: float) -> str:
+    """A duration the parser reads back exactly: ``7d``, ``1h30m``, ``300ms``, ``2.5s``."""
+    if seconds == int(seconds):
+        return format_duration(seconds)
+    if seconds < 1 and seconds * 1000 == int(seconds * 1000):
+        return f"{int(seconds * 1000)}ms"
+    return f"{seconds!r}s"
+
+
+def _toml_key(name: str) -> str:
+    return name if name and set(name) <= _BARE_KEY else json.dumps(name)
