@@ -1,8 +1,11 @@
 """Machine policy: the settings an administrator controls.
 
 Read from a TOML file (``$CHRONOS_CONFIG``, default ``/etc/chronos/config.toml``);
-a missing file means the defaults below. Unknown keys are errors, so a typo
-never silently leaves a limit unset. See ``docs/POLICY.md`` for an example.
+a missing file means the defaults below, which suit a shared machine (a week at most,
+a few minutes of grace, a few waiting requests and bookings per user); one line,
+``profile = "workstation"``, raises them for a single user's machine. Unknown keys are
+errors, so a typo never silently leaves a limit unset. ``docs/POLICY.md`` lists the
+defaults (a test keeps it exact) and shows an example.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from chronos.errors import BadRequest
-from chronos.units import format_duration, parse_duration, parse_signal_name
+from chronos.units import MAX_DURATION_S, format_duration, parse_duration, parse_signal_name
 
 DEFAULT_CONFIG = Path("/etc/chronos/config.toml")
 DEFAULT_MAX_DURATION_S = 7 * 86400.0
@@ -56,6 +59,8 @@ DEFAULT_LIMITS = Limits(max_waiting=8, max_bookings=50)
 
 @dataclass(frozen=True)
 class Config:
+    profile: str = "shared"
+    """Which built-in defaults the file starts from: ``shared`` or ``workstation`` (PROFILES)."""
     admin_group: str = "chronos-admin"
     """Members of this Unix group (and root) are administrators."""
     grace_s: float = 30.0
@@ -101,6 +106,19 @@ class Config:
         return self.default_limits if override is None else self.default_limits.merged(override)
 
 
+PROFILES = {
+    "shared": Config(),
+    # One person's machine: only the hard maxima, no per-user queue or booking limits.
+    "workstation": Config(
+        profile="workstation",
+        max_duration_s=MAX_DURATION_S,
+        max_grace_s=MAX_DURATION_S,
+        default_limits=Limits(),
+    ),
+}
+"""Built-in defaults a policy file starts from (``profile = "workstation"``: one line)."""
+
+
 def config_path() -> Path:
     return Path(os.environ.get("CHRONOS_CONFIG") or DEFAULT_CONFIG)
 
@@ -143,10 +161,11 @@ _NOT_TOP_LEVEL = {
 
 
 def parse_config(data: dict[str, Any], origin: str = "config") -> Config:
+    base = _profile(data.get("profile", "shared"), origin)
     known = {f.name for f in fields(Config)} - _NOT_TOP_LEVEL
     changes: dict[str, Any] = {}
     for key, value in data.items():
-        if key in _TABLES:
+        if key in _TABLES or key == "profile":
             continue
         name = _ALIASES.get(key, key)
         if name not in known:
@@ -159,7 +178,7 @@ def parse_config(data: dict[str, Any], origin: str = "config") -> Config:
         if key not in ("default", "users"):
             raise BadRequest(f"{origin}: unknown table [limits.{key}] (use default or users)")
     # A [limits.default] table raises or lowers the built-in limits; it never drops them.
-    changes["default_limits"] = DEFAULT_LIMITS.merged(
+    changes["default_limits"] = base.default_limits.merged(
         _limits(_table(limits, "default", origin), f"{origin} [limits.default]")
     )
     users = _table(limits, "users", origin)
@@ -167,7 +186,13 @@ def parse_config(data: dict[str, Any], origin: str = "config") -> Config:
         name: _limits(_table(users, name, origin), f"{origin} [limits.users.{name}]")
         for name in users
     }
-    return replace(Config(), **changes)
+    return replace(base, **changes)
+
+
+def _profile(name: Any, origin: str) -> Config:
+    if name not in PROFILES:
+        raise BadRequest(f"{origin}: profile must be {' or '.join(PROFILES)}, not {name!r}")
+    return PROFILES[name]
 
 
 def _table(data: dict[str, Any], key: str, origin: str) -> dict[str, Any]:
