@@ -53,6 +53,8 @@ _DURATION_FORMS = (
     "or Slurm's MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS"
 )
 
+_START_FORMS = "use +2h, 09:00, 'tomorrow 09:00' or 2026-12-01T09:00"
+_DATE_FORMS = "use YYYY-MM-DD"
 
 # ------------------------------------------------------------------ scanning
 
@@ -62,12 +64,14 @@ def _shown(text: str) -> str:
     return repr(text) if len(text) <= MAX_INPUT_CHARS else repr(text[:20] + "...")
 
 
-def _bounded_text(text: str, what: str) -> str:
+def _bounded_text(text: str, what: str, forms: str) -> str:
     """``text`` stripped, once it is known to be short ASCII (checked before anything else)."""
     if len(text) > MAX_INPUT_CHARS:
-        raise BadRequest(f"invalid {what} {_shown(text)}: longer than {MAX_INPUT_CHARS} characters")
+        raise BadRequest(
+            f"invalid {what} {_shown(text)}: longer than {MAX_INPUT_CHARS} characters; {forms}"
+        )
     if not text.isascii():
-        raise BadRequest(f"invalid {what} {_shown(text)}: only ASCII digits and letters")
+        raise BadRequest(f"invalid {what} {_shown(text)}: not ASCII (digits are 0-9); {forms}")
     return text.strip()
 
 
@@ -136,7 +140,7 @@ def parse_memory(text: str | float, total_bytes: int) -> int:
         raise BadRequest(f"invalid memory: {_MEMORY_FORMS}")
     if not isinstance(text, str):
         return _fraction_to_bytes(_number(text), total_bytes, _shown_number(text))
-    raw = _bounded_text(text, "memory")
+    raw = _bounded_text(text, "memory", _MEMORY_FORMS)
     if raw.endswith("%"):
         percent = _decimal_only(raw[:-1].rstrip(" "))
         if percent is None:
@@ -192,7 +196,7 @@ def parse_duration(
     if isinstance(text, bool) or not isinstance(text, (str, int, float)):
         raise BadRequest(f"invalid duration: {_DURATION_FORMS}")
     if isinstance(text, str):
-        raw = _bounded_text(text, "duration").lower()
+        raw = _bounded_text(text, "duration", _DURATION_FORMS).lower()
         seconds = _duration_seconds(raw)
         shown = repr(raw)
     else:
@@ -356,7 +360,7 @@ def parse_start(text: str, now: float) -> float:
 
     Times without a zone are local time.
     """
-    original = _bounded_text(text, "start")
+    original = _bounded_text(text, "start", _START_FORMS)
     raw = original.lower()
     base = datetime.fromtimestamp(now).astimezone()
     if raw.startswith("+"):
@@ -383,9 +387,7 @@ def parse_start(text: str, now: float) -> float:
     try:
         when = datetime.fromisoformat(original)
     except ValueError:
-        raise BadRequest(
-            f"invalid start {text!r}: use +2h, 09:00, 'tomorrow 09:00' or 2026-12-01T09:00"
-        ) from None
+        raise BadRequest(f"invalid start {text!r}: {_START_FORMS}") from None
     if when.tzinfo is None:
         when = when.astimezone()
     return when.timestamp()
@@ -393,9 +395,9 @@ def parse_start(text: str, now: float) -> float:
 
 def parse_date(text: str) -> datetime:
     """``2026-12-24`` (local) for ``--until``; the whole day is included."""
-    raw = _bounded_text(text, "date")
+    raw = _bounded_text(text, "date", _DATE_FORMS)
     try:
         day = datetime.fromisoformat(raw)
     except ValueError:
-        raise BadRequest(f"invalid date {text!r}: use YYYY-MM-DD") from None
+        raise BadRequest(f"invalid date {text!r}: {_DATE_FORMS}") from None
     return day.replace(hour=23, minute=59, second=59).astimezone()
