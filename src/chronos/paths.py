@@ -129,6 +129,44 @@ def check_dir(path: Path) -> os.stat_result:
     return st
 
 
+def check_trusted_path(path: Path) -> None:
+    """Nobody but root or us can redirect ``path``: for a daemon running as root.
+
+    Every existing component must be a directory owned by root or us and writable by
+    nobody else (or sticky, like /tmp), and a symlink on the way must be root's or ours;
+    so no other user can swap a directory, or plant a link, anywhere along it (as sshd
+    checks the path to ``authorized_keys``).
+    """
+    todo = list(Path(os.path.abspath(path)).parts[1:])
+    current, hops = Path("/"), 0
+    while todo:
+        step = current / todo.pop(0)
+        try:
+            st = os.lstat(step)
+        except FileNotFoundError:
+            return  # the rest is created by the caller, as root
+        if st.st_uid not in (0, os.geteuid()):
+            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "a directory"
+            raise UnsafePath(
+                f"{path}: {step} is {kind} that belongs to {_user_name(st.st_uid)}; a "
+                "daemon's directory must be on a path only root can change"
+            )
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if hops > 40:
+                raise UnsafePath(f"{path}: too many symlinks")
+            target = os.path.normpath(os.path.join(current, os.readlink(step)))
+            todo = list(Path(target).parts[1:]) + todo
+            current = Path("/")
+            continue
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+            raise UnsafePath(
+                f"{path}: {step} is writable by others (mode {stat.S_IMODE(st.st_mode):o}); "
+                "a daemon's directory must be on a path only root can change"
+            )
+        current = step
+
+
 def open_file(path: Path, mode: int) -> tuple[int, bool]:
     """Open the regular file ``path`` read-write, creating it (``mode``) if missing.
 

@@ -206,13 +206,21 @@ def test_daemon_refuses_a_state_dir_through_a_symlink_or_of_another_user(
     victim.mkdir()
     os.chmod(victim, 0o700)
     (victim / "chronosd.lock").write_text("precious\n")
-    mine = d.base / "alice"
-    mine.mkdir()
-    os.chown(mine, users.alice.uid, users.alice.gid)
-    sh_as(users.alice, f"ln -s {victim} {mine}/state; mkdir {mine}/own")
+    public = d.base / "tmp"  # like /tmp: anyone may add a name, only its owner may change it
+    public.mkdir()
+    os.chmod(public, 0o1777)
+    mine = public / "alice"
+    sh_as(
+        users.alice,
+        f"ln -s {victim} {public}/state; ln -s {victim} {public}/etc; mkdir {mine}",
+    )
     before = fingerprint(victim)
 
-    for state_dir, why in ((mine / "state", "symlink"), (mine / "own", "belongs to")):
+    for state_dir, why in (
+        (public / "state", "symlink"),  # the state dir itself
+        (public / "etc" / "chronos", "symlink"),  # a link on the way to it
+        (mine, "belongs to"),  # a directory alice may fill with links
+    ):
         d.state_dir = state_dir
         d.start(wait=False)
         assert d.proc is not None and d.proc.wait(30) != 0
@@ -221,7 +229,7 @@ def test_daemon_refuses_a_state_dir_through_a_symlink_or_of_another_user(
         assert why in log and log.strip().startswith("chronosd: error:"), log
     assert fingerprint(victim) == before
     assert stat.S_IMODE(victim.stat().st_mode) == 0o700
-    assert not any((mine / "own").iterdir())
+    assert not any(mine.iterdir())
 
 
 # -------------------------------------------------------------------- 14: split brain

@@ -34,6 +34,7 @@ from chronos.paths import (
     LEDGER_SUFFIXES,
     SYSTEM_STATE_DIR,
     UnsafePath,
+    check_trusted_path,
     open_dir,
     open_file,
     socket_path,
@@ -219,6 +220,8 @@ class Daemon:
         point those writes at a root file. So neither is used; only a directory made
         here is given its mode and owner, through its descriptor.
         """
+        if os.geteuid() == 0:
+            check_trusted_path(self.state_dir)
         try:
             self.state_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
             with contextlib.suppress(FileExistsError):
