@@ -36,14 +36,16 @@ from .conftest import Users
 
 #: ``python -c SHARED_RUNNER SHARED_DIR chronos-args...``: the CLI, with this test's
 #: directory standing in for /var/tmp/chronos (and no system daemon anywhere).
+#: ``TEST_SYSTEM_STATE`` / ``TEST_SYSTEM_SOCKET`` (read by the runner, not by Chronos) stand
+#: in for the system daemon's /var/lib/chronos and /run/chronos/chronosd.sock.
 SHARED_RUNNER = r"""
-import sys
+import os, sys
 from pathlib import Path
 import chronos.paths as paths
 shared = Path(sys.argv[1])
 paths.SHARED_STATE_DIR = shared
-paths.SYSTEM_STATE_DIR = shared.parent / "no-system-state"
-paths.SYSTEM_SOCKET = shared.parent / "no-system.sock"
+paths.SYSTEM_STATE_DIR = Path(os.environ.get("TEST_SYSTEM_STATE", shared.parent / "no-state"))
+paths.SYSTEM_SOCKET = Path(os.environ.get("TEST_SYSTEM_SOCKET", shared.parent / "no.sock"))
 from chronos.cli import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -273,6 +275,24 @@ def test_a_client_waits_for_a_restarting_daemon(
     _, err = client.communicate(timeout=60)
     assert client.returncode == 0, err
     assert len(daemon.open_ids()) == 1 and not shared.exists()
+
+
+@ROOT_ONLY
+def test_root_does_not_write_a_stopped_system_daemons_ledger(
+    sticky_tmp: Path, daemon: DaemonProcess
+) -> None:
+    """Default paths, daemon down: root's create is refused, the daemon's ledger untouched."""
+    env = client_env(TEST_SYSTEM_STATE=str(daemon.state_dir), TEST_SYSTEM_SOCKET=str(daemon.sock))
+    shared = sticky_tmp / "chronos"
+    made = as_root(shared, "create", "0", "50%", "1h", env=env)
+    assert made.returncode == 0 and "created" in made.stdout, made.stderr
+    daemon.kill(signal.SIGTERM)
+    ledger = daemon.state_dir / "ledger.db"
+    before = ledger.read_bytes()
+
+    line = one_line_error(as_root(shared, "create", "0", "10%", "1h", env=env))
+    assert "ledger.id" in line, line
+    assert ledger.read_bytes() == before and not shared.exists()
 
 
 # ---------------------------------------------------------------------- 15: disk full
