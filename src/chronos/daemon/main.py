@@ -217,8 +217,8 @@ class Daemon:
 
         As root the daemon writes its ledger and lock there: a symlink (``--state-dir``
         through ``/tmp/x -> /etc``) or a directory another user owns would let that user
-        point those writes at a root file. So neither is used; only a directory made
-        here is given its mode and owner, through its descriptor.
+        point those writes at a root file. So neither is used (nor a path through another
+        user's directory or link), and mode and group are set through its descriptor.
         """
         if os.geteuid() == 0:
             check_trusted_path(self.state_dir)
