@@ -173,6 +173,47 @@ def test_kind_run_from_an_api_client_does_not_spare_it_at_expiry(
     kill(client)
 
 
+# A client that imitates `chronos run`'s gate: kind="run", then forks a child and attaches it.
+IMITATOR = """
+import os, sys, signal, time
+from chronos.api import Partitioner
+out = sys.argv[1]
+def term(signum, frame):
+    open(os.path.join(out, 'term'), 'w').write(repr(time.time()))
+    os._exit(0)
+p = Partitioner().create(device=0, memory='1GiB', duration='2', kind='run')
+child = os.fork()
+if child == 0:
+    time.sleep(120)
+    os._exit(0)
+p.attach(child)
+signal.signal(signal.SIGTERM, term)
+open(os.path.join(out, 'created.tmp'), 'w').write(p.id)
+os.rename(os.path.join(out, 'created.tmp'), os.path.join(out, 'created'))
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_a_client_imitating_the_run_gate_is_stopped_once_its_partition_is_over(
+    daemon_factory: Callable[..., DaemonProcess], users: Users
+) -> None:
+    daemon = daemon_factory(config=CAP)
+    out = out_dir("chronos-sec-imitate-")
+    client = users.alice.popen(
+        [*users.alice.python, "-c", IMITATOR, str(out)],
+        daemon.env,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    daemon.children.append(client)
+    wait_for(lambda: (out / "created").exists() or gone(client), 20, "the client")
+    # Spared at expiry like a supervisor, but a real one leaves with its command (10 s).
+    wait_for(lambda: (out / "term").exists() or gone(client), 25, "SIGTERM for the imitator")
+    assert (out / "term").exists(), "an imitated supervisor stayed after its partition"
+    assert daemon.events("supervisor_stayed")
+
+
 def test_a_real_chronos_run_supervisor_is_still_spared(
     daemon_factory: Callable[..., DaemonProcess], users: Users
 ) -> None:

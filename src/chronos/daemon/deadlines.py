@@ -42,6 +42,9 @@ RETRY_S = 0.5
 """Delay before a failed timer callback runs again."""
 LINGER_MARGIN_S = 1.0
 """Lingering memory counts until this long after the SIGKILL (or the last look)."""
+SUPERVISOR_LEFTOVER_S = 10.0
+"""A real ``chronos run`` supervisor exits once its command is gone; one still alive this
+long after its partition's last SIGKILL was an imitation, and is stopped like a member."""
 WARNED_SLACK_S = 86400.0
 """How far before an open partition's start its ``warned`` event may lie (clock re-bases)."""
 
@@ -433,8 +436,15 @@ class Deadlines:
     def _kill(self, record: PartitionRecord, first: dict[int, int], why: str) -> None:
         self._kills.pop(record.id, None)
         members = {**first, **self.members(record)}
-        if record.state not in (ACTIVE, BOOKED):
-            self._supervisors.pop(record.id, None)  # its last signal: forget the supervisor
+        if record.state not in (ACTIVE, BOOKED):  # its last signal: forget the supervisor
+            supervisor = self._supervisors.pop(record.id, None)
+            if supervisor is not None:
+                self.loop.call_later(
+                    SUPERVISOR_LEFTOVER_S,
+                    self._guarded,
+                    "supervisor",
+                    lambda: self._stop_leftover(record, supervisor),
+                )
         killed = procs.signal_all(members, signal.SIGKILL)
         if record.id in self._lingering:
             self._lingering[record.id].until = self.clock.now() + LINGER_MARGIN_S
@@ -443,6 +453,13 @@ class Deadlines:
             self.ledger.log(
                 "killed", record.id, detail={"why": why, "signal": "SIGKILL", "processes": killed}
             )
+
+    def _stop_leftover(self, record: PartitionRecord, supervisor: tuple[int, int | None]) -> None:
+        pid, start = supervisor
+        if not procs.is_same_process(pid, start) or procs.process_uid(pid) != record.uid:
+            return
+        log("supervisor_stayed", level="warning", partition=record.id, pid=pid)
+        self.stop_pids({pid: None}, "supervisor stayed after its partition", grace=1.0)
 
     def stop_pids(self, pids: dict[int, None], why: str, grace: float) -> None:
         """SIGTERM processes that belong to no partition, SIGKILL them after ``grace``."""
