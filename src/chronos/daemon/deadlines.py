@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,8 @@ SUPERVISOR_LEFTOVER_S = 10.0
 """A real ``chronos run`` supervisor exits once its command is gone; one still alive this
 long after its partition's last SIGKILL was an imitation, and is stopped like a member."""
 WARNED_SLACK_S = 86400.0
+FAILURE_LOG_S = 10.0
+"""At most one ``deadline_failed`` log line this often (with how many failures since)."""
 """How far before an open partition's start its ``warned`` event may lie (clock re-bases)."""
 
 
@@ -75,6 +78,8 @@ class Deadlines:
         self.loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._retry: asyncio.TimerHandle | None = None
+        self._failures = 0
+        self._failure_logged_at = -FAILURE_LOG_S
         self._owner_fds: dict[str, int] = {}
         self._polled: set[str] = set()
         """Owner-bound partitions whose owner has no pidfd: checked every OWNER_POLL_S."""
@@ -140,11 +145,25 @@ class Deadlines:
     # ------------------------------------------------------------------ guards
 
     def _guarded(self, what: str, action: Callable[[], None]) -> None:
-        """Run one callback; if it fails, log it and retry the whole due-check shortly."""
+        """Run one callback; if it fails, log it and retry the whole due-check shortly.
+
+        A lasting failure (a full disk) is logged once per FAILURE_LOG_S with a count,
+        not at every retry.
+        """
         try:
             action()
         except Exception as exc:  # noqa: BLE001 - the timer chain must survive anything
-            log("deadline_failed", level="error", what=what, error=repr(exc))
+            self._failures += 1
+            now = time.monotonic()
+            if now - self._failure_logged_at >= FAILURE_LOG_S:
+                log(
+                    "deadline_failed",
+                    level="error",
+                    what=what,
+                    error=repr(exc),
+                    failures=self._failures,
+                )
+                self._failure_logged_at, self._failures = now, 0
             self._retry_soon()
 
     def _retry_soon(self) -> None:
