@@ -30,6 +30,9 @@ from chronos.errors import DaemonUnavailable, ProtocolError, error_from_code
 from chronos.paths import (
     LEDGER_FILE,
     LEDGER_ID_FILE,
+    SYSTEM_STATE_DIR,
+    check_dir,
+    check_trusted_path,
     ensure_shared_dir,
     is_shared_default,
     socket_path,
@@ -75,7 +78,11 @@ class EmbeddedTransport(Transport):
                 f"use the shared embedded ledger in {home} (ordinary users can write it): "
                 "start chronosd, or set CHRONOS_HOME to a directory of root's"
             )
-        ensure_shared_dir(home)
+        private = os.geteuid() == 0 and home == SYSTEM_STATE_DIR
+        if private:
+            _ensure_root_dir(home)
+        else:
+            ensure_shared_dir(home)
         path = home / LEDGER_FILE
         if path.exists() and not os.access(path, os.W_OK):
             raise DaemonUnavailable(
@@ -83,7 +90,8 @@ class EmbeddedTransport(Transport):
                 f"{path} belongs to it; ask an administrator to start chronosd"
             )
         config = load_config()
-        self.service = Service(Ledger(path), config, self.mode)
+        ledger = Ledger(path, file_mode=0o644) if private else Ledger(path)
+        self.service = Service(ledger, config, self.mode)
         self.caller = Caller.this_process(config.admin_group)
         # One SQLite connection; an API ExpiryMonitor thread may call beside the main thread.
         self._lock = threading.Lock()
@@ -170,6 +178,16 @@ def _unwrap(reply: Any) -> Any:
         return reply.get("result")
     err = reply.get("error") or {}
     raise error_from_code(str(err.get("code")), str(err.get("message")))
+
+
+def _ensure_root_dir(home: Path) -> None:
+    """Root's embedded ledger directory: the daemon's, root's alone (0755), on a safe path."""
+    check_trusted_path(home)
+    try:
+        home.mkdir(parents=True, exist_ok=True, mode=0o755)
+    except OSError as exc:
+        raise DaemonUnavailable(f"cannot create {home}: {exc.strerror}") from None
+    check_dir(home)
 
 
 def connect() -> Transport:
