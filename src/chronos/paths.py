@@ -70,6 +70,11 @@ def socket_path() -> Path:
     return SYSTEM_SOCKET
 
 
+def is_root_embedded(path: Path) -> bool:
+    """``path`` is root's own embedded ledger directory (the daemon's, with no daemon running)."""
+    return os.geteuid() == 0 and path == SYSTEM_STATE_DIR
+
+
 def is_shared_default(path: Path) -> bool:
     """``path`` is the machine-wide shared embedded directory (no ``CHRONOS_HOME`` chose it)."""
     return not os.environ.get("CHRONOS_HOME") and path == SHARED_STATE_DIR

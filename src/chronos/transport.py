@@ -30,10 +30,10 @@ from chronos.errors import DaemonUnavailable, ProtocolError, error_from_code
 from chronos.paths import (
     LEDGER_FILE,
     LEDGER_ID_FILE,
-    SYSTEM_STATE_DIR,
     check_dir,
     check_trusted_path,
     ensure_shared_dir,
+    is_root_embedded,
     is_shared_default,
     socket_path,
     state_dir,
@@ -78,7 +78,7 @@ class EmbeddedTransport(Transport):
                 f"use the shared embedded ledger in {home} (ordinary users can write it): "
                 "start chronosd, or set CHRONOS_HOME to a directory of root's"
             )
-        private = os.geteuid() == 0 and home == SYSTEM_STATE_DIR
+        private = is_root_embedded(home)
         if private:
             _ensure_root_dir(home)
         else:
