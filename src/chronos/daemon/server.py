@@ -166,6 +166,7 @@ class Server:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         caller: Caller | None = None
+        cut_off = False
         try:
             sock = writer.get_extra_info("socket")
             pid, uid, gid = peer_credentials(sock)
@@ -183,6 +184,7 @@ class Server:
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
         except CutOff as why:
+            cut_off = True
             assert caller is not None
             self.quiet_log("client_cut_off", uid=caller.uid, pid=caller.pid, reason=str(why))
         except Exception as exc:  # noqa: BLE001 - one client must never take the daemon down
@@ -190,7 +192,10 @@ class Server:
         finally:
             if caller is not None:
                 self._leave(caller)
-            writer.transport.abort()  # close now: buffered replies nobody reads are dropped
+            if cut_off:
+                writer.transport.abort()  # now: the replies it does not read are dropped
+            else:
+                writer.close()
 
     def _admit(self, caller: Caller) -> ClientLimit | None:
         """Count a new connection in, or say which limit it is over."""
