@@ -33,7 +33,8 @@ from chronos.paths import LEDGER_FILE, SYSTEM_STATE_DIR, socket_path
 from chronos.service import Service
 
 LOCK_FILE = "chronosd.lock"
-LISTEN_BACKLOG = 1024
+LISTEN_BACKLOG = 4096
+"""The kernel caps it at net.core.somaxconn."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

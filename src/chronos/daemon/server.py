@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import socket
 import struct
 import time
@@ -60,6 +61,7 @@ LONG_POLL_MAX_S = 5.0
 MAX_CONNECTIONS_PER_USER = 64
 MAX_CONNECTIONS_PER_ADMIN = 256
 """Members of the admin group (dashboards, monitoring); root has no per-user limit."""
+ADMIN_CACHE_S = 30.0
 FD_RESERVE = 128
 """Descriptors kept free of client connections (ledger, pidfds, cgroups, logs)."""
 USER_RECEIVE_BUDGET = 1 << 20
@@ -106,18 +108,22 @@ class RateLimitedLog:
         self.burst = burst
         self._window: dict[str, tuple[float, int, int]] = {}  # event -> (start, sent, held)
 
-    def __call__(self, event: str, level: str = "warning", **fields: Any) -> bool:
+    def __call__(self, event: str, level: str = "warning", key: str = "", **fields: Any) -> bool:
+        """Log ``event`` unless its window (``event`` and ``key``) is full; True if logged."""
+        window = f"{event}:{key}"
         now = time.monotonic()
-        start, sent, held = self._window.get(event, (now, 0, 0))
+        start, sent, held = self._window.get(window, (now, 0, 0))
         if now - start >= self.interval:
             start, sent = now, 0
+            if len(self._window) > 1024:  # keys come from clients (an op name): stay small
+                self._window.clear()
         if sent >= self.burst:
-            self._window[event] = (start, sent, held + 1)
+            self._window[window] = (start, sent, held + 1)
             return False
         if held:
             fields["suppressed"] = held
         log(event, level=level, **fields)
-        self._window[event] = (start, sent + 1, 0)
+        self._window[window] = (start, sent + 1, 0)
         return True
 
 
@@ -157,6 +163,7 @@ class Server:
         self.refused = 0
         self.per_user: dict[int, int] = defaultdict(int)
         self.receiving: dict[int, int] = defaultdict(int)  # uid -> bytes being received
+        self._admins: dict[int, tuple[bool, float]] = {}  # uid -> (is admin, when looked up)
         self.quiet_log = RateLimitedLog()
         self.on_request: Callable[[str, float], None] = lambda op, seconds: None
 
@@ -165,19 +172,26 @@ class Server:
     async def serve_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        caller: Caller | None = None
+        """Serve one connection from its start (asyncio's ``start_unix_server`` callback)."""
+        try:
+            pid, uid, gid = peer_credentials(writer.get_extra_info("socket"))
+        except OSError:
+            writer.close()
+            return
+        admitted = self.admit(pid, uid, gid)
+        if isinstance(admitted, ClientLimit):
+            with contextlib.suppress(ConnectionError, CutOff):
+                await self._reply(writer, protocol.error(admitted))
+            writer.close()
+            return
+        await self.serve_admitted(admitted, reader, writer)
+
+    async def serve_admitted(
+        self, caller: Caller, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Serve a connection :meth:`admit` counted in, until it ends; then count it out."""
         cut_off = False
         try:
-            sock = writer.get_extra_info("socket")
-            pid, uid, gid = peer_credentials(sock)
-            caller = Caller.of_process(uid, gid, pid, self._admin_group())
-            refusal = self._admit(caller)
-            if refusal is not None:
-                caller = None  # not counted: nothing to give back
-                self.refused += 1
-                self.quiet_log("connection_refused", uid=uid, pid=pid, reason=str(refusal))
-                await self._reply(writer, protocol.error(refusal))
-                return
             writer.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
             while await self._one_request(caller, reader, writer):
                 pass
@@ -185,42 +199,60 @@ class Server:
             pass
         except CutOff as why:
             cut_off = True
-            assert caller is not None
             self.quiet_log("client_cut_off", uid=caller.uid, pid=caller.pid, reason=str(why))
         except Exception as exc:  # noqa: BLE001 - one client must never take the daemon down
             self.quiet_log("client_error", level="error", error=repr(exc))
         finally:
-            if caller is not None:
-                self._leave(caller)
+            self.leave(caller)
             if cut_off:
                 writer.transport.abort()  # now: the replies it does not read are dropped
             else:
                 writer.close()
 
-    def _admit(self, caller: Caller) -> ClientLimit | None:
-        """Count a new connection in, or say which limit it is over."""
+    def admit(self, pid: int, uid: int, gid: int) -> Caller | ClientLimit:
+        """Count a new connection in (its Caller), or say which limit it is over.
+
+        Cheap on the refusal path, which a flooder drives as fast as it can connect:
+        counters only, and the admin-group lookup (for the higher limit) at most once
+        per ``ADMIN_CACHE_S`` per uid.
+        """
+        refusal = self._over_limit(pid, uid, gid)
+        if refusal is not None:
+            self.refused += 1
+            self.quiet_log("connection_refused", uid=uid, pid=pid, reason=str(refusal))
+            return refusal
+        caller = Caller.of_process(uid, gid, pid, self._admin_group())
+        self.connections += 1
+        self.per_user[uid] += 1
+        return caller
+
+    def _over_limit(self, pid: int, uid: int, gid: int) -> ClientLimit | None:
         if self.connections >= self.max_connections:
             return ClientLimit(
                 f"chronosd is at its limit of {self.max_connections} connections; try again"
             )
-        limit = self.user_limit(caller)
-        if limit is not None and self.per_user[caller.uid] >= limit:
-            return ClientLimit(f"too many connections from uid {caller.uid} (limit {limit})")
-        self.connections += 1
-        self.per_user[caller.uid] += 1
-        return None
+        held = self.per_user.get(uid, 0)
+        if uid == 0 or held < MAX_CONNECTIONS_PER_USER:
+            return None
+        limit = MAX_CONNECTIONS_PER_ADMIN if self._is_admin(pid, uid, gid) else None
+        if limit is not None and held < limit:
+            return None
+        limit = limit or MAX_CONNECTIONS_PER_USER
+        return ClientLimit(f"too many connections from uid {uid} (limit {limit})")
 
-    def _leave(self, caller: Caller) -> None:
+    def _is_admin(self, pid: int, uid: int, gid: int) -> bool:
+        now = time.monotonic()
+        known = self._admins.get(uid)
+        if known is None or now - known[1] > ADMIN_CACHE_S:
+            known = (Caller.of_process(uid, gid, pid, self._admin_group()).is_admin, now)
+            self._admins[uid] = known
+        return known[0]
+
+    def leave(self, caller: Caller) -> None:
         self.connections -= 1
         self.per_user[caller.uid] -= 1
         if not self.per_user[caller.uid]:
             del self.per_user[caller.uid]
-
-    @staticmethod
-    def user_limit(caller: Caller) -> int | None:
-        if caller.uid == 0:
-            return None
-        return MAX_CONNECTIONS_PER_ADMIN if caller.is_admin else MAX_CONNECTIONS_PER_USER
 
     # ---------------------------------------------------------------- requests
 
@@ -306,7 +338,12 @@ class Server:
         elapsed = time.perf_counter() - started
         if elapsed > SLOW_REQUEST_S:
             self.quiet_log(
-                "slow_request", op=op, uid=caller.uid, pid=caller.pid, ms=round(elapsed * 1e3, 1)
+                "slow_request",
+                key=op,  # one slow op must not hide another
+                op=op,
+                uid=caller.uid,
+                pid=caller.pid,
+                ms=round(elapsed * 1e3, 1),
             )
         return reply
 
@@ -339,6 +376,12 @@ class Server:
             await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
         except TimeoutError:
             raise CutOff(f"replies not read for {WRITE_TIMEOUT_S:g} s") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _refusal_frame(message: str) -> bytes:
+    """The encoded refusal (a flooder gets the same few, thousands of times a second)."""
+    return protocol.encode(protocol.error(ClientLimit(message)))
 
 
 def _state_of(reply: dict[str, Any]) -> Any:
@@ -392,9 +435,29 @@ class Listener:
             except OSError as exc:
                 self._accept_failed(exc)
                 return
-            task = self._loop.create_task(self._serve(conn))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._take(conn)
+
+    def _take(self, conn: socket.socket) -> None:
+        """Admit ``conn`` (a task serves it) or refuse it here and now, with no task.
+
+        A refused connection costs a getsockopt, a send and a close: a flooder that
+        reconnects at once cannot fill the listen backlog that other users share.
+        """
+        try:
+            pid, uid, gid = peer_credentials(conn)
+        except OSError:
+            conn.close()
+            return
+        admitted = self._server.admit(pid, uid, gid)
+        if isinstance(admitted, ClientLimit):
+            conn.setblocking(False)
+            with contextlib.suppress(OSError):
+                conn.send(_refusal_frame(str(admitted)))  # small: fits the socket buffer
+            conn.close()
+            return
+        task = self._loop.create_task(self._serve(conn, admitted))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _accept_failed(self, exc: OSError) -> None:
         self.accept_errors += 1
@@ -409,10 +472,11 @@ class Listener:
             self._loop.remove_reader(self._sock.fileno())
             self._retry = self._loop.call_later(ACCEPT_RETRY_S, self.start)
 
-    async def _serve(self, conn: socket.socket) -> None:
+    async def _serve(self, conn: socket.socket, caller: Caller) -> None:
         try:
             reader, writer = await asyncio.open_unix_connection(sock=conn, limit=STREAM_LIMIT)
         except OSError:
+            self._server.leave(caller)
             conn.close()
             return
-        await self._server.serve_client(reader, writer)
+        await self._server.serve_admitted(caller, reader, writer)
