@@ -435,3 +435,49 @@ def test_slow_handler_is_logged_with_op_and_caller(
     assert slow and slow[0]["op"] == "list" and slow[0]["ms"] >= 25, records
     assert slow[0]["uid"] == os.getuid() and slow[0]["pid"]
     assert len(slow) <= server_module.RateLimitedLog().burst  # 20 slow calls, a few lines
+
+
+def test_idle_connection_is_closed_and_the_client_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Idle connections are closed (IDLE_TIMEOUT_S); a client's next call, any op, still works.
+
+    Runs the daemon's Server on a real socket in a thread, with the timeout cut to 0.2 s.
+    """
+    import threading
+
+    from chronos.transport import SocketTransport
+
+    monkeypatch.setattr(server_module, "IDLE_TIMEOUT_S", 0.2)
+    path = tmp_path / "sock"
+    calls: list[str] = []
+    ready, stop = threading.Event(), threading.Event()
+
+    def handle(caller: Caller, message: Any) -> dict[str, Any]:
+        calls.append(message["op"])
+        return protocol.ok({"state": "released"})
+
+    async def serve() -> None:
+        server = Server(handle, lambda: "nobody-group")
+        listening = await asyncio.start_unix_server(server.serve_client, path=str(path))
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.02)
+        listening.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),))
+    thread.start()
+    try:
+        assert ready.wait(10)
+        transport = SocketTransport(path, timeout=5.0)
+        try:
+            assert transport.call("release", id="x")["state"] == "released"
+            first = transport._sock
+            wait_for(lambda: first.recv(1, socket.MSG_PEEK) == b"", 5.0, what="the idle close")
+            assert transport.call("release", id="x")["state"] == "released"  # not idempotent
+        finally:
+            transport.close()
+    finally:
+        stop.set()
+        thread.join(10)
+    assert calls == ["release", "release"]
