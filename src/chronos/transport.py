@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import threading
 from abc import ABC, abstractmethod
@@ -118,10 +119,12 @@ class SocketTransport(Transport):
         Nothing of this request was sent on it yet, so a fresh connection is safe for
         any operation, idempotent or not.
         """
-        try:
-            waiting = self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
+        poller = select.poll()  # not recv(MSG_DONTWAIT): a socket timeout makes Python wait
+        poller.register(self._sock, select.POLLIN)
+        if not poller.poll(0):
             return  # open, nothing to read: the usual case
+        try:
+            waiting = self._sock.recv(1, socket.MSG_PEEK)
         except OSError:
             waiting = b""
         if waiting:

@@ -195,6 +195,34 @@ def test_wrong_argument_types(d: DaemonProcess, data: st.DataObject, slot: tuple
     assert len(d.call("list", all=True)) == before
 
 
+NUMBER_SLOTS = [
+    (op, name)
+    for op, spec in protocol.OPS.items()
+    for name, (types, _) in spec.items()
+    if int in types or float in types
+]
+
+
+@FUZZ
+@given(data=st.data(), slot=st.sampled_from(NUMBER_SLOTS))
+def test_numbers_out_of_range_are_bad_requests(
+    d: DaemonProcess, data: st.DataObject, slot: tuple[str, str]
+) -> None:
+    """Beyond SQLite INTEGER or the field's range: OverflowError once closed the connection."""
+    op, name = slot
+    low, high = protocol.RANGES.get(name, (protocol.SQLITE_INT_MIN, protocol.SQLITE_INT_MAX))
+    value = data.draw(
+        st.integers(min_value=int(high) + 1, max_value=10**300)
+        | st.integers(min_value=-(10**300), max_value=int(low) - 1),
+        label=f"{op}.{name}",
+    )
+    args = {**valid_args(op), name: value}
+    replies = exchange(d, request_frame({"v": 1, "op": op, "args": args}), then_ping=True)
+    assert_error(replies[0], "bad_request")
+    assert name in replies[0]["error"]["message"]
+    assert_ping(replies[1])
+
+
 @FUZZ
 @given(
     op=st.sampled_from(sorted(protocol.OPS)),

@@ -176,6 +176,7 @@ class Daemon:
             backends=service.machine.backend_names,
             cgroups=str(service.cgroups.base) if service.cgroups.available else "unavailable",
             devices=len(service.machine.devices),
+            max_connections=server.max_connections,
         )
         sd_notify("READY=1")
         try:

@@ -71,8 +71,9 @@ STREAM_LIMIT = 16 << 10
 """asyncio's reader buffer: it stops reading a socket at twice this much."""
 WRITE_BUFFER_HIGH = 256 << 10
 """Unread reply bytes a connection may hold in the daemon before drain waits."""
-MAX_UNREAD_REPLIES = 1 << 20
-"""Unread reply bytes after which a connection is cut off at once."""
+MAX_UNREAD_REPLIES = protocol.MAX_FRAME + WRITE_BUFFER_HIGH
+"""Unread reply bytes after which a connection is cut off at once (one largest reply
+never is: a client that reads its replies has at most one pending)."""
 SLOW_REQUEST_S = 0.005
 LOG_INTERVAL_S = 10.0
 """Provokable log lines: at most a few per interval per kind, then one count."""
