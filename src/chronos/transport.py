@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import threading
 import time
@@ -129,6 +130,7 @@ class SocketTransport(Transport):
 
     def call(self, op: str, **args: Any) -> Any:
         frame = protocol.encode(protocol.request(op, **args))
+        self._reconnect_if_closed()
         try:
             reply = self._exchange(frame)
         except DaemonUnavailable:
@@ -145,6 +147,25 @@ class SocketTransport(Transport):
                 self._sock = self._connect()
             raise
         return _unwrap(reply)
+
+    def _reconnect_if_closed(self) -> None:
+        """chronosd hangs up on a connection idle for a while (``IDLE_TIMEOUT_S``).
+
+        Nothing of this request was sent on it yet, so a fresh connection is safe for
+        any operation, idempotent or not.
+        """
+        poller = select.poll()  # not recv(MSG_DONTWAIT): a socket timeout makes Python wait
+        poller.register(self._sock, select.POLLIN)
+        if not poller.poll(0):
+            return  # open, nothing to read: the usual case
+        try:
+            waiting = self._sock.recv(1, socket.MSG_PEEK)
+        except OSError:
+            waiting = b""
+        if waiting:
+            return  # a reply is there already (a refusal): the exchange reads it
+        self._sock.close()
+        self._sock = self._connect()
 
     def _exchange(self, frame: bytes) -> Any:
         try:
