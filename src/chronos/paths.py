@@ -1,7 +1,7 @@
 """Where Chronos keeps its state, where the daemon listens, and how its files are opened.
 
 State directory (the ledger database): ``$CHRONOS_HOME`` if set; else the
-daemon's ``/var/lib/chronos`` if it exists; else ``/var/tmp/chronos``, the
+daemon's ``/var/lib/chronos`` if it exists or the caller is root; else ``/var/tmp/chronos``, the
 shared embedded ledger of a machine with no daemon (world-writable with the
 sticky bit, like /tmp).
 
@@ -53,7 +53,9 @@ def state_dir() -> Path:
     home = os.environ.get("CHRONOS_HOME")
     if home:
         return Path(home)
-    if SYSTEM_STATE_DIR.is_dir():
+    # Root never shares a ledger that ordinary users can write: with no daemon running,
+    # its embedded ledger is the daemon's own directory, which a later chronosd adopts.
+    if SYSTEM_STATE_DIR.is_dir() or os.geteuid() == 0:
         return SYSTEM_STATE_DIR
     return SHARED_STATE_DIR
 
@@ -66,6 +68,11 @@ def socket_path() -> Path:
     if home:
         return Path(home) / "chronosd.sock"
     return SYSTEM_SOCKET
+
+
+def is_root_embedded(path: Path) -> bool:
+    """``path`` is root's own embedded ledger directory (the daemon's, with no daemon running)."""
+    return os.geteuid() == 0 and path == SYSTEM_STATE_DIR
 
 
 def is_shared_default(path: Path) -> bool:

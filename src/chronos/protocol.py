@@ -6,11 +6,21 @@ A request is ``{"v": 1, "op": NAME, "args": {...}}``; a reply is
 Every request is checked against ``OPS`` before anything acts on it; the
 caller's identity never travels in a message (the daemon reads it from the
 kernel).
+
+A request is checked in order of cost, so that no input makes the daemon do
+more than a bounded amount of work before it is refused: its length (from the
+header, before a byte of the body is read: ``MAX_REQUEST``), then its JSON
+(``NaN``/``Infinity`` refused), then its schema, where every string has a
+length bound and every number a range (SQLite INTEGER at most, and a sane range
+per field: a device index, a pid) and floats are finite. Only then do the
+parsers of memory and duration strings see it. Replies may be larger
+(``MAX_FRAME``): a listing is bigger than any request.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any
 
@@ -18,7 +28,21 @@ from chronos.errors import BadRequest, ChronosError, ProtocolError
 
 VERSION = 1
 MAX_FRAME = 1 << 20
+"""Largest frame either side accepts (replies can be this big)."""
+MAX_REQUEST = 64 << 10
+"""Largest request the daemon reads: requests are small, 64 KiB is plenty."""
 HEADER = struct.Struct(">I")
+
+SQLITE_INT_MIN, SQLITE_INT_MAX = -(2**63), 2**63 - 1
+MAX_STRING = 256
+"""Longest string argument (ids, user names, signal names, kinds)."""
+MAX_SPEC = 64
+"""Longest memory/duration string (``"10GiB"``, ``"1h30m"``): checked before any parsing."""
+PID_MAX = 1 << 22
+"""The kernel's PID_MAX_LIMIT: no pid is larger."""
+MAX_DEVICE = 1023
+MAX_SECONDS = 1e11
+"""Bound of any time or span in seconds (epoch seconds of the year 5138): finite and sane."""
 
 _NUM = (int, float)
 _SPEC = (str, int, float)
@@ -85,7 +109,37 @@ def validate(message: Any) -> tuple[str, dict[str, Any]]:
             raise BadRequest(f"{op}: {name} has the wrong type")
         if not isinstance(value, types):
             raise BadRequest(f"{op}: {name} has the wrong type")
+        check_bounds(op, name, value)
     return op, args
+
+
+# arg -> (lowest, highest) where a field has a narrower range than a generic number.
+RANGES: dict[str, tuple[float, float]] = {
+    "device": (0, MAX_DEVICE),
+    "pid": (1, PID_MAX),
+    "start": (-MAX_SECONDS, MAX_SECONDS),
+    "since": (-MAX_SECONDS, MAX_SECONDS),
+    "timeout": (-MAX_SECONDS, MAX_SECONDS),
+    "max_wait": (-MAX_SECONDS, MAX_SECONDS),
+}
+SPEC_ARGS = frozenset({"memory", "duration", "grace", "warn"})
+
+
+def check_bounds(op: str, name: str, value: Any) -> None:
+    """Refuse a string too long or a number out of its field's range (or not finite)."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, str):
+        limit = MAX_SPEC if name in SPEC_ARGS else MAX_STRING
+        if len(value) > limit:
+            raise BadRequest(f"{op}: {name} is longer than {limit} characters")
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadRequest(f"{op}: {name} must be a finite number")
+    if isinstance(value, (int, float)):
+        low, high = RANGES.get(name, (SQLITE_INT_MIN, SQLITE_INT_MAX))
+        if not low <= value <= high:  # int vs float compare exactly in Python: no overflow
+            raise BadRequest(f"{op}: {name} is out of range ({low:g} to {high:g})")
 
 
 def ok(result: Any) -> dict[str, Any]:
@@ -103,15 +157,21 @@ def encode(message: dict[str, Any]) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def decode_body(body: bytes) -> Any:
+    """The JSON of a frame; ``NaN``/``Infinity`` (Python's extension) are not JSON."""
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_no_constant)
     except (ValueError, RecursionError):  # ValueError: bad UTF-8, bad JSON, int over 4300 digits
         raise ProtocolError("message is not valid JSON") from None
 
 
-def frame_length(header: bytes) -> int:
+def frame_length(header: bytes, limit: int = MAX_FRAME) -> int:
+    """The length a header announces, refused if over ``limit`` (``MAX_REQUEST`` for requests)."""
     (length,) = HEADER.unpack(header)
-    if length > MAX_FRAME:
-        raise ProtocolError(f"message of {length} bytes is over the {MAX_FRAME}-byte limit")
+    if length > limit:
+        raise ProtocolError(f"message of {length} bytes is over the {limit}-byte limit")
     return int(length)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import threading
 import time
@@ -30,7 +31,10 @@ from chronos.errors import DaemonUnavailable, ProtocolError, error_from_code
 from chronos.paths import (
     LEDGER_FILE,
     LEDGER_ID_FILE,
+    check_dir,
+    check_trusted_path,
     ensure_shared_dir,
+    is_root_embedded,
     is_shared_default,
     socket_path,
     state_dir,
@@ -75,7 +79,11 @@ class EmbeddedTransport(Transport):
                 f"use the shared embedded ledger in {home} (ordinary users can write it): "
                 "start chronosd, or set CHRONOS_HOME to a directory of root's"
             )
-        ensure_shared_dir(home)
+        private = is_root_embedded(home)
+        if private:
+            _ensure_root_dir(home)
+        else:
+            ensure_shared_dir(home)
         path = home / LEDGER_FILE
         if path.exists() and not os.access(path, os.W_OK):
             raise DaemonUnavailable(
@@ -83,7 +91,8 @@ class EmbeddedTransport(Transport):
                 f"{path} belongs to it; ask an administrator to start chronosd"
             )
         config = load_config()
-        self.service = Service(Ledger(path), config, self.mode)
+        ledger = Ledger(path, file_mode=0o644) if private else Ledger(path)
+        self.service = Service(ledger, config, self.mode)
         self.caller = Caller.this_process(config.admin_group)
         # One SQLite connection; an API ExpiryMonitor thread may call beside the main thread.
         self._lock = threading.Lock()
@@ -121,6 +130,7 @@ class SocketTransport(Transport):
 
     def call(self, op: str, **args: Any) -> Any:
         frame = protocol.encode(protocol.request(op, **args))
+        self._reconnect_if_closed()
         try:
             reply = self._exchange(frame)
         except DaemonUnavailable:
@@ -137,6 +147,25 @@ class SocketTransport(Transport):
                 self._sock = self._connect()
             raise
         return _unwrap(reply)
+
+    def _reconnect_if_closed(self) -> None:
+        """chronosd hangs up on a connection idle for a while (``IDLE_TIMEOUT_S``).
+
+        Nothing of this request was sent on it yet, so a fresh connection is safe for
+        any operation, idempotent or not.
+        """
+        poller = select.poll()  # not recv(MSG_DONTWAIT): a socket timeout makes Python wait
+        poller.register(self._sock, select.POLLIN)
+        if not poller.poll(0):
+            return  # open, nothing to read: the usual case
+        try:
+            waiting = self._sock.recv(1, socket.MSG_PEEK)
+        except OSError:
+            waiting = b""
+        if waiting:
+            return  # a reply is there already (a refusal): the exchange reads it
+        self._sock.close()
+        self._sock = self._connect()
 
     def _exchange(self, frame: bytes) -> Any:
         try:
@@ -170,6 +199,16 @@ def _unwrap(reply: Any) -> Any:
         return reply.get("result")
     err = reply.get("error") or {}
     raise error_from_code(str(err.get("code")), str(err.get("message")))
+
+
+def _ensure_root_dir(home: Path) -> None:
+    """Root's embedded ledger directory: the daemon's, root's alone (0755), on a safe path."""
+    check_trusted_path(home)
+    try:
+        home.mkdir(parents=True, exist_ok=True, mode=0o755)
+    except OSError as exc:
+        raise DaemonUnavailable(f"cannot create {home}: {exc.strerror}") from None
+    check_dir(home)
 
 
 def connect() -> Transport:

@@ -34,7 +34,7 @@ json_scalars = (
     st.none()
     | st.booleans()
     | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False)
+    | st.floats(allow_nan=False, allow_infinity=False)  # Infinity is not JSON: refused
     | st.text(max_size=20)
 )
 json_values = st.recursive(
@@ -195,6 +195,34 @@ def test_wrong_argument_types(d: DaemonProcess, data: st.DataObject, slot: tuple
     assert len(d.call("list", all=True)) == before
 
 
+NUMBER_SLOTS = [
+    (op, name)
+    for op, spec in protocol.OPS.items()
+    for name, (types, _) in spec.items()
+    if int in types or float in types
+]
+
+
+@FUZZ
+@given(data=st.data(), slot=st.sampled_from(NUMBER_SLOTS))
+def test_numbers_out_of_range_are_bad_requests(
+    d: DaemonProcess, data: st.DataObject, slot: tuple[str, str]
+) -> None:
+    """Beyond SQLite INTEGER or the field's range: OverflowError once closed the connection."""
+    op, name = slot
+    low, high = protocol.RANGES.get(name, (protocol.SQLITE_INT_MIN, protocol.SQLITE_INT_MAX))
+    value = data.draw(
+        st.integers(min_value=int(high) + 1, max_value=10**300)
+        | st.integers(min_value=-(10**300), max_value=int(low) - 1),
+        label=f"{op}.{name}",
+    )
+    args = {**valid_args(op), name: value}
+    replies = exchange(d, request_frame({"v": 1, "op": op, "args": args}), then_ping=True)
+    assert_error(replies[0], "bad_request")
+    assert name in replies[0]["error"]["message"]
+    assert_ping(replies[1])
+
+
 @FUZZ
 @given(
     op=st.sampled_from(sorted(protocol.OPS)),
@@ -220,7 +248,7 @@ def test_arbitrary_requests_get_a_well_formed_reply(
         b"",
         b"{",
         b"\xff\xfe\x00",
-        b"[" * 100_000 + b"]" * 100_000,  # deep nesting: RecursionError in json
+        b"[" * 30_000 + b"]" * 30_000,  # deep nesting: RecursionError in json
         b'{"v": 1, "op": "ping", "args": {"x": ' + b"9" * 5000 + b"}}",  # over int digit limit
         b'{"v": 1, "op": "create", "args": {"device": 0, "memory": NaN, "duration": 60}}',
         b'{"v": 1, "op": "create", "args": {"device": 0, "memory": 0.01, "duration": Infinity}}',
@@ -234,7 +262,17 @@ def test_arbitrary_requests_get_a_well_formed_reply(
         b'{"v": 1, "op": "create", "args": {"device": ' + b"9" * 40 + b', "memory": 0.01, '
         b'"duration": 60}}',
         b'{"v": 1, "op": "get", "args": {"id": "\\u0000"}}',
-        json.dumps({"v": 1, "op": "get", "args": {"id": "x" * 500_000}}).encode(),
+        json.dumps({"v": 1, "op": "get", "args": {"id": "x" * 60_000}}).encode(),
+        b'{"v": 1, "op": "create", "args": {"device": 0, "memory": 0.01, "duration": 60, '
+        b'"start": 1e400}}',  # JSON's 1e400 is float('inf') in Python
+        b'{"v": 1, "op": "create", "args": {"device": 0, "memory": 0.01, "duration": 60, '
+        b'"start": ' + b"9" * 400 + b"}}",  # beyond float range: OverflowError once
+        b'{"v": 1, "op": "attach", "args": {"id": "x", "pid": 9223372036854775808}}',
+        b'{"v": 1, "op": "wait", "args": [1, 2]}',  # AttributeError in _long_poll once
+        b'{"v": 1, "op": "wait", "args": "x"}',
+        b'{"v": 1, "op": "create", "args": {"device": 0, "memory": "1%", "duration": "'
+        + b"1" * 1000
+        + b'x"}}',  # backtracking bait: refused by length before the parser sees it
     ],
     ids=lambda b: repr(b[:40]),
 )
@@ -258,7 +296,9 @@ def test_bookings_everyone_can_still_list(d: DaemonProcess) -> None:
     d.call("release", id=booked["id"])
 
 
-@pytest.mark.parametrize("length", [protocol.MAX_FRAME + 1, 2**31, 2**32 - 1])
+@pytest.mark.parametrize(
+    "length", [protocol.MAX_REQUEST + 1, protocol.MAX_FRAME + 1, 2**31, 2**32 - 1]
+)
 def test_oversized_length_header(d: DaemonProcess, length: int) -> None:
     with raw_connect(d.sock) as sock:
         sock.sendall(struct.pack(">I", length) + b"{}")
@@ -270,10 +310,10 @@ def test_oversized_length_header(d: DaemonProcess, length: int) -> None:
 
 
 def test_frame_at_the_limit_is_answered(d: DaemonProcess) -> None:
-    padding = "x" * (protocol.MAX_FRAME - 40)
+    padding = "x" * (protocol.MAX_REQUEST - 40)
     body = json.dumps({"v": 1, "op": "ping", "pad": padding}).encode()
-    body = body[:-1] + b" " * (protocol.MAX_FRAME - len(body)) + b"}"
-    assert len(body) == protocol.MAX_FRAME
+    body = body[:-1] + b" " * (protocol.MAX_REQUEST - len(body)) + b"}"
+    assert len(body) == protocol.MAX_REQUEST
     replies = exchange(d, frame(body))
     assert len(replies) == 1
     assert_ping(replies[0])

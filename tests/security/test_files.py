@@ -135,18 +135,29 @@ def test_root_never_follows_a_ledger_symlink_a_user_planted(
         existing.write_text("root:x:0:0\n")
         shared = sticky_tmp / "chronos"
         sh_as(users.alice, f"mkdir -m 1777 {shared}; ln -s {preload} {shared}/ledger.db")
-        before = fingerprint(victim_dir)
+        before, planted = fingerprint(victim_dir), fingerprint(shared)
 
-        refused = as_root(shared, "list")
+        # Root keeps its own embedded ledger (the daemon's directory, root's alone): the
+        # users' shared directory is never even opened.
+        listed = as_root(shared, "list")
+        assert listed.returncode == 0, listed.stderr
         assert not preload.exists() and not preload.is_symlink()
         assert fingerprint(victim_dir) == before
-        line = one_line_error(refused)
+        assert fingerprint(shared) == planted
 
         # The same with the link aimed at a file that exists: never opened, never changed.
         sh_as(users.alice, f"ln -sf {existing} {shared}/ledger.db")
-        one_line_error(as_root(shared, "create", "0", "1%", "1h"))
+        created = as_root(shared, "create", "0", "1%", "1h")
+        assert created.returncode == 0, created.stderr
         assert fingerprint(victim_dir) == before
-        assert "chronosd" in line or "symlink" in line, line
+        root_ledger = sticky_tmp / "no-state" / "ledger.db"
+        st = root_ledger.lstat()
+        assert stat.S_ISREG(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o022
+
+        # Told to use the shared directory, root refuses it rather than follow the link.
+        line = one_line_error(as_root(shared, "list", env=client_env(CHRONOS_HOME=str(shared))))
+        assert fingerprint(victim_dir) == before
+        assert "symlink" in line or "belongs to" in line, line
     finally:
         shutil.rmtree(victim_dir.parent, ignore_errors=True)
 
@@ -182,10 +193,12 @@ def test_a_shared_dir_a_user_made_is_refused_by_root_and_others(
     assert shared.stat().st_uid == users.alice.uid
     before = fingerprint(shared)
 
-    root_line = one_line_error(as_root(shared, "list"))
-    assert "chronosd" in root_line, root_line
     bob_line = one_line_error(as_user(users.bob, shared, "create", "0", "1%", "1h"))
     assert users.alice.name in bob_line, bob_line
+    listed = as_root(shared, "list")  # root keeps its own ledger: alice's is never opened
+    assert listed.returncode == 0 and "no active partitions" in listed.stdout, listed.stderr
+    root_line = one_line_error(as_root(shared, "list", env=client_env(CHRONOS_HOME=str(shared))))
+    assert users.alice.name in root_line, root_line
     assert fingerprint(shared) == before
 
 
@@ -193,9 +206,18 @@ def test_a_shared_dir_a_user_made_is_refused_by_root_and_others(
 def test_root_never_writes_the_shared_embedded_ledger(sticky_tmp: Path) -> None:
     """Even in a root-owned shared dir: ordinary users could write what root reads."""
     shared = sticky_tmp / "chronos"
-    line = one_line_error(as_root(shared, "create", "0", "1%", "1h"))
-    assert "start chronosd" in line and "CHRONOS_HOME" in line, line
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # as an administrator sets it up for several users
+    made = as_root(shared, "create", "0", "1%", "1h")
+    assert made.returncode == 0, made.stderr
     assert not (shared / "ledger.db").exists()
+    root_ledger = sticky_tmp / "no-state" / "ledger.db"  # the daemon's directory, root's alone
+    st = root_ledger.lstat()
+    assert (
+        st.st_uid == 0
+        and not st.st_mode & 0o022
+        and not (sticky_tmp / "no-state").stat().st_mode & 0o022
+    )
 
 
 @ROOT_ONLY

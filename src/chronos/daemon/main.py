@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import resource
 import signal
 import socket
 import sys
@@ -25,7 +26,7 @@ from chronos.daemon.deadlines import Deadlines
 from chronos.daemon.log import log
 from chronos.daemon.notify import sd_notify
 from chronos.daemon.sampler import Sampler
-from chronos.daemon.server import Broadcast, Server
+from chronos.daemon.server import FD_RESERVE, Broadcast, Listener, RateLimitedLog, Server
 from chronos.errors import ChronosError
 from chronos.ledger import Ledger
 from chronos.paths import (
@@ -43,6 +44,8 @@ from chronos.paths import (
 from chronos.service import Service
 
 LOCK_FILE = "chronosd.lock"
+LISTEN_BACKLOG = 4096
+"""The kernel caps it at net.core.somaxconn."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.socket is None and not os.environ.get("CHRONOS_SOCKET") and args.state_dir:
         os.environ["CHRONOS_HOME"] = str(state_dir)
     sock_path = args.socket or socket_path()
+    raise_descriptor_limit()
     try:
         return asyncio.run(
             Daemon(state_dir, sock_path, args.config, args.metrics, args.dashboard).run()
@@ -93,6 +97,32 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 0
+
+
+def raise_descriptor_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; return the soft limit.
+
+    Every client connection is a descriptor: with the usual soft limit of 1,024,
+    one user's idle connections starved the ledger, the sampler and the pidfds
+    of the expiry signals. The unit sets ``LimitNOFILE=65536`` as well.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log("nofile_not_raised", level="warning", soft=soft, hard=hard, error=str(exc))
+    return soft
+
+
+def max_client_connections() -> int:
+    """Connections all clients together may hold: the descriptor limit less a reserve."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(8, soft - max(FD_RESERVE, soft // 8))
 
 
 class Daemon:
@@ -114,8 +144,10 @@ class Daemon:
         self._stop = asyncio.Event()
         self.broadcast = Broadcast()
         self._busy = self._dirty = False
+        self.quiet_log = RateLimitedLog()
 
     async def run(self) -> int:
+        asyncio.get_running_loop().set_exception_handler(self._loop_error)
         self._prepare_state_dir()
         self._take_lock()
         ledger = self._open_ledger()
@@ -136,7 +168,13 @@ class Daemon:
         sampler = Sampler(service, deadlines, lambda: self.config)
         deadlines.on_ended = sampler.on_ended
         sampling = asyncio.create_task(sampler.run())
-        server = Server(service.handle, lambda: self.config.admin_group, self.broadcast)
+        server = Server(
+            service.handle,
+            lambda: self.config.admin_group,
+            self.broadcast,
+            max_connections=max_client_connections(),
+        )
+        server.quiet_log = self.quiet_log
         listener = await self._listen(server)
         endpoints = self._start_http(service, sampler, server)
         loop = asyncio.get_running_loop()
@@ -151,6 +189,7 @@ class Daemon:
             backends=service.machine.backend_names,
             cgroups=str(service.cgroups.base) if service.cgroups.available else "unavailable",
             devices=len(service.machine.devices),
+            max_connections=server.max_connections,
         )
         sd_notify("READY=1")
         try:
@@ -356,7 +395,17 @@ class Daemon:
             finally:
                 os.close(fd)
 
-    async def _listen(self, server: Server) -> asyncio.AbstractServer:
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """asyncio's errors as one rate-limited JSON line, never a traceback per event."""
+        exc = context.get("exception")
+        self.quiet_log(
+            "loop_error",
+            level="error",
+            message=str(context.get("message", "?"))[:200],
+            error=repr(exc)[:200] if exc is not None else None,
+        )
+
+    async def _listen(self, server: Server) -> Listener:
         self.sock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         # Our state lock does not cover a daemon of another state dir on this socket:
         # taking its socket over would leave its clients on the wrong ledger.
@@ -365,10 +414,16 @@ class Daemon:
                 f"another chronosd is already running on {self.sock_path} (another state dir)"
             )
         self._remove_socket()  # nobody answers: a dead daemon's socket
-        listener = await asyncio.start_unix_server(
-            server.serve_client, path=str(self.sock_path), backlog=1024
-        )
-        os.chmod(self.sock_path, 0o666)  # anyone may connect; SO_PEERCRED says who they are
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(self.sock_path))
+            os.chmod(self.sock_path, 0o666)  # anyone may connect; SO_PEERCRED says who they are
+            sock.listen(LISTEN_BACKLOG)
+        except OSError as exc:
+            sock.close()
+            raise ChronosError(f"cannot listen on {self.sock_path}: {exc.strerror}") from None
+        listener = Listener(sock, server, self.quiet_log)
+        listener.start()
         return listener
 
     def _socket_answers(self) -> bool:
