@@ -27,10 +27,23 @@ def soft_limit_bytes(partition_bytes: int) -> int:
 
 
 def limits_env(
-    partition_bytes: int, total_bytes: int, base: dict[str, str] | None = None
+    partition_bytes: int,
+    total_bytes: int,
+    base: dict[str, str] | None = None,
+    capped: bool = False,
 ) -> dict[str, str]:
-    """Environment that caps PyTorch, TensorFlow, JAX and CuPy in a child process."""
+    """Environment that caps PyTorch, TensorFlow, JAX and CuPy in a child process.
+
+    ``capped``: the allocation-time cap library is preloaded, so the process sees the
+    partition's bytes as its GPU's total; fractions are then of that total, and the
+    framework stops where the library would (less the per-process reserve).
+    """
     soft = soft_limit_bytes(partition_bytes)
+    if capped:
+        from chronos.alloccap import process_reserve
+
+        soft = partition_bytes - process_reserve(partition_bytes)
+        total_bytes = partition_bytes
     pythonpath = (os.environ if base is None else base).get("PYTHONPATH")
     return {
         "CHRONOS_PARTITION_BYTES": str(partition_bytes),

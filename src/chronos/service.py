@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from chronos import procs, protocol
+from chronos import alloccap, procs, protocol
 from chronos.attribution import attribute_processes
 from chronos.cgroups import PartitionCgroups
 from chronos.config import Config, Limits
@@ -150,6 +150,8 @@ class Service:
             self.on_change()
             return self._ticket_status(ticket.id, note=str(refusal))
         self.on_change()
+        alloccap.on_create(record.id, record.memory_bytes, record.uid, self.mode)
+        alloccap.sweep((r.id for r in self.ledger.partitions()), self.mode)
         return {**record.to_wire(), "visible_env": dict(dev.visible_env)}
 
     # ----------------------------------------------------------------- queue
@@ -183,6 +185,8 @@ class Service:
         ids = [self.ledger.ticket(t.id).partition_id or "" for t in granted]
         if granted:
             self.on_change()
+        for record in map(self.ledger.get, filter(None, ids)):
+            alloccap.on_create(record.id, record.memory_bytes, record.uid, self.mode)
         return ids
 
     def _capacity_of(self, request: NewPartition) -> int:
@@ -270,6 +274,7 @@ class Service:
         self._authorize(caller, self.ledger.get(id), "release")
         record = self.ledger.release(id, caller.uid, caller.user)
         self.on_change()
+        alloccap.on_release(id, self.mode)
         return record.to_wire()
 
     def op_get(self, caller: Caller, id: str) -> dict[str, Any]:
