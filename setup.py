@@ -36,8 +36,12 @@ setup(
             depends=["src/chronos/native/chronos_cap.h"],
             # -O2 and sibling calls keep dlsym's forward a tail call (RTLD_NEXT needs it);
             # hidden visibility exports only the cu* entry points and dlsym.
-            extra_compile_args=["-std=gnu11", "-O2", "-foptimize-sibling-calls",
-                                "-fvisibility=hidden"],
+            extra_compile_args=[
+                "-std=gnu11",
+                "-O2",
+                "-foptimize-sibling-calls",
+                "-fvisibility=hidden",
+            ],
             libraries=["dl", "pthread"],
             optional=True,
         )

@@ -27,8 +27,9 @@ from chronos import paths, procs
 NATIVE_DIR = Path(__file__).parent / "native"
 LIBRARY_NAME = "libchronos_cap.so"
 ENV_FILE = "CHRONOS_CAP_FILE"
-ENV_DISABLE = "CHRONOS_ALLOC_CAP"
-"""Set to ``off`` to run without the library (the sampling hard cap still applies)."""
+ENV_SWITCH = "CHRONOS_ALLOC_CAP"
+"""``off``: run without the library (the sampling hard cap still applies); ``on``: use
+it on any backend (the tests' fake driver runs on the simulated backend)."""
 GUARD_FILE = "unpartitioned"
 """Machine-wide mode: per-GPU floors for processes outside any partition."""
 
@@ -71,6 +72,10 @@ class CapState:
 
 # --- where things are ------------------------------------------------------------
 _said: set[str] = set()
+_NOT_BUILT = (
+    "allocation-time cap unavailable (libchronos_cap.so was not built: no C compiler at "
+    "install?); the sampling hard cap applies"
+)
 
 
 def _say_once(message: str) -> None:
@@ -186,9 +191,21 @@ def live_bytes(state: CapState) -> int:
 
 
 # --- hooks for the service (partition created / ended) ----------------------------
+def _switch() -> str:
+    value = os.environ.get(ENV_SWITCH, "").strip().lower()
+    return {"0": "off", "no": "off", "false": "off", "1": "on", "yes": "on"}.get(value, value)
+
+
+def wanted_for(vendor: str) -> bool:
+    """Whether partitions on this vendor's GPUs get an accounting file (CUDA only)."""
+    switch = _switch()
+    return switch == "on" or (switch != "off" and vendor == "nvidia")
+
+
 def on_create(partition_id: str, memory_bytes: int, uid: int, mode: str) -> Path | None:
     """Make the partition's accounting file; None (said once) if that is impossible."""
     if library_path() is None:
+        _say_once(_NOT_BUILT)
         return None
     try:
         directory = cap_dir(mode)
@@ -222,20 +239,20 @@ def counted_bytes(partition_id: str, mode: str) -> int | None:
 
 # --- the environment that preloads the library -------------------------------------
 def active_for(partition_id: str, mode: str) -> Path | None:
-    """The partition's accounting file if the library can cap it, else None."""
-    if os.environ.get(ENV_DISABLE, "").lower() in ("off", "0", "no", "false"):
-        return None
-    if library_path() is None:
-        _say_once(
-            "allocation-time cap unavailable (libchronos_cap.so was not built: no C compiler "
-            "at install?); the sampling hard cap applies"
-        )
+    """The partition's accounting file if the library can cap it, else None.
+
+    No file means the partition is not capped at allocation time (not a CUDA GPU,
+    ``CHRONOS_ALLOC_CAP=off``, or the library was not built, said once at creation).
+    """
+    if _switch() == "off":
         return None
     path = cap_path(partition_id, mode)
     try:
         st = path.stat()
     except OSError:
-        _say_once(f"allocation-time cap unavailable (no accounting file {path})")
+        return None
+    if library_path() is None:
+        _say_once(_NOT_BUILT)
         return None
     if not os.access(path, os.R_OK | os.W_OK) or st.st_size < FILE_BYTES:
         _say_once(f"allocation-time cap unavailable ({path} is not usable)")

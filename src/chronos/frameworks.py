@@ -35,14 +35,13 @@ def limits_env(
     """Environment that caps PyTorch, TensorFlow, JAX and CuPy in a child process.
 
     ``capped``: the allocation-time cap library is preloaded, so the process sees the
-    partition's bytes as its GPU's total; fractions are then of that total, and the
-    framework stops where the library would (less the per-process reserve).
+    partition's bytes as its GPU's total (cuDeviceTotalMem_v2, cuMemGetInfo_v2); the
+    fractions PyTorch and JAX take are fractions of that reported total. The soft cap
+    in bytes stays below the library's own (its per-process reserve is smaller than
+    ``CONTEXT_RESERVE``), so the framework's clean OOM comes first.
     """
     soft = soft_limit_bytes(partition_bytes)
     if capped:
-        from chronos.alloccap import process_reserve
-
-        soft = partition_bytes - process_reserve(partition_bytes)
         total_bytes = partition_bytes
     pythonpath = (os.environ if base is None else base).get("PYTHONPATH")
     return {

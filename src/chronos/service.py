@@ -150,7 +150,8 @@ class Service:
             self.on_change()
             return self._ticket_status(ticket.id, note=str(refusal))
         self.on_change()
-        alloccap.on_create(record.id, record.memory_bytes, record.uid, self.mode)
+        if alloccap.wanted_for(dev.vendor):
+            alloccap.on_create(record.id, record.memory_bytes, record.uid, self.mode)
         alloccap.sweep((r.id for r in self.ledger.partitions()), self.mode)
         return {**record.to_wire(), "visible_env": dict(dev.visible_env)}
 
@@ -186,7 +187,9 @@ class Service:
         if granted:
             self.on_change()
         for record in map(self.ledger.get, filter(None, ids)):
-            alloccap.on_create(record.id, record.memory_bytes, record.uid, self.mode)
+            dev = self.machine.by_uuid(record.device_uuid)
+            if dev is not None and alloccap.wanted_for(dev.vendor):
+                alloccap.on_create(record.id, record.memory_bytes, record.uid, self.mode)
         return ids
 
     def _capacity_of(self, request: NewPartition) -> int:

@@ -303,22 +303,26 @@ static int claim_slot(pid_t pid)
     return -1; /* all slots live: still counted in used, just not reclaimable */
 }
 
-/* This process's slot; claimed at its first device call (charges the reserve). */
+/* This process's slot; claimed at its first device call (charges the reserve).
+ * A fork()ed child starts with none (after_fork_in_child), so the fast path needs
+ * no getpid() system call. */
 static struct cap_slot *slot(void)
 {
-    pid_t pid = getpid();
-    int index = atomic_load(&my_slot);
-    if (index >= 0 && atomic_load(&my_pid) == pid)
-        return &slots[index];
+    int index = atomic_load_explicit(&my_slot, memory_order_acquire);
+    if (index >= 0)
+        return index != INT32_MAX ? &slots[index] : NULL;
     pthread_mutex_lock(&tables_lock);
     index = atomic_load(&my_slot);
-    if (index < 0 || atomic_load(&my_pid) != pid) {
+    if (index < 0) {
+        pid_t pid = getpid();
         index = claim_slot(pid);
         atomic_store(&my_pid, pid);
-        atomic_store(&my_slot, index);
+        if (index < 0)
+            index = INT32_MAX; /* no free slot: counted, not reclaimable; do not retry */
+        atomic_store_explicit(&my_slot, index, memory_order_release);
     }
     pthread_mutex_unlock(&tables_lock);
-    return index >= 0 ? &slots[index] : NULL;
+    return index != INT32_MAX ? &slots[index] : NULL;
 }
 
 static int64_t guard_floor(void);
@@ -364,7 +368,7 @@ static void uncharge(int64_t n) { force_charge(-n); }
 __attribute__((destructor)) static void release_slot(void)
 {
     int index = atomic_load(&my_slot);
-    if (cap == NULL || index < 0 || atomic_load(&my_pid) != getpid())
+    if (cap == NULL || index < 0 || index == INT32_MAX || atomic_load(&my_pid) != getpid())
         return;
     struct cap_slot *s = &slots[index];
     int64_t freed = atomic_exchange(&s->bytes, 0) + atomic_exchange(&s->overhead, 0);
