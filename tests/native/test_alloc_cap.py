@@ -9,8 +9,8 @@ CUDA_ERROR_OUT_OF_MEMORY, and cuMemGetInfo must report the share.
 from __future__ import annotations
 
 import signal
-import sys
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -354,7 +354,10 @@ FIRST_C = r"""
 #include <dlfcn.h>
 int which(void) { return 1; }
 /* Asks for the *next* definition of which() after this library: libsecond's. */
-int next_which(void) { int (*f)(void) = (int (*)(void))dlsym(RTLD_NEXT, "which"); return f ? f() : -1; }
+int next_which(void) {
+    int (*f)(void) = (int (*)(void))dlsym(RTLD_NEXT, "which");
+    return f ? f() : -1;
+}
 """
 SECOND_C = "int which(void) { return 2; }\n"
 MAIN_C = r"""
