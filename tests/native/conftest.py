@@ -77,6 +77,11 @@ def compile_c(*argv: str) -> None:
 
 @pytest.fixture(scope="session")
 def native() -> Iterator[Native]:
+    yield from build_native()
+
+
+def build_native() -> Iterator[Native]:
+    """Build the fake driver, the client and the strict library (a fixture's body)."""
     if shutil.which("cc") is None:
         pytest.skip("no C compiler")
     where = shared_tmpdir("chronos-native-")

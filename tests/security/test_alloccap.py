@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 
+import pytest
 from chronos_testing import PY, DaemonProcess, clean_env, shared_tmpdir, wait_for
-from native.conftest import CHUNK, GIB, Native, allowed, native  # noqa: F401
+from native.conftest import CHUNK, GIB, Native, allowed, build_native
 
 from .conftest import Users
 
@@ -35,6 +37,12 @@ for name, attempt in (
 """
 
 
+@pytest.fixture(scope="module")
+def native() -> Iterator[Native]:
+    """The fake CUDA driver and test client of tests/native (built once here)."""
+    yield from build_native()
+
+
 def run_argv(*command: str) -> list[str]:
     return [
         PY,
@@ -53,7 +61,7 @@ def run_argv(*command: str) -> list[str]:
 def test_another_user_cannot_touch_a_partitions_counter(
     native: Native,
     daemon_factory: object,
-    users: Users,  # noqa: F811
+    users: Users,
 ) -> None:
     daemon: DaemonProcess = daemon_factory(extra_env={"CHRONOS_ALLOC_CAP": "on"})  # type: ignore[operator]
     env = native.env(daemon.env, CHRONOS_ALLOC_CAP="on")
@@ -80,7 +88,7 @@ def test_another_user_cannot_touch_a_partitions_counter(
 
 def test_a_planted_cap_directory_is_not_used(
     native: Native,
-    users: Users,  # noqa: F811
+    users: Users,
 ) -> None:
     """Embedded mode: bob creates alice's cap directory first, world-writable."""
     tmp_path = shared_tmpdir("chronos-plant-")
