@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chronos import paths, procs
+from chronos.models import PartitionRecord, ProcessUse
 
 NATIVE_DIR = Path(__file__).parent / "native"
 LIBRARY_NAME = "libchronos_cap.so"
@@ -237,6 +238,33 @@ def counted_bytes(partition_id: str, mode: str) -> int | None:
     return None if state is None else live_bytes(state)
 
 
+def _bytes_by_partition(found: Iterable[ProcessUse]) -> dict[str, int]:
+    """What the backends (NVML) see each partition's processes hold."""
+    seen: dict[str, int] = {}
+    for proc in found:
+        if proc.partition_id is not None:
+            seen[proc.partition_id] = seen.get(proc.partition_id, 0) + (proc.used_bytes or 0)
+    return seen
+
+
+def stats_rows(
+    records: Iterable[PartitionRecord], found: Iterable[ProcessUse], mode: str
+) -> list[dict[str, object]]:
+    """Per open partition: bytes the library counts and bytes NVML sees (``chronos stats``)."""
+    seen = _bytes_by_partition(found)
+    return [
+        {
+            "partition_id": r.id,
+            "user": r.user,
+            "device": r.device,
+            "memory_bytes": r.memory_bytes,
+            "counted_bytes": counted_bytes(r.id, mode),
+            "nvml_bytes": seen.get(r.id, 0),
+        }
+        for r in records
+    ]
+
+
 # --- the environment that preloads the library -------------------------------------
 def active_for(partition_id: str, mode: str) -> Path | None:
     """The partition's accounting file if the library can cap it, else None.
@@ -272,6 +300,42 @@ def preload_env(file: Path, base: Mapping[str, str] | None = None) -> dict[str, 
 # --- machine-wide mode (administrators) --------------------------------------------
 def guard_path() -> Path:
     return cap_dir("daemon") / GUARD_FILE
+
+
+def guard_floors(records: Iterable[PartitionRecord], found: Iterable[ProcessUse]) -> dict[str, int]:
+    """Per GPU uuid: memory reserved by active partitions and not in use by them now.
+
+    Processes outside any partition (machine-wide mode) must leave that much free.
+    """
+    used = _bytes_by_partition(found)
+    floors: dict[str, int] = {}
+    for r in records:
+        unused = max(0, r.memory_bytes - used.get(r.id, 0))
+        floors[r.device_uuid] = floors.get(r.device_uuid, 0) + unused
+    return floors
+
+
+_last_guard: dict[str, int] | None = None
+
+
+def update_guard(records: Iterable[PartitionRecord], found: Iterable[ProcessUse]) -> None:
+    """The daemon, after each sample: keep the guard file current (written when it changes).
+
+    The file is read only by processes that load the library machine-wide; without
+    that option it is an unused 0644 file of a few lines.
+    """
+    global _last_guard
+    if os.geteuid() != 0 or library_path() is None:
+        return
+    floors = guard_floors(records, found)
+    if floors == _last_guard:
+        return
+    try:
+        _ensure_dir(cap_dir("daemon"), "daemon")
+        write_guard(floors)
+        _last_guard = floors
+    except OSError as exc:
+        _say_once(f"cannot write the machine-wide guard file: {exc}")
 
 
 def write_guard(floors: Mapping[str, int], path: Path | None = None) -> None:

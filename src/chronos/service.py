@@ -305,6 +305,7 @@ class Service:
             "backends": machine.backend_names,
             "per_process_memory": machine.per_process_memory,
             "devices": devices,
+            "alloc_cap": alloccap.stats_rows(open_records, found, self.mode) if processes else [],
         }
 
     def device_stats(

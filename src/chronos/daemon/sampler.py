@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from chronos import alloccap
 from chronos.attribution import attribute_processes
 from chronos.config import Config
 from chronos.daemon.deadlines import Deadlines
@@ -72,6 +73,7 @@ class Sampler:
         self.sample_seconds = time.perf_counter() - t0
         self.last, self.last_at = found, time.time()
         self._remove_ended_cgroups({r.id for r in records})
+        alloccap.update_guard(records, found)  # machine-wide mode's floors (ALLOCATION_CAP.md)
         for violation in self.watch.observe(self.last_at, records, found):
             self._act(violation)
         if self.watch.unpartitioned == "warn":

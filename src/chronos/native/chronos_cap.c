@@ -390,6 +390,10 @@ static int64_t guard_floor(void)
     static _Atomic int enabled = -1;
     if (enabled == 0)
         return -1;
+    if (getenv("CHRONOS_CAP_FILE") != NULL) {
+        enabled = 0; /* a partition's process whose file failed: never the guard's floors */
+        return -1;
+    }
     const char *path = getenv("CHRONOS_CAP_GUARD");
     if (path == NULL)
         path = "/run/chronos/cap/unpartitioned";
