@@ -118,7 +118,8 @@ def _undo_soft_caps() -> None:
         os.environ.pop(name, None)
 
 
-def _fill(out: str, alloc, oom_types, work) -> None:  # type: ignore[no-untyped-def]
+def _fill(out: str, alloc, oom_types, work, give_back=None) -> None:  # type: ignore[no-untyped-def]
+    """Fill, then free 1 GiB (a program that caught its OOM goes on) and compute."""
     held = []
     error = None
     while True:
@@ -128,8 +129,11 @@ def _fill(out: str, alloc, oom_types, work) -> None:  # type: ignore[no-untyped-
             error = type(exc).__name__
             break
     emit(out, event="filled", bytes=len(held) * CHUNK, error=error)
-    work()
-    emit(out, event="alive")
+    del held[-4:]
+    if give_back is not None:
+        give_back()
+    work()  # cuBLAS and friends still get their workspace
+    emit(out, event="alive", holding=len(held) * CHUNK)
 
 
 def torch_fill(out: str, arg: str = "") -> None:
@@ -156,6 +160,7 @@ def torch_fill(out: str, arg: str = "") -> None:
         lambda n: torch.empty(n, dtype=torch.uint8, device="cuda"),
         (torch.OutOfMemoryError,),
         work,
+        torch.cuda.empty_cache,
     )
 
 
@@ -182,6 +187,9 @@ def jax_fill(out: str, arg: str = "") -> None:
         a.block_until_ready()
 
     emit(out, event="devices", devices=str(jax.devices()))
+    if jax.devices()[0].platform != "gpu":  # never fill the host's memory instead
+        emit(out, event="no_gpu")
+        return
     _fill(out, alloc, (Exception,), work)
 
 
@@ -209,7 +217,13 @@ def cupy_fill(out: str, arg: str = "") -> None:
             a = cupy.clip(a @ a, -1, 1)
         cupy.cuda.runtime.deviceSynchronize()
 
-    _fill(out, alloc, (cupy.cuda.memory.OutOfMemoryError,), work)
+    _fill(
+        out,
+        alloc,
+        (cupy.cuda.memory.OutOfMemoryError,),
+        work,
+        cupy.get_default_memory_pool().free_all_blocks,
+    )
 
 
 def torch_big(out: str, arg: str = "") -> None:
