@@ -139,7 +139,11 @@ def out() -> Path:
 def _user_prefix(env: dict[str, str], user: str | None) -> list[str]:
     if user is None:
         return []
-    keep = [f"{k}={v}" for k, v in env.items() if k.startswith(("CHRONOS", "PYTHON", "PATH"))]
+    keep = [
+        f"{k}={v}"
+        for k, v in env.items()
+        if k.startswith(("CHRONOS", "PYTHON", "PATH", "ALLOC_CAP", "LD_LIBRARY_PATH"))
+    ]
     return ["runuser", "-u", user, "--", "env", *keep]
 
 
@@ -216,9 +220,10 @@ def test_a_hog_is_refused_at_its_share_and_the_neighbour_never_fails(
     if hog == "static" and binaries["static"] is None:
         pytest.skip("nvcc could not build the static-cudart program")
     out_bob = out.with_name("bob.jsonl")
+    bob_env = {**daemon, "ALLOC_CAP_BIG_FOR": "12"}
     big = subprocess.Popen(
-        chronos_run_argv(daemon, "0.5", program("torch_big", out_bob, "50"), user=bob),
-        env={**daemon, "ALLOC_CAP_BIG_FOR": "6"},
+        chronos_run_argv(bob_env, "0.5", program("torch_big", out_bob, "50"), user=bob),
+        env=bob_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -227,7 +232,7 @@ def test_a_hog_is_refused_at_its_share_and_the_neighbour_never_fails(
     while "ready" not in kinds(read_events(out_bob)) and time.time() < deadline:
         time.sleep(0.05)
     command = {
-        "cudart": program("cudart_fill", out, "3"),
+        "cudart": program("cudart_fill", out, "5"),
         "cupy": program("cupy_fill", out, "default,raw"),
         "static": [str(binaries["static"])],
     }[hog]
