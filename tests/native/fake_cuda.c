@@ -318,10 +318,16 @@ static const struct { const char *base; int ptsz; void *fn; } PROCS[] = {
     {"cuGetProcAddress", 0, (void *)cuGetProcAddress_v2},
 };
 
+/* What a future driver might hand out for cuMemAlloc: an ABI the cap does not know. */
+static CUresult mem_alloc_v9(u64 *dptr, size_t bytes) { return alloc(dptr, bytes); }
+
 E CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int version, u64 flags,
                                int *status)
 {
-    (void)version;
+    if (version >= 99000 && strcmp(symbol, "cuMemAlloc") == 0) {
+        *pfn = (void *)mem_alloc_v9;
+        return OK;
+    }
     int ptsz = (flags & 2) != 0; /* CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM */
     for (size_t i = 0; i < sizeof PROCS / sizeof PROCS[0]; i++)
         if (strcmp(PROCS[i].base, symbol) == 0) {

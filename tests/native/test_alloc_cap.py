@@ -300,9 +300,9 @@ gpa = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(ctypes.c_vo
                        ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p)(
     libdl.dlsym(cuda, b"cuGetProcAddress_v2"))
 
-def proc(name, flags=0):
+def proc(name, flags=0, version=12000):
     out = ctypes.c_void_p()
-    rc = gpa(name.encode(), ctypes.byref(out), 12000, flags, None)
+    rc = gpa(name.encode(), ctypes.byref(out), version, flags, None)
     return where(out.value) if rc == 0 else rc
 
 print("dlsym cuMemAlloc_v2", where(libdl.dlsym(cuda, b"cuMemAlloc_v2")))
@@ -318,6 +318,7 @@ print("gpa cuMemFreeAsync ptsz", proc("cuMemFreeAsync", 2))
 print("gpa cuMemGetInfo", proc("cuMemGetInfo"))
 print("gpa cuInit", proc("cuInit"))
 print("gpa cuGetProcAddress", proc("cuGetProcAddress"))
+print("gpa cuMemAlloc future", proc("cuMemAlloc", 0, 99000))
 """
 
 
@@ -347,6 +348,9 @@ def test_dlsym_and_cu_get_proc_address_hand_out_our_wrappers_for_exact_names_onl
     assert got["gpa cuMemGetInfo"] == f"{ours}:cuMemGetInfo_v2"
     assert got["gpa cuInit"] == "libcuda.so.1:cuInit"
     assert got["gpa cuGetProcAddress"] == f"{ours}:cuGetProcAddress_v2"
+    # An ABI variant we do not know is never given our wrapper, and the user is told once.
+    assert got["gpa cuMemAlloc future"] == "libcuda.so.1:?"  # the static mem_alloc_v9
+    assert result.stderr.count("unknown variant of cuMemAlloc") == 1
 
 
 FIRST_C = r"""

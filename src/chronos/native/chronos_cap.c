@@ -1025,17 +1025,27 @@ _Static_assert(sizeof(WRAPPERS) / sizeof(WRAPPERS[0]) == N_WRAPPED, "one wrapper
  * that entry's exported address.  Anything else (another ABI version, an
  * entry point we do not wrap) is returned untouched.
  */
-static void substitute(const char *symbol, void **pfn)
+static void substitute(const char *symbol, void **pfn, int version)
 {
     if (symbol == NULL || pfn == NULL || *pfn == NULL)
         return;
+    int named = 0;
     for (size_t i = 0; i < N_WRAPPED; i++) {
         if (strcmp(BASES[i], symbol) != 0 && strcmp(NAMES[i], symbol) != 0)
             continue;
+        named = 1;
         if (*pfn == real((int)i)) {
             *pfn = WRAPPERS[i];
             return;
         }
+    }
+    /* A modern runtime was handed a variant we do not know (a newer driver ABI):
+     * say so once, since those calls now reach the driver uncapped. */
+    if (named && version >= 12000 && cap != NULL) {
+        static atomic_flag said = ATOMIC_FLAG_INIT;
+        if (!atomic_flag_test_and_set(&said) && getenv("CHRONOS_CAP_QUIET") == NULL)
+            fprintf(stderr, "chronos: the driver returned an unknown variant of %s; "
+                            "it is not capped at allocation time\n", symbol);
     }
 }
 
@@ -1045,7 +1055,7 @@ EXPORT CUresult cuGetProcAddress(const char *symbol, void **pfn, int version,
     CUresult r = CALL_REAL(cuGetProcAddress, (const char *, void **, int, unsigned long long),
                            symbol, pfn, version, flags);
     if (r == CUDA_SUCCESS)
-        substitute(symbol, pfn);
+        substitute(symbol, pfn, version);
     return r;
 }
 
@@ -1056,7 +1066,7 @@ EXPORT CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int version,
                            (const char *, void **, int, unsigned long long, int *), symbol, pfn,
                            version, flags, status);
     if (r == CUDA_SUCCESS)
-        substitute(symbol, pfn);
+        substitute(symbol, pfn, version);
     return r;
 }
 
