@@ -18,7 +18,7 @@ import os
 import struct
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,12 +222,14 @@ def on_release(partition_id: str, mode: str) -> None:
         cap_path(partition_id, mode).unlink()
 
 
-def sweep(open_ids: Iterable[str], mode: str) -> None:
-    """Remove accounting files of partitions that are no longer open."""
-    keep = {f"{i}.cap" for i in open_ids}
+def sweep(is_open: Callable[[str], bool], mode: str) -> None:
+    """Remove accounting files of partitions that are no longer open (e.g. expired).
+
+    Looks only at the files there (a few), never at the whole ledger.
+    """
     with contextlib.suppress(OSError):
         for entry in cap_dir(mode).iterdir():
-            if entry.name.endswith(".cap") and entry.name not in keep:
+            if entry.name.endswith(".cap") and not is_open(entry.name[: -len(".cap")]):
                 with contextlib.suppress(OSError):
                     entry.unlink()
 

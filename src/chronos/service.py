@@ -152,7 +152,7 @@ class Service:
         self.on_change()
         if alloccap.wanted_for(dev.vendor):
             alloccap.on_create(record.id, record.memory_bytes, record.uid, self.mode)
-        alloccap.sweep((r.id for r in self.ledger.partitions()), self.mode)
+        alloccap.sweep(self._is_open, self.mode)
         return {**record.to_wire(), "visible_env": dict(dev.visible_env)}
 
     # ----------------------------------------------------------------- queue
@@ -191,6 +191,12 @@ class Service:
             if dev is not None and alloccap.wanted_for(dev.vendor):
                 alloccap.on_create(record.id, record.memory_bytes, record.uid, self.mode)
         return ids
+
+    def _is_open(self, partition_id: str) -> bool:
+        try:
+            return self.ledger.get(partition_id).state_at(self.ledger.clock()) in (ACTIVE, BOOKED)
+        except ChronosError:
+            return False
 
     def _capacity_of(self, request: NewPartition) -> int:
         """What admission may hand out on the request's device under the policy in force now."""

@@ -163,3 +163,19 @@ def test_daemon_run_caps_the_command_and_the_file_is_the_users(
     assert proc.returncode == 0, err
     assert fill_line(out.decode()) == ["fill", str(allowed(LIMIT)), "2"]
     assert not cap.exists()  # released with the partition
+
+
+def test_files_of_partitions_that_ended_unseen_are_swept(
+    embedded: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name, value in embedded.items():
+        monkeypatch.setenv(name, value)
+    from chronos import Partitioner
+
+    with Partitioner() as client:
+        with client.create(device=0, memory="1GiB", duration=60) as first:
+            kept = Path(first.limits_env()[alloccap.ENV_FILE])
+            stale = alloccap.create_file(kept.with_name("0badc0de.cap"), GIB)  # expired unseen
+            with client.create(device=1, memory="1GiB", duration=60):
+                assert kept.exists()  # still open: kept
+                assert not stale.exists()  # no such open partition: removed
