@@ -172,10 +172,9 @@ def test_files_of_partitions_that_ended_unseen_are_swept(
         monkeypatch.setenv(name, value)
     from chronos import Partitioner
 
-    with Partitioner() as client:
-        with client.create(device=0, memory="1GiB", duration=60) as first:
-            kept = Path(first.limits_env()[alloccap.ENV_FILE])
-            stale = alloccap.create_file(kept.with_name("0badc0de.cap"), GIB)  # expired unseen
-            with client.create(device=1, memory="1GiB", duration=60):
-                assert kept.exists()  # still open: kept
-                assert not stale.exists()  # no such open partition: removed
+    with Partitioner() as client, client.create(device=0, memory="1GiB", duration=60) as first:
+        kept = Path(first.limits_env()[alloccap.ENV_FILE])
+        stale = alloccap.create_file(kept.with_name("0badc0de.cap"), GIB)  # expired unseen
+        with client.create(device=1, memory="1GiB", duration=60):
+            assert kept.exists()  # still open: kept
+            assert not stale.exists()  # no such open partition: removed
