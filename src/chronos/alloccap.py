@@ -14,6 +14,7 @@ falls back to the sampling hard cap alone. See docs/ALLOCATION_CAP.md.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import struct
 import sys
@@ -265,6 +266,50 @@ def stats_rows(
         }
         for r in records
     ]
+
+
+# --- the daemon's corrections from its samples ----------------------------------
+_native: ctypes.CDLL | None = None
+
+
+def _library_functions() -> ctypes.CDLL | None:
+    """The library loaded into this process privately (RTLD_LOCAL: its dlsym is not used)."""
+    global _native
+    library = library_path()
+    if _native is None and library is not None:
+        _native = ctypes.CDLL(str(library), mode=os.RTLD_LOCAL)
+        _native.chronos_cap_raise_overhead.restype = ctypes.c_longlong
+        _native.chronos_cap_raise_overhead.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_longlong,
+            ctypes.c_ulonglong,
+            ctypes.c_longlong,
+        ]
+    return _native
+
+
+def raise_overhead(path: Path, pid: int, seen_bytes: int) -> int:
+    """Charge ``pid`` for what NVML sees beyond what its slot counted (never less).
+
+    Returns the bytes added (0: nothing to do, -1: no such file or slot).
+    """
+    native = _library_functions()
+    ticks = procs.start_ticks(pid)
+    if native is None or ticks is None:
+        return -1
+    return int(native.chronos_cap_raise_overhead(str(path).encode(), pid, ticks, seen_bytes))
+
+
+def after_sample(
+    records: Iterable[PartitionRecord], found: Iterable[ProcessUse], mode: str = "daemon"
+) -> None:
+    """The daemon, after each sample: correct per-process overheads, keep the guard file."""
+    found = list(found)
+    capped = {r.id for r in records if cap_path(r.id, mode).exists()}
+    for proc in found:
+        if proc.partition_id in capped and proc.used_bytes:
+            raise_overhead(cap_path(proc.partition_id, mode), proc.pid, proc.used_bytes)
+    update_guard(records, found)
 
 
 # --- the environment that preloads the library -------------------------------------

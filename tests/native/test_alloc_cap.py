@@ -47,7 +47,8 @@ def test_the_library_compiles_warning_free_and_exports_only_the_entry_points(
     assert native.strict_library.exists()  # built with -Wall -Wextra -Werror by the fixture
     assert "dlsym" in names and "cuMemAlloc_v2" in names and "cuGetProcAddress_v2" in names
     functions = [exported[i + 1] for i, w in enumerate(exported) if w == "T"]
-    assert all(n.startswith("cu") or n == "dlsym" for n in functions), functions
+    helpers = {"chronos_cap_raise_overhead"}  # for the daemon, through ctypes
+    assert all(n.startswith("cu") or n == "dlsym" or n in helpers for n in functions), functions
 
 
 # ----------------------------------------------------------------- synchronous paths
@@ -432,3 +433,33 @@ def test_reading_a_file_that_is_not_ours_gives_none(tmp_path: Path) -> None:
     (tmp_path / "x.cap").write_bytes(bytes(alloccap.FILE_BYTES))
     assert alloccap.read_file(tmp_path / "x.cap") is None
     assert alloccap.read_file(tmp_path / "missing.cap") is None
+
+
+def test_the_daemon_raises_a_process_overhead_to_what_nvml_sees(
+    native: Native, cap_file: Path
+) -> None:
+    member = subprocess.Popen(
+        [str(native.client), "dlsym", f"alloc:{GIB}", "hold"],
+        env=native.capped(cap_file),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert member.stdout is not None
+        assert member.stdout.readline().split() == ["alloc", "0"]
+        before = state(cap_file).used_bytes
+        assert before == GIB + reserve_of(LIMIT)
+        # NVML sees less than counted + reserve: nothing changes (never lowered).
+        assert alloccap.raise_overhead(cap_file, member.pid, GIB + 100 * MIB) == 0
+        # NVML sees 900 MiB beyond the allocations: the slot is charged the difference.
+        assert alloccap.raise_overhead(cap_file, member.pid, GIB + 900 * MIB) == (
+            900 * MIB - reserve_of(LIMIT)
+        )
+        assert state(cap_file).used_bytes == GIB + 900 * MIB
+        assert alloccap.raise_overhead(cap_file, 1, GIB) == -1  # not a member
+    finally:
+        assert member.stdin is not None
+        member.stdin.close()
+        member.wait(timeout=30)
+    assert state(cap_file).used_bytes == 0  # the raised overhead left with the process

@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.socket is None and not os.environ.get("CHRONOS_SOCKET") and args.state_dir:
         os.environ["CHRONOS_HOME"] = str(state_dir)
     sock_path = args.socket or socket_path()
+    os.environ["CHRONOS_SOCKET"] = str(sock_path)  # the cap files live beside it (alloccap)
     try:
         return asyncio.run(
             Daemon(state_dir, sock_path, args.config, args.metrics, args.dashboard).run()

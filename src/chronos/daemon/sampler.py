@@ -73,7 +73,7 @@ class Sampler:
         self.sample_seconds = time.perf_counter() - t0
         self.last, self.last_at = found, time.time()
         self._remove_ended_cgroups({r.id for r in records})
-        alloccap.update_guard(records, found)  # machine-wide mode's floors (ALLOCATION_CAP.md)
+        alloccap.after_sample(records, found)  # allocation-time cap (ALLOCATION_CAP.md)
         for violation in self.watch.observe(self.last_at, records, found):
             self._act(violation)
         if self.watch.unpartitioned == "warn":

@@ -1102,3 +1102,46 @@ dlsym(void *handle, const char *name)
     return real_dlsym(handle, name);
 }
 
+
+/* ------------------------------------------------ for the daemon (ctypes) */
+/*
+ * chronosd sees each process's real footprint in NVML, including the context
+ * and modules no hook sees.  When that exceeds what the slot has counted by
+ * more than the reserve charged for it (lazily loaded modules grow), raise the
+ * slot's overhead to match, so the library stops the process before the
+ * sampler would.  Only ever raised, never lowered: the footprint can grow
+ * again.  Returns the bytes added, 0 if nothing changed, -1 if the file or
+ * the process's slot was not found.  Lock-free like everything else: one CAS
+ * on the overhead, then one fetch_add on the partition's counter.
+ */
+EXPORT long long chronos_cap_raise_overhead(const char *path, long long pid,
+                                            unsigned long long start_ticks,
+                                            long long seen_bytes)
+{
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    void *map = mmap(NULL, CAP_FILE_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED)
+        return -1;
+    struct cap_header *h = map;
+    struct cap_slot *s = (struct cap_slot *)((char *)map + CAP_HEADER_BYTES);
+    long long added = -1;
+    for (unsigned i = 0; h->magic == CAP_MAGIC && i < CAP_SLOTS; i++) {
+        if (atomic_load(&s[i].pid) != (uint64_t)pid ||
+            atomic_load(&s[i].start_ticks) != start_ticks)
+            continue;
+        int64_t overhead = atomic_load(&s[i].overhead);
+        int64_t wanted = seen_bytes - atomic_load(&s[i].bytes);
+        added = 0;
+        if (overhead > 0 && wanted > overhead &&
+            atomic_compare_exchange_strong(&s[i].overhead, &overhead, wanted)) {
+            atomic_fetch_add(&h->used_bytes, wanted - overhead);
+            added = wanted - overhead;
+        }
+        break;
+    }
+    munmap(map, CAP_FILE_BYTES);
+    return added;
+}
