@@ -303,13 +303,19 @@ def raise_overhead(path: Path, pid: int, seen_bytes: int) -> int:
 def after_sample(
     records: Iterable[PartitionRecord], found: Iterable[ProcessUse], mode: str = "daemon"
 ) -> None:
-    """The daemon, after each sample: correct per-process overheads, keep the guard file."""
-    found = list(found)
-    capped = {r.id for r in records if cap_path(r.id, mode).exists()}
-    for proc in found:
-        if proc.partition_id in capped and proc.used_bytes:
-            raise_overhead(cap_path(proc.partition_id, mode), proc.pid, proc.used_bytes)
-    update_guard(records, found)
+    """The daemon, after each sample: correct per-process overheads, keep the guard file.
+
+    Never raises: the hard cap's sampling must go on whatever happens here.
+    """
+    try:
+        found = list(found)
+        capped = {r.id for r in records if cap_path(r.id, mode).exists()}
+        for proc in found:
+            if proc.partition_id in capped and proc.used_bytes:
+                raise_overhead(cap_path(proc.partition_id, mode), proc.pid, proc.used_bytes)
+        update_guard(records, found)
+    except Exception as exc:  # noqa: BLE001 - a side job of the sampler, never its end
+        _say_once(f"allocation-time cap bookkeeping failed: {exc!r}")
 
 
 # --- the environment that preloads the library -------------------------------------

@@ -73,9 +73,9 @@ class Sampler:
         self.sample_seconds = time.perf_counter() - t0
         self.last, self.last_at = found, time.time()
         self._remove_ended_cgroups({r.id for r in records})
-        alloccap.after_sample(records, found)  # allocation-time cap (ALLOCATION_CAP.md)
         for violation in self.watch.observe(self.last_at, records, found):
             self._act(violation)
+        alloccap.after_sample(records, found)  # allocation-time cap (ALLOCATION_CAP.md)
         if self.watch.unpartitioned == "warn":
             for proc in self.watch.warnings(found):
                 log(
