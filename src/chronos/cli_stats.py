@@ -62,7 +62,7 @@ def _alloc_cap_lines(rows: list[dict[str, Any]]) -> list[str]:
         f"{'COUNTED (library)':>17}  {'SEEN (NVML)':>11}",
     ]
     for r in rows:
-        counted = "off" if r["counted_bytes"] is None else _mem(r["counted_bytes"])
+        counted = _mem(r["counted_bytes"])  # n/a: not capped, or not this user's file
         lines.append(
             f"{r['partition_id']:<14} {r['user']:<12} {r['device']:>3}  "
             f"{_mem(r['memory_bytes']):>10}  {counted:>17}  {_mem(r['nvml_bytes']):>11}"

@@ -379,3 +379,32 @@ def test_what_escapes_the_library_is_stopped_by_the_sampler(
     assert "not_stopped" not in kinds(events)
     assert result.returncode != 0
     assert "over" in result.stderr
+
+
+# ------------------------------------------------ chronos stats: library vs NVML
+def test_stats_show_the_library_count_next_to_nvml(daemon: dict[str, str], out: Path) -> None:
+    run = subprocess.Popen(
+        chronos_run_argv(daemon, "0.1", program("cudart_fill", out, "8")),
+        env=daemon,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while "filled" not in kinds(read_events(out)) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # one more sample, so NVML's figure is current
+        stats = subprocess.run(
+            [sys.executable, "-m", "chronos.cli", "stats"],
+            env=daemon,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    finally:
+        run.communicate(timeout=120)
+    filled = int(first(read_events(out), "filled")["bytes"])
+    section = stats[stats.find("COUNTED (library)") - 60 :]
+    report(f"chronos stats while holding {filled / GIB:.2f} GiB:\n{section}")
+    assert "COUNTED (library)" in stats and "SEEN (NVML)" in stats
