@@ -64,8 +64,8 @@ def test_context_manager_fields_and_release(client: Partitioner) -> None:
 
 
 def test_partition_that_expires_inside_the_block(client: Partitioner) -> None:
-    with client.create(device=0, memory=0.25, duration=0.3, persist=True) as p:
-        time.sleep(0.45)
+    with client.create(device=0, memory=0.25, duration=1, persist=True) as p:  # 1 s: the shortest
+        time.sleep(1.15)
     assert p.state == "expired"
     assert p.time_remaining == 0
     assert client.list() == []
@@ -78,8 +78,8 @@ import signal, time
 from chronos import Partitioner
 got = []
 signal.signal(signal.SIGTERM, lambda signo, frame: got.append(signo))
-with Partitioner().create(device=0, memory=0.5, duration=0.3) as p:
-    time.sleep(0.6)
+with Partitioner().create(device=0, memory=0.5, duration=1) as p:  # 1 s: the shortest
+    time.sleep(1.3)
 print(p.state, p.time_remaining, "sigterm" if got else "no-sigterm", flush=True)
 """
 

@@ -44,6 +44,21 @@ TOTAL = 80 * GIB
         ("512MiB", 512 * MIB),
         ("80GiB", TOTAL),
         ("1GB", 10**9),
+        # As Slurm's --mem=40G and Docker's -m 40g: G, g, Gi and GiB are all GiB.
+        ("40G", 40 * GIB),
+        ("40g", 40 * GIB),
+        ("40Gi", 40 * GIB),
+        ("40 G", 40 * GIB),
+        ("512M", 512 * MIB),
+        ("512m", 512 * MIB),
+        ("4096K", 4 * MIB),
+        ("1.5G", 3 * GIB // 2),
+        # Powers of ten only where spelled so.
+        ("40GB", 40 * 10**9),
+        ("40gb", 40 * 10**9),
+        ("512MB", 512 * 10**6),
+        (".5", TOTAL // 2),
+        ("  0.5  ", TOTAL // 2),
     ],
 )
 def test_parse_memory_accepts(text: object, expected: int) -> None:
@@ -80,6 +95,21 @@ def test_parse_memory_accepts(text: object, expected: int) -> None:
         "nan%",
         True,
         False,
+        None,
+        [0.5],
+        "1_0%",
+        "0_5",
+        "\u0661\u0660%",  # Arabic-Indic "10%": float() takes it
+        "\uff10.5",  # fullwidth zero
+        "5e-1",
+        "0x10GiB",
+        "+0.5",
+        "1.2.3",
+        "40 G B",
+        "40GiBs",
+        "1T",  # more than the device
+        10**400,
+        "1" * 65,
     ],
 )
 def test_parse_memory_rejects(text: object) -> None:
@@ -130,7 +160,8 @@ def test_parse_memory_any_text_is_bytes_or_bad_request(text: str) -> None:
     [
         (3600, 3600.0),
         ("3600", 3600.0),
-        (0.25, 0.25),
+        (1, 1.0),
+        (1.5, 1.5),
         ("90s", 90.0),
         ("45m", 2700.0),
         ("2h", 7200.0),
@@ -140,7 +171,20 @@ def test_parse_memory_any_text_is_bytes_or_bad_request(text: str) -> None:
         ("1d", 86400.0),
         ("1d2h3m4s", 86400 + 7200 + 180 + 4.0),
         ("1.5s", 1.5),
+        ("1.5h", 5400.0),
         ("30d", MAX_DURATION_S),
+        ("1w", 7 * 86400.0),
+        ("2w2d", 16 * 86400.0),
+        ("1500ms", 1.5),
+        ("  2h  ", 7200.0),
+        # Slurm's --time forms (a bare number stays seconds, unlike Slurm's minutes).
+        ("05:30", 330.0),
+        ("90:00", 5400.0),
+        ("01:30:00", 5400.0),
+        ("36:00:00", 36 * 3600.0),
+        ("1-12", 86400 + 12 * 3600.0),
+        ("1-12:30", 86400 + 12 * 3600 + 1800.0),
+        ("2-00:00:30", 2 * 86400 + 30.0),
     ],
 )
 def test_parse_duration_accepts(text: object, expected: float) -> None:
@@ -170,12 +214,56 @@ def test_parse_duration_accepts(text: object, expected: float) -> None:
         "99999999999",
         MAX_DURATION_S + 1,
         True,
+        None,
+        10**400,
+        # Under one second.
+        0.25,
+        "0.5",
+        "500ms",
+        "0:00",
+        # Not ASCII digits, or not a form.
+        "1_0",
+        "1_000s",
+        "\u0661\u0660",  # Arabic-Indic "10": float() takes it
+        "\u0661\u0660m",
+        "1e3",
+        "1-25",  # D-HH: hours must be under 24
+        "1-",
+        "-1-00",
+        "1-12:60",
+        "10:60",
+        "1:2:3:4",
+        "1:00:00:00",
+        "31-00:00:00",
+        "5 x",
+        "1hh",
+        "1" * 65,
+        "1" * 1000 + "x",
     ],
 )
 def test_parse_duration_rejects(text: object) -> None:
     with pytest.raises(BadRequest) as info:
         parse_duration(text)  # type: ignore[arg-type]
-    assert "\n" not in str(info.value)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 200
+
+
+def test_a_bad_duration_names_the_accepted_forms() -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_duration("5x")
+    assert "1h30m" in str(info.value) and "D-HH:MM:SS" in str(info.value)
+
+
+def test_a_bad_memory_names_the_accepted_forms_and_what_g_means() -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_memory("40XB", TOTAL)
+    assert "50%" in str(info.value) and "40G = 40GiB" in str(info.value)
+
+
+def test_a_sub_second_duration_names_the_minimum() -> None:
+    with pytest.raises(BadRequest, match="minimum of 1s"):
+        parse_duration("500ms")
+    assert parse_duration("100ms", minimum=0.001) == pytest.approx(0.1)
 
 
 def test_parse_duration_respects_a_lower_maximum() -> None:
@@ -191,7 +279,7 @@ def test_parse_duration_any_text_is_positive_or_bad_request(text: str) -> None:
     except BadRequest:
         return
     assert math.isfinite(seconds)
-    assert 0 < seconds <= MAX_DURATION_S
+    assert 1 <= seconds <= MAX_DURATION_S
 
 
 # -------------------------------------------------------------- formatting

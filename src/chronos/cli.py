@@ -325,21 +325,24 @@ def config() -> None:
 @click.argument("path", required=False, type=click.Path(dir_okay=False))
 @json_option
 def config_check(path: str | None, as_json: bool) -> None:
-    """Validate the policy file (default $CHRONOS_CONFIG or /etc/chronos/config.toml)."""
+    """Validate the policy file (default $CHRONOS_CONFIG or /etc/chronos/config.toml).
+
+    Prints the effective policy, built-in defaults included, in the file's own syntax.
+    """
     from dataclasses import asdict
     from pathlib import Path
 
-    from chronos.config import config_path, load_config
+    from chronos.config import config_path, load_config, to_toml
 
     where = Path(path) if path else config_path()
-    effective = asdict(load_config(where))
+    policy = load_config(where, missing_ok=path is None)  # a FILE named here must exist
+    exists = where.exists()
     if as_json:
-        emit_json({"path": str(where), "exists": where.exists(), "policy": effective})
+        emit_json({"path": str(where), "exists": exists, "policy": asdict(policy)})
         return
-    state = "ok" if where.exists() else "not found: built-in defaults apply"
-    click.echo(f"{where}: {state}")
-    for key, value in effective.items():
-        click.echo(f"  {key} = {json.dumps(value)}")
+    click.echo(f"{where}: {'ok' if exists else 'not found: built-in defaults apply'}")
+    click.echo("# the effective policy (built-in defaults where the file is silent):")
+    click.echo(to_toml(policy), nl=False)
 
 
 @cli.command(name="list")

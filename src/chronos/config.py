@@ -1,12 +1,16 @@
 """Machine policy: the settings an administrator controls.
 
 Read from a TOML file (``$CHRONOS_CONFIG``, default ``/etc/chronos/config.toml``);
-a missing file means the defaults below. Unknown keys are errors, so a typo
-never silently leaves a limit unset. See ``docs/POLICY.md`` for an example.
+a missing file means the defaults below, which suit a shared machine (a week at most,
+a few minutes of grace, a few waiting requests and bookings per user); one line,
+``profile = "workstation"``, raises them for a single user's machine. Unknown keys are
+errors, so a typo never silently leaves a limit unset. ``docs/POLICY.md`` lists the
+defaults (a test keeps it exact) and shows an example.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -14,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from chronos.errors import BadRequest
-from chronos.units import parse_duration
+from chronos.units import MAX_DURATION_S, format_duration, parse_duration, parse_signal_name
 
 DEFAULT_CONFIG = Path("/etc/chronos/config.toml")
 DEFAULT_MAX_DURATION_S = 7 * 86400.0
@@ -55,6 +59,8 @@ DEFAULT_LIMITS = Limits(max_waiting=8, max_bookings=50)
 
 @dataclass(frozen=True)
 class Config:
+    profile: str = "shared"
+    """Which built-in defaults the file starts from: ``shared`` or ``workstation`` (PROFILES)."""
     admin_group: str = "chronos-admin"
     """Members of this Unix group (and root) are administrators."""
     grace_s: float = 30.0
@@ -100,15 +106,32 @@ class Config:
         return self.default_limits if override is None else self.default_limits.merged(override)
 
 
+PROFILES = {
+    "shared": Config(),
+    # One person's machine: only the hard maxima, no per-user queue or booking limits.
+    "workstation": Config(
+        profile="workstation",
+        max_duration_s=MAX_DURATION_S,
+        max_grace_s=MAX_DURATION_S,
+        default_limits=Limits(),
+    ),
+}
+"""Built-in defaults a policy file starts from (``profile = "workstation"``: one line)."""
+
+
 def config_path() -> Path:
     return Path(os.environ.get("CHRONOS_CONFIG") or DEFAULT_CONFIG)
 
 
-def load_config(path: Path | None = None) -> Config:
+def load_config(path: Path | None = None, missing_ok: bool = True) -> Config:
+    """The policy in ``path``; a missing file means the defaults unless ``missing_ok`` is off
+    (a file named on the command line that is not there is a mistake, not "no policy")."""
     path = path or config_path()
     try:
         text = path.read_text()
     except FileNotFoundError:
+        if not missing_ok:
+            raise BadRequest(f"config {path}: no such file") from None
         return Config()
     except OSError as exc:
         raise BadRequest(f"cannot read config {path}: {exc.strerror}") from None
@@ -138,10 +161,11 @@ _NOT_TOP_LEVEL = {
 
 
 def parse_config(data: dict[str, Any], origin: str = "config") -> Config:
+    base = _profile(data.get("profile", "shared"), origin)
     known = {f.name for f in fields(Config)} - _NOT_TOP_LEVEL
     changes: dict[str, Any] = {}
     for key, value in data.items():
-        if key in _TABLES:
+        if key in _TABLES or key == "profile":
             continue
         name = _ALIASES.get(key, key)
         if name not in known:
@@ -154,7 +178,7 @@ def parse_config(data: dict[str, Any], origin: str = "config") -> Config:
         if key not in ("default", "users"):
             raise BadRequest(f"{origin}: unknown table [limits.{key}] (use default or users)")
     # A [limits.default] table raises or lowers the built-in limits; it never drops them.
-    changes["default_limits"] = DEFAULT_LIMITS.merged(
+    changes["default_limits"] = base.default_limits.merged(
         _limits(_table(limits, "default", origin), f"{origin} [limits.default]")
     )
     users = _table(limits, "users", origin)
@@ -162,7 +186,13 @@ def parse_config(data: dict[str, Any], origin: str = "config") -> Config:
         name: _limits(_table(users, name, origin), f"{origin} [limits.users.{name}]")
         for name in users
     }
-    return replace(Config(), **changes)
+    return replace(base, **changes)
+
+
+def _profile(name: Any, origin: str) -> Config:
+    if name not in PROFILES:
+        raise BadRequest(f"{origin}: profile must be {' or '.join(PROFILES)}, not {name!r}")
+    return PROFILES[name]
 
 
 def _table(data: dict[str, Any], key: str, origin: str) -> dict[str, Any]:
@@ -230,10 +260,15 @@ def _number(value: Any, where: str, low: float, high: float | None = None) -> fl
     return float(value)
 
 
-def _duration(value: Any, where: str) -> float:
+_SUBSECOND_SETTINGS = {"sample_interval_s", "memory_grace_s", "grace_s", "max_grace_s"}
+"""Delays of the daemon's own actions, which may rightly be shorter than the one second
+that a partition (or a warning) must last."""
+
+
+def _duration(value: Any, where: str, minimum: float = 1.0) -> float:
     """A duration setting; a bad one is named in the error (the message alone says not which)."""
     try:
-        return parse_duration(value)
+        return parse_duration(value, minimum=minimum)
     except BadRequest as exc:
         raise BadRequest(f"{where}: {exc}") from None
 
@@ -244,7 +279,12 @@ def _share(value: Any, where: str) -> float:
 
 def _coerce(name: str, value: Any, where: str) -> Any:
     if name.endswith("_s"):
-        return _duration(value, where)
+        return _duration(value, where, 0.001 if name in _SUBSECOND_SETTINGS else 1.0)
+    if name == "warn_signal":
+        try:
+            return parse_signal_name(value)
+        except BadRequest as exc:
+            raise BadRequest(f"{where}: {exc}") from None
     if name == "reservable_share":
         return _share(value, where)
     if name == "unpartitioned":
@@ -258,3 +298,74 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     if not isinstance(value, str):
         raise BadRequest(f"{where} must be a string")
     return value
+
+
+# ------------------------------------------------------ the effective policy, as TOML
+
+_FILE_KEYS = {name: key for key, name in _ALIASES.items()}
+_LIMIT_KEYS = {"max_duration_s": "max_duration"}
+_BARE_KEY = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+def to_toml(config: Config) -> str:
+    """The whole effective policy in the policy file's own syntax, defaults included.
+
+    ``parse_config(tomllib.loads(to_toml(c))) == c``: what ``chronos config check``
+    prints can be pasted back into the file. Unset settings are shown commented out.
+    """
+    lines = [
+        _toml_line(_FILE_KEYS.get(f.name, f.name), getattr(config, f.name), f.name)
+        for f in fields(Config)
+        if f.name not in _NOT_TOP_LEVEL
+    ]
+    for index, share in sorted(config.device_reservable_share.items()):
+        lines += ["", f"[devices.{index}]", _toml_line("reservable_share", share)]
+    lines += [
+        "",
+        "[fairshare]",
+        _toml_line("half_life", config.fairshare_half_life_s, "half_life_s"),
+        _toml_line("age_weight", config.fairshare_age_weight),
+        "",
+        "[limits.default]  # everyone; unset = no limit",
+        *_limit_lines(config.default_limits, show_unset=True),
+    ]
+    for user, limits in sorted(config.user_limits.items()):
+        lines += ["", f"[limits.users.{_toml_key(user)}]", *_limit_lines(limits, False)]
+    return "\n".join(lines) + "\n"
+
+
+def _limit_lines(limits: Limits, show_unset: bool) -> list[str]:
+    return [
+        _toml_line(_LIMIT_KEYS.get(f.name, f.name), getattr(limits, f.name), f.name)
+        for f in fields(Limits)
+        if show_unset or getattr(limits, f.name) is not None
+    ]
+
+
+def _toml_line(key: str, value: Any, name: str = "") -> str:
+    if value is None:
+        return f"# {key} = (unset)"
+    return f"{key} = {_toml_value(value, is_duration=name.endswith('_s'))}"
+
+
+def _toml_value(value: Any, is_duration: bool) -> str:
+    if is_duration:
+        return json.dumps(_duration_text(float(value)))
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    if isinstance(value, tuple):
+        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+    return repr(value)  # int, or a float that repr writes as TOML does (0.5, 8.0)
+
+
+def _duration_text(seconds: float) -> str:
+    """A duration the parser reads back exactly: ``7d``, ``1h30m``, ``300ms``, ``2.5s``."""
+    if seconds == int(seconds):
+        return format_duration(seconds)
+    if seconds < 1 and seconds * 1000 == int(seconds * 1000):
+        return f"{int(seconds * 1000)}ms"
+    return f"{seconds!r}s"
+
+
+def _toml_key(name: str) -> str:
+    return name if name and set(name) <= _BARE_KEY else json.dumps(name)

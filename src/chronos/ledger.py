@@ -18,8 +18,9 @@ import math
 import os
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from chronos.errors import (
     PartitionEnded,
 )
 from chronos.models import ACTIVE, BOOKED, EXPIRED, RELEASED, Event, PartitionRecord
+from chronos.paths import LEDGER_SUFFIXES, open_file
 from chronos.policy import Waiter, earliest_fit, peak_usage, plan_queue
 from chronos.units import format_bytes, format_duration, local_clock
 
@@ -188,13 +190,31 @@ class Ledger:
         self._db = self._open(file_mode)
 
     def _open(self, file_mode: int) -> sqlite3.Connection:
-        new = not self.path.exists()
-        if new:
-            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
+        self._prepare_files(file_mode)
+        try:
+            db = self._connect()
+        except sqlite3.Error as exc:
+            raise _open_error(self.path, exc) from None
+        return db
+
+    def _prepare_files(self, file_mode: int) -> None:
+        """Create or verify ledger.db, -wal and -shm ourselves, before SQLite opens them.
+
+        SQLite opens all three by name and would follow a symlink planted in a shared
+        directory (and create its target). Here each is opened with ``O_NOFOLLOW``,
+        created exclusively with ``file_mode`` set on the descriptor, and must be a
+        regular file with one link; so SQLite finds real files where it looks.
+        """
+        for suffix in LEDGER_SUFFIXES:
+            fd, _ = open_file(Path(f"{self.path}{suffix}"), file_mode)
             os.close(fd)
-            os.chmod(self.path, file_mode)
+
+    def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA busy_timeout = 30000")
+        # The database file is ours to interpret, not a program: no triggers or views a
+        # crafted file could make run in a reader (SQLite's defensive mode).
+        db.execute("PRAGMA trusted_schema = OFF")
         mode = _journal_mode_wal(db)
         if mode != "wal":
             raise ChronosError(f"ledger {self.path}: cannot use WAL mode (got {mode})")
@@ -210,7 +230,20 @@ class Ledger:
             raise ChronosError(
                 f"ledger {self.path} has schema {version}; this Chronos knows {SCHEMA_VERSION}"
             )
+        self.ledger_id = self._identity(db)
         return db
+
+    def _identity(self, db: sqlite3.Connection) -> str:
+        """This ledger's id (made on first open): the daemon's check that it is the one it had."""
+        row = db.execute("SELECT value FROM meta WHERE key = 'ledger_id'").fetchone()
+        if row is not None:
+            return str(row[0])
+        with _immediate(db):
+            db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('ledger_id', ?)",
+                (uuid.uuid4().hex,),
+            )
+        return str(db.execute("SELECT value FROM meta WHERE key = 'ledger_id'").fetchone()[0])
 
     def close(self) -> None:
         self._db.close()
@@ -969,11 +1002,61 @@ def _ended_message(record: PartitionRecord) -> str:
 
 @contextmanager
 def _immediate(db: sqlite3.Connection) -> Iterator[None]:
-    db.execute("BEGIN IMMEDIATE")
+    """One write transaction; a write the disk refuses becomes a clear ChronosError.
+
+    Without the mapping, the daemon would drop the connection on SQLite's exception and
+    the client could only say "may or may not have taken effect"; a failed write has
+    certainly not (it is rolled back).
+    """
     try:
-        yield
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    else:
-        db.execute("COMMIT")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:  # SQLite may have rolled back itself (a full disk)
+                with suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            raise
+    except sqlite3.Error as exc:
+        unwritable = _unwritable(db, exc)
+        if unwritable is None:
+            raise
+        raise unwritable from exc
+
+
+#: SQLite's primary result codes for a write the file system refused, and what they mean.
+_WRITE_FAILURES = {
+    8: "it is read-only",  # SQLITE_READONLY
+    10: "the disk reported an I/O error",  # SQLITE_IOERR
+    13: "no space left on device",  # SQLITE_FULL
+}
+_CORRUPT = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
+
+
+def _unwritable(db: sqlite3.Connection, exc: sqlite3.Error) -> ChronosError | None:
+    why = _WRITE_FAILURES.get(_primary_code(exc))
+    if why is None:
+        return None
+    where = ""
+    with suppress(sqlite3.Error):
+        where = " " + str(db.execute("PRAGMA database_list").fetchone()[2])
+    return ChronosError(f"the ledger{where} cannot be written: {why}")
+
+
+def _open_error(path: Path, exc: sqlite3.Error) -> ChronosError:
+    code = _primary_code(exc)
+    if code in _CORRUPT:
+        return ChronosError(
+            f"ledger {path} is corrupt or not a Chronos ledger ({exc}): restore it from "
+            "backup, or move it away to start an empty ledger"
+        )
+    why = _WRITE_FAILURES.get(code)
+    if why is not None:
+        return ChronosError(f"the ledger {path} cannot be written: {why}")
+    return ChronosError(f"cannot open the ledger {path}: {exc}")
+
+
+def _primary_code(exc: sqlite3.Error) -> int:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else -1

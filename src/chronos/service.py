@@ -10,7 +10,6 @@ daemon.
 from __future__ import annotations
 
 import math
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +24,7 @@ from chronos.identity import Caller, resolve_user
 from chronos.ledger import Ledger, NewPartition, QuotaCheck
 from chronos.models import ACTIVE, BOOKED, DeviceStats, PartitionRecord, ProcessUse
 from chronos.policy import Ask, check_limits, decayed_usage, priority
-from chronos.units import parse_duration, parse_memory
+from chronos.units import parse_duration, parse_memory, parse_signal_name
 
 KINDS = ("api", "cli", "run")
 MAX_POLL_S = 5.0
@@ -437,14 +436,13 @@ class Service:
 
 
 def _grace(value: Any) -> float:
-    if str(value).strip() in ("0", "0s"):
+    zero_text = isinstance(value, str) and value.strip() in ("0", "0s")
+    if zero_text or (type(value) in (int, float) and value == 0):
         return 0.0
-    return parse_duration(value)
+    # A kill delay, not a share of time: under a second is the owner's own choice.
+    return parse_duration(value, minimum=0.0)
 
 
-def _signal_name(name: str) -> str:
-    text = name.upper()
-    text = text if text.startswith("SIG") else "SIG" + text
-    if not hasattr(signal, text) or text in ("SIGKILL", "SIGSTOP"):
-        raise BadRequest(f"unknown or unusable warning signal {name!r}")
-    return text
+def _signal_name(name: Any) -> str:
+    """The warning signal of a request, checked as the policy file's is (``parse_signal_name``)."""
+    return parse_signal_name(name)

@@ -5,6 +5,13 @@ talks to ``chronosd``; :class:`EmbeddedTransport` runs the same
 :class:`~chronos.service.Service` in the caller's process over the shared
 SQLite ledger. :func:`connect` picks the daemon whenever one answers, so a
 machine with a daemon never has a second writer.
+
+Once a daemon is configured, a client never falls back to an embedded ledger, even
+while that daemon is down: a second ledger would fork the state (two ledgers each
+admitting its own partitions on the same GPUs). It waits a few seconds for a
+restarting daemon instead, then fails with one line. A daemon is configured when
+``CHRONOS_SOCKET`` names one, or when the state directory holds the daemon's
+``ledger.id`` (chronosd writes it beside its ledger).
 """
 
 from __future__ import annotations
@@ -13,13 +20,25 @@ import contextlib
 import os
 import socket
 import threading
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
 from chronos import protocol
 from chronos.errors import DaemonUnavailable, ProtocolError, error_from_code
-from chronos.paths import LEDGER_FILE, ensure_shared_dir, socket_path, state_dir
+from chronos.paths import (
+    LEDGER_FILE,
+    LEDGER_ID_FILE,
+    ensure_shared_dir,
+    is_shared_default,
+    socket_path,
+    state_dir,
+)
+
+#: How long a client waits for a configured daemon to come back (a restart) before failing.
+DAEMON_WAIT_S = 3.0
+_RETRY_S = 0.1
 
 # Operations safe to send again after the daemon went away mid-request.
 IDEMPOTENT = frozenset({"ping", "get", "list", "stats", "events"})
@@ -48,6 +67,14 @@ class EmbeddedTransport(Transport):
         from chronos.service import Service
 
         home = home or state_dir()
+        if os.geteuid() == 0 and is_shared_default(home):
+            # Ordinary users can write the shared ledger: root must not let them feed it
+            # files, and must not create files there for them to take over.
+            raise DaemonUnavailable(
+                f"the Chronos daemon is not answering on {socket_path()}, and root does not "
+                f"use the shared embedded ledger in {home} (ordinary users can write it): "
+                "start chronosd, or set CHRONOS_HOME to a directory of root's"
+            )
         ensure_shared_dir(home)
         path = home / LEDGER_FILE
         if path.exists() and not os.access(path, os.W_OK):
@@ -148,16 +175,44 @@ def _unwrap(reply: Any) -> Any:
 def connect() -> Transport:
     """The daemon if one answers on the socket, else the embedded ledger.
 
-    ``CHRONOS_MODE=embedded`` or ``=daemon`` forces one.
+    ``CHRONOS_MODE=embedded`` or ``=daemon`` forces one. With a daemon configured
+    (:func:`daemon_configured`), there is no fallback: wait for it, then fail.
     """
     mode = os.environ.get("CHRONOS_MODE", "auto")
     if mode == "embedded":
         return EmbeddedTransport()
     path = socket_path()
-    if mode == "daemon" or path.exists():
+    configured = daemon_configured()
+    if mode == "daemon" or configured:
+        return _wait_for_daemon(path, configured)
+    if path.exists():
+        with contextlib.suppress(DaemonUnavailable):
+            return SocketTransport(path)
+    return EmbeddedTransport()
+
+
+def daemon_configured() -> str | None:
+    """Why this client must use chronosd and nothing else; None where it may go embedded."""
+    if os.environ.get("CHRONOS_SOCKET"):
+        return "CHRONOS_SOCKET names it"
+    marker = state_dir() / LEDGER_ID_FILE
+    if os.path.lexists(marker):
+        return f"{marker} says a daemon keeps the ledger there"
+    return None
+
+
+def _wait_for_daemon(path: Path, why: str | None) -> SocketTransport:
+    """Connect, retrying for a moment: a daemon that is restarting answers again soon."""
+    deadline = time.monotonic() + (DAEMON_WAIT_S if why else 0.0)
+    while True:
         try:
             return SocketTransport(path)
-        except DaemonUnavailable:
-            if mode == "daemon":
-                raise
-    return EmbeddedTransport()
+        except DaemonUnavailable as exc:
+            if time.monotonic() >= deadline:
+                if why is None:
+                    raise
+                raise DaemonUnavailable(
+                    f"{exc}; Chronos does not fall back to a local ledger because {why} "
+                    "(that would fork the state): start chronosd, or ask an administrator"
+                ) from None
+        time.sleep(_RETRY_S)

@@ -14,11 +14,13 @@ import re
 import signal
 import sys
 import time
+import tomllib
 from datetime import date, datetime, timedelta
 from typing import Any
 
 import pytest
 
+from chronos.config import load_config, parse_config
 from chronos.errors import AdmissionRefused, BadRequest, Timeout
 
 from .support import FairDaemon, Popen, one_line_error, toml_policy, wait_for
@@ -543,10 +545,19 @@ def test_config_check_prints_the_effective_policy_or_names_the_bad_key(
     good.write_text(VALID)
     out = ok(d.cli("config", "check", str(good)))
     assert out.splitlines()[0] == f"{good}: ok"
-    assert "  grace_s = 10.0" in out
-    assert '  device_reservable_share = {"1": 0.75}' in out
-    assert '"max_share": 0.5' in out and '"max_gpu_hours_day": 8.0' in out
-    assert "  fairshare_half_life_s = 259200.0" in out
+    lines = out.splitlines()
+    assert 'grace = "10s"' in lines
+    assert lines[lines.index("[devices.1]") + 1] == "reservable_share = 0.75"
+    assert "max_share = 0.5" in lines and "max_gpu_hours_day = 8.0" in lines
+    assert 'half_life = "3d"' in lines
+    # The built-in defaults the file does not mention are printed too...
+    assert 'max_grace = "5m"' in lines and 'max_duration = "7d"' in lines
+    assert "max_waiting = 8" in lines and "max_bookings = 50" in lines
+    # ... in the file's own syntax: pasted back, it is the same policy.
+    assert parse_config(tomllib.loads("\n".join(lines[1:]))) == load_config(good)
+    missing = tmp_path / "no-such-policy.toml"
+    line = one_line_error(d.cli("config", "check", str(missing)), BadRequest.exit_code)
+    assert str(missing) in line and "no such file" in line
     data = json.loads(ok(d.cli("config", "check", str(good), "--json")))
     assert data["policy"]["user_limits"]["chronos_f_ben"]["max_share"] == 1.0
     bad = tmp_path / "bad.toml"

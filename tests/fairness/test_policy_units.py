@@ -559,6 +559,7 @@ def test_the_documented_policy_parses_to_what_it_says() -> None:
 
     config = parse_config(tomllib.loads(toml), "POLICY.md")
     assert config.grace_s == 30.0 and config.max_duration_s == 7 * DAY
+    assert config.max_grace_s == 300.0
     assert config.reservable(0) == 0.8 and config.reservable(1) == 1.0
     assert config.fairshare_half_life_s == 7 * DAY and config.fairshare_age_weight == 1.0
     assert config.limits_for("bob") == Limits(
@@ -568,6 +569,8 @@ def test_the_documented_policy_parses_to_what_it_says() -> None:
         max_partitions=3,
         max_gpu_hours_day=8,
         max_gpu_hours_week=30,
+        max_waiting=4,
+        max_bookings=20,
     )
     assert config.limits_for("alice").max_share == 1.0
     assert config.limits_for("alice").max_partitions == 3  # the rest comes from default

@@ -7,14 +7,27 @@ the program imports PyTorch or TensorFlow, that framework is told the
 partition's memory cap (``CHRONOS_SOFT_LIMIT_BYTES``) before it first touches
 the GPU, so allocations past the cap fail with the framework's own
 out-of-memory error instead of the process being killed by the hard cap.
-Then it hands over to any other ``sitecustomize`` further down the path.
+Then it hands over to any other ``sitecustomize`` further down the path (Debian's
+and Ubuntu's system Python have one), which ours would otherwise shadow.
+
+Typed for strict mypy, yet it must load under Python 3.8: annotations stay strings
+(``from __future__ import annotations``), and names used only in annotations are
+imported for the type checker alone, so a program's start-up imports nothing more.
 """
+
+from __future__ import annotations
 
 import os
 import sys
 
+TYPE_CHECKING = False  # typing is not imported at start-up; mypy reads this name as True
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
 
-def _limit():
+
+def _limit() -> tuple[int, int] | None:
     try:
         soft = int(os.environ["CHRONOS_SOFT_LIMIT_BYTES"])
         total = int(os.environ["CHRONOS_DEVICE_TOTAL_BYTES"])
@@ -25,11 +38,14 @@ def _limit():
     return soft, total
 
 
-def _cap_torch(torch):
-    soft, total = _limit()
+def _cap_torch(torch: ModuleType) -> None:
+    limit = _limit()
+    if limit is None:
+        return
+    soft, total = limit
     fraction = min(1.0, soft / total)
 
-    def apply():
+    def apply() -> None:
         torch.cuda.set_per_process_memory_fraction(fraction, 0)
 
     # Queued until CUDA initialises, so importing torch stays cheap and fork-safe.
@@ -39,8 +55,11 @@ def _cap_torch(torch):
         torch.cuda._lazy_call(apply)
 
 
-def _cap_tensorflow(tf):
-    soft, _ = _limit()
+def _cap_tensorflow(tf: ModuleType) -> None:
+    limit = _limit()
+    if limit is None:
+        return
+    soft, _ = limit
     try:
         gpus = tf.config.list_physical_devices("GPU")
         if gpus:
@@ -51,17 +70,24 @@ def _cap_tensorflow(tf):
         sys.stderr.write(f"chronos: could not cap TensorFlow's GPU memory: {exc}\n")
 
 
-_HOOKS = {"torch": _cap_torch, "tensorflow": _cap_tensorflow}
+_HOOKS: dict[str, Callable[[ModuleType], None]] = {
+    "torch": _cap_torch,
+    "tensorflow": _cap_tensorflow,
+}
 
 
 class _AfterImport:
     """A meta-path finder that runs a hook once a framework module has been imported."""
 
-    def find_spec(self, name, path=None, target=None):
+    def find_spec(
+        self,
+        name: str,
+        path: Sequence[str] | None = None,
+        target: ModuleType | None = None,
+    ) -> ModuleSpec | None:
         hook = _HOOKS.get(name)
         if hook is None:
             return None
-        import importlib.machinery
         import importlib.util
 
         sys.meta_path.remove(self)
@@ -74,7 +100,7 @@ class _AfterImport:
         loader = spec.loader
         exec_module = loader.exec_module
 
-        def exec_and_cap(module):
+        def exec_and_cap(module: ModuleType) -> None:
             exec_module(module)
             del _HOOKS[name]
             try:
@@ -82,19 +108,22 @@ class _AfterImport:
             except Exception as exc:  # never break the user's import
                 sys.stderr.write(f"chronos: could not cap {name}'s GPU memory: {exc}\n")
 
-        loader.exec_module = exec_and_cap
+        setattr(loader, "exec_module", exec_and_cap)  # noqa: B010 - mypy refuses assigning a method
         return spec
 
 
-def _install():
+def _install() -> None:
     if _limit() is not None and not any(isinstance(f, _AfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImport())
 
 
-def _chain():
+def _chain() -> None:
     """Import the next sitecustomize on the path, which ours shadows."""
     here = os.path.dirname(os.path.abspath(__file__))
+    # Both submodules by name: a bare interpreter (no .pth file, as Debian's python3)
+    # has not imported importlib.util, and attribute access on importlib then fails.
     import importlib.machinery
+    import importlib.util
 
     rest = [p for p in sys.path if os.path.abspath(p or ".") != here]
     spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)

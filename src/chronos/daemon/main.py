@@ -28,7 +28,18 @@ from chronos.daemon.sampler import Sampler
 from chronos.daemon.server import Broadcast, Server
 from chronos.errors import ChronosError
 from chronos.ledger import Ledger
-from chronos.paths import LEDGER_FILE, SYSTEM_STATE_DIR, socket_path
+from chronos.paths import (
+    LEDGER_FILE,
+    LEDGER_ID_FILE,
+    LEDGER_SUFFIXES,
+    SYSTEM_STATE_DIR,
+    UnsafePath,
+    check_trusted_path,
+    open_dir,
+    open_file,
+    socket_path,
+    verify_regular,
+)
 from chronos.service import Service
 
 LOCK_FILE = "chronosd.lock"
@@ -108,8 +119,7 @@ class Daemon:
     async def run(self) -> int:
         self._prepare_state_dir()
         self._take_lock()
-        ledger = Ledger(self.state_dir / LEDGER_FILE, file_mode=0o644)
-        self._lock_down(self.state_dir / LEDGER_FILE)
+        ledger = self._open_ledger()
         ledger.reap_owners = False  # owner deaths come from pidfds (Deadlines), not /proc scans
         service = Service(ledger, self.config, "daemon")
         service.cgroups = PartitionCgroups.detect()
@@ -204,17 +214,41 @@ class Daemon:
         return started
 
     def _prepare_state_dir(self) -> None:
+        """Make the state directory, or check it: a real directory only root may write.
+
+        As root the daemon writes its ledger and lock there: a symlink (``--state-dir``
+        through ``/tmp/x -> /etc``) or a directory another user owns would let that user
+        point those writes at a root file. So neither is used (nor a path through another
+        user's directory or link), and mode and group are set through its descriptor.
+        """
+        if os.geteuid() == 0:
+            check_trusted_path(self.state_dir)
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
-            if os.geteuid() == 0:
-                os.chown(self.state_dir, 0, 0)
-            os.chmod(self.state_dir, 0o755)
+            self.state_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self.state_dir, 0o755)
         except OSError as exc:
             raise ChronosError(f"cannot use state directory {self.state_dir}: {exc}") from None
+        fd = open_dir(self.state_dir)
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid():
+                raise UnsafePath(
+                    f"state directory {self.state_dir} belongs to uid {st.st_uid}, not to "
+                    f"chronosd's (uid {os.geteuid()}): chown it or choose another --state-dir"
+                )
+            if os.geteuid() == 0 and st.st_gid != 0:
+                os.fchown(fd, 0, 0)
+            os.fchmod(fd, 0o755)  # group and others may look, never add or swap a file
+        finally:
+            os.close(fd)
 
     def _take_lock(self) -> None:
         path = self.state_dir / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd, _ = open_file(path, 0o644)
+        if os.fstat(fd).st_uid != os.geteuid():
+            os.close(fd)
+            raise UnsafePath(f"lock file {path} is not chronosd's own: remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -227,14 +261,95 @@ class Daemon:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
 
+    def _open_ledger(self) -> Ledger:
+        """The ledger this daemon had, locked down to it; refuse a vanished or swapped one.
+
+        A deleted or emptied ledger would otherwise be replaced by an empty one: every
+        open partition forgotten, their memory handed out again. The marker
+        ``ledger.id`` beside it records that this directory had a ledger, and which.
+        """
+        path = self.state_dir / LEDGER_FILE
+        marker = self.state_dir / LEDGER_ID_FILE
+        had = self._recorded_ledger_id(marker)
+        if had is not None:
+            self._check_ledger_present(path, marker, had)
+        self._lock_down(path)
+        ledger = Ledger(path, file_mode=0o644)
+        if had is None:
+            self._record_ledger_id(marker, ledger.ledger_id)
+        elif ledger.ledger_id != had:
+            ledger.close()
+            raise ChronosError(
+                f"ledger {path} is not this daemon's (its id is {ledger.ledger_id}, "
+                f"{marker} says {had}): put the right ledger back, or remove {marker} "
+                "to adopt this one"
+            )
+        return ledger
+
+    @staticmethod
+    def _recorded_ledger_id(marker: Path) -> str | None:
+        try:
+            fd = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise UnsafePath(f"cannot read {marker}: {exc.strerror}; remove it") from None
+        try:
+            verify_regular(fd, marker)
+            text = os.pread(fd, 256, 0).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+        return text or None  # empty: never completed (it is written whole, then renamed)
+
+    @staticmethod
+    def _check_ledger_present(path: Path, marker: Path, had: str) -> None:
+        try:
+            size = os.lstat(path).st_size
+        except FileNotFoundError:
+            size = None
+        if size:
+            return
+        state = "missing" if size is None else "empty (0 bytes)"
+        raise ChronosError(
+            f"ledger {path} is {state} but this daemon had one (id {had}): restore it "
+            f"from backup, or remove {marker} to start with an empty ledger"
+        )
+
+    def _record_ledger_id(self, marker: Path, ledger_id: str) -> None:
+        """Write the marker durably (a new file, then rename): half a marker is no marker."""
+        partial = self.state_dir / f".{LEDGER_ID_FILE}.new"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        fd, _ = open_file(partial, 0o644)
+        try:
+            os.write(fd, f"{ledger_id}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(partial, marker)
+        dir_fd = open_dir(self.state_dir)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
     def _lock_down(self, ledger_path: Path) -> None:
-        """The daemon is the only writer: its ledger files are writable by it alone."""
-        for suffix in ("", "-wal", "-shm"):
-            path = Path(str(ledger_path) + suffix)
-            if path.exists():
+        """The daemon is the only writer: its ledger files are writable by it alone.
+
+        Done on each file's descriptor (opened without following a symlink), so a link
+        planted in place of ``-wal`` never makes root chown or chmod what it points at.
+        """
+        for suffix in LEDGER_SUFFIXES:
+            path = Path(f"{ledger_path}{suffix}")
+            if not os.path.lexists(path):
+                continue  # created by the Ledger, with the daemon's mode
+            fd, _ = open_file(path, 0o644)
+            try:
                 if os.geteuid() == 0:
-                    os.chown(path, 0, 0)
-                os.chmod(path, 0o644)
+                    os.fchown(fd, 0, 0)
+                os.fchmod(fd, 0o644)
+            finally:
+                os.close(fd)
 
     async def _listen(self, server: Server) -> asyncio.AbstractServer:
         self.sock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
