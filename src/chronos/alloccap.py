@@ -5,8 +5,9 @@ preloaded into a partition's processes; they share one counter per partition in
 a small memory-mapped file whose layout is ``native/chronos_cap.h``. This module
 creates those files (the daemon as root in a root-owned 0755 directory, owned by
 the partition's user with mode 0600; in embedded mode in a private per-user
-directory), reads them for ``chronos stats``, reclaims slots of processes that
-died without cleaning up, and builds the environment that preloads the library.
+directory), reads them for ``chronos stats``, lets the daemon correct a process's
+overhead from its samples and keep the machine-wide guard file, and builds the
+environment that preloads the library.
 If the library is missing (no compiler at install) Chronos says so once and
 falls back to the sampling hard cap alone. See docs/ALLOCATION_CAP.md.
 """
@@ -119,6 +120,8 @@ def _ensure_dir(path: Path, mode: str) -> None:
     """Make the directory, then insist it is what we expect (not a planted one)."""
     if mode == "daemon":
         path.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if os.path.islink(path):  # cannot be planted in the daemon's root-owned directory
+            raise PermissionError(f"{path} is a symbolic link")
         if os.geteuid() == 0:
             os.chown(path, 0, 0)
             os.chmod(path, 0o755)
@@ -181,8 +184,9 @@ def live_bytes(state: CapState) -> int:
     """What the partition's live processes hold: slots of dead processes do not count.
 
     Read-only on purpose: the library itself gives a dead process's share back
-    (with compare-and-swap) the next time a member allocates or starts, so no
-    other writer ever races its atomic counter.
+    (with compare-and-swap) the next time a member allocates or starts; Python never
+    writes the shared counter (the daemon's correction goes through the library's
+    own atomic helper, ``raise_overhead``).
     """
     dead = sum(
         s.bytes + s.overhead
