@@ -259,17 +259,21 @@ def stats_rows(
 ) -> list[dict[str, object]]:
     """Per open partition: bytes the library counts and bytes NVML sees (``chronos stats``)."""
     seen = _bytes_by_partition(found)
-    return [
-        {
-            "partition_id": r.id,
-            "user": r.user,
-            "device": r.device,
-            "memory_bytes": r.memory_bytes,
-            "counted_bytes": counted_bytes(r.id, mode),
-            "nvml_bytes": seen.get(r.id, 0),
-        }
-        for r in records
-    ]
+    rows: list[dict[str, object]] = []
+    for r in records:
+        state = read_file(cap_path(r.id, mode))
+        rows.append(
+            {
+                "partition_id": r.id,
+                "user": r.user,
+                "device": r.device,
+                "memory_bytes": r.memory_bytes,
+                "counted_bytes": None if state is None else live_bytes(state),
+                "refused": None if state is None else state.refused,
+                "nvml_bytes": seen.get(r.id, 0),
+            }
+        )
+    return rows
 
 
 # --- the daemon's corrections from its samples ----------------------------------

@@ -59,13 +59,14 @@ def _alloc_cap_lines(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "",
         f"{'PARTITION':<14} {'USER':<12} {'GPU':>3}  {'SHARE':>10}  "
-        f"{'COUNTED (library)':>17}  {'SEEN (NVML)':>11}",
+        f"{'COUNTED (library)':>17}  {'SEEN (NVML)':>11}  {'REFUSED':>7}",
     ]
     for r in rows:
         counted = _mem(r["counted_bytes"])  # n/a: not capped, or not this user's file
         lines.append(
             f"{r['partition_id']:<14} {r['user']:<12} {r['device']:>3}  "
-            f"{_mem(r['memory_bytes']):>10}  {counted:>17}  {_mem(r['nvml_bytes']):>11}"
+            f"{_mem(r['memory_bytes']):>10}  {counted:>17}  {_mem(r['nvml_bytes']):>11}  "
+            f"{'n/a' if r.get('refused') is None else r['refused']:>7}"
         )
     return lines
 

@@ -119,6 +119,7 @@ def test_the_daemon_keeps_the_guard_file_and_stats_show_both_counts(
         assert row["memory_bytes"] == 10 * GIB
         assert row["counted_bytes"] == GIB + alloccap.process_reserve(10 * GIB)
         assert row["nvml_bytes"] == 0  # the simulated backend sees no real process
+        assert row["refused"] == 0
         uuid = next(d["uuid"] for d in stats["devices"] if d["index"] == 0)
         wait_for(
             lambda: guard.exists() and f"{uuid} {10 * GIB}" in guard.read_text(),
