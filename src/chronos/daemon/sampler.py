@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from chronos import alloccap
 from chronos.attribution import attribute_processes
 from chronos.config import Config
 from chronos.daemon.deadlines import Deadlines
@@ -74,6 +75,7 @@ class Sampler:
         self._remove_ended_cgroups({r.id for r in records})
         for violation in self.watch.observe(self.last_at, records, found):
             self._act(violation)
+        alloccap.after_sample(records, found)  # allocation-time cap (ALLOCATION_CAP.md)
         if self.watch.unpartitioned == "warn":
             for proc in self.watch.warnings(found):
                 log(
