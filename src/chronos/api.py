@@ -118,9 +118,15 @@ class Partition:
 
     def limits_env(self) -> dict[str, str]:
         """Environment for a child process: this GPU only, and every framework capped."""
+        from chronos import alloccap
         from chronos.frameworks import limits_env
 
-        return {**self.env, **limits_env(self.memory_bytes, self._record.device_total_bytes)}
+        cap_file = alloccap.active_for(self.id, self._transport.mode)
+        total = self._record.device_total_bytes
+        env = {**self.env, **limits_env(self.memory_bytes, total, capped=cap_file is not None)}
+        if cap_file is not None:  # the allocation-time cap (docs/ALLOCATION_CAP.md)
+            env.update(alloccap.preload_env(cap_file))
+        return env
 
     def apply_framework_limits(self) -> dict[str, str]:
         """Cap PyTorch, TensorFlow, JAX and CuPy in this process to the partition.

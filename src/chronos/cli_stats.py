@@ -48,7 +48,27 @@ def render_stats(data: dict[str, Any]) -> str:
     for row, procs in zip(rows, under):
         out.append(line(row))
         out.extend(procs)
+    out.extend(_alloc_cap_lines(data.get("alloc_cap", [])))
     return "\n".join(out)
+
+
+def _alloc_cap_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per partition: bytes the allocation-time cap library counts, and what NVML sees."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"{'PARTITION':<14} {'USER':<12} {'GPU':>3}  {'SHARE':>10}  "
+        f"{'COUNTED (library)':>17}  {'SEEN (NVML)':>11}  {'REFUSED':>7}",
+    ]
+    for r in rows:
+        counted = _mem(r["counted_bytes"])  # n/a: not capped, or not this user's file
+        lines.append(
+            f"{r['partition_id']:<14} {r['user']:<12} {r['device']:>3}  "
+            f"{_mem(r['memory_bytes']):>10}  {counted:>17}  {_mem(r['nvml_bytes']):>11}  "
+            f"{'n/a' if r.get('refused') is None else r['refused']:>7}"
+        )
+    return lines
 
 
 def _process_lines(d: dict[str, Any], per_process: bool) -> list[str]:

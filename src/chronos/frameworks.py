@@ -27,10 +27,22 @@ def soft_limit_bytes(partition_bytes: int) -> int:
 
 
 def limits_env(
-    partition_bytes: int, total_bytes: int, base: dict[str, str] | None = None
+    partition_bytes: int,
+    total_bytes: int,
+    base: dict[str, str] | None = None,
+    capped: bool = False,
 ) -> dict[str, str]:
-    """Environment that caps PyTorch, TensorFlow, JAX and CuPy in a child process."""
+    """Environment that caps PyTorch, TensorFlow, JAX and CuPy in a child process.
+
+    ``capped``: the allocation-time cap library is preloaded, so the process sees the
+    partition's bytes as its GPU's total (cuDeviceTotalMem_v2, cuMemGetInfo_v2); the
+    fractions PyTorch and JAX take are fractions of that reported total. The soft cap
+    in bytes stays below the library's own (its per-process reserve is smaller than
+    ``CONTEXT_RESERVE``), so the framework's clean OOM comes first.
+    """
     soft = soft_limit_bytes(partition_bytes)
+    if capped:
+        total_bytes = partition_bytes
     pythonpath = (os.environ if base is None else base).get("PYTHONPATH")
     return {
         "CHRONOS_PARTITION_BYTES": str(partition_bytes),

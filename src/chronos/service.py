@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from chronos import procs, protocol
+from chronos import alloccap, procs, protocol
 from chronos.attribution import attribute_processes
 from chronos.cgroups import PartitionCgroups
 from chronos.cgroups import cgroup_of as cgroups_of
@@ -155,6 +155,9 @@ class Service:
             self.on_change()
             return self._ticket_status(ticket.id, note=str(refusal))
         self.on_change()
+        if alloccap.wanted_for(dev.vendor):
+            alloccap.on_create(record.id, record.memory_bytes, record.uid, self.mode)
+        alloccap.sweep(self._is_open, self.mode)
         return {**record.to_wire(), "visible_env": dict(dev.visible_env)}
 
     # ----------------------------------------------------------------- queue
@@ -188,6 +191,10 @@ class Service:
         ids = [self.ledger.ticket(t.id).partition_id or "" for t in granted]
         if granted:
             self.on_change()
+        for record in map(self.ledger.get, filter(None, ids)):
+            dev = self.machine.by_uuid(record.device_uuid)
+            if dev is not None and alloccap.wanted_for(dev.vendor):
+                alloccap.on_create(record.id, record.memory_bytes, record.uid, self.mode)
         return ids
 
     def _grace_of(self, grace: Any) -> float:
@@ -201,6 +208,12 @@ class Service:
                 f"({format_duration(self.config.max_grace_s)}, max_grace in the policy)"
             )
         return seconds
+
+    def _is_open(self, partition_id: str) -> bool:
+        try:
+            return self.ledger.get(partition_id).state_at(self.ledger.clock()) in (ACTIVE, BOOKED)
+        except ChronosError:
+            return False
 
     def _capacity_of(self, request: NewPartition) -> int:
         """What admission may hand out on the request's device under the policy in force now."""
@@ -287,6 +300,7 @@ class Service:
         self._authorize(caller, self.ledger.get(id), "release")
         record = self.ledger.release(id, caller.uid, caller.user)
         self.on_change()
+        alloccap.on_release(id, self.mode)
         return record.to_wire()
 
     def op_get(self, caller: Caller, id: str) -> dict[str, Any]:
@@ -314,6 +328,7 @@ class Service:
             "backends": machine.backend_names,
             "per_process_memory": machine.per_process_memory,
             "devices": devices,
+            "alloc_cap": alloccap.stats_rows(open_records, found, self.mode) if processes else [],
         }
 
     def device_stats(

@@ -40,7 +40,10 @@ def report(line: str) -> None:
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[dict[str, str]]:
-    with real_daemon() as env:
+    # These tests are of the sampling hard cap and the soft caps, so programs that ignore
+    # their soft cap must reach the GPU: the allocation-time cap has its own suite
+    # (test_allocation_cap_real.py).
+    with real_daemon({"CHRONOS_ALLOC_CAP": "off"}) as env:
         yield env
 
 

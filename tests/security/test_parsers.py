@@ -202,7 +202,7 @@ def test_a_1080_byte_duration_is_refused_at_once_while_others_are_served(
     ("field", "value"),
     [
         ("memory", MEMORY_20_KB),
-        ("memory", "1" * 1_000_000 + "!"),  # nearly the whole 1 MiB frame: hours before
+        ("memory", "1" * 60_000 + "!"),  # nearly a whole 64 KiB request: hours before
         ("grace", DURATION_1080_BYTES),
         ("warn", DURATION_1080_BYTES),
         ("memory", "\u0661\u0660%"),

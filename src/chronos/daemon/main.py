@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["CHRONOS_HOME"] = str(state_dir)
     sock_path = args.socket or socket_path()
     raise_descriptor_limit()
+    os.environ["CHRONOS_SOCKET"] = str(sock_path)  # the cap files live beside it (alloccap)
     try:
         return asyncio.run(
             Daemon(state_dir, sock_path, args.config, args.metrics, args.dashboard).run()

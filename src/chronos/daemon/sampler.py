@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from chronos import alloccap
 from chronos.attribution import attribute_processes
 from chronos.config import Config
 from chronos.daemon.deadlines import Deadlines
@@ -81,6 +82,7 @@ class Sampler:
         # The hard cap's windows run on monotonic time: a wall-clock step is no "time over".
         for violation in self.watch.observe(time.monotonic(), records, found):
             self._act(violation)
+        alloccap.after_sample(records, found)  # allocation-time cap (ALLOCATION_CAP.md)
         if self.watch.unpartitioned == "warn":
             for proc in self.watch.warnings(found):
                 log(

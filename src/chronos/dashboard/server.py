@@ -99,6 +99,8 @@ def collect(client: Any, now: float | None = None) -> Snapshot:
                 }
             )
     per_process = bool(stats.get("per_process_memory", True))
+    # Bytes the allocation-time cap library counts, per partition (docs/ALLOCATION_CAP.md).
+    counted = {row["partition_id"]: row["counted_bytes"] for row in stats.get("alloc_cap", [])}
     state = {
         "now": now,
         "host": socket.gethostname(),
@@ -138,6 +140,7 @@ def collect(client: Any, now: float | None = None) -> Snapshot:
                 "starts_at": r.starts_at,
                 "expires_at": r.expires_at,
                 "used_bytes": used_by.get(r.id, 0) if per_process else None,
+                "counted_bytes": counted.get(r.id),
             }
             for r in records
         ],

@@ -292,7 +292,10 @@
         h("td", { class: "num", text: p.device }),
         h("td", { class: "num", text: `${bytes(p.memory_bytes)} (${pct(p.memory_fraction)})` }),
         h("td", { class: "num wide" }, p.state !== "active" || p.used_bytes === null ? "—" : bytes(p.used_bytes),
-          over ? h("span", { class: "badge over", text: " over" }) : null),
+          over ? h("span", { class: "badge over", text: " over" }) : null,
+          p.counted_bytes === null || p.counted_bytes === undefined ? null :
+            h("span", { class: "cap-counted", title: "counted at allocation time by the cap library",
+                        text: ` · cap ${bytes(p.counted_bytes)}` })),
         h("td", { class: "wide" }, h("span", { class: `badge ${p.state}`, text: p.state })),
         h("td", {}, countdown(until, prefix)),
         h("td", { class: "mono wide", text: p.id }));

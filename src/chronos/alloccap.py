@@ -1,0 +1,465 @@
+"""The allocation-time cap: locate the preload library, and keep its accounting files.
+
+``native/chronos_cap.c`` (built at install into ``native/libchronos_cap.so``) is
+preloaded into a partition's processes; they share one counter per partition in
+a small memory-mapped file whose layout is ``native/chronos_cap.h``. This module
+creates those files (the daemon as root in a root-owned 0755 directory, owned by
+the partition's user with mode 0600; in embedded mode in a private per-user
+directory), reads them for ``chronos stats``, lets the daemon correct a process's
+overhead from its samples and keep the machine-wide guard file, and builds the
+environment that preloads the library.
+If the library is missing (no compiler at install) Chronos says so once and
+falls back to the sampling hard cap alone. See docs/ALLOCATION_CAP.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import struct
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from chronos import paths, procs
+from chronos.models import PartitionRecord, ProcessUse
+
+NATIVE_DIR = Path(__file__).parent / "native"
+LIBRARY_NAME = "libchronos_cap.so"
+ENV_FILE = "CHRONOS_CAP_FILE"
+ENV_SWITCH = "CHRONOS_ALLOC_CAP"
+"""``off``: run without the library (the sampling hard cap still applies); ``on``: use
+it on any backend (the tests' fake driver runs on the simulated backend)."""
+GUARD_FILE = "unpartitioned"
+"""Machine-wide mode: per-GPU floors for processes outside any partition."""
+
+# --- the file layout (native/chronos_cap.h) ---------------------------------------
+MAGIC = 0x43415043
+VERSION = 1
+SLOTS = 256
+HEADER = struct.Struct("<IIqqqIIq16x")  # magic version limit reserve used slots flags refused
+SLOT = struct.Struct("<QQqq")  # pid start_ticks bytes overhead
+FILE_BYTES = HEADER.size + SLOTS * SLOT.size
+RECLAIMING = (1 << 64) - 1
+
+DEFAULT_RESERVE = 704 << 20
+"""Charged per process at its first device call: CUDA context and modules, which no
+allocation hook sees (518-682 MiB measured on an H200), so a process that fills to
+the cap stays under the sampler's hard cap too."""
+
+
+def process_reserve(partition_bytes: int) -> int:
+    """The per-process reserve, at most a quarter of a small partition."""
+    return min(DEFAULT_RESERVE, partition_bytes // 4)
+
+
+@dataclass(frozen=True)
+class Slot:
+    pid: int
+    start_ticks: int
+    bytes: int
+    overhead: int
+
+
+@dataclass(frozen=True)
+class CapState:
+    limit_bytes: int
+    reserve_bytes: int
+    used_bytes: int
+    refused: int
+    slots: tuple[Slot, ...]
+
+
+# --- where things are ------------------------------------------------------------
+_said: set[str] = set()
+_NOT_BUILT = (
+    "allocation-time cap unavailable (libchronos_cap.so was not built: no C compiler at "
+    "install?); the sampling hard cap applies"
+)
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        print(f"chronos: {message}", file=sys.stderr, flush=True)
+
+
+def library_path() -> Path | None:
+    """The built preload library, or None if it was not built (no compiler at install)."""
+    path = NATIVE_DIR / LIBRARY_NAME
+    return path if path.is_file() else None
+
+
+def cap_dir(mode: str) -> Path:
+    """Where a partition's accounting file lives.
+
+    Daemon: next to the daemon's socket (``/run/chronos/cap``), made by the daemon,
+    root-owned 0755, so no user can create, replace or remove files there. Embedded:
+    a directory private to the user (0700).
+    """
+    if mode == "daemon":
+        return paths.socket_path().parent / "cap"
+    uid = os.getuid()
+    home = os.environ.get("CHRONOS_HOME")
+    if home:
+        return Path(home) / f"cap-{uid}"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and Path(runtime).is_dir():
+        return Path(runtime) / "chronos-cap"
+    return Path(tempfile.gettempdir()) / f"chronos-cap-{uid}"
+
+
+def cap_path(partition_id: str, mode: str) -> Path:
+    return cap_dir(mode) / f"{partition_id}.cap"
+
+
+def _ensure_dir(path: Path, mode: str) -> None:
+    """Make the directory, then insist it is what we expect (not a planted one)."""
+    if mode == "daemon":
+        path.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if os.path.islink(path):  # cannot be planted in the daemon's root-owned directory
+            raise PermissionError(f"{path} is a symbolic link")
+        if os.geteuid() == 0:
+            os.chown(path, 0, 0)
+            os.chmod(path, 0o755)
+        return
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(parents=True, mode=0o700)
+    st = os.lstat(path)
+    if not (
+        os.path.isdir(path)
+        and not os.path.islink(path)
+        and st.st_uid == os.getuid()
+        and st.st_mode & 0o077 == 0
+    ):
+        raise PermissionError(f"{path} is not a private directory of this user")
+
+
+# --- the accounting file -----------------------------------------------------------
+def create_file(path: Path, limit_bytes: int, uid: int | None = None) -> Path:
+    """Write a fresh accounting file for a partition of ``limit_bytes`` (atomically)."""
+    reserve = process_reserve(limit_bytes)
+    header = HEADER.pack(MAGIC, VERSION, limit_bytes, reserve, 0, SLOTS, 0, 0)
+    fd, tmp = tempfile.mkstemp(prefix=".new-", dir=path.parent)
+    try:
+        os.write(fd, header + bytes(FILE_BYTES - len(header)))
+        os.fchmod(fd, 0o600)
+        if uid is not None and os.geteuid() == 0:
+            os.fchown(fd, uid, -1)
+        os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_file(path: Path) -> CapState | None:
+    """What the library has counted, or None if the file is missing or not ours."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(FILE_BYTES)
+    except OSError:
+        return None
+    if len(raw) < FILE_BYTES:
+        return None
+    magic, version, limit, reserve, used, slots, _flags, refused = HEADER.unpack_from(raw)
+    if magic != MAGIC or version != VERSION or slots != SLOTS:
+        return None
+    found = []
+    for i in range(SLOTS):
+        pid, ticks, nbytes, overhead = SLOT.unpack_from(raw, HEADER.size + i * SLOT.size)
+        if pid not in (0, RECLAIMING):
+            found.append(Slot(pid, ticks, nbytes, overhead))
+    return CapState(limit, reserve, used, refused, tuple(found))
+
+
+def live_bytes(state: CapState) -> int:
+    """What the partition's live processes hold: slots of dead processes do not count.
+
+    Read-only on purpose: the library itself gives a dead process's share back
+    (with compare-and-swap) the next time a member allocates or starts; Python never
+    writes the shared counter (the daemon's correction goes through the library's
+    own atomic helper, ``raise_overhead``).
+    """
+    dead = sum(
+        s.bytes + s.overhead
+        for s in state.slots
+        if s.start_ticks and procs.start_ticks(s.pid) != s.start_ticks
+    )
+    return max(0, state.used_bytes - dead)
+
+
+# --- hooks for the service (partition created / ended) ----------------------------
+def _switch() -> str:
+    value = os.environ.get(ENV_SWITCH, "").strip().lower()
+    return {"0": "off", "no": "off", "false": "off", "1": "on", "yes": "on"}.get(value, value)
+
+
+def wanted_for(vendor: str) -> bool:
+    """Whether partitions on this vendor's GPUs get an accounting file (CUDA only)."""
+    switch = _switch()
+    return switch == "on" or (switch != "off" and vendor == "nvidia")
+
+
+def on_create(partition_id: str, memory_bytes: int, uid: int, mode: str) -> Path | None:
+    """Make the partition's accounting file; None (said once) if that is impossible."""
+    if library_path() is None:
+        _say_once(_NOT_BUILT)
+        return None
+    try:
+        directory = cap_dir(mode)
+        _ensure_dir(directory, mode)
+        return create_file(directory / f"{partition_id}.cap", memory_bytes, uid)
+    except OSError as exc:
+        _say_once(f"allocation-time cap unavailable ({exc}); the sampling hard cap applies")
+        return None
+
+
+def on_release(partition_id: str, mode: str) -> None:
+    with contextlib.suppress(OSError):
+        cap_path(partition_id, mode).unlink()
+
+
+def sweep(is_open: Callable[[str], bool], mode: str) -> None:
+    """Remove accounting files of partitions that are no longer open (e.g. expired).
+
+    Looks only at the files there (a few), never at the whole ledger.
+    """
+    with contextlib.suppress(OSError):
+        for entry in cap_dir(mode).iterdir():
+            if entry.name.endswith(".cap") and not is_open(entry.name[: -len(".cap")]):
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+
+
+def counted_bytes(partition_id: str, mode: str) -> int | None:
+    """Bytes the library counts for a partition now (None: no library file)."""
+    state = read_file(cap_path(partition_id, mode))
+    return None if state is None else live_bytes(state)
+
+
+def _bytes_by_partition(found: Iterable[ProcessUse]) -> dict[str, int]:
+    """What the backends (NVML) see each partition's processes hold."""
+    seen: dict[str, int] = {}
+    for proc in found:
+        if proc.partition_id is not None:
+            seen[proc.partition_id] = seen.get(proc.partition_id, 0) + (proc.used_bytes or 0)
+    return seen
+
+
+def stats_rows(
+    records: Iterable[PartitionRecord], found: Iterable[ProcessUse], mode: str
+) -> list[dict[str, object]]:
+    """Per open partition: bytes the library counts and bytes NVML sees (``chronos stats``)."""
+    seen = _bytes_by_partition(found)
+    rows: list[dict[str, object]] = []
+    for r in records:
+        state = read_file(cap_path(r.id, mode))
+        rows.append(
+            {
+                "partition_id": r.id,
+                "user": r.user,
+                "device": r.device,
+                "memory_bytes": r.memory_bytes,
+                "counted_bytes": None if state is None else live_bytes(state),
+                "refused": None if state is None else state.refused,
+                "nvml_bytes": seen.get(r.id, 0),
+            }
+        )
+    return rows
+
+
+# --- the daemon's corrections from its samples ----------------------------------
+_native: ctypes.CDLL | None = None
+
+
+def _library_functions() -> ctypes.CDLL | None:
+    """The library loaded into this process privately (RTLD_LOCAL: its dlsym is not used)."""
+    global _native
+    library = library_path()
+    if _native is None and library is not None:
+        _native = ctypes.CDLL(str(library), mode=os.RTLD_LOCAL)
+        _native.chronos_cap_raise_overhead.restype = ctypes.c_longlong
+        _native.chronos_cap_raise_overhead.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_longlong,
+            ctypes.c_ulonglong,
+            ctypes.c_longlong,
+        ]
+    return _native
+
+
+def raise_overhead(path: Path, pid: int, seen_bytes: int) -> int:
+    """Charge ``pid`` for what NVML sees beyond what its slot counted (never less).
+
+    Returns the bytes added (0: nothing to do, -1: no such file or slot).
+    """
+    native = _library_functions()
+    ticks = procs.start_ticks(pid)
+    if native is None or ticks is None:
+        return -1
+    return int(native.chronos_cap_raise_overhead(str(path).encode(), pid, ticks, seen_bytes))
+
+
+def after_sample(
+    records: Iterable[PartitionRecord], found: Iterable[ProcessUse], mode: str = "daemon"
+) -> None:
+    """The daemon, after each sample: correct per-process overheads, keep the guard file.
+
+    Never raises: the hard cap's sampling must go on whatever happens here.
+    """
+    try:
+        found = list(found)
+        capped = {r.id for r in records if cap_path(r.id, mode).exists()}
+        for proc in found:
+            if proc.partition_id in capped and proc.used_bytes:
+                raise_overhead(cap_path(proc.partition_id, mode), proc.pid, proc.used_bytes)
+        update_guard(records, found)
+    except Exception as exc:  # noqa: BLE001 - a side job of the sampler, never its end
+        _say_once(f"allocation-time cap bookkeeping failed: {exc!r}")
+
+
+# --- the environment that preloads the library -------------------------------------
+def active_for(partition_id: str, mode: str) -> Path | None:
+    """The partition's accounting file if the library can cap it, else None.
+
+    No file means the partition is not capped at allocation time (not a CUDA GPU,
+    ``CHRONOS_ALLOC_CAP=off``, or the library was not built, said once at creation).
+    """
+    if _switch() == "off":
+        return None
+    path = cap_path(partition_id, mode)
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if library_path() is None:
+        _say_once(_NOT_BUILT)
+        return None
+    if not os.access(path, os.R_OK | os.W_OK) or st.st_size < FILE_BYTES:
+        _say_once(f"allocation-time cap unavailable ({path} is not usable)")
+        return None
+    return path
+
+
+def preload_env(file: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """LD_PRELOAD (ours first, the caller's kept) and the accounting file's path."""
+    library = library_path()
+    assert library is not None
+    current = (os.environ if base is None else base).get("LD_PRELOAD", "")
+    rest = [p for p in current.replace(":", " ").split() if p and p != str(library)]
+    return {"LD_PRELOAD": " ".join([str(library), *rest]), ENV_FILE: str(file)}
+
+
+# --- machine-wide mode (administrators) --------------------------------------------
+def guard_path() -> Path:
+    return cap_dir("daemon") / GUARD_FILE
+
+
+def guard_floors(records: Iterable[PartitionRecord], found: Iterable[ProcessUse]) -> dict[str, int]:
+    """Per GPU uuid: memory reserved by active partitions and not in use by them now.
+
+    Processes outside any partition (machine-wide mode) must leave that much free.
+    """
+    used = _bytes_by_partition(found)
+    floors: dict[str, int] = {}
+    for r in records:
+        unused = max(0, r.memory_bytes - used.get(r.id, 0))
+        floors[r.device_uuid] = floors.get(r.device_uuid, 0) + unused
+    return floors
+
+
+_last_guard: dict[str, int] | None = None
+
+
+def update_guard(records: Iterable[PartitionRecord], found: Iterable[ProcessUse]) -> None:
+    """The daemon, after each sample: keep the guard file current (written when it changes).
+
+    The file is read only by processes that load the library machine-wide; without
+    that option it is an unused 0644 file of a few lines.
+    """
+    global _last_guard
+    if os.geteuid() != 0 or library_path() is None:
+        return
+    floors = guard_floors(records, found)
+    if floors == _last_guard:
+        return
+    try:
+        _ensure_dir(cap_dir("daemon"), "daemon")
+        write_guard(floors)
+        _last_guard = floors
+    except OSError as exc:
+        _say_once(f"cannot write the machine-wide guard file: {exc}")
+
+
+def write_guard(floors: Mapping[str, int], path: Path | None = None) -> None:
+    """Write the per-GPU floors (``uuid bytes`` lines) that unpartitioned processes keep."""
+    target = path or guard_path()
+    text = "".join(f"{uuid} {max(0, int(b))}\n" for uuid, b in sorted(floors.items()))
+    fd, tmp = tempfile.mkstemp(prefix=".guard-", dir=target.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.rename(tmp, target)
+
+
+def enable_machine_wide(preload_file: Path = Path("/etc/ld.so.preload")) -> str:
+    """Add the library to ``preload_file`` (idempotent); return what was done."""
+    library = library_path()
+    if library is None:
+        raise FileNotFoundError("libchronos_cap.so was not built; nothing to preload")
+    lines = preload_file.read_text().split() if preload_file.exists() else []
+    if str(library) in lines:
+        return f"{library} is already in {preload_file}"
+    with open(preload_file, "a") as f:
+        f.write(f"{library}\n")
+    return f"added {library} to {preload_file}"
+
+
+def disable_machine_wide(preload_file: Path = Path("/etc/ld.so.preload")) -> str:
+    library = library_path()
+    if not preload_file.exists():
+        return f"{preload_file} does not exist"
+    kept = [
+        line
+        for line in preload_file.read_text().splitlines()
+        if line.strip() and (library is None or line.strip() != str(library))
+    ]
+    preload_file.write_text("".join(f"{line}\n" for line in kept))
+    return f"removed libchronos_cap.so from {preload_file}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m chronos.alloccap enable-machine-wide|disable-machine-wide|status``."""
+    args = sys.argv[1:] if argv is None else argv
+    preload = Path(args[1]) if len(args) > 1 else Path("/etc/ld.so.preload")
+    try:
+        if args[:1] == ["enable-machine-wide"]:
+            print(enable_machine_wide(preload))
+        elif args[:1] == ["disable-machine-wide"]:
+            print(disable_machine_wide(preload))
+        elif args[:1] == ["status"]:
+            library = library_path()
+            print(f"library: {library or 'not built'}")
+        else:
+            print(
+                "usage: python -m chronos.alloccap "
+                "enable-machine-wide|disable-machine-wide|status [PRELOAD_FILE]",
+                file=sys.stderr,
+            )
+            return 2
+    except OSError as exc:
+        print(f"chronos: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
