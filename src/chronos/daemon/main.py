@@ -15,6 +15,7 @@ import fcntl
 import os
 import signal
 import socket
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ from chronos.paths import LEDGER_FILE, SYSTEM_STATE_DIR, socket_path
 from chronos.service import Service
 
 LOCK_FILE = "chronosd.lock"
+COMPACT_BUSY_S = 0.05
+"""Pause between retention batches while old history remains."""
+COMPACT_IDLE_S = 300.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -123,6 +127,7 @@ class Daemon:
         sampler = Sampler(service, deadlines, lambda: self.config)
         deadlines.on_ended = sampler.on_ended
         sampling = asyncio.create_task(sampler.run())
+        compacting = asyncio.create_task(self._compact(service))
         server = Server(service.handle, lambda: self.config.admin_group, self.broadcast)
         listener = await self._listen(server)
         endpoints = self._start_http(service, sampler, server)
@@ -145,6 +150,7 @@ class Daemon:
         finally:
             sd_notify("STOPPING=1")
             sampling.cancel()
+            compacting.cancel()
             for endpoint in endpoints:
                 endpoint.close()
             listener.close()
@@ -169,6 +175,17 @@ class Daemon:
         finally:
             self._busy = False
         self.broadcast.notify()
+
+    async def _compact(self, service: Service) -> None:
+        """Retention: delete history older than ``history_retention`` a small batch at a
+        time (each its own short transaction), so clients are never kept waiting."""
+        while True:
+            try:
+                gone = service.compact_history()
+            except (ChronosError, sqlite3.Error) as exc:
+                log("compact_failed", level="error", error=str(exc))
+                gone = 0
+            await asyncio.sleep(COMPACT_BUSY_S if gone else COMPACT_IDLE_S)
 
     def _start_http(self, service: Service, sampler: Sampler, server: Server) -> list[Any]:
         """Prometheus metrics and the web dashboard, each only where an address is set.
