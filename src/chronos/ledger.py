@@ -127,10 +127,10 @@ _HISTORY_SCHEMA = (
     """CREATE TABLE IF NOT EXISTS fairshare (
         uid INTEGER PRIMARY KEY, value REAL NOT NULL, as_of REAL NOT NULL
     )""",
+    # No index on created_at or starts_at: SQLite would pick it for the daemon's frequent
+    # open-partition queries (ORDER BY created_at, starts_at <= now) and scan all history.
     "CREATE INDEX IF NOT EXISTS partitions_user_ended ON partitions (uid, ended_at)",
     "CREATE INDEX IF NOT EXISTS partitions_ended ON partitions (ended_at)",
-    "CREATE INDEX IF NOT EXISTS partitions_created ON partitions (created_at)",
-    "CREATE INDEX IF NOT EXISTS partitions_starts ON partitions (starts_at)",
     "CREATE INDEX IF NOT EXISTS events_partition ON events (partition_id)",
     "CREATE INDEX IF NOT EXISTS waiting_closed ON waiting (enqueued_at) WHERE state != 'waiting'",
 )
@@ -242,8 +242,10 @@ class Ledger:
         """Check owner processes on every reap (the daemon turns this off: it has pidfds)."""
         self.fairshare_half_life: Callable[[], float] = lambda: 7 * 86400.0
         """Half-life of fair-share usage; the service applies the policy in force."""
-        self._requests: dict[str, NewPartition] = {}
-        """Parsed requests of waiting tickets (a ticket's request never changes)."""
+        self._waiting: dict[str, Ticket] = {}
+        """Waiting tickets as read (see :meth:`waiting`)."""
+        self._waiters: dict[str, Waiter] = {}
+        """What the planner sees of each waiting ticket (forgotten with the plan)."""
         self._generation = 0
         """Bumped on every event this connection writes: a cached plan is stale after it."""
         self._plan_cache: tuple[Any, ...] | None = None
@@ -575,23 +577,31 @@ class Ledger:
             self._close_ticket(ticket_id, state, reason, self.clock())
 
     def waiting(self) -> list[Ticket]:
-        rows = self._db.execute(
-            "SELECT id, state, enqueued_at, request, partition_id, reason, timeout_at, "
-            "waiter_pid FROM waiting WHERE state = 'waiting' ORDER BY enqueued_at"
-        ).fetchall()
-        return [self._cached_ticket(r) for r in rows]
+        """Tickets still waiting, in enqueue order.
 
-    def _cached_ticket(self, row: Sequence[Any]) -> Ticket:
-        """A waiting ticket, its request parsed once (planning reads every waiter often)."""
-        ticket_id, state, enqueued_at, request, partition_id, reason, timeout_at, waiter_pid = row
-        req = self._requests.get(ticket_id)
-        if req is None:
-            if len(self._requests) > 4096:  # tickets leave the queue: forget them now and then
-                self._requests.clear()
-            req = self._requests[ticket_id] = NewPartition(**json.loads(request))
-        return Ticket(
-            ticket_id, state, enqueued_at, req, partition_id, reason, timeout_at, waiter_pid
-        )
+        A waiting ticket never changes until it leaves the queue, so each is read
+        and parsed once: planning reads the whole queue on every change.
+        """
+        ids = [
+            r[0]
+            for r in self._db.execute(
+                "SELECT id FROM waiting WHERE state = 'waiting' ORDER BY enqueued_at"
+            )
+        ]
+        missing = [i for i in ids if i not in self._waiting]
+        if len(self._waiting) > 2 * len(ids) + 1024:  # forget tickets that left the queue
+            keep = set(ids)
+            self._waiting = {i: t for i, t in self._waiting.items() if i in keep}
+        for chunk in range(0, len(missing), 500):
+            part = missing[chunk : chunk + 500]
+            marks = ", ".join("?" * len(part))
+            for row in self._db.execute(
+                "SELECT id, state, enqueued_at, request, partition_id, reason, timeout_at, "
+                f"waiter_pid FROM waiting WHERE id IN ({marks})",
+                part,
+            ):
+                self._waiting[row[0]] = _ticket(row)
+        return [self._waiting[i] for i in ids]
 
     def grant_waiting(
         self, priority_of: PriorityOf, check_for: Callable[[NewPartition], QuotaCheck | None]
@@ -638,6 +648,7 @@ class Ledger:
     def invalidate_plan(self) -> None:
         """Forget the cached plan (the policy changed: capacities may differ)."""
         self._plan_cache = None
+        self._waiters.clear()
 
     def _plan(
         self, priority_of: PriorityOf, now: float, with_plan: bool = False
@@ -672,8 +683,15 @@ class Ledger:
         return int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
     def _waiter(self, ticket: Ticket) -> Waiter:
-        r = ticket.request
-        return Waiter(ticket.id, r.device_uuid, r.memory_bytes, r.duration_s, self.capacity_of(r))
+        waiter = self._waiters.get(ticket.id)
+        if waiter is None:
+            if len(self._waiters) > 2 * len(self._waiting) + 1024:
+                self._waiters.clear()
+            r = ticket.request
+            waiter = self._waiters[ticket.id] = Waiter(
+                ticket.id, r.device_uuid, r.memory_bytes, r.duration_s, self.capacity_of(r)
+            )
+        return waiter
 
     def _reservations(
         self, device_uuid: str, now: float, priority_of: PriorityOf | None = None
@@ -683,9 +701,6 @@ class Ledger:
         With ``priority_of`` these are the queue's own plan (served in priority
         order), so nothing admitted around them can delay any waiter.
         """
-        tickets = [t for t in self.waiting() if t.request.device_uuid == device_uuid]
-        if not tickets:
-            return []
         if priority_of is not None:
             ordered, _, plan = self._plan(priority_of, now)
             starts = [
@@ -698,6 +713,9 @@ class Ledger:
                 for t, s in starts
                 if s is not None
             ]
+        tickets = [t for t in self.waiting() if t.request.device_uuid == device_uuid]
+        if not tickets:
+            return []
         held = self._open_on_device(device_uuid, now)
         out: list[tuple[float, float, int, str]] = []
         for t in tickets:  # enqueue order: a direct request never overtakes a waiting one
@@ -832,8 +850,8 @@ class Ledger:
         self, since: float, until: float, now: float, add: Callable[[str, str, float], None]
     ) -> None:
         """What falls in ``[since, until)`` (less than an hour), from the raw history."""
-        for (name,) in self._db.execute(
-            "SELECT user FROM partitions WHERE created_at >= ? AND created_at < ?", (since, until)
+        for (name,) in self._db.execute(  # each partition's "created" event is at created_at
+            "SELECT user FROM events WHERE at >= ? AND at < ? AND kind = 'created'", (since, until)
         ):
             add(name, "created", 1)
         for row in self._db.execute(
@@ -844,11 +862,13 @@ class Ledger:
             r = _record(row)
             for key, value in _end_counts(r).items():
                 add(r.user, key, value)
+        # Ended partitions held in [since, until) ended after since, and before until plus
+        # the longest any partition was held: a window of the ended_at index.
         longest = self._meta_float("longest_held_s")
         for row in self._db.execute(
-            f"SELECT {_COLUMNS} FROM partitions WHERE starts_at >= ? AND starts_at < ? "
-            f"AND ended_at > ? AND NOT {_OPEN}",
-            (since - longest, until, since),
+            f"SELECT {_COLUMNS} FROM partitions WHERE ended_at > ? AND ended_at < ? "
+            f"AND NOT {_OPEN}",
+            (since, until + longest + 1.0),
         ):
             r = _record(row)
             add(r.user, "reserved_h", gpu_hours([r], since, until, now))

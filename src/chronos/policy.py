@@ -242,13 +242,7 @@ def earliest_fit(
     intervals: Sequence[Interval], nbytes: int, duration: float, not_before: float, capacity: int
 ) -> float | None:
     """The first moment from ``not_before`` on when ``nbytes`` fits for ``duration``."""
-    if nbytes > capacity:
-        return None
-    candidates = sorted({not_before} | {e for _, e, _, _ in intervals if e > not_before})
-    for t in candidates:
-        if peak_usage(intervals, t, t + duration) + nbytes <= capacity:
-            return t
-    return None
+    return Profile(intervals, not_before).fit(nbytes, duration, not_before, capacity)
 
 
 @dataclass(frozen=True)
@@ -376,8 +370,11 @@ def plan_queue(
             profile = profiles[w.device_uuid] = Profile(intervals.get(w.device_uuid, []), now)
         if n < depth:
             start = profile.fit(w.memory_bytes, w.duration_s, now, w.capacity_bytes)
-        else:
-            fits = profile.fits_now(w.memory_bytes, w.duration_s, now, w.capacity_bytes)
+        else:  # the profile starts at now: levels[0] is what is held now (a quick no)
+            room = w.capacity_bytes - w.memory_bytes
+            fits = profile.levels[0] <= room and profile.fits_now(
+                w.memory_bytes, w.duration_s, now, w.capacity_bytes
+            )
             start = now if fits else None
         if start is not None and start <= now:
             grant.append(w.id)
