@@ -1144,13 +1144,23 @@ class Ledger:
             args = (partition_id,)
         return [Attached(*row) for row in self._db.execute(sql, args).fetchall()]
 
-    def events(self, since: float | None = None, partition_id: str | None = None) -> list[Event]:
+    def events(
+        self,
+        since: float | None = None,
+        partition_id: str | None = None,
+        kinds: Sequence[str] | None = None,
+    ) -> list[Event]:
+        """Events in order; ``kinds`` filters in SQL (start-up reads only what it acts on,
+        not every event of the day)."""
         sql = "SELECT seq, at, kind, partition_id, uid, user, device_uuid, memory_bytes, detail "
         sql += "FROM events WHERE at >= ?"
         args: list[Any] = [since or 0.0]
         if partition_id:
             sql += " AND partition_id = ?"
             args.append(partition_id)
+        if kinds is not None:
+            sql += f" AND kind IN ({', '.join('?' * len(kinds))})"
+            args.extend(kinds)
         rows = self._db.execute(sql + " ORDER BY seq", args).fetchall()
         return [_event(row) for row in rows]
 

@@ -165,7 +165,7 @@ class Deadlines:
     def resume_kills(self, horizon_s: float = 86400.0) -> None:
         """After a restart: send the SIGKILLs a previous daemon had scheduled but not sent."""
         now = time.time()
-        for event in self.ledger.events(since=now - horizon_s):
+        for event in self.ledger.events(since=now - horizon_s, kinds=("terminated",)):
             detail = event.detail
             if event.kind != "terminated" or "kill_at" not in detail or not event.partition_id:
                 continue
