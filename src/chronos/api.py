@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
-from chronos.errors import AdmissionRefused, ChronosError, PartitionEnded, Timeout
+from chronos.errors import AdmissionRefused, BadRequest, ChronosError, PartitionEnded, Timeout
 from chronos.models import ACTIVE, BOOKED, EXPIRED, DeviceStats, PartitionRecord
 from chronos.transport import Transport, connect
 
@@ -286,7 +286,13 @@ class Partitioner:
         items: list[dict[str, Any]] = []
         after = None
         while True:
-            page = self._transport.call(op, limit=PAGE, after=after, **args)
+            try:
+                page = self._transport.call(op, limit=PAGE, after=after, **args)
+            except BadRequest as exc:
+                if after is not None or "unknown argument" not in str(exc):
+                    raise
+                legacy: list[dict[str, Any]] = self._transport.call(op, **args)
+                return legacy  # a daemon older than this client: it does not page
             items.extend(page["items"])
             after = page["next"]
             if after is None:
