@@ -186,15 +186,6 @@ def _peak(
     return peak
 
 
-def check_waiting(limits: Limits, user: str, waiting: int) -> None:
-    """Raise :class:`AdmissionRefused` if ``user`` may not queue one more request."""
-    if limits.max_waiting is not None and waiting >= limits.max_waiting:
-        raise _over(
-            "max_waiting",
-            f"{user} already has {waiting} waiting request(s), at most {limits.max_waiting}",
-        )
-
-
 def needs_history(limits: Limits) -> bool:
     """Whether checking ``limits`` needs the user's ended partitions (GPU-hour budgets)."""
     return limits.max_gpu_hours_day is not None or limits.max_gpu_hours_week is not None
