@@ -78,6 +78,10 @@ class Sampler:
         )
         self.sample_seconds = time.perf_counter() - t0
         self.last, self.last_at = found, time.time()
+        # Partitions that ended while the sample ran were already finished (on_ended):
+        # accounting them now would start a usage entry nobody ever finishes (a leak).
+        still_open = {r.id for r in ledger.running(self.last_at)}
+        records = [r for r in records if r.id in still_open]
         self._remove_ended_cgroups({r.id for r in records})
         # The hard cap's windows run on monotonic time: a wall-clock step is no "time over".
         for violation in self.watch.observe(time.monotonic(), records, found):
