@@ -24,6 +24,9 @@ DEFAULT_CONFIG = Path("/etc/chronos/config.toml")
 DEFAULT_MAX_DURATION_S = 7 * 86400.0
 DEFAULT_MAX_GRACE_S = 300.0
 DEFAULT_HISTORY_RETENTION_S = 90 * 86400.0
+MIN_HISTORY_RETENTION_S = 2 * 86400.0
+"""Never less: a restarted daemon re-sends scheduled SIGKILLs from recent events."""
+MAX_HISTORY_RETENTION_S = 10 * 366 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -275,10 +278,12 @@ _SUBSECOND_SETTINGS = {"sample_interval_s", "memory_grace_s", "grace_s", "max_gr
 that a partition (or a warning) must last."""
 
 
-def _duration(value: Any, where: str, minimum: float = 1.0) -> float:
+def _duration(
+    value: Any, where: str, minimum: float = 1.0, maximum: float = MAX_DURATION_S
+) -> float:
     """A duration setting; a bad one is named in the error (the message alone says not which)."""
     try:
-        return parse_duration(value, minimum=minimum)
+        return parse_duration(value, maximum, minimum=minimum)
     except BadRequest as exc:
         raise BadRequest(f"{where}: {exc}") from None
 
@@ -288,6 +293,8 @@ def _share(value: Any, where: str) -> float:
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
+    if name == "history_retention_s":  # years, not a partition's length; at least 2 days
+        return _duration(value, where, MIN_HISTORY_RETENTION_S, MAX_HISTORY_RETENTION_S)
     if name.endswith("_s"):
         return _duration(value, where, 0.001 if name in _SUBSECOND_SETTINGS else 1.0)
     if name == "warn_signal":

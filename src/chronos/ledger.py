@@ -1216,16 +1216,6 @@ class Ledger:
         rows = self._db.execute(sql + " ORDER BY seq", args).fetchall()
         return [_event(row) for row in rows]
 
-    def events_of_kind(self, kind: str, since: float) -> list[Event]:
-        """Events of one kind at or after ``since`` (a range on the ``at`` index, filtered in
-        SQL): what the daemon needs at start-up, without reading the whole history."""
-        rows = self._db.execute(
-            "SELECT seq, at, kind, partition_id, uid, user, device_uuid, memory_bytes, detail "
-            "FROM events WHERE at >= ? AND kind = ? ORDER BY seq",
-            (since, kind),
-        ).fetchall()
-        return [_event(row) for row in rows]
-
     def next_deadline(self) -> float | None:
         """The earliest ``expires_at`` (or ``starts_at`` of a booking) still to come."""
         row = self._db.execute(

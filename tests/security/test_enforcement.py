@@ -686,20 +686,12 @@ def test_start_up_reads_only_the_history_of_open_partitions(tmp_path: Path) -> N
     )
     asked: list[float | None] = []
     events = ledger.events
-    of_kind = getattr(ledger, "events_of_kind", None)  # absent before the fix
 
-    def recording(since: float | None = None, partition_id: str | None = None) -> Any:
+    def recording(since: float | None = None, partition_id: str | None = None, **kw: Any) -> Any:
         asked.append(since)
-        return events(since, partition_id)
-
-    def recording_kind(kind: str, since: float) -> Any:
-        asked.append(since)
-        assert of_kind is not None
-        return of_kind(kind, since)
+        return events(since, partition_id, **kw)
 
     ledger.events = recording  # type: ignore[method-assign]
-    if of_kind is not None:
-        ledger.events_of_kind = recording_kind  # type: ignore[method-assign]
 
     async def start() -> None:
         deadlines = Deadlines(ledger, lambda: 30.0)

@@ -121,7 +121,7 @@ class Deadlines:
         since = min(r.starts_at for r in due) - WARNED_SLACK_S
         return {
             e.partition_id
-            for e in self.ledger.events_of_kind("warned", since)
+            for e in self.ledger.events(since, kinds=("warned",))
             if e.partition_id in ids
         }
 
@@ -132,7 +132,7 @@ class Deadlines:
             return {}
         since = min(r.created_at for r in runs.values())
         out: dict[str, tuple[int, int | None]] = {}
-        for e in self.ledger.events_of_kind("supervised", since):
+        for e in self.ledger.events(since, kinds=("supervised",)):
             if e.partition_id in runs:
                 r = runs[e.partition_id]
                 out[r.id] = (int(e.detail["pid"]), r.owner_start)
@@ -368,7 +368,7 @@ class Deadlines:
         """
         now = self.clock.now()
         horizon = horizon_s if horizon_s is not None else self.max_grace_s() + 60.0
-        for event in self.ledger.events_of_kind("terminated", now - horizon):
+        for event in self.ledger.events(now - horizon, kinds=("terminated",)):
             detail = event.detail
             if "kill_at" not in detail or not event.partition_id:
                 continue
