@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from chronos_testing import TestUser
+from chronos_testing import _pick_python as pick_user_python
 from helpers import (
     GIB,
     MIB,
@@ -549,21 +552,24 @@ def shared_env(chronos_env: dict[str, str]) -> dict[str, str]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def run_as_nobody(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+@functools.cache
+def nobody() -> TestUser:
+    """``nobody``, with an interpreter it can run (the venv's, or a system one as fallback).
+
+    The venv's interpreter may live under a home directory other users cannot enter
+    (pyenv or conda under a 0700 home): then the same fallback the multi-user fixtures
+    use applies, and the test skips only if no interpreter can import chronos at all.
+    """
     import pwd
 
-    nobody = pwd.getpwnam("nobody")
-    return subprocess.run(
-        [sys.executable, "-m", "chronos.cli", *args],
-        env={**env, "HOME": "/"},
-        cwd="/",
-        user=nobody.pw_uid,
-        group=nobody.pw_gid,
-        extra_groups=[],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    entry = pwd.getpwnam("nobody")
+    probe = TestUser("nobody", entry.pw_uid, entry.pw_gid)
+    python, extra = pick_user_python(probe)
+    return TestUser("nobody", entry.pw_uid, entry.pw_gid, python, extra)
+
+
+def run_as_nobody(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return nobody().cli(*args, env=env)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second user")
