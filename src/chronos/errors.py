@@ -74,8 +74,12 @@ class DeviceError(ChronosError):
     exit_code = 9
 
 
-class Timeout(ChronosError):
-    """A wait (for capacity, for the daemon) ran out."""
+class Timeout(ChronosError, TimeoutError):
+    """A wait (for capacity, for the daemon) ran out.
+
+    Also a :class:`TimeoutError`, so ``except TimeoutError`` catches it as it
+    catches other libraries' timeouts.
+    """
 
     code = "timeout"
     exit_code = 10
