@@ -48,12 +48,9 @@ def start_timestamp(start: StartTime, now: float) -> float:
     else:
         raise BadRequest(f"start must be a datetime, a string or epoch seconds, not {start!r}")
     if at < now - START_SLACK_S:
-        from chronos.units import format_duration, local_clock
+        from chronos.units import local_clock
 
-        raise BadRequest(
-            f"start {local_clock(at)} is in the past ({format_duration(now - at)} ago); "
-            "leave it out to start now"
-        )
+        raise BadRequest(f"start {local_clock(at)} is in the past; leave it out to start now")
     return at
 
 
@@ -285,7 +282,7 @@ class Partitioner:
             timeout=timeout_seconds(timeout),
         )
         if "ticket" in result:
-            result = self._wait_for(result, on_wait)
+            result = self._wait_for(result, on_wait, timeout_seconds(timeout))
         partition = Partition(
             PartitionRecord.from_wire(result), self._transport, result.get("visible_env")
         )
@@ -297,7 +294,10 @@ class Partitioner:
         return partition
 
     def _wait_for(
-        self, status: dict[str, Any], on_wait: Callable[[dict[str, Any]], Any] | None
+        self,
+        status: dict[str, Any],
+        on_wait: Callable[[dict[str, Any]], Any] | None,
+        timeout: float | None = None,
     ) -> dict[str, Any]:
         """Poll a queued request until it is granted; leave the queue if interrupted."""
         ticket = status["ticket"]
@@ -311,7 +311,10 @@ class Partitioner:
                 self._transport.call("cancel", id=ticket)
             raise
         if status["state"] == "timeout":
-            raise Timeout(f"gave up waiting for GPU capacity ({status.get('reason')})")
+            from chronos.units import format_duration
+
+            after = "" if timeout is None else f" after {format_duration(timeout)}"
+            raise Timeout(f"timed out waiting for GPU capacity{after}; left the queue")
         if status["state"] != "granted":
             raise AdmissionRefused(
                 f"queued request {ticket} {status['state']}: {status.get('reason')}"

@@ -341,7 +341,8 @@ class Service:
         owner = procs.process_uid(pid)
         if owner != record.uid and not caller.is_admin:
             raise PermissionDenied(
-                f"process {pid} belongs to {procs.user_name(owner or -1)}, not to "
+                f"process {pid} belongs to "
+                f"{procs.user_name(owner) if owner is not None else 'an unknown user'}, not to "
                 f"{record.user}; only an administrator may attach it"
             )
         self.ledger.attach(id, pid, ticks, owner if owner is not None else -1, caller.uid)
@@ -361,7 +362,14 @@ class Service:
         extra = parse_duration(duration, self.config.max_duration_s)
         new_end = record.expires_at + extra
         if new_end - record.starts_at > self.config.max_duration_s:
-            raise BadRequest("that would make the partition longer than the maximum duration")
+            from chronos.errors import AdmissionRefused
+            from chronos.units import format_duration
+
+            raise AdmissionRefused(  # a limit, as the per-user max_duration: the same exit code
+                f"over the max_duration limit: the partition would last "
+                f"{format_duration(new_end - record.starts_at)}, at most "
+                f"{format_duration(self.config.max_duration_s)}"
+            )
         if not caller.is_admin:
             self._check_extension(record, new_end)
         capacity = self.config.reservable_bytes(record.device, record.device_total_bytes)
