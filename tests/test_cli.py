@@ -174,7 +174,9 @@ def test_create_list_release_across_processes(chronos_env: dict[str, str]) -> No
     assert 3500 < item["time_remaining"] <= 3600
 
     table = run_cli("list", env=chronos_env)
-    assert pid in table.stdout and "50.0%" in table.stdout and "40.0 GiB" in table.stdout
+    assert pid in table.stdout and "40.0 GiB" in table.stdout and "active" in table.stdout
+    shares = run_cli("list", "--format", "id,share", "--no-header", env=chronos_env)
+    assert shares.stdout.split() == [pid, "50%"]
 
     gone = run_cli("release", pid, env=chronos_env)
     assert gone.returncode == 0, gone.stderr
@@ -252,7 +254,7 @@ def test_expiry_after_short_duration(chronos_env: dict[str, str]) -> None:
     wait = parse_iso(p["expires_at"]).timestamp() - time.time()
     time.sleep(max(0.0, wait) + 0.05)
     assert cli_json("list", env=chronos_env) == []
-    assert run_cli("list", env=chronos_env).stdout.strip() == "no active partitions"
+    assert run_cli("list", env=chronos_env).stdout.strip() == "no active or booked partitions"
     (ended,) = cli_json("list", "--all", env=chronos_env)
     assert (ended["id"], ended["state"], ended["time_remaining"]) == (p["id"], "expired", 0)
     table = run_cli("list", "--all", env=chronos_env).stdout
@@ -338,6 +340,28 @@ BAD_INPUTS = [
     ("run", "--device", "7", "--memory", "0.1", "--duration", "60", "--", "true"),
     ("run", "--device", "x", "--memory", "0.1", "--duration", "60", "--", "true"),
     ("frobnicate",),
+    ("create", "0", "0.1", "1h", "--start", "2020-01-01T09:00"),
+    ("create", "0", "0.1", "1h", "--start", "09:00", "--repeat", "daily", "--until", "2020-01-01"),
+    ("create", "0", "0.1", "1m", "--warn", "2m"),
+    ("create", "0", "0.1", "1m", "--warn", "1m"),
+    ("stats", "--watch", "--interval", "0"),
+    ("stats", "--watch", "--interval", "-1"),
+    ("stats", "--device", "7"),
+    ("calendar", "--days", "0"),
+    ("calendar", "--days", "-1"),
+    ("calendar", "--days", "nan"),
+    ("stats", "--watch", "--interval", "inf"),
+    ("list", "--format", "id,bogus"),
+    ("list", "--state", "sleeping"),
+    ("list", "--me", "--user", "root"),
+    ("run", "--memory", "0.1", "--duration", "60", "--wiat", "--", "true"),
+    ("run", "--memory", "0.1", "--duration", "60", "--", "/nonexistent/program"),
+    ("run", "--memory", "0.1", "--duration", "60", "--", "no-such-cmd-xyz"),
+    ("run", "--memory", "0.1", "--", "true"),
+    ("run", "--reuse", "--", "true"),
+    ("events", "--id", "zzzz"),
+    ("get", "zzzz"),
+    ("cancel", "qzzz"),
 ]
 
 
@@ -349,9 +373,24 @@ def test_bad_input_is_one_line_and_changes_nothing(
     argv = [a.format(**populated) if a.startswith("{") else a for a in args]
     before = ledger_rows(env)
     proc = run_cli(*argv, env=env)
-    assert_one_line_error(proc)
+    if "--json" in argv:
+        assert_json_error(proc)
+    else:
+        assert_one_line_error(proc)
     assert proc.stdout == ""
     assert ledger_rows(env) == before
+
+
+def assert_json_error(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    """Under --json an error is one JSON object on stderr: code, message, exit code."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    (line,) = proc.stderr.splitlines()
+    error = json.loads(line)["error"]
+    assert set(error) == {"code", "message", "exit_code"}
+    assert error["exit_code"] == proc.returncode
+    assert error["message"] and "\n" not in error["message"]
+    return dict(error)
 
 
 def test_second_release_and_unknown_id_messages(populated: dict[str, Any]) -> None:
@@ -597,3 +636,451 @@ def test_second_user_shares_the_ledger_but_not_the_partitions(shared_env: dict[s
     assert "20.0 GiB free" in line
     # The administrator may end anyone's partition.
     assert cli_json("release", data["id"], env=shared_env)["state"] == "released"
+
+
+# ------------------------------------------------------------- help, exit codes
+
+
+@pytest.mark.parametrize("args", [(), ("config",)], ids=["chronos", "chronos config"])
+def test_no_subcommand_prints_help_and_succeeds(
+    chronos_env: dict[str, str], args: tuple[str, ...]
+) -> None:
+    proc = run_cli(*args, env=chronos_env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Usage: chronos")
+    assert "Commands:" in proc.stdout
+    assert proc.stderr == ""
+
+
+def test_run_checks_options_and_program_before_reserving(
+    chronos_env: dict[str, str], tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    before = ledger_rows(chronos_env)
+    # The issue's case: a mistyped option before -- used to be run as the command.
+    typo = run_cli(
+        "run",
+        "--memory",
+        "0.1",
+        "--duration",
+        "1m",
+        "--wiat",
+        "--",
+        "touch",
+        str(marker),
+        env=chronos_env,
+    )
+    assert typo.returncode == 125
+    assert "--wiat" in assert_one_line_error(typo)
+    missing = run_cli(
+        "run", "--memory", "0.1", "--duration", "1m", "--", "no-such-cmd-xyz", env=chronos_env
+    )
+    assert missing.returncode == 127
+    assert "no-such-cmd-xyz" in assert_one_line_error(missing)
+    script = tmp_path / "not-executable.sh"
+    script.write_text("#!/bin/sh\ntouch " + str(marker) + "\n")
+    plain = run_cli(
+        "run", "--memory", "0.1", "--duration", "1m", "--", str(script), env=chronos_env
+    )
+    assert plain.returncode == 126
+    assert "not executable" in assert_one_line_error(plain)
+    assert not marker.exists()
+    assert ledger_rows(chronos_env) == before  # nothing was reserved, not even briefly
+
+
+def test_run_exit_codes_do_not_collide(chronos_env: dict[str, str]) -> None:
+    own = run_cli(
+        "run", "--memory", "0.1", "--duration", "1m", "--", "sh", "-c", "exit 3", env=chronos_env
+    )
+    assert own.returncode == 3  # the command's status: AdmissionRefused's 3 elsewhere
+    create(chronos_env, "0", "0.95", "1h")
+    refused = run_cli("run", "--memory", "0.5", "--duration", "1m", "--", "true", env=chronos_env)
+    assert refused.returncode == 125
+    assert "free" in assert_one_line_error(refused)
+    plain = run_cli("create", "0", "0.5", "1m", env=chronos_env)
+    assert plain.returncode == 3  # other commands keep the documented codes
+
+
+def test_run_wait_queues_then_runs(chronos_env: dict[str, str]) -> None:
+    blocker = create(chronos_env, "0", "1.0", "2s")
+    proc = run_cli(
+        "run",
+        "--memory",
+        "0.5",
+        "--duration",
+        "1m",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        "echo $CHRONOS_PARTITION_ID",
+        env=chronos_env,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "waiting: position 1 in the queue" in proc.stderr
+    ran_in = proc.stdout.strip()
+    records = {r["id"]: r for r in cli_json("list", "--all", env=chronos_env)}
+    assert records[blocker["id"]]["state"] == "expired"
+    assert records[ran_in]["kind"] == "run" and records[ran_in]["state"] == "released"
+    assert parse_iso(records[ran_in]["starts_at"]) >= parse_iso(
+        records[blocker["id"]]["expires_at"]
+    )
+
+
+def test_run_wait_timeout_says_it_once(chronos_env: dict[str, str]) -> None:
+    create(chronos_env, "0", "1.0", "1h")
+    proc = run_cli("create", "0", "0.5", "1m", "--wait", "--timeout", "1s", env=chronos_env)
+    assert proc.returncode == 10
+    progress, line = proc.stderr.splitlines()
+    assert progress.startswith("waiting: position 1")
+    assert line.startswith("chronos: error: ")
+    assert line.count("timed out") == 1 and "waiting" in line
+    assert cli_json("queue", env=chronos_env) == []
+
+
+def test_nested_run_warns_and_reuse_runs_in_the_outer_partition(
+    chronos_env: dict[str, str],
+) -> None:
+    inner = f"{sys.executable} -m chronos.cli run"
+    nested = run_cli(
+        "run",
+        "--memory",
+        "0.1",
+        "--duration",
+        "1m",
+        "--",
+        "sh",
+        "-c",
+        f"{inner} --memory 0.1 --duration 1m -- true",
+        env=chronos_env,
+    )
+    assert nested.returncode == 0, nested.stderr
+    assert "warning: already inside partition" in nested.stderr and "--reuse" in nested.stderr
+    assert len(cli_json("list", "--all", env=chronos_env)) == 2  # a second share, as warned
+
+    reused = run_cli(
+        "run",
+        "--memory",
+        "0.1",
+        "--duration",
+        "1m",
+        "--",
+        "sh",
+        "-c",
+        f"echo outer $CHRONOS_PARTITION_ID; {inner} --reuse -- "
+        'sh -c "echo inner $CHRONOS_PARTITION_ID; exit 4"',
+        env=chronos_env,
+    )
+    assert reused.returncode == 4, reused.stderr
+    assert "warning" not in reused.stderr
+    words = reused.stdout.split()
+    assert words[0] == "outer" and words[2] == "inner" and words[1] == words[3]
+    assert len(cli_json("list", "--all", env=chronos_env)) == 3  # one more, not two
+
+
+def test_run_json_summary_goes_to_stderr_or_a_file(
+    chronos_env: dict[str, str], tmp_path: Path
+) -> None:
+    target = tmp_path / "summary.json"
+    proc = run_cli(
+        "run",
+        "--memory",
+        "0.1",
+        "--duration",
+        "1m",
+        "--json",
+        "--json-file",
+        str(target),
+        "--",
+        "echo",
+        "hello",
+        env=chronos_env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "hello\n"  # the command's output alone
+    summary = json.loads(proc.stderr)
+    assert summary["exit_code"] == 0 and summary["partition"]["state"] == "released"
+    assert json.loads(target.read_text()) == summary
+
+
+# -------------------------------------------------------------------- ids
+
+
+def _prefix(target: str, others: list[str]) -> str:
+    for n in range(1, len(target) + 1):
+        if sum(o.startswith(target[:n]) for o in others) == 1:
+            return target[:n]
+    raise AssertionError(target)
+
+
+def test_any_unique_prefix_works_everywhere(chronos_env: dict[str, str]) -> None:
+    made = [create(chronos_env, "1", "0.05", "1h")["id"] for _ in range(6)]
+    a, b, c = made[:3]
+    pa, pb, pc = (_prefix(i, made) for i in (a, b, c))
+    assert cli_json("get", pa, env=chronos_env)["id"] == a
+    extended = cli_json("extend", pa, "30m", env=chronos_env)
+    assert extended["id"] == a
+    attached = cli_json("attach", pa, str(os.getpid()), env=chronos_env)
+    assert attached == {"id": a, "pid": os.getpid()}
+    kinds = [e["kind"] for e in cli_json("events", "--id", pa, env=chronos_env)]
+    assert kinds == ["created", "extended", "attached"] or kinds[:2] == ["created", "extended"]
+    both = cli_json("release", pb, pc, env=chronos_env)
+    assert [r["id"] for r in both] == [b, c] and {r["state"] for r in both} == {"released"}
+    firsts = [i[0] for i in made]
+    shared = next((ch for ch in firsts if firsts.count(ch) > 1), None)
+    if shared is not None:
+        line = assert_one_line_error(run_cli("get", shared, env=chronos_env))
+        assert "ambiguous id" in line
+
+
+def test_release_several_ids_reports_each_failure(chronos_env: dict[str, str]) -> None:
+    good = create(chronos_env, "0", "0.1", "1h")["id"]
+    proc = run_cli("release", "deadbeef", good, "feedface", env=chronos_env)
+    assert proc.returncode == 4  # the first failure's code
+    assert f"released partition {good}" in proc.stdout
+    errors = proc.stderr.splitlines()
+    assert len(errors) == 2 and "deadbeef" in errors[0] and "feedface" in errors[1]
+    assert cli_json("list", env=chronos_env) == []
+
+
+def test_cancel_a_queued_request_from_another_shell(chronos_env: dict[str, str]) -> None:
+    create(chronos_env, "0", "1.0", "1h")
+    waiter = subprocess.Popen(
+        [sys.executable, "-m", "chronos.cli", "create", "0", "0.5", "1h", "--wait"],
+        env=chronos_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert "waiting" in readline_within(waiter.stderr, 15)  # type: ignore[arg-type]
+        (entry,) = cli_json("queue", env=chronos_env)
+        cancelled = run_cli("cancel", entry["ticket"][:4], env=chronos_env)
+        assert cancelled.returncode == 0, cancelled.stderr
+        assert entry["ticket"] in cancelled.stdout
+        assert waiter.wait(15) != 0
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+    assert "cancelled" in waiter.stderr.read()  # type: ignore[union-attr]
+    assert cli_json("queue", env=chronos_env) == []
+
+
+# -------------------------------------------------------------------- list
+
+
+def test_list_shows_start_state_and_filters(chronos_env: dict[str, str]) -> None:
+    now = create(chronos_env, "0", "0.25", "1h")["id"]
+    later = create(chronos_env, "1", "0.25", "1h", "--start", "+1d")["id"]
+    ended = create(chronos_env, "1", "0.1", "1h")["id"]
+    cli_json("release", ended, env=chronos_env)
+
+    lines = run_cli("list", env=chronos_env).stdout.splitlines()
+    header = lines[0].split()
+    assert header[:4] == ["ID", "GPU", "USER", "STATE"] and "START" in header
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert set(rows) == {now, later}
+    assert rows[now][3] == "active" and rows[later][3] == "booked"
+
+    def ids(*args: str) -> set[str]:
+        out = run_cli("list", "--format", "id", "--no-header", *args, env=chronos_env)
+        assert out.returncode == 0, out.stderr
+        return set(out.stdout.split())
+
+    assert ids("--device", "1") == {later}
+    assert ids("--state", "booked") == {later}
+    assert ids("--state", "released") == {ended}
+    assert ids("--state", "active", "--state", "released") == {now, ended}
+    assert ids("--me") == {now, later}
+    assert ids("--user", "nobody") == set()
+    assert ids("--all") == {now, later, ended}
+    empty = run_cli("list", "--user", "nobody", env=chronos_env)
+    assert empty.stdout.strip() == "no active or booked partitions match"
+    quiet = run_cli("list", "--user", "nobody", "--no-header", env=chronos_env)
+    assert quiet.stdout == ""
+
+
+def test_ended_partitions_show_their_end(chronos_env: dict[str, str]) -> None:
+    ended = create(chronos_env, "0", "0.1", "1h")
+    gone = cli_json("release", ended["id"], env=chronos_env)
+    out = run_cli("list", "--all", "--format", "end,remaining", "--no-header", env=chronos_env)
+    end_clock = datetime.fromisoformat(gone["ended_at"]).strftime("%m-%d %H:%M")
+    assert out.stdout.split() == [*end_clock.split(), "-"]
+
+
+def _too_wide(text: str, width: int = 80) -> list[str]:
+    return [line for line in text.splitlines() if len(line) > width]
+
+
+def test_tables_fit_80_columns(chronos_env: dict[str, str]) -> None:
+    import pwd
+
+    long_user = max((p.pw_name for p in pwd.getpwall()), key=len)
+    create(chronos_env, "0", "0.25", "1h")
+    create(chronos_env, "1", "512MiB", "3d", "--start", "+2d")
+    if os.geteuid() == 0:
+        create(chronos_env, "1", "0.1", "1h", "--user", long_user)
+    ended = create(chronos_env, "0", "0.1", "10m")
+    cli_json("release", ended["id"], env=chronos_env)
+    for args in (
+        ("list",),
+        ("list", "--all"),
+        ("stats",),
+        ("events",),
+        ("usage",),
+        ("calendar",),
+        ("calendar", "--days", "7"),
+        ("queue",),
+    ):
+        out = run_cli(*args, env=chronos_env)
+        assert out.returncode == 0, out.stderr
+        assert not _too_wide(out.stdout), (args, _too_wide(out.stdout))
+    # Sizes are right-aligned: the MEMORY column's values end where its header ends.
+    lines = run_cli("list", env=chronos_env).stdout.splitlines()
+    end = lines[0].index("MEMORY") + len("MEMORY")
+    assert all(line[end - 3 : end] == "GiB" or line[end - 3 : end] == "MiB" for line in lines[1:])
+
+
+def _on_a_terminal(args: list[str], env: dict[str, str]) -> str:
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chronos.cli", *args],
+        env=env,
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+    )
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    proc.wait(timeout=30)
+    os.close(leader)
+    return seen.decode()
+
+
+def test_colour_on_a_terminal_only_and_never_with_no_color(chronos_env: dict[str, str]) -> None:
+    create(chronos_env, "0", "0.6", "1h")
+    coloured = _on_a_terminal(["list"], chronos_env)
+    assert "\x1b[32m" in coloured  # active, in green
+    assert "\x1b[" not in _on_a_terminal(["list"], {**chronos_env, "NO_COLOR": "1"})
+    assert "\x1b[" not in run_cli("list", env=chronos_env).stdout  # not a terminal
+    assert "\x1b[" in _on_a_terminal(["stats"], chronos_env)
+    assert "\x1b[" not in _on_a_terminal(["stats"], {**chronos_env, "NO_COLOR": "1"})
+
+
+# -------------------------------------------------------------------- json
+
+
+def test_json_times_are_iso_everywhere(chronos_env: dict[str, str]) -> None:
+    p = create(chronos_env, "0", "1.0", "1h")
+    cli_json("extend", p["id"], "10m", env=chronos_env)
+    waiter = subprocess.Popen(
+        [sys.executable, "-m", "chronos.cli", "create", "0", "0.5", "1h", "--wait"],
+        env=chronos_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        readline_within(waiter.stderr, 15)  # type: ignore[arg-type]
+        (entry,) = cli_json("queue", env=chronos_env)
+        parse_iso(entry["enqueued_at"])
+        parse_iso(entry["estimated_start"])
+        cal = cli_json("calendar", env=chronos_env)
+        parse_iso(cal["queue"][0]["enqueued_at"])
+    finally:
+        waiter.kill()
+        waiter.wait()
+    (extended,) = [e for e in cli_json("events", env=chronos_env) if e["kind"] == "extended"]
+    parse_iso(extended["at"])
+    parse_iso(extended["detail"]["from"])
+    parse_iso(extended["detail"]["to"])
+
+
+def test_stats_json_names_mode_and_backend(chronos_env: dict[str, str]) -> None:
+    data = cli_json("stats", env=chronos_env)
+    assert {(d["mode"], d["backend"]) for d in data} == {("embedded", "simulated")}
+    (one,) = cli_json("stats", "--device", "1", env=chronos_env)
+    assert one["index"] == 1
+
+
+def test_stats_watch_json_is_one_object_per_refresh(chronos_env: dict[str, str]) -> None:
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "chronos.cli", "stats", "--watch", "--json", "--interval", "0.2"],
+        env=chronos_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        frames = [json.loads(readline_within(watch.stdout, 15)) for _ in range(3)]  # type: ignore[arg-type]
+    finally:
+        watch.send_signal(signal.SIGINT)
+        watch.communicate(timeout=20)
+    for frame in frames:
+        assert frame["mode"] == "embedded" and frame["backends"] == ["simulated"]
+        assert [d["index"] for d in frame["devices"]] == [0, 1]
+        parse_iso(frame["at"])
+    assert watch.returncode == 0
+
+
+# ---------------------------------------------------------- messages, docs
+
+
+def test_extend_refusal_names_the_maximum(chronos_env: dict[str, str]) -> None:
+    p = create(chronos_env, "0", "0.1", "1h")
+    proc = run_cli("extend", p["id"], "7d", env=chronos_env)
+    line = assert_one_line_error(proc)
+    assert "at most 7d" in line and proc.returncode == 3
+
+
+def test_confirmation_echoes_how_input_was_read(chronos_env: dict[str, str]) -> None:
+    out = run_cli("create", "0", "512MiB", "3600", env=chronos_env)
+    assert out.returncode == 0, out.stderr
+    assert "3600 → 1h (a bare number is seconds)" in out.stdout
+    assert "512MiB → 512.0 MiB" in out.stdout
+
+
+def test_man_page_is_made_from_the_cli(chronos_env: dict[str, str], tmp_path: Path) -> None:
+    page = run_cli("man", env=chronos_env)
+    assert page.returncode == 0, page.stderr
+    text = page.stdout
+    assert text.startswith(".TH CHRONOS 1")
+    for command in ("create", "run", "list", "release", "cancel", "stats"):
+        assert f".SS chronos {command}" in text
+    assert "\\-\\-reuse" in text and ".B 125" in text
+    wrote = run_cli("man", "--output", str(tmp_path), env=chronos_env)
+    assert wrote.returncode == 0 and (tmp_path / "chronos.1").read_text() == text
+    if shutil.which("man"):
+        rendered = subprocess.run(
+            ["man", "-l", str(tmp_path / "chronos.1")],
+            capture_output=True,
+            text=True,
+            env={**chronos_env, "MANPAGER": "cat"},
+        )
+        assert "chronos run" in rendered.stdout
+
+
+def test_shell_completion_offers_partition_ids(chronos_env: dict[str, str]) -> None:
+    made = create(chronos_env, "0", "0.1", "1h")["id"]
+    script = run_cli(env={**chronos_env, "_CHRONOS_COMPLETE": "bash_source"})
+    assert script.returncode == 0 and "complete" in script.stdout
+    env = {
+        **chronos_env,
+        "_CHRONOS_COMPLETE": "bash_complete",
+        "COMP_WORDS": f"chronos release {made[:2]}",
+        "COMP_CWORD": "2",
+    }
+    offered = run_cli(env=env)
+    assert f"plain,{made}" in offered.stdout.splitlines()  # click's bash protocol: type,value

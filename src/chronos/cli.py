@@ -40,6 +40,15 @@ MIN_WATCH_INTERVAL_S = 0.2
 MAX_CALENDAR_DAYS = 366.0
 
 
+def finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """Refuse NaN and infinity, which click's FloatRange lets through."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 def _client() -> Partitioner:
     from chronos.api import Partitioner
 
@@ -435,6 +444,7 @@ def _exit_for(failures: list[tuple[str, ChronosError]]) -> None:
     default=1.0,
     show_default=True,
     type=click.FloatRange(min=0, max=MAX_CALENDAR_DAYS, min_open=True),
+    callback=finite,
     help="How far ahead to show (more than 0, at most a year).",
 )
 @json_option
@@ -771,6 +781,7 @@ def events(since: str | None, partition_id: str | None, as_json: bool) -> None:
     default=1.0,
     show_default=True,
     type=click.FloatRange(min=MIN_WATCH_INTERVAL_S),
+    callback=finite,
     help=f"Seconds between refreshes (at least {MIN_WATCH_INTERVAL_S}).",
 )
 @json_option
