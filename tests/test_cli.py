@@ -12,12 +12,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from chronos_testing import TestUser
+from chronos_testing import TestUser, daemons
 from chronos_testing import _pick_python as pick_user_python
 from helpers import (
     GIB,
@@ -631,6 +632,9 @@ def test_second_user_shares_the_ledger_but_not_the_partitions(shared_env: dict[s
     assert theirs.returncode == 0, theirs.stderr
     data = json.loads(theirs.stdout)
     assert data["user"] == "nobody"
+    # Root's process is named as root's (root's uid 0 once read as "no owner": -1).
+    foreign = assert_one_line_error(run_as_nobody("attach", data["id"], "1", env=shared_env))
+    assert "process 1 belongs to root" in foreign
     # Admission counts both users' partitions.
     line = assert_one_line_error(run_cli("create", "0", "0.5", "1h", env=shared_env))
     assert "20.0 GiB free" in line
@@ -1084,3 +1088,83 @@ def test_shell_completion_offers_partition_ids(chronos_env: dict[str, str]) -> N
     }
     offered = run_cli(env=env)
     assert f"plain,{made}" in offered.stdout.splitlines()  # click's bash protocol: type,value
+
+
+# ------------------------------------------------- through a real daemon
+
+
+@pytest.fixture(scope="module")
+def daemon_env() -> Iterator[dict[str, str]]:
+    """A running chronosd (simulated GPUs) shared by this module's daemon-mode tests."""
+    with daemons() as make:
+        yield make().env
+
+
+FULL_CLI = "import sys; from chronos.cli import main; sys.exit(main(sys.argv[1:], fast_path=False))"
+FAST_CLI = (
+    "import sys; from chronos.cli_fast import main; code = main(); "
+    "print(sorted(m for m in ('click', 'chronos.api', 'chronos.service', 'chronos.ledger') "
+    "if m in sys.modules), file=sys.stderr); sys.exit(code)"
+)
+
+
+def _python(code: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=30
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("list",),
+        ("list", "--all"),
+        ("list", "--no-header"),
+        ("list", "--json"),
+        ("stats",),
+        ("stats", "--json"),
+    ],
+    ids=" ".join,
+)
+def test_fast_path_prints_what_the_full_cli_prints(
+    daemon_env: dict[str, str], args: tuple[str, ...]
+) -> None:
+    ids = [cli_json("create", "0", "0.1", "1h", env=daemon_env)["id"] for _ in range(2)]
+    cli_json("release", ids[1], env=daemon_env)
+    try:
+        fast = _python(FAST_CLI, *args, env=daemon_env)
+        full = _python(FULL_CLI, *args, env=daemon_env)
+        assert fast.returncode == full.returncode == 0, (fast.stderr, full.stderr)
+        assert fast.stderr.strip() == "[]"  # neither click nor the API nor the ledger loaded
+        if "--json" in args and args[0] == "list":
+            assert without_remaining(json.loads(fast.stdout)) == without_remaining(
+                json.loads(full.stdout)
+            )
+        else:
+            assert _minutes_only(fast.stdout) == _minutes_only(full.stdout)
+    finally:
+        run_cli("release", ids[0], env=daemon_env)
+
+
+def _minutes_only(text: str) -> str:
+    """A table without the ticking REMAINING seconds (the two runs are a moment apart)."""
+    return re.sub(r"\b\d+m\d+s\b|\b\d+s\b", "<span>", text)
+
+
+def test_anything_else_takes_the_full_cli(daemon_env: dict[str, str]) -> None:
+    for args in (("list", "--me"), ("list", "--bogus"), ("stats", "--device", "0"), ("queue",)):
+        proc = _python(FAST_CLI, *args, env=daemon_env)
+        assert "'click'" in proc.stderr, (args, proc.stderr)
+    bogus = _python(FAST_CLI, "list", "--bogus", env=daemon_env)
+    assert bogus.returncode == 2 and "chronos: error: No such option" in bogus.stderr
+
+
+def test_prefixes_and_json_errors_through_the_daemon(daemon_env: dict[str, str]) -> None:
+    made = cli_json("create", "1", "0.1", "1h", env=daemon_env)["id"]
+    others = [r["id"] for r in cli_json("list", "--all", env=daemon_env)]
+    prefix = _prefix(made, others)
+    assert cli_json("get", prefix, env=daemon_env)["id"] == made
+    assert cli_json("release", prefix, env=daemon_env)["state"] == "released"
+    again = run_cli("release", made, "--json", env=daemon_env)
+    error = assert_json_error(again)
+    assert error["code"] == "ended" and again.returncode == 6

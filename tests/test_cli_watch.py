@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pty
+import shutil
 import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 
 def test_watch_redraws_until_interrupted(chronos_env: dict[str, str]) -> None:
@@ -51,3 +55,56 @@ def test_watch_clears_the_screen_on_a_terminal(chronos_env: dict[str, str]) -> N
     assert seen.count(b"\x1b[H\x1b[2J") >= 2  # redrawn in place, like watch(1)
     assert b"Simulated GPU 1" in seen
     assert watch.returncode == 0
+
+
+# --------------------------------------------------- the --wait progress line
+
+
+class FakeStderr(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def _status(position: int, est: float | None, blockers: list[str]) -> dict[str, object]:
+    return {"position": position, "estimated_start": est, "waiting_for": blockers}
+
+
+def test_wait_line_off_a_terminal_prints_only_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from chronos.cli import WaitDisplay
+
+    err = FakeStderr(tty=False)
+    monkeypatch.setattr(sys, "stderr", err)
+    display = WaitDisplay(quiet=False)
+    est = time.time() + 7200
+    for _ in range(50):  # fifty polls of an unchanged queue: one line, not fifty
+        display(_status(2, est, ["aaaa0001"]))
+    display(_status(1, est, ["aaaa0001"]))  # moved up
+    display(_status(1, est, ["aaaa0001"]))
+    display(_status(1, est + 600, ["aaaa0001"]))  # the estimate moved
+    display(_status(1, est + 600, ["aaaa0001", "bbbb0002"]))  # another blocker
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 4, lines
+    assert lines[0].startswith("waiting: position 2 in the queue, for aaaa0001")
+    assert "\r" not in err.getvalue() and "\x1b" not in err.getvalue()
+
+
+def test_wait_line_on_a_terminal_fits_its_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    from chronos.cli import WaitDisplay
+
+    err = FakeStderr(tty=True)
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(
+        shutil, "get_terminal_size", lambda fallback=(80, 24): os.terminal_size((60, 24))
+    )
+    display = WaitDisplay(quiet=False)
+    for n in range(3):
+        display(_status(1, time.time() + 3600 + n, ["aaaa0001", "bbbb0002", "cccc0003"]))
+    display.done()
+    frames = err.getvalue().split("\r\x1b[K")
+    assert frames[0] == "" and frames[-1] == ""  # redrawn in place, cleared at the end
+    assert all(len(f) <= 59 for f in frames)  # never wraps: at most width - 1
+    assert "\n" not in err.getvalue()
