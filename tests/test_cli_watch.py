@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import pty
-import shutil
 import signal
 import subprocess
 import sys
@@ -97,9 +96,7 @@ def test_wait_line_on_a_terminal_fits_its_width(monkeypatch: pytest.MonkeyPatch)
 
     err = FakeStderr(tty=True)
     monkeypatch.setattr(sys, "stderr", err)
-    monkeypatch.setattr(
-        shutil, "get_terminal_size", lambda fallback=(80, 24): os.terminal_size((60, 24))
-    )
+    monkeypatch.setenv("COLUMNS", "60")
     display = WaitDisplay(quiet=False)
     for n in range(3):
         display(_status(1, time.time() + 3600 + n, ["aaaa0001", "bbbb0002", "cccc0003"]))

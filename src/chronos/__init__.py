@@ -11,10 +11,10 @@ for the API, the transport and the models before they need them.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
-
+TYPE_CHECKING = False  # not typing's: importing typing alone costs the CLI milliseconds
 if TYPE_CHECKING:
+    from typing import Any
+
     from chronos.api import Partition, Partitioner
     from chronos.errors import (
         AdmissionRefused,
@@ -74,7 +74,7 @@ def __getattr__(name: str) -> Any:
     source = _SOURCES.get(name)
     if source is None:
         raise AttributeError(f"module 'chronos' has no attribute {name!r}")
-    value = getattr(import_module(source), name)
+    value = getattr(__import__(source, fromlist=[name]), name)
     globals()[name] = value  # later look-ups skip this function
     return value
 

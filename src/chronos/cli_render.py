@@ -15,13 +15,16 @@ without importing either.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 import zlib
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import IO, Any
+
+# No typing, dataclasses, shutil or collections here: each costs milliseconds of start-up
+# that the fast path of `chronos list` would pay on every run.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import IO, Any
 
 DEFAULT_WIDTH = 80
 
@@ -106,21 +109,34 @@ def load_colour(fraction: float) -> str:
 # ---------------------------------------------------------------------- table
 
 
-@dataclass(frozen=True)
 class Column:
-    header: str
-    right: bool = False
-    """Right-align (sizes, numbers, durations)."""
-    squeeze: bool = False
-    """May be cut to fit the width (free text: user names, commands)."""
-    min_width: int = 4
+    """A table column: its header, alignment, and whether it may be cut to fit."""
+
+    __slots__ = ("header", "right", "squeeze", "min_width")
+
+    def __init__(
+        self, header: str, right: bool = False, squeeze: bool = False, min_width: int = 4
+    ) -> None:
+        self.header = header
+        self.right = right
+        """Right-align (sizes, numbers, durations)."""
+        self.squeeze = squeeze
+        """May be cut to fit the width (free text: user names, commands)."""
+        self.min_width = min_width
 
 
 def terminal_width(stream: IO[str] | None = None) -> int:
+    """The terminal's width ($COLUMNS first, as shutil has it); 80 off a terminal."""
     stream = stream or sys.stdout
-    if getattr(stream, "isatty", lambda: False)():
-        return shutil.get_terminal_size((DEFAULT_WIDTH, 24)).columns
-    return DEFAULT_WIDTH
+    if not getattr(stream, "isatty", lambda: False)():
+        return DEFAULT_WIDTH
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or DEFAULT_WIDTH
+    except (OSError, ValueError, AttributeError):
+        return DEFAULT_WIDTH
 
 
 def fit(text: str, width: int) -> str:

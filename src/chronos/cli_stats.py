@@ -8,10 +8,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
 
 from chronos import cli_render as render
+
+TYPE_CHECKING = False  # typing and collections stay unimported on the fast path
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
 
 
 def select(data: dict[str, Any], devices: Sequence[int]) -> list[dict[str, Any]]:
