@@ -22,7 +22,13 @@ from chronos.api import Partition, Partitioner
 from chronos.attribution import MARKER
 from chronos.devices import Machine
 from chronos.enforcement import MemoryWatch, Violation
-from chronos.errors import BadRequest, ChronosError, CommandNotRunnable, PartitionEnded
+from chronos.errors import (
+    BadRequest,
+    ChronosError,
+    CommandNotRunnable,
+    PartitionEnded,
+    PermissionDenied,
+)
 from chronos.models import ProcessUse
 from chronos.units import format_bytes, format_duration, local_clock
 
@@ -73,11 +79,18 @@ def reuse_partition(outer: str | None, program: str, command: Sequence[str]) -> 
         raise BadRequest("--reuse: not inside a partition (CHRONOS_PARTITION_ID is not set)")
     client = Partitioner()
     try:
-        partition = client.get(outer)
-        if partition.record.state_at(time.time()) != "active":
-            raise PartitionEnded(f"partition {outer} is {partition.record.state_at(time.time())}")
+        record = client.get(outer).record
     finally:
         client.close()
+    state = record.state_at(time.time())
+    if state != "active":
+        raise PartitionEnded(f"--reuse: partition {record.id} is {state}, not active")
+    if record.uid != os.getuid() and os.getuid() != 0:
+        # The variable is the caller's to set: it names a partition, it does not grant one.
+        raise PermissionDenied(
+            f"--reuse: partition {record.id} belongs to {record.user}; a command runs only "
+            "in a partition of its own user"
+        )
     sys.stdout.flush()
     os.execv(program, list(command))
 
