@@ -1050,10 +1050,14 @@ def test_extend_refusal_names_the_maximum(chronos_env: dict[str, str]) -> None:
 
 
 def test_confirmation_echoes_how_input_was_read(chronos_env: dict[str, str]) -> None:
-    out = run_cli("create", "0", "512MiB", "3600", env=chronos_env)
+    out = run_cli("create", "0", "2G", "3600", env=chronos_env)
     assert out.returncode == 0, out.stderr
     assert "3600 → 1h (a bare number is seconds)" in out.stdout
-    assert "512MiB → 512.0 MiB" in out.stdout
+    (made,) = cli_json("list", env=chronos_env)
+    shown = f"{made['memory_bytes'] / GIB:.1f} GiB"  # 2.0 GiB (Slurm, Docker) or 1.9 (GB)
+    assert f"2G → {shown}" in out.stdout
+    explicit = run_cli("create", "1", "512MiB", "1h", env=chronos_env)
+    assert "→" not in explicit.stdout  # nothing to explain: no bare number, a binary unit
 
 
 def test_man_page_is_made_from_the_cli(chronos_env: dict[str, str], tmp_path: Path) -> None:

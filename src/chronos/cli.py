@@ -96,7 +96,7 @@ def interpretation(memory: str, duration: str, record: PartitionRecord) -> str:
         length = record.expires_at - record.starts_at
         notes.append(f"{text} → {render.span(length)} (a bare number is seconds)")
     mem = memory.strip()
-    if mem[-1:].isalpha():  # a size, not a fraction or a percent
+    if mem[-1:].isalpha() and not mem.lower().endswith("ib"):  # 40G, 40GB: say which it was
         notes.append(f"{mem} → {render.size(record.memory_bytes)}")
     return "; ".join(notes)
 
