@@ -314,7 +314,7 @@ class Partitioner:
             from chronos.units import format_duration
 
             after = "" if timeout is None else f" after {format_duration(timeout)}"
-            raise Timeout(f"timed out waiting for GPU capacity{after}; left the queue")
+            raise Timeout(f"gave up waiting for GPU capacity{after}; left the queue")
         if status["state"] != "granted":
             raise AdmissionRefused(
                 f"queued request {ticket} {status['state']}: {status.get('reason')}"

@@ -392,7 +392,7 @@ def queue(as_json: bool) -> None:
         ]
         for q in items
     ]
-    click.echo(render.table(columns, rows, width=render.terminal_width()))
+    click.echo(render.table(columns, rows, width=render.table_width()))
 
 
 @cli.command()
@@ -488,10 +488,9 @@ def usage(since: str, user: str | None, as_json: bool) -> None:
     if not rows:
         click.echo("no usage in that period")
         return
-    # Two-line headers would not suit awk; short ones keep the table in 80 columns.
     columns = [
         render.Column("USER", squeeze=True),
-        render.Column("GPU-H RES", right=True),
+        render.Column("GPU-H RESERVED", right=True),
         render.Column("GPU-H USED", right=True),
         render.Column("CREATED", right=True),
         render.Column("RELEASED", right=True),
@@ -512,8 +511,8 @@ def usage(since: str, user: str | None, as_json: bool) -> None:
         ]
         for r in rows
     ]
-    click.echo(render.table(columns, body, width=render.terminal_width()))
-    click.echo("RELEASED: released early; KILLED: stopped for exceeding their memory")
+    click.echo(render.table(columns, body, width=render.table_width()))
+    click.echo("RELEASED: released early; KILLED: stopped for holding more than their memory")
 
 
 # --------------------------------------------------------------------- config
@@ -648,7 +647,7 @@ def print_list(
             columns,
             header=header,
             colour=render.use_colour(),
-            width=render.terminal_width(),
+            width=render.table_width(),
         )
     )
 
@@ -765,7 +764,7 @@ def events(since: str | None, partition_id: str | None, as_json: bool) -> None:
         ]
         for e in items
     ]
-    click.echo(render.table(columns, rows, width=render.terminal_width()))
+    click.echo(render.table(columns, rows, width=render.table_width()))
 
 
 # ---------------------------------------------------------------------- stats

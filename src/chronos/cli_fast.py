@@ -130,7 +130,7 @@ def _list(client: DaemonClient, show_all: bool, no_header: bool) -> int:
             now,
             header=not no_header,
             colour=render.use_colour(),
-            width=render.terminal_width(),
+            width=render.table_width(),
         )
     )
     return 0

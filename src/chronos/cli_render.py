@@ -139,6 +139,18 @@ def terminal_width(stream: IO[str] | None = None) -> int:
         return DEFAULT_WIDTH
 
 
+def table_width(stream: IO[str] | None = None) -> int | None:
+    """How wide a table may be: the terminal's width, or no limit off a terminal.
+
+    A pipe or a file does not wrap, and a script grepping for a long user name or an
+    event's whole detail must find it: only what a person reads is cut to fit.
+    """
+    stream = stream or sys.stdout
+    if not getattr(stream, "isatty", lambda: False)():
+        return None
+    return terminal_width(stream)
+
+
 def fit(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(1, width - 1)] + "…"
 

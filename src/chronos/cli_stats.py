@@ -64,7 +64,7 @@ def render_stats(
         render.Column("PARTS", right=True),
         render.Column("UTIL", right=True),
     ]
-    width = render.terminal_width()
+    width = render.table_width()
     out = [header, ""]
     chosen = select(data, devices)
     rows, colours = [], []
@@ -98,7 +98,9 @@ def render_stats(
     return "\n".join(out)
 
 
-def _process_lines(d: dict[str, Any], per_process: bool, width: int, colour: bool) -> list[str]:
+def _process_lines(
+    d: dict[str, Any], per_process: bool, width: int | None, colour: bool
+) -> list[str]:
     """The processes holding a GPU's memory, indented under its row."""
     if not per_process:
         return ["    (per-process GPU memory is not available on this GPU)"]
@@ -132,7 +134,8 @@ def _process_lines(d: dict[str, Any], per_process: bool, width: int, colour: boo
         ]
         for p in procs
     ]
-    text = render.table(columns, rows, width=width - 4, colours=colours if colour else None)
+    inner = None if width is None else width - 4
+    text = render.table(columns, rows, width=inner, colours=colours if colour else None)
     return ["    " + line for line in text.split("\n")]
 
 
