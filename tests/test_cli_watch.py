@@ -1,10 +1,11 @@
-"""``chronos stats --watch``: redraws until interrupted, in place on a terminal."""
+"""``chronos stats --watch``, the `--wait` progress line and the tables they are drawn with."""
 
 from __future__ import annotations
 
 import io
 import os
 import pty
+import re
 import signal
 import subprocess
 import sys
@@ -105,3 +106,52 @@ def test_wait_line_on_a_terminal_fits_its_width(monkeypatch: pytest.MonkeyPatch)
     assert frames[0] == "" and frames[-1] == ""  # redrawn in place, cleared at the end
     assert all(len(f) <= 59 for f in frames)  # never wraps: at most width - 1
     assert "\n" not in err.getvalue()
+
+
+# ------------------------------------------------------------- table rendering
+
+
+def test_spans_use_their_two_largest_units() -> None:
+    from chronos.cli_render import span
+
+    cases = {
+        0: "0s",
+        0.4: "0s",
+        42: "42s",
+        60: "1m",
+        61: "1m1s",
+        3599: "59m59s",
+        3600: "1h",
+        5400: "1h30m",
+        5401: "1h30m",
+        86400: "1d",
+        90061: "1d1h",
+        7 * 86400: "7d",
+        -5: "0s",
+    }
+    assert {k: span(k) for k in cases} == cases
+
+
+def test_tables_cut_free_text_and_keep_alignment() -> None:
+    from chronos.cli_render import Column, table
+
+    columns = [Column("ID"), Column("USER", squeeze=True), Column("MEMORY", right=True)]
+    rows = [["a1", "a-very-long-user-name-indeed", "40.0 GiB"], ["b2", "bo", "512.0 MiB"]]
+    text = table(columns, rows, width=30)
+    lines = text.splitlines()
+    assert all(len(line) <= 30 for line in lines)
+    assert "…" in lines[1]  # the user name was cut, not the size
+    assert lines[1].endswith(" 40.0 GiB") and lines[2].endswith("512.0 MiB")
+    assert table(columns, rows, width=None).splitlines()[1].split()[1] == rows[0][1]
+    assert table(columns, rows, header=False).splitlines()[0].startswith("a1")
+
+
+def test_colour_codes_do_not_shift_columns() -> None:
+    from chronos.cli_render import Column, table
+
+    columns = [Column("STATE"), Column("N", right=True)]
+    rows = [["active", "1"], ["booked", "22"]]
+    plain = table(columns, rows)
+    painted = table(columns, rows, colours=[["green", None], ["cyan", None]])
+    assert plain != painted
+    assert re.sub(r"\x1b\[[0-9;]*m", "", painted) == plain

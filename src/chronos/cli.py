@@ -731,7 +731,12 @@ def event_json(e: dict[str, Any]) -> dict[str, Any]:
 
 @cli.command()
 @click.option("--since", help="Only events newer than this (e.g. 1h, 7d).")
-@click.option("--id", "partition_id", help="Only events of this partition (or an id prefix).")
+@click.option(
+    "--id",
+    "partition_id",
+    shell_complete=partition_ids,
+    help="Only events of this partition (or an id prefix).",
+)
 @json_option
 def events(since: str | None, partition_id: str | None, as_json: bool) -> None:
     """Show the ledger's history (created, released, expired, refused …)."""
