@@ -57,6 +57,15 @@ def measure(
     return timed
 
 
+def _revision(src: Path) -> str:
+    import subprocess
+
+    proc = subprocess.run(
+        ["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    return proc.stdout.strip() or "unknown"
+
+
 def main() -> int:
     parser = C.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=40)
@@ -97,6 +106,16 @@ def main() -> int:
                 f"partitions, {args.runs} interleaved runs each; the last column is the "
                 "ratio of p50s to `python -c pass` measured in the same run (target: 3x).",
                 C.md_table(headers, rows),
+                *(
+                    [
+                        f"baseline: the tree at `{args.baseline}` "
+                        f"(commit {_revision(args.baseline)}), run through its own entry point "
+                        "`chronos.cli:main`; this tree through "
+                        "`chronos.cli_fast:main`, the console script's."
+                    ]
+                    if args.baseline is not None
+                    else []
+                ),
                 C.machine_markdown(info, {"other load": f"{busy:.0%} of the CPUs"}),
             ]
         )
