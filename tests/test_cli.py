@@ -1048,11 +1048,15 @@ def test_stats_watch_json_is_one_object_per_refresh(chronos_env: dict[str, str])
 # ---------------------------------------------------------- messages, docs
 
 
-def test_extend_refusal_names_the_maximum(chronos_env: dict[str, str]) -> None:
+def test_limit_refusals_name_the_maximum_and_share_one_code(chronos_env: dict[str, str]) -> None:
     p = create(chronos_env, "0", "0.1", "1h")
-    proc = run_cli("extend", p["id"], "7d", env=chronos_env)
-    line = assert_one_line_error(proc)
-    assert "at most 7d" in line and proc.returncode == 3
+    extend = run_cli("extend", p["id"], "7d", env=chronos_env)
+    line = assert_one_line_error(extend)
+    assert "over the max_duration limit" in line and "7d1h asked, at most 7d" in line
+    too_long = run_cli("create", "0", "0.1", "8d", env=chronos_env)
+    line = assert_one_line_error(too_long)
+    assert "over the max_duration limit: 8d asked, at most 7d" in line
+    assert extend.returncode == too_long.returncode == 3  # as every quota refusal
 
 
 def test_confirmation_echoes_how_input_was_read(chronos_env: dict[str, str]) -> None:
