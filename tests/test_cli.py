@@ -255,7 +255,7 @@ def test_expiry_after_short_duration(chronos_env: dict[str, str]) -> None:
     wait = parse_iso(p["expires_at"]).timestamp() - time.time()
     time.sleep(max(0.0, wait) + 0.05)
     assert cli_json("list", env=chronos_env) == []
-    assert run_cli("list", env=chronos_env).stdout.strip() == "no active or booked partitions"
+    assert run_cli("list", env=chronos_env).stdout.strip() == "no active partitions"
     (ended,) = cli_json("list", "--all", env=chronos_env)
     assert (ended["id"], ended["state"], ended["time_remaining"]) == (p["id"], "expired", 0)
     table = run_cli("list", "--all", env=chronos_env).stdout
@@ -902,7 +902,7 @@ def test_list_shows_start_state_and_filters(chronos_env: dict[str, str]) -> None
     assert ids("--user", "nobody") == set()
     assert ids("--all") == {now, later, ended}
     empty = run_cli("list", "--user", "nobody", env=chronos_env)
-    assert empty.stdout.strip() == "no active or booked partitions match"
+    assert empty.stdout.strip() == "no active partitions match"
     quiet = run_cli("list", "--user", "nobody", "--no-header", env=chronos_env)
     assert quiet.stdout == ""
 

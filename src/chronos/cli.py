@@ -637,7 +637,7 @@ def print_list(
         return
     if not records:
         if header:  # a script that asked for no header wants no chatter either
-            what = "partitions" if show_all else "active or booked partitions"
+            what = "partitions" if show_all else "active partitions"
             click.echo(f"no {what}" + (" match" if any_filter else ""))
         return
     click.echo(

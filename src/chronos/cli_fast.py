@@ -122,7 +122,7 @@ def _list(client: DaemonClient, show_all: bool, no_header: bool) -> int:
     now = time.time()
     if not records:
         if not no_header:
-            _out("no partitions" if show_all else "no active or booked partitions")
+            _out("no partitions" if show_all else "no active partitions")
         return 0
     _out(
         render.render_list(
