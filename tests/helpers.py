@@ -85,12 +85,20 @@ def ledger_rows(env: dict[str, str]) -> tuple[list[tuple[Any, ...]], list[tuple[
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    """A user error: non-zero exit, one 'chronos: error:' line on stderr, no traceback."""
+    """A user error: non-zero exit, one 'chronos: error:' line on stderr, no traceback.
+
+    Under ``--json`` the one line is ``{"error": {"code", "message", "exit_code"}}``;
+    then the message is returned in the plain form, so callers check it alike.
+    """
     assert proc.returncode != 0, f"expected failure, got success: {proc.stdout!r}"
     assert "Traceback" not in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stdout, proc.stdout
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
+    if lines[0].startswith("{"):
+        error = json.loads(lines[0])["error"]
+        assert error["exit_code"] == proc.returncode, lines[0]
+        return f"chronos: error: {error['message']}"
     assert lines[0].startswith("chronos: error:"), lines[0]
     return lines[0]
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 from helpers import SIM_GPU_BYTES
@@ -114,15 +117,136 @@ def test_exception_in_block_still_releases(client: Partitioner) -> None:
     assert p.state == RELEASED
 
 
-def test_release_twice_raises_partition_ended(client: Partitioner) -> None:
+def test_release_twice_is_harmless(client: Partitioner) -> None:
     p = client.create(device=0, memory=0.1, duration=60)
     p.release()
+    p.release()  # a second release (or one after expiry) has nothing left to do
+    assert p.state == RELEASED
+    # Releasing by id is a command about that id: an ended one is still an error.
     with pytest.raises(PartitionEnded) as info:
-        p.release()
+        client.release(p.id)
     assert isinstance(info.value, ChronosError)
     assert p.id in str(info.value)
-    with pytest.raises(PartitionEnded):
-        client.release(p.id)
+
+
+def test_release_after_expiry_is_harmless(client: Partitioner) -> None:
+    p = client.create(device=0, memory=0.1, duration=1, persist=True)
+    wait_until(lambda: p.state == "expired", 5)
+    p.release()
+    assert p.state == "expired"
+
+
+def wait_until(predicate: Callable[[], bool], within: float) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_timeout_is_a_timeout_error() -> None:
+    from chronos import Timeout
+
+    assert issubclass(Timeout, TimeoutError)
+    assert issubclass(Timeout, ChronosError)
+    err = Timeout("gave up waiting")
+    assert str(err) == "gave up waiting"
+    with pytest.raises(TimeoutError):
+        raise err
+
+
+def documented_surface() -> set[str]:
+    """The names the README's "Use it from Python" section says the package exports."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    match = re.search(r"<!-- exports -->(.*?)<!-- /exports -->", readme, re.S)
+    assert match, "README has no exports list"
+    return set(re.findall(r"`([A-Za-z_]+)`", match.group(1)))
+
+
+def test_all_is_the_documented_surface() -> None:
+    assert set(chronos.__all__) == documented_surface()
+    assert len(chronos.__all__) == len(set(chronos.__all__))
+    for name in chronos.__all__:
+        assert getattr(chronos, name) is not None
+    namespace: dict[str, object] = {}
+    exec("from chronos import *", namespace)  # every listed name really imports
+    assert set(chronos.__all__) <= set(namespace)
+    with pytest.raises(AttributeError):
+        _ = chronos.NoSuchThing  # type: ignore[attr-defined]
+
+
+def test_start_takes_datetime_text_or_epoch(client: Partitioner) -> None:
+    now = time.time()
+    in_two_hours = datetime.now() + timedelta(hours=2)  # naive: local time
+    a = client.create(0, 0.1, 60, start=in_two_hours, persist=True)
+    b = client.create(0, 0.1, 60, start="+2h", persist=True)
+    c = client.create(0, 0.1, 60, start=now + 7200, persist=True)
+    d = client.create(0, 0.1, 60, start=int(now) + 7200, persist=True)
+    for p in (a, b, c, d):
+        assert p.state == "booked"
+        assert p.starts_at.timestamp() == pytest.approx(now + 7200, abs=2)
+    nine = client.create(0, 0.1, 60, start="09:00", persist=True).starts_at
+    assert (nine.hour, nine.minute) == (9, 0) and nine.timestamp() > now
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        datetime.now() - timedelta(hours=1),
+        "2020-01-01T09:00",
+        time.time() - 3600,
+    ],
+)
+def test_start_in_the_past_is_refused(client: Partitioner, start: object) -> None:
+    with pytest.raises(BadRequest, match="in the past"):
+        client.create(0, 0.1, 60, start=start)  # type: ignore[arg-type]
+    assert client.list() == []
+
+
+@pytest.mark.parametrize("start", [True, [1], "whenever"])
+def test_start_of_the_wrong_kind_is_refused(client: Partitioner, start: object) -> None:
+    with pytest.raises(BadRequest):
+        client.create(0, 0.1, 60, start=start)  # type: ignore[arg-type]
+    assert client.list() == []
+
+
+def test_timeout_takes_text(client: Partitioner) -> None:
+    client.create(0, 1.0, 60, persist=True)
+    began = time.monotonic()
+    with pytest.raises(TimeoutError):
+        client.create(0, 0.5, 60, wait=True, timeout="1s")
+    assert 0.9 <= time.monotonic() - began < 10
+    with pytest.raises(BadRequest):
+        client.create(0, 0.5, 60, wait=True, timeout="soon")
+
+
+def test_any_unique_id_prefix_works(client: Partitioner) -> None:
+    made = [client.create(0, 0.01, 60, persist=True) for _ in range(12)]
+    target = made[0]
+    prefix = unique_prefix(target.id, [p.id for p in made])
+    assert client.get(prefix).id == target.id
+    client.get(prefix).extend(30)
+    assert client.get(target.id).expires_at > target.expires_at
+    client.release(prefix)
+    assert client.get(target.id).state == RELEASED
+    with pytest.raises(NotFound, match="no partition"):
+        client.get("zzzz")
+    shared = shared_prefix([p.id for p in made])
+    if shared is not None:
+        with pytest.raises(BadRequest, match="ambiguous id"):
+            client.get(shared)
+
+
+def unique_prefix(target: str, ids: list[str]) -> str:
+    for n in range(1, len(target) + 1):
+        if sum(i.startswith(target[:n]) for i in ids) == 1:
+            return target[:n]
+    raise AssertionError("no unique prefix")
+
+
+def shared_prefix(ids: list[str]) -> str | None:
+    """A one-character prefix that several of ``ids`` share (likely among 12 hex ids)."""
+    firsts = [i[0] for i in ids]
+    return next((c for c in firsts if firsts.count(c) > 1), None)
 
 
 def test_list_and_stats_are_typed(client: Partitioner) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -11,11 +12,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from chronos_testing import TestUser, daemons
+from chronos_testing import _pick_python as pick_user_python
 from helpers import (
     GIB,
     MIB,
@@ -171,7 +175,9 @@ def test_create_list_release_across_processes(chronos_env: dict[str, str]) -> No
     assert 3500 < item["time_remaining"] <= 3600
 
     table = run_cli("list", env=chronos_env)
-    assert pid in table.stdout and "50.0%" in table.stdout and "40.0 GiB" in table.stdout
+    assert pid in table.stdout and "40.0 GiB" in table.stdout and "active" in table.stdout
+    shares = run_cli("list", "--format", "id,share", "--no-header", env=chronos_env)
+    assert shares.stdout.split() == [pid, "50%"]
 
     gone = run_cli("release", pid, env=chronos_env)
     assert gone.returncode == 0, gone.stderr
@@ -335,6 +341,28 @@ BAD_INPUTS = [
     ("run", "--device", "7", "--memory", "0.1", "--duration", "60", "--", "true"),
     ("run", "--device", "x", "--memory", "0.1", "--duration", "60", "--", "true"),
     ("frobnicate",),
+    ("create", "0", "0.1", "1h", "--start", "2020-01-01T09:00"),
+    ("create", "0", "0.1", "1h", "--start", "09:00", "--repeat", "daily", "--until", "2020-01-01"),
+    ("create", "0", "0.1", "1m", "--warn", "2m"),
+    ("create", "0", "0.1", "1m", "--warn", "1m"),
+    ("stats", "--watch", "--interval", "0"),
+    ("stats", "--watch", "--interval", "-1"),
+    ("stats", "--device", "7"),
+    ("calendar", "--days", "0"),
+    ("calendar", "--days", "-1"),
+    ("calendar", "--days", "nan"),
+    ("stats", "--watch", "--interval", "inf"),
+    ("list", "--format", "id,bogus"),
+    ("list", "--state", "sleeping"),
+    ("list", "--me", "--user", "root"),
+    ("run", "--memory", "0.1", "--duration", "60", "--wiat", "--", "true"),
+    ("run", "--memory", "0.1", "--duration", "60", "--", "/nonexistent/program"),
+    ("run", "--memory", "0.1", "--duration", "60", "--", "no-such-cmd-xyz"),
+    ("run", "--memory", "0.1", "--", "true"),
+    ("run", "--reuse", "--", "true"),
+    ("events", "--id", "zzzz"),
+    ("get", "zzzz"),
+    ("cancel", "qzzz"),
 ]
 
 
@@ -346,9 +374,24 @@ def test_bad_input_is_one_line_and_changes_nothing(
     argv = [a.format(**populated) if a.startswith("{") else a for a in args]
     before = ledger_rows(env)
     proc = run_cli(*argv, env=env)
-    assert_one_line_error(proc)
+    if "--json" in argv:
+        assert_json_error(proc)
+    else:
+        assert_one_line_error(proc)
     assert proc.stdout == ""
     assert ledger_rows(env) == before
+
+
+def assert_json_error(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    """Under --json an error is one JSON object on stderr: code, message, exit code."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    (line,) = proc.stderr.splitlines()
+    error = json.loads(line)["error"]
+    assert set(error) == {"code", "message", "exit_code"}
+    assert error["exit_code"] == proc.returncode
+    assert error["message"] and "\n" not in error["message"]
+    return dict(error)
 
 
 def test_second_release_and_unknown_id_messages(populated: dict[str, Any]) -> None:
@@ -549,21 +592,24 @@ def shared_env(chronos_env: dict[str, str]) -> dict[str, str]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def run_as_nobody(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+@functools.cache
+def nobody() -> TestUser:
+    """``nobody``, with an interpreter it can run (the venv's, or a system one as fallback).
+
+    The venv's interpreter may live under a home directory other users cannot enter
+    (pyenv or conda under a 0700 home): then the same fallback the multi-user fixtures
+    use applies, and the test skips only if no interpreter can import chronos at all.
+    """
     import pwd
 
-    nobody = pwd.getpwnam("nobody")
-    return subprocess.run(
-        [sys.executable, "-m", "chronos.cli", *args],
-        env={**env, "HOME": "/"},
-        cwd="/",
-        user=nobody.pw_uid,
-        group=nobody.pw_gid,
-        extra_groups=[],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    entry = pwd.getpwnam("nobody")
+    probe = TestUser("nobody", entry.pw_uid, entry.pw_gid)
+    python, extra = pick_user_python(probe)
+    return TestUser("nobody", entry.pw_uid, entry.pw_gid, python, extra)
+
+
+def run_as_nobody(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return nobody().cli(*args, env=env)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second user")
@@ -586,8 +632,564 @@ def test_second_user_shares_the_ledger_but_not_the_partitions(shared_env: dict[s
     assert theirs.returncode == 0, theirs.stderr
     data = json.loads(theirs.stdout)
     assert data["user"] == "nobody"
+    # Root's process is named as root's (root's uid 0 once read as "no owner": -1).
+    foreign = assert_one_line_error(run_as_nobody("attach", data["id"], "1", env=shared_env))
+    assert "process 1 belongs to root" in foreign
     # Admission counts both users' partitions.
     line = assert_one_line_error(run_cli("create", "0", "0.5", "1h", env=shared_env))
     assert "20.0 GiB free" in line
     # The administrator may end anyone's partition.
     assert cli_json("release", data["id"], env=shared_env)["state"] == "released"
+
+
+# ------------------------------------------------------------- help, exit codes
+
+
+@pytest.mark.parametrize("args", [(), ("config",)], ids=["chronos", "chronos config"])
+def test_no_subcommand_prints_help_and_succeeds(
+    chronos_env: dict[str, str], args: tuple[str, ...]
+) -> None:
+    proc = run_cli(*args, env=chronos_env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Usage: chronos")
+    assert "Commands:" in proc.stdout
+    assert proc.stderr == ""
+
+
+def test_run_checks_options_and_program_before_reserving(
+    chronos_env: dict[str, str], tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    before = ledger_rows(chronos_env)
+    # The issue's case: a mistyped option before -- used to be run as the command.
+    typo = run_cli(
+        "run",
+        "--memory",
+        "0.1",
+        "--duration",
+        "1m",
+        "--wiat",
+        "--",
+        "touch",
+        str(marker),
+        env=chronos_env,
+    )
+    assert typo.returncode == 125
+    assert "--wiat" in assert_one_line_error(typo)
+    missing = run_cli(
+        "run", "--memory", "0.1", "--duration", "1m", "--", "no-such-cmd-xyz", env=chronos_env
+    )
+    assert missing.returncode == 127
+    assert "no-such-cmd-xyz" in assert_one_line_error(missing)
+    script = tmp_path / "not-executable.sh"
+    script.write_text("#!/bin/sh\ntouch " + str(marker) + "\n")
+    plain = run_cli(
+        "run", "--memory", "0.1", "--duration", "1m", "--", str(script), env=chronos_env
+    )
+    assert plain.returncode == 126
+    assert "not executable" in assert_one_line_error(plain)
+    assert not marker.exists()
+    assert ledger_rows(chronos_env) == before  # nothing was reserved, not even briefly
+
+
+def test_run_exit_codes_do_not_collide(chronos_env: dict[str, str]) -> None:
+    own = run_cli(
+        "run", "--memory", "0.1", "--duration", "1m", "--", "sh", "-c", "exit 3", env=chronos_env
+    )
+    assert own.returncode == 3  # the command's status: AdmissionRefused's 3 elsewhere
+    create(chronos_env, "0", "0.95", "1h")
+    refused = run_cli("run", "--memory", "0.5", "--duration", "1m", "--", "true", env=chronos_env)
+    assert refused.returncode == 125
+    assert "free" in assert_one_line_error(refused)
+    plain = run_cli("create", "0", "0.5", "1m", env=chronos_env)
+    assert plain.returncode == 3  # other commands keep the documented codes
+
+
+def test_run_wait_queues_then_runs(chronos_env: dict[str, str]) -> None:
+    blocker = create(chronos_env, "0", "1.0", "2s")
+    proc = run_cli(
+        "run",
+        "--memory",
+        "0.5",
+        "--duration",
+        "1m",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        "echo $CHRONOS_PARTITION_ID",
+        env=chronos_env,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "waiting: position 1 in the queue" in proc.stderr
+    ran_in = proc.stdout.strip()
+    records = {r["id"]: r for r in cli_json("list", "--all", env=chronos_env)}
+    assert records[blocker["id"]]["state"] == "expired"
+    assert records[ran_in]["kind"] == "run" and records[ran_in]["state"] == "released"
+    assert parse_iso(records[ran_in]["starts_at"]) >= parse_iso(
+        records[blocker["id"]]["expires_at"]
+    )
+
+
+def test_run_wait_timeout_says_it_once(chronos_env: dict[str, str]) -> None:
+    create(chronos_env, "0", "1.0", "1h")
+    proc = run_cli("create", "0", "0.5", "1m", "--wait", "--timeout", "1s", env=chronos_env)
+    assert proc.returncode == 10
+    progress, line = proc.stderr.splitlines()
+    assert progress.startswith("waiting: position 1")
+    assert line.startswith("chronos: error: ")
+    assert line.count("waiting") == 1 and "timed out" not in line  # said once, not twice
+    assert "after 1s" in line
+    assert cli_json("queue", env=chronos_env) == []
+
+
+def test_nested_run_warns_and_reuse_runs_in_the_outer_partition(
+    chronos_env: dict[str, str],
+) -> None:
+    inner = f"{sys.executable} -m chronos.cli run"
+    nested = run_cli(
+        "run",
+        "--memory",
+        "0.1",
+        "--duration",
+        "1m",
+        "--",
+        "sh",
+        "-c",
+        f"{inner} --memory 0.1 --duration 1m -- true",
+        env=chronos_env,
+    )
+    assert nested.returncode == 0, nested.stderr
+    assert "warning: already inside partition" in nested.stderr and "--reuse" in nested.stderr
+    assert len(cli_json("list", "--all", env=chronos_env)) == 2  # a second share, as warned
+
+    reused = run_cli(
+        "run",
+        "--memory",
+        "0.1",
+        "--duration",
+        "1m",
+        "--",
+        "sh",
+        "-c",
+        f"echo outer $CHRONOS_PARTITION_ID; {inner} --reuse -- "
+        'sh -c "echo inner $CHRONOS_PARTITION_ID; exit 4"',
+        env=chronos_env,
+    )
+    assert reused.returncode == 4, reused.stderr
+    assert "warning" not in reused.stderr
+    words = reused.stdout.split()
+    assert words[0] == "outer" and words[2] == "inner" and words[1] == words[3]
+    assert len(cli_json("list", "--all", env=chronos_env)) == 3  # one more, not two
+
+
+def test_run_json_summary_goes_to_stderr_or_a_file(
+    chronos_env: dict[str, str], tmp_path: Path
+) -> None:
+    target = tmp_path / "summary.json"
+    proc = run_cli(
+        "run",
+        "--memory",
+        "0.1",
+        "--duration",
+        "1m",
+        "--json",
+        "--json-file",
+        str(target),
+        "--",
+        "echo",
+        "hello",
+        env=chronos_env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "hello\n"  # the command's output alone
+    summary = json.loads(proc.stderr)
+    assert summary["exit_code"] == 0 and summary["partition"]["state"] == "released"
+    assert json.loads(target.read_text()) == summary
+
+
+# -------------------------------------------------------------------- ids
+
+
+def _prefix(target: str, others: list[str]) -> str:
+    for n in range(1, len(target) + 1):
+        if sum(o.startswith(target[:n]) for o in others) == 1:
+            return target[:n]
+    raise AssertionError(target)
+
+
+def test_any_unique_prefix_works_everywhere(chronos_env: dict[str, str]) -> None:
+    made = [create(chronos_env, "1", "0.05", "1h")["id"] for _ in range(6)]
+    a, b, c = made[:3]
+    pa, pb, pc = (_prefix(i, made) for i in (a, b, c))
+    assert cli_json("get", pa, env=chronos_env)["id"] == a
+    extended = cli_json("extend", pa, "30m", env=chronos_env)
+    assert extended["id"] == a
+    attached = cli_json("attach", pa, str(os.getpid()), env=chronos_env)
+    assert attached == {"id": a, "pid": os.getpid()}
+    kinds = [e["kind"] for e in cli_json("events", "--id", pa, env=chronos_env)]
+    assert kinds == ["created", "extended", "attached"] or kinds[:2] == ["created", "extended"]
+    both = cli_json("release", pb, pc, env=chronos_env)
+    assert [r["id"] for r in both] == [b, c] and {r["state"] for r in both} == {"released"}
+    firsts = [i[0] for i in made]
+    shared = next((ch for ch in firsts if firsts.count(ch) > 1), None)
+    if shared is not None:
+        line = assert_one_line_error(run_cli("get", shared, env=chronos_env))
+        assert "ambiguous id" in line
+
+
+def test_release_several_ids_reports_each_failure(chronos_env: dict[str, str]) -> None:
+    good = create(chronos_env, "0", "0.1", "1h")["id"]
+    proc = run_cli("release", "deadbeef", good, "feedface", env=chronos_env)
+    assert proc.returncode == 4  # the first failure's code
+    assert f"released partition {good}" in proc.stdout
+    errors = proc.stderr.splitlines()
+    assert len(errors) == 2 and "deadbeef" in errors[0] and "feedface" in errors[1]
+    assert cli_json("list", env=chronos_env) == []
+
+
+def test_cancel_a_queued_request_from_another_shell(chronos_env: dict[str, str]) -> None:
+    create(chronos_env, "0", "1.0", "1h")
+    waiter = subprocess.Popen(
+        [sys.executable, "-m", "chronos.cli", "create", "0", "0.5", "1h", "--wait"],
+        env=chronos_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert "waiting" in readline_within(waiter.stderr, 15)  # type: ignore[arg-type]
+        (entry,) = cli_json("queue", env=chronos_env)
+        cancelled = run_cli("cancel", entry["ticket"][:4], env=chronos_env)
+        assert cancelled.returncode == 0, cancelled.stderr
+        assert entry["ticket"] in cancelled.stdout
+        assert waiter.wait(15) != 0
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+    assert "cancelled" in waiter.stderr.read()  # type: ignore[union-attr]
+    assert cli_json("queue", env=chronos_env) == []
+
+
+# -------------------------------------------------------------------- list
+
+
+def test_list_shows_start_state_and_filters(chronos_env: dict[str, str]) -> None:
+    now = create(chronos_env, "0", "0.25", "1h")["id"]
+    later = create(chronos_env, "1", "0.25", "1h", "--start", "+1d")["id"]
+    ended = create(chronos_env, "1", "0.1", "1h")["id"]
+    cli_json("release", ended, env=chronos_env)
+
+    lines = run_cli("list", env=chronos_env).stdout.splitlines()
+    header = lines[0].split()
+    assert header[:4] == ["ID", "GPU", "USER", "STATE"] and "START" in header
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert set(rows) == {now, later}
+    assert rows[now][3] == "active" and rows[later][3] == "booked"
+
+    def ids(*args: str) -> set[str]:
+        out = run_cli("list", "--format", "id", "--no-header", *args, env=chronos_env)
+        assert out.returncode == 0, out.stderr
+        return set(out.stdout.split())
+
+    assert ids("--device", "1") == {later}
+    assert ids("--state", "booked") == {later}
+    assert ids("--state", "released") == {ended}
+    assert ids("--state", "active", "--state", "released") == {now, ended}
+    assert ids("--me") == {now, later}
+    assert ids("--user", "nobody") == set()
+    assert ids("--all") == {now, later, ended}
+    empty = run_cli("list", "--user", "nobody", env=chronos_env)
+    assert empty.stdout.strip() == "no active partitions match"
+    quiet = run_cli("list", "--user", "nobody", "--no-header", env=chronos_env)
+    assert quiet.stdout == ""
+
+
+def test_ended_partitions_show_their_end(chronos_env: dict[str, str]) -> None:
+    ended = create(chronos_env, "0", "0.1", "1h")
+    gone = cli_json("release", ended["id"], env=chronos_env)
+    out = run_cli("list", "--all", "--format", "end,remaining", "--no-header", env=chronos_env)
+    end_clock = datetime.fromisoformat(gone["ended_at"]).strftime("%m-%d %H:%M")
+    assert out.stdout.split() == [*end_clock.split(), "-"]
+
+
+def _on_a_terminal(args: list[str], env: dict[str, str]) -> str:
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chronos.cli", *args],
+        env=env,
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+    )
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    proc.wait(timeout=30)
+    os.close(leader)
+    return seen.decode()
+
+
+def _too_wide(text: str, width: int = 80) -> list[str]:
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    return [line for line in plain.splitlines() if len(line) > width]
+
+
+def test_tables_fit_an_80_column_terminal(chronos_env: dict[str, str]) -> None:
+    import pwd
+
+    long_user = max((p.pw_name for p in pwd.getpwall()), key=len)
+    create(chronos_env, "0", "0.25", "1h")
+    create(chronos_env, "1", "512MiB", "3d", "--start", "+2d")
+    if os.geteuid() == 0:
+        create(chronos_env, "1", "0.1", "1h", "--user", long_user)
+    ended = create(chronos_env, "0", "0.1", "10m")
+    cli_json("release", ended["id"], env=chronos_env)
+    terminal = {**chronos_env, "COLUMNS": "80"}
+    for args in (
+        ["list"],
+        ["list", "--all"],
+        ["stats"],
+        ["events"],
+        ["usage"],
+        ["calendar"],
+        ["calendar", "--days", "7"],
+        ["queue"],
+    ):
+        out = _on_a_terminal(args, terminal)
+        assert "Traceback" not in out
+        assert not _too_wide(out), (args, _too_wide(out))
+    # Off a terminal nothing is cut: a script finds the whole user name.
+    if os.geteuid() == 0:
+        assert long_user in run_cli("list", env=chronos_env).stdout
+    # Sizes are right-aligned: the MEMORY column's values end where its header ends.
+    lines = run_cli("list", env=chronos_env).stdout.splitlines()
+    end = lines[0].index("MEMORY") + len("MEMORY")
+    assert all(line[end - 3 : end] in ("GiB", "MiB") for line in lines[1:])
+
+
+def test_colour_on_a_terminal_only_and_never_with_no_color(chronos_env: dict[str, str]) -> None:
+    create(chronos_env, "0", "0.6", "1h")
+    coloured = _on_a_terminal(["list"], chronos_env)
+    assert "\x1b[32m" in coloured  # active, in green
+    assert "\x1b[" not in _on_a_terminal(["list"], {**chronos_env, "NO_COLOR": "1"})
+    assert "\x1b[" not in run_cli("list", env=chronos_env).stdout  # not a terminal
+    assert "\x1b[" in _on_a_terminal(["stats"], chronos_env)
+    assert "\x1b[" not in _on_a_terminal(["stats"], {**chronos_env, "NO_COLOR": "1"})
+
+
+# -------------------------------------------------------------------- json
+
+
+def test_json_times_are_iso_everywhere(chronos_env: dict[str, str]) -> None:
+    p = create(chronos_env, "0", "1.0", "1h")
+    cli_json("extend", p["id"], "10m", env=chronos_env)
+    waiter = subprocess.Popen(
+        [sys.executable, "-m", "chronos.cli", "create", "0", "0.5", "1h", "--wait"],
+        env=chronos_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        readline_within(waiter.stderr, 15)  # type: ignore[arg-type]
+        (entry,) = cli_json("queue", env=chronos_env)
+        parse_iso(entry["enqueued_at"])
+        parse_iso(entry["estimated_start"])
+        cal = cli_json("calendar", env=chronos_env)
+        parse_iso(cal["queue"][0]["enqueued_at"])
+    finally:
+        waiter.kill()
+        waiter.wait()
+    (extended,) = [e for e in cli_json("events", env=chronos_env) if e["kind"] == "extended"]
+    parse_iso(extended["at"])
+    parse_iso(extended["detail"]["from"])
+    parse_iso(extended["detail"]["to"])
+
+
+def test_stats_json_names_mode_and_backend(chronos_env: dict[str, str]) -> None:
+    data = cli_json("stats", env=chronos_env)
+    assert {(d["mode"], d["backend"]) for d in data} == {("embedded", "simulated")}
+    (one,) = cli_json("stats", "--device", "1", env=chronos_env)
+    assert one["index"] == 1
+
+
+def test_stats_watch_json_is_one_object_per_refresh(chronos_env: dict[str, str]) -> None:
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "chronos.cli", "stats", "--watch", "--json", "--interval", "0.2"],
+        env=chronos_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        frames = [json.loads(readline_within(watch.stdout, 15)) for _ in range(3)]  # type: ignore[arg-type]
+    finally:
+        watch.send_signal(signal.SIGINT)
+        watch.communicate(timeout=20)
+    for frame in frames:
+        assert frame["mode"] == "embedded" and frame["backends"] == ["simulated"]
+        assert [d["index"] for d in frame["devices"]] == [0, 1]
+        parse_iso(frame["at"])
+    assert watch.returncode == 0
+
+
+# ---------------------------------------------------------- messages, docs
+
+
+def test_limit_refusals_name_the_maximum_and_share_one_code(chronos_env: dict[str, str]) -> None:
+    p = create(chronos_env, "0", "0.1", "1h")
+    extend = run_cli("extend", p["id"], "7d", env=chronos_env)
+    line = assert_one_line_error(extend)
+    assert "over the max_duration limit" in line and "7d1h asked, at most 7d" in line
+    too_long = run_cli("create", "0", "0.1", "8d", env=chronos_env)
+    line = assert_one_line_error(too_long)
+    assert "over the max_duration limit: 8d asked, at most 7d" in line
+    assert extend.returncode == too_long.returncode == 3  # as every quota refusal
+
+
+def test_confirmation_echoes_how_input_was_read(chronos_env: dict[str, str]) -> None:
+    out = run_cli("create", "0", "2G", "3600", env=chronos_env)
+    assert out.returncode == 0, out.stderr
+    assert "3600 → 1h (a bare number is seconds)" in out.stdout
+    (made,) = cli_json("list", env=chronos_env)
+    shown = f"{made['memory_bytes'] / GIB:.1f} GiB"  # 2.0 GiB (Slurm, Docker) or 1.9 (GB)
+    assert f"2G → {shown}" in out.stdout
+    explicit = run_cli("create", "1", "512MiB", "1h", env=chronos_env)
+    assert "→" not in explicit.stdout  # nothing to explain: no bare number, a binary unit
+
+
+def test_man_page_is_made_from_the_cli(chronos_env: dict[str, str], tmp_path: Path) -> None:
+    page = run_cli("man", env=chronos_env)
+    assert page.returncode == 0, page.stderr
+    text = page.stdout
+    assert text.startswith(".TH CHRONOS 1")
+    for command in ("create", "run", "list", "release", "cancel", "stats"):
+        assert f".SS chronos {command}" in text
+    assert "\\-\\-reuse" in text and ".B 125" in text
+    wrote = run_cli("man", "--output", str(tmp_path), env=chronos_env)
+    assert wrote.returncode == 0 and (tmp_path / "chronos.1").read_text() == text
+    if shutil.which("man"):
+        rendered = subprocess.run(
+            ["man", "-l", str(tmp_path / "chronos.1")],
+            capture_output=True,
+            text=True,
+            env={**chronos_env, "MANPAGER": "cat"},
+        )
+        assert "chronos run" in rendered.stdout
+
+
+def test_shell_completion_offers_partition_ids(chronos_env: dict[str, str]) -> None:
+    made = create(chronos_env, "0", "0.1", "1h")["id"]
+    script = run_cli(env={**chronos_env, "_CHRONOS_COMPLETE": "bash_source"})
+    assert script.returncode == 0 and "complete" in script.stdout
+    env = {
+        **chronos_env,
+        "_CHRONOS_COMPLETE": "bash_complete",
+        "COMP_WORDS": f"chronos release {made[:2]}",
+        "COMP_CWORD": "2",
+    }
+    offered = run_cli(env=env)
+    assert f"plain,{made}" in offered.stdout.splitlines()  # click's bash protocol: type,value
+
+
+# ------------------------------------------------- through a real daemon
+
+
+@pytest.fixture(scope="module")
+def daemon_env() -> Iterator[dict[str, str]]:
+    """A running chronosd (simulated GPUs) shared by this module's daemon-mode tests."""
+    with daemons() as make:
+        yield make().env
+
+
+FULL_CLI = "import sys; from chronos.cli import main; sys.exit(main(sys.argv[1:], fast_path=False))"
+FAST_CLI = (
+    "import sys; from chronos.cli_fast import main; code = main(); "
+    "print(sorted(m for m in ('click', 'chronos.api', 'chronos.service', 'chronos.ledger') "
+    "if m in sys.modules), file=sys.stderr); sys.exit(code)"
+)
+
+
+def _python(code: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=30
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("list",), ("list", "--all"), ("list", "--no-header"), ("stats",), ("stats", "--json")],
+    ids=" ".join,
+)
+def test_fast_path_prints_what_the_full_cli_prints(
+    daemon_env: dict[str, str], args: tuple[str, ...]
+) -> None:
+    ids = [cli_json("create", "0", "0.1", "1h", env=daemon_env)["id"] for _ in range(2)]
+    cli_json("release", ids[1], env=daemon_env)
+    try:
+        fast = _python(FAST_CLI, *args, env=daemon_env)
+        full = _python(FULL_CLI, *args, env=daemon_env)
+        assert fast.returncode == full.returncode == 0, (fast.stderr, full.stderr)
+        assert fast.stderr.strip() == "[]"  # neither click nor the API nor the ledger loaded
+        assert _minutes_only(fast.stdout) == _minutes_only(full.stdout)
+    finally:
+        run_cli("release", ids[0], env=daemon_env)
+
+
+def _minutes_only(text: str) -> str:
+    """A table without the ticking REMAINING seconds (the two runs are a moment apart)."""
+    return re.sub(r"\b\d+m\d+s\b|\b\d+s\b", "<span>", text)
+
+
+def test_anything_else_takes_the_full_cli(daemon_env: dict[str, str]) -> None:
+    for args in (
+        ("list", "--me"),
+        ("list", "--json"),
+        ("list", "--bogus"),
+        ("stats", "--device", "0"),
+        ("queue",),
+    ):
+        proc = _python(FAST_CLI, *args, env=daemon_env)
+        assert "'click'" in proc.stderr, (args, proc.stderr)
+    bogus = _python(FAST_CLI, "list", "--bogus", env=daemon_env)
+    assert bogus.returncode == 2 and "chronos: error: No such option" in bogus.stderr
+
+
+def test_prefixes_and_json_errors_through_the_daemon(daemon_env: dict[str, str]) -> None:
+    made = cli_json("create", "1", "0.1", "1h", env=daemon_env)["id"]
+    others = [r["id"] for r in cli_json("list", "--all", env=daemon_env)]
+    prefix = _prefix(made, others)
+    assert cli_json("get", prefix, env=daemon_env)["id"] == made
+    assert cli_json("release", prefix, env=daemon_env)["state"] == "released"
+    again = run_cli("release", made, "--json", env=daemon_env)
+    error = assert_json_error(again)
+    assert error["code"] == "ended" and again.returncode == 6
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"CHRONOS_SOCKET": "/x/s.sock", "CHRONOS_HOME": "/y"}, {"CHRONOS_HOME": "/y"}, {}],
+    ids=["socket", "home", "system"],
+)
+def test_fast_path_finds_the_socket_where_the_client_does(
+    monkeypatch: pytest.MonkeyPatch, settings: dict[str, str]
+) -> None:
+    from chronos import cli_fast, paths
+
+    for name in ("CHRONOS_SOCKET", "CHRONOS_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    assert cli_fast.socket_path() == str(paths.socket_path())

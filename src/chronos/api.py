@@ -12,7 +12,14 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
-from chronos.errors import AdmissionRefused, BadRequest, ChronosError, PartitionEnded, Timeout
+from chronos.errors import (
+    AdmissionRefused,
+    BadRequest,
+    ChronosError,
+    NotFound,
+    PartitionEnded,
+    Timeout,
+)
 from chronos.models import ACTIVE, BOOKED, EXPIRED, DeviceStats, PartitionRecord
 from chronos.transport import Transport, connect
 
@@ -22,6 +29,47 @@ PAGE = 500
 
 def _when(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, tz=UTC).astimezone()
+
+
+StartTime = datetime | str | float | int
+"""What ``start=`` takes: a datetime (naive means local time), ``"+2h"``/``"09:00"``/ISO
+text as the CLI's ``--start``, or epoch seconds."""
+
+
+def start_timestamp(start: StartTime, now: float) -> float:
+    """Epoch seconds of a booking's start; a start in the past is refused."""
+    if isinstance(start, bool):
+        raise BadRequest(f"start must be a time, not {start!r}")
+    if isinstance(start, datetime):
+        at = start.timestamp()  # a naive datetime is local time, as datetime.now() gives
+    elif isinstance(start, str):
+        from chronos.units import parse_start
+
+        at = parse_start(start, now)
+    elif isinstance(start, int | float):
+        at = float(start)
+    else:
+        raise BadRequest(f"start must be a datetime, a string or epoch seconds, not {start!r}")
+    if at < now - START_SLACK_S:
+        from chronos.units import local_clock
+
+        raise BadRequest(f"start {local_clock(at)} is in the past; leave it out to start now")
+    return at
+
+
+START_SLACK_S = 1.0
+"""A start this close behind the clock is "now" (the caller's clock read a moment ago)."""
+
+
+def timeout_seconds(timeout: float | str | None) -> float | None:
+    """``timeout=`` as seconds: a number, or text such as ``"30m"``."""
+    if timeout is None or isinstance(timeout, int | float) and not isinstance(timeout, bool):
+        return None if timeout is None else float(timeout)
+    if isinstance(timeout, str):
+        from chronos.units import parse_duration
+
+        return parse_duration(timeout, float("inf"))
+    raise BadRequest(f"timeout must be seconds or a duration such as '30m', not {timeout!r}")
 
 
 class Partition:
@@ -104,8 +152,11 @@ class Partition:
         return self
 
     def release(self) -> None:
-        """End the partition now; raises PartitionEnded if it already ended."""
-        self._record = PartitionRecord.from_wire(self._transport.call("release", id=self.id))
+        """End the partition now; harmless if it already ended (released or expired)."""
+        try:
+            self._record = PartitionRecord.from_wire(self._transport.call("release", id=self.id))
+        except PartitionEnded:
+            self.refresh()  # released elsewhere or expired: the goal is met
         if self._monitor is not None:
             self._monitor.stop()
 
@@ -206,9 +257,9 @@ class Partitioner:
         grace: float | str | None = None,
         warn: float | str | None = None,
         warn_signal: str | None = None,
-        start: float | None = None,
+        start: StartTime | None = None,
         wait: bool = False,
-        timeout: float | None = None,
+        timeout: float | str | None = None,
         on_wait: Callable[[dict[str, Any]], Any] | None = None,
         kind: str = "api",
     ) -> Partition:
@@ -217,11 +268,13 @@ class Partitioner:
         By default the partition belongs to this process and ends when it exits;
         ``persist=True`` keeps it until it expires or is released. ``warn``
         sends ``warn_signal`` (default SIGUSR1) to its processes that long before
-        the end. ``start`` (epoch seconds) books it ahead of time. With
-        ``wait=True`` a request that does not fit now waits in the fair queue
-        (at most ``timeout`` seconds; ``on_wait(status)`` is called as it
-        waits) instead of failing.
+        the end. ``start`` books it ahead of time: a ``datetime``, text as the
+        CLI's ``--start`` (``"+2h"``, ``"09:00"``, ISO) or epoch seconds; a
+        start in the past is refused. With ``wait=True`` a request that does
+        not fit now waits in the fair queue (at most ``timeout``: seconds or
+        ``"30m"``; ``on_wait(status)`` is called as it waits) instead of failing.
         """
+        starts_at = None if start is None else start_timestamp(start, time.time())
         result = self._transport.call(
             "create",
             device=device,
@@ -233,12 +286,12 @@ class Partitioner:
             grace=grace,
             warn=warn,
             warn_signal=warn_signal,
-            start=start,
+            start=starts_at,
             wait=wait or None,
-            timeout=timeout,
+            timeout=timeout_seconds(timeout),
         )
         if "ticket" in result:
-            result = self._wait_for(result, on_wait)
+            result = self._wait_for(result, on_wait, timeout_seconds(timeout))
         partition = Partition(
             PartitionRecord.from_wire(result), self._transport, result.get("visible_env")
         )
@@ -250,7 +303,10 @@ class Partitioner:
         return partition
 
     def _wait_for(
-        self, status: dict[str, Any], on_wait: Callable[[dict[str, Any]], Any] | None
+        self,
+        status: dict[str, Any],
+        on_wait: Callable[[dict[str, Any]], Any] | None,
+        timeout: float | None = None,
     ) -> dict[str, Any]:
         """Poll a queued request until it is granted; leave the queue if interrupted."""
         ticket = status["ticket"]
@@ -264,7 +320,10 @@ class Partitioner:
                 self._transport.call("cancel", id=ticket)
             raise
         if status["state"] == "timeout":
-            raise Timeout(f"gave up waiting for GPU capacity ({status.get('reason')})")
+            from chronos.units import format_duration
+
+            after = "" if timeout is None else f" after {format_duration(timeout)}"
+            raise Timeout(f"gave up waiting for GPU capacity{after}; left the queue")
         if status["state"] != "granted":
             raise AdmissionRefused(
                 f"queued request {ticket} {status['state']}: {status.get('reason')}"
@@ -305,12 +364,58 @@ class Partitioner:
                 return items
 
     def get(self, partition_id: str) -> Partition:
+        """The partition ``partition_id`` (or a unique prefix of it)."""
         return Partition(
-            PartitionRecord.from_wire(self._transport.call("get", id=partition_id)), self._transport
+            PartitionRecord.from_wire(self.call_with_id("get", partition_id)), self._transport
         )
 
     def release(self, partition_id: str) -> None:
-        self._transport.call("release", id=partition_id)
+        """End ``partition_id`` (or a unique prefix) now; PartitionEnded if it already ended."""
+        self.call_with_id("release", partition_id)
+
+    def cancel(self, ticket: str) -> dict[str, Any]:
+        """Take queued request ``ticket`` (or a unique prefix) out of the queue."""
+        result: dict[str, Any] = self.call_with_id("cancel", ticket, tickets=True)
+        return result
+
+    def call_with_id(self, op: str, text: str, *, tickets: bool = False, **args: Any) -> Any:
+        """Call ``op`` on the id ``text`` names: itself, or the one id it is a prefix of.
+
+        A full id costs one round trip; only a miss looks the prefix up.
+        """
+        text = text.strip()
+        if not text:
+            raise BadRequest("an id must not be empty")
+        try:
+            return self._transport.call(op, id=text, **args)
+        except NotFound:
+            full = self.resolve(text, tickets=tickets)
+            if full == text:
+                raise
+        return self._transport.call(op, id=full, **args)
+
+    def resolve(self, text: str, *, tickets: bool = False) -> str:
+        """The full id that ``text`` names: itself, or the one id it is a prefix of.
+
+        As in git and docker, any unique prefix will do. Ids are matched among
+        the ledger's partitions (ended ones too) or, with ``tickets``, the
+        waiting requests; several matches are an error that lists them.
+        """
+        text = text.strip()
+        known: set[str]
+        if tickets:
+            known = {q["ticket"] for q in self._transport.call("queue")}
+        else:
+            known = {r["id"] for r in self._transport.call("list", all=True)}
+        if text in known:
+            return text
+        matches: list[str] = sorted(i for i in known if i.startswith(text))
+        if len(matches) == 1:
+            return matches[0]
+        what = "queued request" if tickets else "partition"
+        if not matches:
+            raise NotFound(f"no {what} {text!r}")
+        raise BadRequest(f"ambiguous id {text!r}: it is a prefix of {', '.join(matches)}")
 
     def stats(self) -> list[DeviceStats]:
         return [DeviceStats.from_wire(d) for d in self._transport.call("stats")["devices"]]

@@ -1,27 +1,55 @@
 """The ``chronos`` command line.
 
 Every command prints a human table by default and JSON with ``--json``.
-Errors are one line on stderr and a non-zero exit code (see errors.py).
+Errors are one line on stderr (a JSON object there under ``--json``) and a
+non-zero exit code; docs/CLI.md has the table of codes. ``chronos list`` and
+``chronos stats`` through the daemon take a fast path that skips click
+(cli_fast.py); everything here imports the API, the models and the units only
+inside the command that needs them, so start-up stays short.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from chronos.errors import AdmissionRefused, BadRequest, ChronosError
-from chronos.models import ACTIVE, BOOKED, PartitionRecord
-from chronos.units import format_bytes, format_duration, local_clock
+from chronos import cli_render as render
+from chronos.errors import (
+    RUN_FAILED_EXIT,
+    AdmissionRefused,
+    BadRequest,
+    ChronosError,
+    CommandNotRunnable,
+)
+
+if TYPE_CHECKING:
+    from chronos.api import Partitioner
+    from chronos.models import PartitionRecord
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+STATES = ("booked", "active", "released", "expired")
+MIN_WATCH_INTERVAL_S = 0.2
+"""``stats --watch`` refreshes at most five times a second (0 used to busy-loop)."""
+MAX_CALENDAR_DAYS = 366.0
 
-def _client() -> Any:
+
+def finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """Refuse NaN and infinity, which click's FloatRange lets through."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def _client() -> Partitioner:
     from chronos.api import Partitioner
 
     return Partitioner()
@@ -35,39 +63,92 @@ def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
-    ]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    for row in rows:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-    return "\n".join(lines)
+def iso(ts: float | None) -> str | None:
+    from chronos.units import iso as to_iso
+
+    return to_iso(ts)
 
 
 def describe(record: PartitionRecord, now: float) -> str:
     state = record.state_at(now)
     head = (
-        f"partition {record.id}: GPU {record.device}, {format_bytes(record.memory_bytes)} "
+        f"partition {record.id}: GPU {record.device}, {render.size(record.memory_bytes)} "
         f"({record.memory_fraction:.1%}), user {record.user}"
     )
-    if state == BOOKED:
+    if state == "booked":
         return (
-            f"{head}, booked from {local_clock(record.starts_at)} "
-            f"until {local_clock(record.expires_at)}"
+            f"{head}, booked from {render.when(record.starts_at)} "
+            f"until {render.when(record.expires_at)}"
         )
-    if state == ACTIVE:
+    if state == "active":
         return (
-            f"{head}, until {local_clock(record.expires_at)} "
-            f"({format_duration(record.expires_at - now)} left)"
+            f"{head}, until {render.when(record.expires_at)} "
+            f"({render.span(record.expires_at - now)} left)"
         )
-    return f"{head}, {state} at {local_clock(record.ended_at or record.expires_at)}"
+    return f"{head}, {state} at {render.when(record.ended_at or record.expires_at)}"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def interpretation(memory: str, duration: str, record: PartitionRecord) -> str:
+    """How the typed MEMORY and DURATION were read, for the confirmation line."""
+    notes = []
+    text = duration.strip()
+    if text.replace(".", "", 1).isdigit():
+        length = record.expires_at - record.starts_at
+        notes.append(f"{text} → {render.span(length)} (a bare number is seconds)")
+    mem = memory.strip()
+    if mem[-1:].isalpha() and not mem.lower().endswith("ib"):  # 40G, 40GB: say which it was
+        notes.append(f"{mem} → {render.size(record.memory_bytes)}")
+    return "; ".join(notes)
+
+
+# ---------------------------------------------------------------------- group
+
+
+class ChronosGroup(click.Group):
+    """Prints help, and exits 0, when no subcommand is given (instead of an error)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args:
+            click.echo(ctx.get_help())
+            ctx.exit(0)
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=ChronosGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="chronos-gpu", prog_name="chronos")
 def cli() -> None:
-    """Reserve a share of a GPU's memory for a span of time, on a shared machine."""
+    """Reserve a share of a GPU's memory for a span of time, on a shared machine.
+
+    Exit codes: 0 success; 2 bad input; 3 refused (no capacity or over a quota); 4 no such
+    partition; 5 not allowed; 6 already ended; 7 daemon unreachable; 9 GPU error; 10 timed
+    out. chronos run: the command's own status, 124 stopped at the partition's end, 125
+    Chronos failed, 126 command not executable, 127 command not found. See docs/CLI.md.
+    """
+
+
+def partition_ids(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Shell completion of partition ids (and queue tickets) from the ledger."""
+    from click.shell_completion import CompletionItem
+
+    try:
+        client = _client()
+        items = [
+            CompletionItem(r.id, help=f"GPU {r.device} {r.user} {r.state}")
+            for r in (p.record for p in client.list(all=True))
+            if r.id.startswith(incomplete)
+        ]
+        items += [
+            CompletionItem(q["ticket"], help=f"queued, GPU {q['device']} {q['user']}")
+            for q in client.queue()
+            if q["ticket"].startswith(incomplete)
+        ]
+        client.close()
+        return items
+    except ChronosError:
+        return []
+
+
+# --------------------------------------------------------------------- create
 
 
 # ignore_unknown_options: "-1" is a (bad) MEMORY, and should be told so, not "no such option".
@@ -106,11 +187,11 @@ def create(
 ) -> None:
     """Reserve MEMORY of GPU DEVICE for DURATION.
 
-    MEMORY: a fraction (0.5), a percent (50%) or a size (40GiB, 512MiB).
-    DURATION: seconds (3600) or 90s, 45m, 2h, 1h30m.
+    MEMORY: a fraction (0.5), a percent (50%) or a size (40G = 40GiB, 512MiB).
+    DURATION: seconds (3600) or 90s, 45m, 2h, 1h30m, 1d, or Slurm's forms (1-12:00:00).
     The partition lives until it expires or is released.
     """
-    from chronos.units import parse_duration, parse_start
+    from chronos.api import start_timestamp
 
     if warn_signal and not warn:
         raise BadRequest("--warn-signal needs --warn")
@@ -118,9 +199,12 @@ def create(
         raise BadRequest("--repeat and --until go together")
     if wait and start:
         raise BadRequest("--wait is for requests that start now; --start books ahead")
+    if timeout and not wait:
+        raise BadRequest("--timeout goes with --wait")
+    _check_warn(warn, duration)
     now = time.time()
-    starts_at = parse_start(start, now) if start else None
-    options = dict(
+    starts_at = start_timestamp(start, now) if start else None
+    options: dict[str, Any] = dict(
         device=device,
         memory=memory,
         duration=duration,
@@ -137,22 +221,45 @@ def create(
         if starts_at is None:
             raise BadRequest("--repeat needs --start (the first day's start time)")
         sys.exit(_create_repeated(client, options, starts_at, repeat, until, as_json))
-    wait_s = parse_duration(timeout) if timeout else None
-    if timeout and not wait:
-        raise BadRequest("--timeout goes with --wait")
     on_wait = WaitDisplay(as_json) if wait else None
-    p = client.create(**options, start=starts_at, wait=wait, timeout=wait_s, on_wait=on_wait)
+    p = client.create(**options, start=starts_at, wait=wait, timeout=timeout, on_wait=on_wait)
     if on_wait is not None:
         on_wait.done()
     if as_json:
         emit_json(p.to_json())
-    else:
-        verb = "booked" if p.record.state_at(time.time()) == BOOKED else "created"
-        click.echo(f"{verb} " + describe(p.record, time.time()))
+        return
+    verb = "booked" if p.record.state_at(time.time()) == "booked" else "created"
+    click.echo(f"{verb} " + describe(p.record, time.time()))
+    note = interpretation(memory, duration, p.record)
+    if note:
+        click.echo(f"  ({note})")
+
+
+def _check_warn(warn: str | None, duration: str) -> None:
+    """A warning must come before the end: not as long as the partition, or longer."""
+    if not warn:
+        return
+    from chronos.units import parse_duration
+
+    try:
+        length = parse_duration(duration, float("inf"))
+    except BadRequest:
+        return  # the service names what is wrong with DURATION
+    ahead = parse_duration(warn, float("inf"))
+    if ahead >= length:
+        raise BadRequest(
+            f"--warn {warn} is not shorter than the partition ({render.span(length)}): "
+            "the warning would come before it starts"
+        )
 
 
 def _create_repeated(
-    client: Any, options: dict[str, Any], first: float, repeat: str, until: str, as_json: bool
+    client: Partitioner,
+    options: dict[str, Any],
+    first: float,
+    repeat: str,
+    until: str,
+    as_json: bool,
 ) -> int:
     """One booking per day from ``first`` to ``until``; report the days that did not fit."""
     from datetime import datetime, timedelta
@@ -160,21 +267,26 @@ def _create_repeated(
     from chronos.units import parse_date
 
     last = parse_date(until)
+    if last.timestamp() < time.time():
+        raise BadRequest(f"--until {until} is in the past")
     day = datetime.fromtimestamp(first)  # local wall time: 09:00 stays 09:00 across DST
+    if day.astimezone() > last:
+        raise BadRequest(f"--until {until} is before the first start, {render.when(first)}")
     made, failed = [], []
     while day.astimezone() <= last:
         if repeat == "daily" or day.weekday() < 5:
             start = day.astimezone()  # this day's own UTC offset
             try:
-                made.append(client.create(**options, start=start.timestamp()).to_json())
+                made.append(client.create(**options, start=start.timestamp()))
             except ChronosError as exc:
                 failed.append({"start": start.isoformat(), "error": str(exc)})
         day += timedelta(days=1)
     if as_json:
-        emit_json({"booked": made, "failed": failed})
+        emit_json({"booked": [p.to_json() for p in made], "failed": failed})
     else:
-        for item in made:
-            click.echo(f"booked {item['id']}: GPU {item['device']} from {item['starts_at']}")
+        now = time.time()
+        for p in made:
+            click.echo("booked " + describe(p.record, now))
         for item in failed:
             click.echo(f"not booked {item['start']}: {item['error']}", err=True)
         click.echo(f"{len(made)} booked, {len(failed)} did not fit")
@@ -182,33 +294,46 @@ def _create_repeated(
 
 
 class WaitDisplay:
-    """Shows a waiting request's place in the queue: in place on a terminal, else as lines."""
+    """Shows a waiting request's place in the queue.
+
+    On a terminal: one line, redrawn in place and cut to the terminal's width.
+    Off a terminal: a line only when the position, the blockers or the estimate change.
+    """
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.tty = sys.stderr.isatty()
-        self.last = ""
+        self.shown = False
+        self.last_key: tuple[Any, ...] | None = None
 
     def __call__(self, status: dict[str, Any]) -> None:
         if self.quiet:
             return
-        line = self.describe(status)
         if self.tty:
-            sys.stderr.write("\r\x1b[K" + line)
+            width = render.terminal_width(sys.stderr)
+            sys.stderr.write("\r\x1b[K" + render.fit(self.describe(status), width - 1))
             sys.stderr.flush()
-        elif line != self.last:
-            click.echo(line, err=True)
-        self.last = line
+            self.shown = True
+            return
+        key = self.key(status)
+        if key != self.last_key:
+            click.echo(self.describe(status), err=True)
+            self.last_key = key
+
+    @staticmethod
+    def key(status: dict[str, Any]) -> tuple[Any, ...]:
+        est = status.get("estimated_start")
+        return (
+            status.get("position"),
+            tuple(status.get("waiting_for") or ()),
+            None if est is None else round(est),
+        )
 
     @staticmethod
     def describe(status: dict[str, Any]) -> str:
         now = time.time()
         est = status.get("estimated_start")
-        when = (
-            "unknown"
-            if est is None
-            else f"{local_clock(est)} (in {format_duration(max(0.0, est - now))})"
-        )
+        when = "unknown" if est is None else f"{render.when(est)} (in {render.span(est - now)})"
         blockers = ", ".join(status.get("waiting_for") or []) or "waiting requests ahead"
         return (
             f"waiting: position {status.get('position', '?')} in the queue, for {blockers}; "
@@ -216,9 +341,21 @@ class WaitDisplay:
         )
 
     def done(self) -> None:
-        if self.tty and self.last and not self.quiet:
+        if self.tty and self.shown and not self.quiet:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
+
+
+# ---------------------------------------------------------------------- queue
+
+
+def queue_json(q: dict[str, Any]) -> dict[str, Any]:
+    """A queue entry with ISO-8601 times, as every other --json time."""
+    return {
+        **q,
+        "enqueued_at": iso(q.get("enqueued_at")),
+        "estimated_start": iso(q.get("estimated_start")),
+    }
 
 
 @cli.command()
@@ -227,32 +364,89 @@ def queue(as_json: bool) -> None:
     """Show the requests waiting for GPU capacity, in the order they will be served."""
     items = _client().queue()
     if as_json:
-        emit_json(items)
+        emit_json([queue_json(q) for q in items])
         return
     if not items:
         click.echo("no waiting requests")
         return
+    columns = [
+        render.Column("TICKET"),
+        render.Column("GPU", right=True),
+        render.Column("POS", right=True),
+        render.Column("USER", squeeze=True),
+        render.Column("MEMORY", right=True),
+        render.Column("DURATION", right=True),
+        render.Column("WAITED", right=True),
+        render.Column(f"EST. START {render.zone()}"),
+    ]
     rows = [
         [
             q["ticket"],
             str(q["device"]),
             str(q["position"]),
             q["user"],
-            f"{q['memory_fraction']:.1%} ({format_bytes(q['memory_bytes'])})",
-            format_duration(q["duration_s"]),
-            format_duration(q["waited_s"]),
-            local_clock(q["estimated_start"]) if q["estimated_start"] else "unknown",
+            render.size(q["memory_bytes"]),
+            render.span(q["duration_s"]),
+            render.span(q["waited_s"]),
+            render.clock(q["estimated_start"]) if q["estimated_start"] else "unknown",
         ]
         for q in items
     ]
-    click.echo(
-        table(["TICKET", "GPU", "POS", "USER", "MEMORY", "DURATION", "WAITED", "EST. START"], rows)
-    )
+    click.echo(render.table(columns, rows, width=render.table_width()))
 
 
 @cli.command()
-@click.option("--device", type=int, help="Only this GPU.")
-@click.option("--days", default=1.0, show_default=True, help="How far ahead to show.")
+@click.argument(
+    "tickets", nargs=-1, required=True, metavar="TICKET...", shell_complete=partition_ids
+)
+@json_option
+def cancel(tickets: tuple[str, ...], as_json: bool) -> None:
+    """Take queued requests out of the queue (any unique prefix of a ticket works)."""
+    client = _client()
+    done, failures = _each(tickets, lambda t: client.cancel(t))
+    if as_json and done:
+        emit_json(done)
+    else:
+        for status in done:
+            click.echo(f"cancelled queued request {status['ticket']}")
+    _exit_for(failures)
+
+
+def _each(
+    ids: Sequence[str], act: Callable[[str], Any]
+) -> tuple[list[Any], list[tuple[str, ChronosError]]]:
+    """``act`` on every id; collect the results and, per id, the errors (all ids are tried)."""
+    done, failures = [], []
+    for text in ids:
+        try:
+            done.append(act(text))
+        except ChronosError as exc:
+            failures.append((text, exc))
+    return done, failures
+
+
+def _exit_for(failures: list[tuple[str, ChronosError]]) -> None:
+    """Report each failed id, in order; exit with the first failure's code (none: return)."""
+    if not failures:
+        return
+    for _text, exc in failures:
+        report_error(exc)
+    sys.exit(failures[0][1].exit_code)
+
+
+# ------------------------------------------------------------------- calendar
+
+
+@cli.command()
+@click.option("--device", type=click.IntRange(min=0), help="Only this GPU.")
+@click.option(
+    "--days",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0, max=MAX_CALENDAR_DAYS, min_open=True),
+    callback=finite,
+    help="How far ahead to show (more than 0, at most a year).",
+)
 @json_option
 def calendar(device: int | None, days: float, as_json: bool) -> None:
     """Bookings, active partitions and the queue per GPU, as a timeline."""
@@ -265,9 +459,17 @@ def calendar(device: int | None, days: float, as_json: bool) -> None:
         records = [r for r in records if r.device == device]
         waiting = [q for q in waiting if q["device"] == device]
     if as_json:
-        emit_json({"partitions": [r.to_json() for r in records], "queue": waiting})
+        emit_json(
+            {
+                "partitions": [r.to_json() for r in records],
+                "queue": [queue_json(q) for q in waiting],
+            }
+        )
         return
     click.echo(render_calendar(records, waiting, time.time(), days * 86400.0))
+
+
+# ---------------------------------------------------------------------- usage
 
 
 @cli.command()
@@ -286,37 +488,37 @@ def usage(since: str, user: str | None, as_json: bool) -> None:
     if not rows:
         click.echo("no usage in that period")
         return
-    headers = [
-        "USER",
-        "GPU-H RESERVED",
-        "GPU-H USED",
-        "CREATED",
-        "RELEASED EARLY",
-        "EXPIRED",
-        "REFUSED",
-        "KILLED (MEMORY)",
+    columns = [
+        render.Column("USER", squeeze=True),
+        render.Column("GPU-H RESERVED", right=True),
+        render.Column("GPU-H USED", right=True),
+        render.Column("CREATED", right=True),
+        render.Column("RELEASED", right=True),
+        render.Column("EXPIRED", right=True),
+        render.Column("REFUSED", right=True),
+        render.Column("KILLED", right=True),
     ]
-    click.echo(
-        table(
-            headers,
-            [
-                [
-                    r["user"],
-                    f"{r['gpu_hours_reserved']:.2f}",
-                    f"{r['gpu_hours_used']:.2f}" if r["used_measured_partitions"] else "n/a",
-                    str(r["created"]),
-                    str(r["released_early"]),
-                    str(r["expired"]),
-                    str(r["refused"]),
-                    str(r["killed_for_memory"]),
-                ]
-                for r in rows
-            ],
-        )
-    )
+    body = [
+        [
+            r["user"],
+            f"{r['gpu_hours_reserved']:.2f}",
+            f"{r['gpu_hours_used']:.2f}" if r["used_measured_partitions"] else "n/a",
+            str(r["created"]),
+            str(r["released_early"]),
+            str(r["expired"]),
+            str(r["refused"]),
+            str(r["killed_for_memory"]),
+        ]
+        for r in rows
+    ]
+    click.echo(render.table(columns, body, width=render.table_width()))
+    click.echo("RELEASED: released early; KILLED: stopped for holding more than their memory")
 
 
-@cli.group()
+# --------------------------------------------------------------------- config
+
+
+@cli.group(cls=ChronosGroup)
 def config() -> None:
     """The machine policy file."""
 
@@ -345,55 +547,153 @@ def config_check(path: str | None, as_json: bool) -> None:
     click.echo(to_toml(policy), nl=False)
 
 
+# ----------------------------------------------------------------------- list
+
+
+def _list_fields(text: str | None) -> tuple[str, ...]:
+    if text is None:
+        return render.DEFAULT_LIST_FORMAT
+    fields = tuple(f.strip().lower() for f in text.split(",") if f.strip())
+    unknown = [f for f in fields if f not in render.LIST_FIELDS]
+    if unknown or not fields:
+        raise BadRequest(
+            f"unknown --format field(s) {', '.join(unknown) or '(none)'}; "
+            f"choose from {','.join(render.LIST_FIELDS)}"
+        )
+    return fields
+
+
 @cli.command(name="list")
 @click.option("--all", "show_all", is_flag=True, help="Include released and expired partitions.")
+@click.option("--me", is_flag=True, help="Only my partitions.")
+@click.option("--user", help="Only this user's partitions.")
+@click.option("--device", type=click.IntRange(min=0), help="Only this GPU's partitions.")
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice(STATES),
+    help="Only partitions in this state (repeatable); released/expired imply --all.",
+)
+@click.option(
+    "--format",
+    "fields",
+    metavar="FIELD,...",
+    help=f"Columns to show, in order: {','.join(render.LIST_FIELDS)}.",
+)
+@click.option("--no-header", is_flag=True, help="Leave out the header line (for scripts).")
 @json_option
-def list_(show_all: bool, as_json: bool) -> None:
-    """Show the partitions of this machine."""
-    records = [p.record for p in _client().list(all=show_all)]
+def list_(
+    show_all: bool,
+    me: bool,
+    user: str | None,
+    device: int | None,
+    states: tuple[str, ...],
+    fields: str | None,
+    no_header: bool,
+    as_json: bool,
+) -> None:
+    """Show the partitions of this machine (active and booked; --all: ended ones too)."""
+    columns = _list_fields(fields)
+    if me and user:
+        raise BadRequest("--me and --user name the owner twice: give one")
+    if me:
+        import pwd
+
+        user = pwd.getpwuid(os.getuid()).pw_name
+    include_ended = show_all or any(s in ("released", "expired") for s in states)
+    client = _client()
+    wire = client.transport.call("list", all=include_ended)
     now = time.time()
+    records = [
+        r
+        for r in wire
+        if (user is None or r["user"] == user)
+        and (device is None or r["device"] == device)
+        and (not states or render.state_at(r, now) in states)
+    ]
+    print_list(
+        records,
+        now,
+        columns,
+        as_json=as_json,
+        header=not no_header,
+        any_filter=bool(user or device is not None or states),
+        show_all=include_ended,
+    )
+
+
+def print_list(
+    records: list[dict[str, Any]],
+    now: float,
+    columns: Sequence[str],
+    *,
+    as_json: bool,
+    header: bool,
+    any_filter: bool,
+    show_all: bool,
+) -> None:
     if as_json:
-        emit_json([r.to_json(now) for r in records])
+        from chronos.models import PartitionRecord
+
+        emit_json([PartitionRecord.from_wire(r).to_json(now) for r in records])
         return
     if not records:
-        click.echo("no active partitions" if not show_all else "no partitions")
+        if header:  # a script that asked for no header wants no chatter either
+            what = "partitions" if show_all else "active partitions"
+            click.echo(f"no {what}" + (" match" if any_filter else ""))
         return
-    headers = ["ID", "GPU", "MEMORY", "USER", "CREATED", "EXPIRES", "REMAINING"]
-    if show_all:
-        headers.append("STATE")
-    rows = []
-    for r in records:
-        row = [
-            r.id,
-            str(r.device),
-            f"{r.memory_fraction:.1%} ({format_bytes(r.memory_bytes)})",
-            r.user,
-            local_clock(r.created_at),
-            local_clock(r.expires_at),
-            format_duration(r.time_remaining_at(now)),
-        ]
-        if show_all:
-            row.append(r.state_at(now))
-        rows.append(row)
-    click.echo(table(headers, rows))
+    click.echo(
+        render.render_list(
+            records,
+            now,
+            columns,
+            header=header,
+            colour=render.use_colour(),
+            width=render.table_width(),
+        )
+    )
+
+
+# ------------------------------------------------------- release, extend, ...
+
+
+@cli.command(name="get")
+@click.argument("partition_id", metavar="ID", shell_complete=partition_ids)
+@json_option
+def get_(partition_id: str, as_json: bool) -> None:
+    """Show partition ID (any unique prefix of it)."""
+    p = _client().get(partition_id)
+    if as_json:
+        emit_json(p.to_json())
+    else:
+        click.echo(describe(p.record, time.time()))
 
 
 @cli.command()
-@click.argument("partition_id", metavar="ID")
+@click.argument("ids", nargs=-1, required=True, metavar="ID...", shell_complete=partition_ids)
 @json_option
-def release(partition_id: str, as_json: bool) -> None:
-    """End partition ID now."""
+def release(ids: tuple[str, ...], as_json: bool) -> None:
+    """End partitions now (any unique prefix of an id works)."""
     client = _client()
-    client.release(partition_id)
-    record = client.get(partition_id).record
-    if as_json:
-        emit_json(record.to_json())
+
+    def end(text: str) -> PartitionRecord:
+        full = client.resolve(text)
+        client.release(full)
+        return client.get(full).record
+
+    done, failures = _each(ids, end)
+    now = time.time()
+    if as_json and done:
+        emit_json(done[0].to_json() if len(ids) == 1 else [r.to_json() for r in done])
     else:
-        click.echo("released " + describe(record, time.time()))
+        for record in done:
+            click.echo("released " + describe(record, now))
+    _exit_for(failures)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
-@click.argument("partition_id", metavar="ID")
+@click.argument("partition_id", metavar="ID", shell_complete=partition_ids)
 @click.argument("duration")
 @json_option
 def extend(partition_id: str, duration: str, as_json: bool) -> None:
@@ -407,94 +707,198 @@ def extend(partition_id: str, duration: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("partition_id", metavar="ID")
+@click.argument("partition_id", metavar="ID", shell_complete=partition_ids)
 @click.argument("pid", type=int)
 @json_option
 def attach(partition_id: str, pid: int, as_json: bool) -> None:
     """Count process PID (and its children) toward partition ID."""
-    _client().get(partition_id).attach(pid)
+    p = _client().get(partition_id)
+    p.attach(pid)
     if as_json:
-        emit_json({"id": partition_id, "pid": pid})
+        emit_json({"id": p.id, "pid": pid})
     else:
-        click.echo(f"attached process {pid} to partition {partition_id}")
+        click.echo(f"attached process {pid} to partition {p.id}")
+
+
+# --------------------------------------------------------------------- events
+
+
+def event_json(e: dict[str, Any]) -> dict[str, Any]:
+    """An event with every time in it ISO-8601 (the detail's epoch seconds too)."""
+    detail = {
+        k: iso(v) if k in ("from", "to") or k.endswith("_at") and isinstance(v, int | float) else v
+        for k, v in (e.get("detail") or {}).items()
+    }
+    return {**e, "detail": detail}
 
 
 @cli.command()
 @click.option("--since", help="Only events newer than this (e.g. 1h, 7d).")
-@click.option("--id", "partition_id", help="Only events of this partition.")
+@click.option(
+    "--id",
+    "partition_id",
+    shell_complete=partition_ids,
+    help="Only events of this partition (or an id prefix).",
+)
 @json_option
 def events(since: str | None, partition_id: str | None, as_json: bool) -> None:
     """Show the ledger's history (created, released, expired, refused …)."""
     from chronos.units import parse_duration
 
     cutoff = time.time() - parse_duration(since, float("inf")) if since else None
-    items = _client().events(since=cutoff, partition_id=partition_id)
+    client = _client()
+    if partition_id is not None:
+        partition_id = client.resolve(partition_id)
+    items = [event_json(e) for e in client.events(since=cutoff, partition_id=partition_id)]
     if as_json:
         emit_json(items)
         return
+    from datetime import datetime
+
+    columns = [
+        render.Column(f"AT {render.zone()}"),
+        render.Column("EVENT"),
+        render.Column("PARTITION"),
+        render.Column("BY", squeeze=True),
+        render.Column("DETAIL", squeeze=True, min_width=10),
+    ]
     rows = [
         [
-            e["at"][:23],
+            render.clock(datetime.fromisoformat(e["at"]).timestamp()),
             e["kind"],
             e["partition_id"] or "-",
             e["user"] or "-",
-            json.dumps(e["detail"]),
+            json.dumps(e["detail"]) if e["detail"] else "",
         ]
         for e in items
     ]
-    click.echo(table(["AT", "EVENT", "PARTITION", "BY", "DETAIL"], rows))
+    click.echo(render.table(columns, rows, width=render.table_width()))
+
+
+# ---------------------------------------------------------------------- stats
 
 
 @cli.command()
+@click.option(
+    "--device", "devices", type=click.IntRange(min=0), multiple=True, help="Only this GPU."
+)
 @click.option("--watch", is_flag=True, help="Refresh in place until interrupted.")
-@click.option("--interval", default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option(
+    "--interval",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=MIN_WATCH_INTERVAL_S),
+    callback=finite,
+    help=f"Seconds between refreshes (at least {MIN_WATCH_INTERVAL_S}).",
+)
 @json_option
-def stats(watch: bool, interval: float, as_json: bool) -> None:
-    """Show each GPU: memory, committed partitions and the processes using it."""
-    from chronos.cli_stats import render_stats, watch_stats
+def stats(devices: tuple[int, ...], watch: bool, interval: float, as_json: bool) -> None:
+    """Show each GPU: memory, committed partitions and the processes using it.
+
+    With --json: one object per GPU, each with the mode (daemon or embedded) and its
+    backend; with --watch --json, one JSON object per refresh, one per line.
+    """
+    from chronos.cli_stats import render_stats, stats_json, watch_stats
 
     client = _client()
     if watch:
-        watch_stats(client, interval)
+        watch_stats(client, interval, list(devices), as_json)
         return
     data = client.transport.call("stats")
     if as_json:
-        emit_json(data["devices"])
+        emit_json(stats_json(data, list(devices)))
     else:
-        click.echo(render_stats(data))
+        click.echo(render_stats(data, list(devices)))
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+# ------------------------------------------------------------------------ run
+
+
+@cli.command(context_settings={"allow_interspersed_args": False})
 @click.option("--device", default=0, show_default=True, type=int, help="GPU index.")
-@click.option("--memory", required=True, help="Fraction, percent or size (0.25, 25%, 20GiB).")
-@click.option("--duration", required=True, help="How long (3600, 2h, 1h30m).")
+@click.option("--memory", help="Fraction, percent or size (0.25, 25%, 20G).")
+@click.option("--duration", help="How long (3600, 2h, 1h30m, 1-00:00:00).")
 @click.option("--grace", help="Delay between SIGTERM and SIGKILL at expiry (default 30s).")
+@click.option("--wait", is_flag=True, help="If it does not fit now, wait in the fair queue.")
+@click.option("--timeout", help="With --wait: give up after this long (e.g. 10m).")
+@click.option(
+    "--reuse",
+    is_flag=True,
+    help="Inside a partition (CHRONOS_PARTITION_ID set): run in it, reserve nothing new.",
+)
 @click.option(
     "--json",
     "as_json",
     is_flag=True,
-    help="When COMMAND ends, print a JSON summary (partition, exit code, why).",
+    help="When COMMAND ends, write a JSON summary to stderr (not mixed into its stdout).",
+)
+@click.option(
+    "--json-file",
+    type=click.Path(dir_okay=False, writable=True),
+    help="When COMMAND ends, write the JSON summary to this file.",
 )
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(
     device: int,
-    memory: str,
-    duration: str,
+    memory: str | None,
+    duration: str | None,
     grace: str | None,
+    wait: bool,
+    timeout: str | None,
+    reuse: bool,
     as_json: bool,
+    json_file: str | None,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND inside a new partition; release it when COMMAND exits.
 
-    Exits with COMMAND's status, or 124 if the partition's end stopped it.
+    Exits with COMMAND's status; 124 if the partition's end stopped it; 125 if Chronos
+    itself failed (bad option, no capacity, no daemon); 126 if COMMAND cannot be run,
+    127 if it is not found. Options go before COMMAND (or before --).
     Example: chronos run --memory 0.25 --duration 2h -- python train.py
     """
-    from chronos.supervisor import run_in_partition
+    from chronos.supervisor import check_program, reuse_partition, run_in_partition
 
-    code, summary = run_in_partition(device, memory, duration, grace, list(command))
+    program = check_program(command[0])  # before anything is reserved
+    outer = os.environ.get("CHRONOS_PARTITION_ID")
+    if reuse:
+        if memory or duration or wait:
+            raise BadRequest(
+                "--reuse runs in the outer partition: leave out --memory, --duration, --wait"
+            )
+        reuse_partition(outer, program, list(command))  # does not return
+    if memory is None or duration is None:
+        raise BadRequest("chronos run needs --memory and --duration (or --reuse)")
+    if timeout and not wait:
+        raise BadRequest("--timeout goes with --wait")
+    if outer:
+        click.echo(
+            f"chronos: warning: already inside partition {outer}; reserving a second share "
+            f"(use --reuse to run inside {outer} instead)",
+            err=True,
+        )
+    on_wait = WaitDisplay(False) if wait else None
+    code, summary = run_in_partition(
+        device,
+        memory,
+        duration,
+        grace,
+        [program, *command[1:]],
+        argv0=command[0],
+        wait=wait,
+        timeout=timeout,
+        on_wait=on_wait,
+    )
+    text = json.dumps(summary, indent=2)
+    if json_file:
+        with open(json_file, "w") as f:
+            f.write(text + "\n")
     if as_json:
-        emit_json(summary)
+        click.echo(text, err=True)
     sys.exit(code)
+
+
+# ------------------------------------------------------------------ the rest
 
 
 @cli.command()
@@ -520,22 +924,78 @@ def daemon(args: tuple[str, ...]) -> None:
     sys.exit(daemon_main(list(args)))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        cli.main(args=argv, prog_name="chronos", standalone_mode=False)
-    except ChronosError as exc:
+@cli.command(hidden=True)
+@click.option("--output", "-o", type=click.Path(file_okay=False), help="Write chronos*.1 here.")
+def man(output: str | None) -> None:
+    """Write the manual page (roff), made from this CLI's own help."""
+    from chronos.cli_man import write_pages
+
+    for line in write_pages(cli, output):
+        click.echo(line)
+
+
+# ----------------------------------------------------------------------- main
+
+
+def report_error(exc: ChronosError, as_json: bool | None = None, code: int | None = None) -> None:
+    """One line on stderr; a JSON object there under --json."""
+    if as_json is None:
+        as_json = _wants_json(sys.argv[1:])
+    exit_code = exc.exit_code if code is None else code
+    if as_json:
+        body = {"error": {"code": exc.code, "message": str(exc), "exit_code": exit_code}}
+        click.echo(json.dumps(body), err=True)
+    else:
         click.echo(f"chronos: error: {exc}", err=True)
-        return exc.exit_code
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    """``--json`` among the options (not inside a ``chronos run`` command)."""
+    for arg in argv:
+        if arg == "--":
+            return False
+        if arg in ("--json",):
+            return True
+    return False
+
+
+def _is_run(argv: Sequence[str]) -> bool:
+    return bool(argv) and argv[0] == "run"
+
+
+def fail(exc: ChronosError, argv: Sequence[str]) -> int:
+    own = _is_run(argv) and not isinstance(exc, CommandNotRunnable)
+    code = RUN_FAILED_EXIT if own else exc.exit_code
+    report_error(exc, _wants_json(argv), code)
+    return code
+
+
+def main(argv: Sequence[str] | None = None, fast_path: bool = True) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if fast_path:
+        from chronos.cli_fast import try_fast_path
+
+        fast = try_fast_path(args)
+        if fast is not None:
+            return fast
+    try:
+        cli.main(args=args, prog_name="chronos", standalone_mode=False)
+    except ChronosError as exc:
+        return fail(exc, args)
     except click.exceptions.Abort:
         click.echo("chronos: interrupted", err=True)
         return 130
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
     except click.ClickException as exc:
         hint = ""
         ctx = getattr(exc, "ctx", None)
         if ctx is not None:
             hint = f" (see '{ctx.command_path} --help')"
-        click.echo(f"chronos: error: {exc.format_message()}{hint}", err=True)
-        return exc.exit_code
+        error = BadRequest(f"{exc.format_message()}{hint}")
+        code = RUN_FAILED_EXIT if _is_run(args) else exc.exit_code
+        report_error(error, _wants_json(args), code)
+        return code
     except KeyboardInterrupt:
         click.echo("chronos: interrupted", err=True)
         return 130

@@ -6,6 +6,10 @@ wire and the client can raise the same class on the other side.
 
 from __future__ import annotations
 
+RUN_FAILED_EXIT = 125
+"""Exit status of ``chronos run`` when Chronos itself failed (as ``timeout`` and ``docker
+run`` use 125), so that it never collides with the command's own status."""
+
 
 class ChronosError(Exception):
     """Base of every Chronos error; ``str(err)`` is a one-line message for users."""
@@ -74,11 +78,25 @@ class DeviceError(ChronosError):
     exit_code = 9
 
 
-class Timeout(ChronosError):
-    """A wait (for capacity, for the daemon) ran out."""
+class Timeout(ChronosError, TimeoutError):
+    """A wait (for capacity, for the daemon) ran out.
+
+    Also a :class:`TimeoutError`, so ``except TimeoutError`` catches it as it
+    catches other libraries' timeouts.
+    """
 
     code = "timeout"
     exit_code = 10
+
+
+class CommandNotRunnable(ChronosError):
+    """``chronos run``'s command cannot be started: 127 not found, 126 not executable."""
+
+    code = "not_runnable"
+
+    def __init__(self, message: str, exit_code: int = 127) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 _BY_CODE: dict[str, type[ChronosError]] = {

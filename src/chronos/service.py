@@ -130,7 +130,7 @@ class Service:
         uid, name = self._owner(caller, user)
         dev = self.machine.device(device)
         nbytes = parse_memory(memory, dev.total_bytes)
-        seconds = parse_duration(duration, self.config.max_duration_s)
+        seconds = self._within_max_duration(parse_duration(duration, math.inf))
         if start is not None and not (
             math.isfinite(start) and start <= self.ledger.clock() + MAX_BOOK_AHEAD_S
         ):  # NaN broke the insert; 1e300 was stored and then crashed every `chronos list`
@@ -487,10 +487,9 @@ class Service:
     def op_extend(self, caller: Caller, id: str, duration: Any) -> dict[str, Any]:
         record = self.ledger.get(id)
         self._authorize(caller, record, "extend")
-        extra = parse_duration(duration, self.config.max_duration_s)
+        extra = parse_duration(duration, math.inf)
         new_end = record.expires_at + extra
-        if new_end - record.starts_at > self.config.max_duration_s:
-            raise BadRequest("that would make the partition longer than the maximum duration")
+        self._within_max_duration(new_end - record.starts_at)
         if not caller.is_admin:
             self._check_extension(record, new_end)
         capacity = self.config.reservable_bytes(record.device, record.device_total_bytes)
@@ -517,6 +516,19 @@ class Service:
         if cut < len(items):
             cursor = events[cut - 1].seq
         return {"items": page, "next": cursor}
+
+    def _within_max_duration(self, seconds: float) -> float:
+        """The machine's longest partition is a limit like the per-user ones: refused as they
+        are (same wording, same exit code), naming the maximum."""
+        if seconds > self.config.max_duration_s + 1e-6:
+            from chronos.errors import AdmissionRefused
+            from chronos.units import format_duration
+
+            raise AdmissionRefused(
+                f"over the max_duration limit: {format_duration(seconds)} asked, "
+                f"at most {format_duration(self.config.max_duration_s)}"
+            )
+        return seconds
 
     def _check_extension(self, record: PartitionRecord, new_end: float) -> None:
         """An extension must pass the same quotas as a partition of the new length."""

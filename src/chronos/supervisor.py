@@ -10,23 +10,33 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from chronos import procs
 from chronos.api import Partition, Partitioner
 from chronos.attribution import MARKER
 from chronos.devices import Machine
 from chronos.enforcement import MemoryWatch, Violation
-from chronos.errors import ChronosError, PartitionEnded
+from chronos.errors import (
+    BadRequest,
+    ChronosError,
+    CommandNotRunnable,
+    PartitionEnded,
+    PermissionDenied,
+)
 from chronos.models import ProcessUse
 from chronos.units import format_bytes, format_duration, local_clock
 
 EXPIRED_EXIT = 124
 """Exit status of ``chronos run`` when the partition's end stopped the command."""
+NOT_EXECUTABLE_EXIT = 126
+NOT_FOUND_EXIT = 127
+"""As ``timeout``, ``env`` and ``docker run``: the command is there but cannot run / is not."""
 
 _WATCHED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT)
 _FORWARDED = (signal.SIGTERM, signal.SIGHUP)
@@ -39,17 +49,92 @@ def say(message: str) -> None:
     print(f"chronos: {message}", file=sys.stderr, flush=True)
 
 
-def run_in_partition(
-    device: int, memory: str, duration: str, grace: str | None, command: Sequence[str]
-) -> tuple[int, dict[str, Any]]:
-    """Run ``command`` in a new partition; return its exit code and a summary."""
+def check_program(name: str) -> str:
+    """The program ``name`` would run (a path), checked before anything is reserved.
+
+    Raises :class:`CommandNotRunnable` (exit 127 if not found, 126 if not
+    executable), as ``timeout`` and ``docker run`` do.
+    """
+    if not name:
+        raise CommandNotRunnable("no command given", NOT_FOUND_EXIT)
+    if "/" in name:
+        if not os.path.exists(name):
+            raise CommandNotRunnable(f"cannot run {name!r}: no such file", NOT_FOUND_EXIT)
+        if os.path.isdir(name) or not os.access(name, os.X_OK):
+            raise CommandNotRunnable(f"cannot run {name!r}: not executable", NOT_EXECUTABLE_EXIT)
+        return name
+    found = shutil.which(name)
+    if found is None:
+        raise CommandNotRunnable(f"cannot run {name!r}: command not found", NOT_FOUND_EXIT)
+    return found
+
+
+def reuse_partition(outer: str | None, program: str, command: Sequence[str]) -> NoReturn:
+    """Become ``command`` inside the partition this process already runs in.
+
+    The outer ``chronos run`` (or API partition) counts its descendants and the
+    ``CHRONOS_PARTITION_ID`` marker, so the command stays accounted to it.
+    """
+    if not outer:
+        raise BadRequest("--reuse: not inside a partition (CHRONOS_PARTITION_ID is not set)")
     client = Partitioner()
-    partition = client.create(
-        device=device, memory=memory, duration=duration, kind="run", grace=grace
-    )
+    try:
+        record = client.get(outer).record
+    finally:
+        client.close()
+    state = record.state_at(time.time())
+    if state != "active":
+        raise PartitionEnded(f"--reuse: partition {record.id} is {state}, not active")
+    if record.uid != os.getuid() and os.getuid() != 0:
+        # The variable is the caller's to set: it names a partition, it does not grant one.
+        raise PermissionDenied(
+            f"--reuse: partition {record.id} belongs to {record.user}; a command runs only "
+            "in a partition of its own user"
+        )
+    sys.stdout.flush()
+    os.execv(program, list(command))
+
+
+def run_in_partition(
+    device: int,
+    memory: str,
+    duration: str,
+    grace: str | None,
+    command: Sequence[str],
+    *,
+    argv0: str | None = None,
+    wait: bool = False,
+    timeout: str | None = None,
+    on_wait: Callable[[dict[str, Any]], Any] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """Run ``command`` in a new partition; return its exit code and a summary.
+
+    ``command[0]`` is the program's path (see :func:`check_program`); ``argv0``
+    the name the user typed, which the program sees as its ``argv[0]``. With
+    ``wait`` a request that does not fit now waits in the fair queue first.
+    """
+    client = Partitioner()
+    try:
+        partition = client.create(
+            device=device,
+            memory=memory,
+            duration=duration,
+            kind="run",
+            grace=grace,
+            wait=wait,
+            timeout=timeout,
+            on_wait=on_wait,
+        )
+    except BaseException:
+        client.close()
+        raise
+    finally:
+        done = getattr(on_wait, "done", None)
+        if done is not None:
+            done()
     supervisor = Supervisor(partition, client.mode)
     try:
-        code = supervisor.run(command)
+        code = supervisor.run(command, argv0)
     finally:
         with contextlib.suppress(PartitionEnded, ChronosError):
             partition.release()
@@ -83,21 +168,21 @@ class Supervisor:
         pids.discard(me)
         return procs.snapshot(pids)
 
-    def run(self, command: Sequence[str]) -> int:
+    def run(self, command: Sequence[str], argv0: str | None = None) -> int:
         procs.set_child_subreaper()
         env = {**os.environ, **self.partition.limits_env()}
         signal.pthread_sigmask(signal.SIG_BLOCK, _WATCHED)
         # The child waits on this pipe before exec, so the daemon has attached it (and placed
         # it in the partition's cgroup) before the command can run or fork anything.
         try:
-            child = Gated(command, env)
+            child = Gated(command, env, argv0)
             if self.mode == "daemon":
                 self.partition.attach(child.pid)
             error = child.release()
-            if error is not None:
-                say(f"cannot run {command[0]!r}: {error}")
+            if error is not None:  # checked before reserving; it changed since
+                say(f"cannot run {argv0 or command[0]!r}: {error}")
                 os.waitpid(child.pid, 0)
-                return 127
+                return NOT_FOUND_EXIT
             return self._wait(child.pid)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _WATCHED)
@@ -225,7 +310,9 @@ class Gated:
     while the daemon attaches it; a plain fork can.
     """
 
-    def __init__(self, command: Sequence[str], env: dict[str, str]) -> None:
+    def __init__(
+        self, command: Sequence[str], env: dict[str, str], argv0: str | None = None
+    ) -> None:
         gate_read, self._gate = os.pipe()
         self._errors, errors_write = os.pipe2(os.O_CLOEXEC)
         self.pid = os.fork()
@@ -237,7 +324,7 @@ class Gated:
                 # If the supervisor is killed (even by SIGKILL), the command gets SIGTERM.
                 procs.set_parent_death_signal(signal.SIGTERM)
                 os.read(gate_read, 2)
-                os.execvpe(command[0], list(command), env)
+                os.execvpe(command[0], [argv0 or command[0], *command[1:]], env)
             except OSError as exc:
                 os.write(errors_write, (exc.strerror or str(exc)).encode())
             finally:

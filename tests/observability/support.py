@@ -116,5 +116,5 @@ def find_browser() -> str | None:
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
-        return "playwright is not installed (pip install -e '.[test]')"
+        return "playwright is not installed (pip install -e '.[browser]')"
     return None

@@ -1,0 +1,159 @@
+"""The fast path of ``chronos list`` and ``chronos stats`` through the daemon.
+
+These two run most (``watch chronos list``, prompts, scripts). With a daemon
+answering, they need a socket and a table, not click, the models, the service
+or the ledger: this module handles their plain forms (``list [--all]
+[--no-header]``, ``stats [--json]``) with a socket and cli_render alone, and
+prints exactly what the full CLI prints (tests compare the two). Anything else
+(another option, ``--help``, no daemon, an error) returns None and the full
+CLI takes over, so behaviour never depends on which path ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+# Kept to the standard modules `python -c pass` has loaded already, plus json and socket:
+# no typing, pathlib, re or dataclasses (each costs milliseconds here). The daemon
+# protocol is spoken directly (protocol.py: a 4-byte big-endian length, then JSON).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
+
+LIST_FLAGS = frozenset({"--all", "--no-header"})
+STATS_FLAGS = frozenset({"--json"})
+PROTOCOL_VERSION = 1
+MAX_FRAME = 1 << 20
+SYSTEM_SOCKET = "/run/chronos/chronosd.sock"
+
+
+def socket_path() -> str:
+    """chronos.paths.socket_path() without pathlib (a test holds the two to agree)."""
+    explicit = os.environ.get("CHRONOS_SOCKET")
+    if explicit:
+        return explicit
+    home = os.environ.get("CHRONOS_HOME")
+    if home:
+        return os.path.join(home, "chronosd.sock")
+    return SYSTEM_SOCKET
+
+
+class NotFast(Exception):
+    """Anything unexpected: the full CLI takes over, and reports it in its own words."""
+
+
+class DaemonClient:
+    """One request/reply at a time over chronosd's socket (the framing of protocol.py)."""
+
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
+        import socket
+
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError as exc:
+            self.sock.close()
+            raise NotFast from exc
+
+    def call(self, op: str, **args: Any) -> Any:
+        body = json.dumps({"v": PROTOCOL_VERSION, "op": op, "args": args}).encode()
+        try:
+            self.sock.sendall(len(body).to_bytes(4, "big") + body)
+            length = int.from_bytes(self._recv(4), "big")
+            if length > MAX_FRAME:
+                raise NotFast
+            reply = json.loads(self._recv(length))
+        except (OSError, ValueError, EOFError) as exc:
+            raise NotFast from exc
+        if not isinstance(reply, dict) or reply.get("ok") is not True:
+            raise NotFast  # an error: the full CLI asks again and says it properly
+        return reply.get("result")
+
+    def _recv(self, n: int) -> bytes:
+        chunks = []
+        while n:
+            chunk = self.sock.recv(n)
+            if not chunk:
+                raise EOFError
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def try_fast_path(argv: Sequence[str]) -> int | None:
+    """Run ``argv`` here if it is a plain ``list``/``stats``; None to use the full CLI."""
+    if not argv or argv[0] not in ("list", "stats"):
+        return None
+    flags = set(argv[1:])
+    allowed = LIST_FLAGS if argv[0] == "list" else STATS_FLAGS
+    if len(flags) != len(argv) - 1 or not flags <= allowed:
+        return None
+    if os.environ.get("CHRONOS_MODE", "auto") == "embedded":
+        return None
+    path = socket_path()
+    if not os.path.exists(path):
+        return None
+    try:
+        client = DaemonClient(path)
+    except NotFast:
+        return None
+    try:
+        if argv[0] == "list":
+            return _list(client, "--all" in flags, "--no-header" in flags)
+        return _stats(client, "--json" in flags)
+    except NotFast:
+        return None
+    finally:
+        client.close()
+
+
+def _list(client: DaemonClient, show_all: bool, no_header: bool) -> int:
+    from chronos import cli_render as render
+
+    records = client.call("list", all=show_all)
+    now = time.time()
+    if not records:
+        if not no_header:
+            _out("no partitions" if show_all else "no active partitions")
+        return 0
+    _out(
+        render.render_list(
+            records,
+            now,
+            header=not no_header,
+            colour=render.use_colour(),
+            width=render.table_width(),
+        )
+    )
+    return 0
+
+
+def _stats(client: DaemonClient, as_json: bool) -> int:
+    from chronos.cli_stats import render_stats, stats_json
+
+    data = client.call("stats")
+    _out(json.dumps(stats_json(data), indent=2) if as_json else render_stats(data))
+    return 0
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def main() -> int:
+    """The ``chronos`` entry point: the fast path when it applies, else the full CLI."""
+    fast = try_fast_path(sys.argv[1:])
+    if fast is not None:
+        return fast
+    from chronos.cli import main as full_main
+
+    return full_main(sys.argv[1:], fast_path=False)
