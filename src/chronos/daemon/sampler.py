@@ -66,6 +66,7 @@ class Sampler:
         now = time.time()
         records = ledger.running(now)
         attached = ledger.attached()
+        counted = alloccap.before_sample(records)  # read before NVML: see after_sample
         t0 = time.perf_counter()
         found = await asyncio.get_running_loop().run_in_executor(
             None, attribute_processes, self.service.machine, records, attached
@@ -75,7 +76,9 @@ class Sampler:
         self._remove_ended_cgroups({r.id for r in records})
         for violation in self.watch.observe(self.last_at, records, found):
             self._act(violation)
-        alloccap.after_sample(records, found)  # allocation-time cap (ALLOCATION_CAP.md)
+        # allocation-time cap (ALLOCATION_CAP.md): overheads the library did not see
+        for partition_id, pid, added in alloccap.after_sample(records, found, counted):
+            log("alloc_cap_overhead_raised", partition=partition_id, pid=pid, added=added)
         if self.watch.unpartitioned == "warn":
             for proc in self.watch.warnings(found):
                 log(
