@@ -629,7 +629,7 @@ EXPORT CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pitch, size_t widt
 }
 
 /* Pools the stream-ordered allocator used in this process: pool -> bytes charged. */
-static void reconcile_pool(CUmemoryPool pool);
+static int64_t reconcile_pool(CUmemoryPool pool);
 static void reconcile_all_pools(void);
 
 EXPORT CUresult cuMemFree_v2(CUdeviceptr dptr)
@@ -666,12 +666,13 @@ static int pool_attr(CUmemoryPool pool, int attr, int64_t *value)
     return 1;
 }
 
-static void reconcile_pool(CUmemoryPool pool)
+/* Charge the pool for what it reserves now; return that (-1 if unknown). */
+static int64_t reconcile_pool(CUmemoryPool pool)
 {
     int64_t reserved;
     if (cap == NULL || pool == NULL || !pool_attr(pool, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
                                                   &reserved))
-        return;
+        return -1;
     pthread_mutex_lock(&tables_lock);
     struct item *it = find(&pools, (uint64_t)(uintptr_t)pool);
     if (it == NULL)
@@ -681,6 +682,7 @@ static void reconcile_pool(CUmemoryPool pool)
         it->bytes = reserved;
     pthread_mutex_unlock(&tables_lock);
     force_charge(delta);
+    return reserved;
 }
 
 static void reconcile_all_pools(void)
@@ -768,13 +770,10 @@ static CUresult pool_alloc(int id, CUdeviceptr *dptr, size_t bytes, CUmemoryPool
         return r;
     /* The truth first, then the estimate back: the count never dips below what the
      * device holds, which the daemon's overhead correction relies on. */
-    reconcile_pool(pool);
+    int64_t reserved_after = reconcile_pool(pool);
     uncharge(growth);
-    int64_t reserved_after;
-    if (r == CUDA_SUCCESS && reserved_before >= 0 &&
-        pool_attr(pool, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, &reserved_after) &&
-        reserved_after - reserved_before > growth &&
-        atomic_load(used()) > allowed_bytes()) {
+    if (r == CUDA_SUCCESS && reserved_before >= 0 && reserved_after >= 0 &&
+        reserved_after - reserved_before > growth && atomic_load(used()) > allowed_bytes()) {
         undo_pool_alloc(*dptr, pool, stream, ptsz, reserved_before);
         *dptr = 0;
         atomic_fetch_add(&cap->refused, 1);
