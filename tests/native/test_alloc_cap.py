@@ -8,6 +8,7 @@ CUDA_ERROR_OUT_OF_MEMORY, and cuMemGetInfo must report the share.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from chronos import alloccap
+from chronos.models import PartitionRecord, ProcessUse
 
 from .conftest import CHUNK, FAKE_TOTAL, GIB, MIB, STRICT, Native, allowed, compile_c, reserve_of
 
@@ -518,3 +520,38 @@ def test_a_pool_that_grows_past_the_share_is_undone_and_refused(
     )
     assert int(words(out, "info")[2]) == alloccap.allocatable(LIMIT) - held
     assert state(cap_file).refused >= 1
+
+
+def test_the_sampler_corrects_only_processes_it_read_before_sampling(
+    native: Native, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """before_sample / after_sample, as chronosd calls them around each NVML sample."""
+    monkeypatch.setenv("CHRONOS_HOME", str(tmp_path))
+    monkeypatch.setenv("CHRONOS_SOCKET", str(tmp_path / "chronosd.sock"))  # guard file here
+    path = alloccap.on_create("p1", LIMIT, os.getuid(), "embedded")
+    assert path is not None
+    record = PartitionRecord(
+        "p1", 0, "GPU-0", FAKE_TOTAL, LIMIT, os.getuid(), "me", 0.0, 0.0, 1e12, "active"
+    )
+    member = subprocess.Popen(
+        [str(native.client), "dlsym", f"alloc:{GIB}", "hold"],
+        env=native.capped(path),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert member.stdout is not None
+        assert member.stdout.readline().split() == ["alloc", "0"]
+        seen = [ProcessUse(member.pid, 0, GIB + 900 * MIB, "me", "cap_client", "p1")]
+        # No snapshot (the process was not read before NVML was): no correction.
+        assert alloccap.after_sample([record], seen, None, mode="embedded") == []
+        snapshot = alloccap.before_sample([record], mode="embedded")
+        assert member.pid in snapshot["p1"]
+        raised = alloccap.after_sample([record], seen, snapshot, mode="embedded")
+        assert raised == [("p1", member.pid, 900 * MIB - reserve_of(LIMIT))]
+        assert state(path).used_bytes == GIB + 900 * MIB
+    finally:
+        assert member.stdin is not None
+        member.stdin.close()
+        member.wait(timeout=30)
