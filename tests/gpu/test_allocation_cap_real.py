@@ -115,6 +115,22 @@ def daemon() -> Iterator[dict[str, str]]:
     if alloccap.library_path() is None:
         pytest.fail("libchronos_cap.so was not built (pip install -e . with a C compiler)")
     with real_daemon({"CHRONOS_ALLOC_CAP": "on"}) as env:
+        # The socket exists before the daemon may answer: wait for a real answer, so the
+        # first test does not race the daemon's start (the first run's first test saw no
+        # output at all).
+        deadline = time.time() + 60
+        while True:
+            answer = subprocess.run(
+                [sys.executable, "-m", "chronos.cli", "list", "--all"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            if answer.returncode == 0 or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        assert answer.returncode == 0, answer.stderr
         yield env
 
 
