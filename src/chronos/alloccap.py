@@ -370,21 +370,28 @@ def after_sample(
 ) -> list[tuple[str, int, int]]:
     """The daemon, after each sample: correct per-process overheads, keep the guard file.
 
-    Only processes in ``snapshot`` (from :func:`before_sample`) are corrected, and only if
+    Only processes in ``snapshot`` (from :func:`before_sample`) are corrected, only for
+    what they hold on the partition's own GPU (the file counts that one), and only if
     their slot did not change around the sample. Returns the corrections made
     (partition id, pid, bytes added), for the daemon's log. Never raises: the hard
     cap's sampling must go on whatever happens here.
     """
     raised: list[tuple[str, int, int]] = []
     try:
-        found = list(found)
+        records, found = list(records), list(found)
+        device_of = {r.id: r.device for r in records}
         for proc in found:
-            seen = (snapshot or {}).get(proc.partition_id or "", {})
-            if proc.pid in seen and proc.used_bytes and proc.partition_id is not None:
-                path = cap_path(proc.partition_id, mode)
-                added = raise_overhead(path, proc.pid, proc.used_bytes, seen[proc.pid])
-                if added > 0:
-                    raised.append((proc.partition_id, proc.pid, added))
+            pid_id = proc.partition_id
+            seen = (snapshot or {}).get(pid_id or "", {})
+            if pid_id is None or proc.pid not in seen or not proc.used_bytes:
+                continue
+            if device_of.get(pid_id) != proc.device:
+                continue  # held on another GPU: not what this partition's file counts
+            added = raise_overhead(
+                cap_path(pid_id, mode), proc.pid, proc.used_bytes, seen[proc.pid]
+            )
+            if added > 0:
+                raised.append((pid_id, proc.pid, added))
         update_guard(records, found)
     except Exception as exc:  # noqa: BLE001 - a side job of the sampler, never its end
         _say_once(f"allocation-time cap bookkeeping failed: {exc!r}")

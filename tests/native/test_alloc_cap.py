@@ -548,6 +548,9 @@ def test_the_sampler_corrects_only_processes_it_read_before_sampling(
         assert alloccap.after_sample([record], seen, None, mode="embedded") == []
         snapshot = alloccap.before_sample([record], mode="embedded")
         assert member.pid in snapshot["p1"]
+        # What it holds on another GPU is not this partition's (its file counts GPU 0).
+        elsewhere = [ProcessUse(member.pid, 1, GIB + 900 * MIB, "me", "cap_client", "p1")]
+        assert alloccap.after_sample([record], elsewhere, snapshot, mode="embedded") == []
         raised = alloccap.after_sample([record], seen, snapshot, mode="embedded")
         assert raised == [("p1", member.pid, 900 * MIB - reserve_of(LIMIT))]
         assert state(path).used_bytes == GIB + 900 * MIB
