@@ -76,24 +76,28 @@ import sys
 import xml.etree.ElementTree as ET
 
 cases = list(ET.parse(sys.argv[1]).iter("testcase"))
+ok = []
 for case in cases:
+    base, _, param = case.get("name", "?").removeprefix("test_").partition("[")
+    name = "_".join(base.split("_")[:4]) + (f"[{param}" if param else "")
+    seconds = f"{float(case.get('time', 0)):.0f} s"
     bad = case.find("failure")
     if bad is None:
         bad = case.find("error")
     skipped = case.find("skipped")
-    name = case.get("name", "?").replace("test_", "", 1)
     if bad is not None:
         why = (bad.get("message") or "").replace("\n", " ")[:200]
-        print(f"FAIL {name} ({float(case.get('time', 0)):.0f} s): {why}")
+        print(f"FAIL {name} ({seconds}): {why}")
     elif skipped is not None:
         print(f"SKIP {name}: {(skipped.get('message') or '')[:120]}")
     else:
-        print(f"ok   {name} ({float(case.get('time', 0)):.0f} s)")
+        ok.append(f"{name} ({seconds})")
+print(f"ok ({len(ok)} of {len(cases)}): " + ", ".join(ok))
 PY
     elif [ "$what" != bench ]; then
         echo "no junit.xml: the tests did not finish (cut off at ${tests_s} s?)"
     fi
     grep -E "[0-9]+ (passed|failed|skipped)" "$out/gpu-tests.log" 2>/dev/null | tail -1
     echo "--- figures"
-    cat "$out/gpu-tests-figures.txt" "$out/bench-figures.txt" 2>/dev/null | cut -c1-420
+    cat "$out/gpu-tests-figures.txt" "$out/bench-figures.txt" 2>/dev/null | cut -c1-600
 } | tee "$summary"
