@@ -69,6 +69,26 @@ def test_synchronous_allocations_stop_exactly_at_the_share(
     assert int(words(out, "devtotal")[2]) == LIMIT
 
 
+def test_the_margin_is_kept_free_below_the_share_as_the_file_says(
+    native: Native, cap_file: Path
+) -> None:
+    """Allocations stop at the share less the reserve and the file's margin; the total
+    reported stays the share."""
+    margin = alloccap.partition_margin(LIMIT)
+    assert margin == 256 * MIB and state(cap_file).margin_bytes == margin
+    out = native.run(native.capped(cap_file), "dlsym", f"fill:{MIB}", "info")
+    assert int(words(out, "fill")[1]) == LIMIT - reserve_of(LIMIT) - margin
+    assert words(out, "info")[2:] == ["0", str(LIMIT)]
+    # The library reads the margin from the file: with none, the whole share less the reserve.
+    raw = bytearray(cap_file.read_bytes())
+    fields = list(alloccap.HEADER.unpack_from(raw))
+    fields[-1] = 0
+    alloccap.HEADER.pack_into(raw, 0, *fields)
+    cap_file.write_bytes(bytes(raw))
+    out = native.run(native.capped(cap_file), "dlsym", f"fill:{MIB}")
+    assert int(words(out, "fill")[1]) == LIMIT - reserve_of(LIMIT)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_a_freed_allocation_gives_its_bytes_back(native: Native, cap_file: Path, mode: str) -> None:
     out = native.run(native.capped(cap_file), mode, f"fill:{CHUNK}", "freeall", f"fill:{CHUNK}")
