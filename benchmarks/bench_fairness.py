@@ -156,6 +156,190 @@ def grant_latency(trials: int) -> tuple[list[float], list[float]]:
     return after_return, after_call
 
 
+# ------------------------------------------------------------- queue flood, long history
+
+FLOOD_USERS = 50
+FLOOD_POLICY = """\
+[limits.default]
+max_waiting = 1000
+"""
+
+
+def seed_flood(ledger_path: Path, waiters: int, history: int, now: float) -> None:
+    """``history`` ended partitions of FLOOD_USERS users over the last 30 days (with their
+    events and usage aggregates), GPU 0 held for a day, and ``waiters`` requests waiting
+    for it, written through the Ledger in one transaction (the API would fsync each)."""
+    from chronos.devices import open_machine
+    from chronos.ledger import Ledger, NewPartition, _immediate
+    from chronos.models import ACTIVE, RELEASED, PartitionRecord
+
+    gpu0 = open_machine("simulated").devices[0]
+    ledger = Ledger(ledger_path)
+    with _immediate(ledger._db):
+        for i in range(history):
+            user = i % FLOOD_USERS
+            start = now - 30 * 86400.0 + i * (30 * 86400.0 - 3600.0) / history
+            record = PartitionRecord(
+                id=f"h{i:07x}",
+                device=gpu0.index,
+                device_uuid=gpu0.uuid,
+                device_total_bytes=gpu0.total_bytes,
+                memory_bytes=gpu0.total_bytes // 4,
+                uid=61000 + user,
+                user=f"flood{user:02d}",
+                created_at=start,
+                starts_at=start,
+                expires_at=start + 3600.0,
+                state=RELEASED,
+                ended_at=start + 1800.0,
+                end_reason="released",
+                kind="api",
+            )
+            ledger._insert(record)
+            ledger._event(start, "created", record.id, record.uid, record.user, None, None, {})
+            ledger._event(
+                start + 1800.0, "released", record.id, record.uid, record.user, None, None, {}
+            )
+            ledger._bump(start, record.user, created=1)
+            ledger._account_end(record)
+        ledger._insert(
+            PartitionRecord(
+                id="blocker0",
+                device=gpu0.index,
+                device_uuid=gpu0.uuid,
+                device_total_bytes=gpu0.total_bytes,
+                memory_bytes=gpu0.total_bytes,
+                uid=0,
+                user="root",
+                created_at=now,
+                starts_at=now,
+                expires_at=now + 86400.0,
+                state=ACTIVE,
+                kind="api",
+            )
+        )
+    for i in range(waiters):
+        user = i % FLOOD_USERS
+        request = NewPartition(
+            device=gpu0.index,
+            device_uuid=gpu0.uuid,
+            device_total_bytes=gpu0.total_bytes,
+            capacity_bytes=gpu0.total_bytes,
+            memory_bytes=int(gpu0.total_bytes * (0.1, 0.25, 0.5)[i % 3]),
+            uid=61000 + user,
+            user=f"flood{user:02d}",
+            duration_s=(600.0, 3600.0, 7200.0)[i % 3],
+        )
+        ledger.enqueue(request, None, None)
+    ledger.close()
+
+
+def _flood_waiter(conn: Any) -> None:
+    from chronos import Partitioner
+
+    with Partitioner() as client:
+        while conn.recv() == "go":
+            told: list[bool] = []
+
+            def queued(status: dict[str, Any], told: list[bool] = told) -> None:
+                if not told:
+                    told.append(True)
+                    conn.send("queued")
+
+            p = client.create(1, 0.6, 60, persist=True, wait=True, on_wait=queued)
+            conn.send((time.perf_counter(), p.id))
+
+
+def flood_latency(samples: int, trials: int) -> tuple[list[float], list[float]]:
+    """(enqueue latencies, grant-after-release latencies) with the flood in the queue."""
+    from chronos import Partitioner
+
+    enqueues = []
+    with Partitioner() as client:
+        for i in range(samples + 10):
+            t0 = time.perf_counter()
+            status = client.transport.call(
+                "create", device=0, memory=0.3, duration=600, persist=True, wait=True
+            )
+            t1 = time.perf_counter()
+            assert status["state"] == "waiting", status
+            client.transport.call("cancel", id=status["ticket"])
+            if i >= 10:
+                enqueues.append(t1 - t0)
+    ctx = mp.get_context("fork")
+    here, there = ctx.Pipe()
+    worker = ctx.Process(target=_flood_waiter, args=(there,))
+    worker.start()
+    grants = []
+    try:
+        with Partitioner() as client:
+            for i in range(trials + 3):
+                blocker = client.create(1, 1.0, 600, persist=True)
+                here.send("go")
+                if here.recv() != "queued":
+                    raise RuntimeError("the waiter did not queue")
+                time.sleep(0.05)  # let it settle into its long poll
+                client.release(blocker.id)
+                t1 = time.perf_counter()
+                granted_at, pid = here.recv()
+                client.release(pid)
+                if i >= 3:
+                    grants.append(granted_at - t1)
+    finally:
+        here.send("stop")
+        worker.join(10)
+    return enqueues, grants
+
+
+def run_flood(args: Any) -> int:
+    rows: list[list[Any]] = []
+    with C.fresh_env(None, GPUS) as (home, env):
+        info = C.machine_info(home)
+        (home / "config.toml").write_text(FLOOD_POLICY)
+        env = {k: v for k, v in env.items() if k != "CHRONOS_MODE"}
+        os.environ.pop("CHRONOS_MODE", None)
+        t0 = time.perf_counter()
+        seed_flood(home / "ledger.db", args.flood_waiters, args.flood_history, time.time())
+        print(f"seeded in {time.perf_counter() - t0:.1f} s", flush=True)
+        with C.DaemonProcess(home, env) as daemon:
+            os.environ["CHRONOS_MODE"] = "daemon"
+            C.banner(
+                f"{args.flood_waiters:,} waiting, {args.flood_history:,} past partitions, "
+                "through chronosd"
+            )
+            enqueues, grants = flood_latency(args.samples, args.trials)
+            rows.append(C.stat_row("enqueue (`create --wait` that queues)", enqueues))
+            rows.append(C.stat_row("grant, from `release` returned", grants))
+            print(C.text_table(C.STAT_HEADERS, rows), flush=True)
+            daemon.report_errors()
+    if not args.no_doc:
+        C.update_section("fairness-flood", render_flood(args, info, rows))
+        print(f"\nupdated {C.DOC.relative_to(C.ROOT)} (section fairness-flood)")
+    return 0
+
+
+def render_flood(args: Any, info: dict[str, str], rows: list[list[Any]]) -> str:
+    return "\n".join(
+        [
+            "### Queue flood with long history (`bench_fairness.py --flood-only`)",
+            "",
+            f"The ledger holds {args.flood_history:,} ended partitions of {FLOOD_USERS} users "
+            f"(the last 30 days) and {args.flood_waiters:,} requests of those users waiting "
+            "for GPU 0, which a partition holds for a day (policy: `max_waiting = 1000`). "
+            f"Through chronosd: {args.samples} enqueues of another request on GPU 0 (each "
+            "cancelled, untimed), and "
+            f"{args.trials} grants on GPU 1: a waiting `create(1, 0.6, wait=True)` in another "
+            "process, timed from the blocker's `release` returning to that `create` "
+            "returning. Every change plans the whole queue (the first 100 waiters in "
+            "priority order get reservations). The target is 20 ms p99.",
+            "",
+            C.machine_markdown(info),
+            "",
+            C.md_table(C.STAT_HEADERS, rows),
+        ]
+    )
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -165,7 +349,14 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=300, help="admissions per row")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--trials", type=int, default=40, help="grant-latency trials")
+    parser.add_argument("--flood-waiters", type=int, default=1000)
+    parser.add_argument("--flood-history", type=int, default=100_000)
+    parser.add_argument(
+        "--flood-only", action="store_true", help="run only the queue-flood measurement"
+    )
     args = parser.parse_args()
+    if args.flood_only:
+        return run_flood(args)
     from chronos import Partitioner
 
     admission: list[list[Any]] = []

@@ -85,7 +85,7 @@ def test_limits_default_raises_the_built_in_limits_but_never_drops_them() -> Non
     [
         ({"max_grace": "10m"}, "max_grace_s", 600.0),
         ({"max_grace": "0:30"}, "max_grace_s", 30.0),
-        ({"max_grace": "500ms"}, "max_grace_s", 0.5),
+        ({"max_grace": "500ms", "grace": "0.2s"}, "max_grace_s", 0.5),
         ({"grace": "500ms"}, "grace_s", 0.5),
         ({"sample_interval": "100ms"}, "sample_interval_s", 0.1),
         ({"memory_grace": "0.3s"}, "memory_grace_s", 0.3),
@@ -97,6 +97,11 @@ def test_limits_default_raises_the_built_in_limits_but_never_drops_them() -> Non
 )
 def test_policy_settings_parse(data: dict[str, object], field: str, value: object) -> None:
     assert getattr(parse_config(data), field) == value
+
+
+def test_a_default_grace_over_max_grace_is_refused() -> None:
+    with pytest.raises(BadRequest, match="max_grace"):
+        parse_config({"max_grace": "500ms"})  # the default grace (30 s) is longer
 
 
 @pytest.mark.parametrize(

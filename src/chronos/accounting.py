@@ -1,4 +1,10 @@
-"""``chronos usage``: who reserved and used what, built from the ledger's history."""
+"""``chronos usage``: who reserved and used what, built from the ledger's history.
+
+The daemon answers from :meth:`chronos.ledger.Ledger.usage_totals` (per-user, per-hour
+aggregates kept as history is written, so a report costs hours, not the whole history)
+through :func:`usage_rows`; :func:`usage_report` computes the same rows from records and
+events, and is what the aggregates are tested against.
+"""
 
 from __future__ import annotations
 
@@ -68,3 +74,24 @@ def usage_report(
         entry["gpu_hours_reserved"] = round(entry["gpu_hours_reserved"], 4)
         entry["gpu_hours_used"] = round(entry["gpu_hours_used"], 4)
     return [e for e in out if user is None or e["user"] == user]
+
+
+def usage_rows(totals: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Report rows (as :func:`usage_report`) from ``Ledger.usage_totals``."""
+    out: list[dict[str, Any]] = [
+        {
+            "user": name,
+            "gpu_hours_reserved": round(t["reserved_h"], 4),
+            "gpu_hours_used": round(t["used_h"], 4),
+            "used_measured_partitions": int(t["used_measured"]),
+            "created": int(t["created"]),
+            "released_early": int(t["released_early"]),
+            "expired": int(t["expired"]),
+            "refused": int(t["refused"]),
+            "killed_for_memory": int(t["killed_for_memory"]),
+            "queued": int(t["queued"]),
+        }
+        for name, t in totals.items()
+    ]
+    out.sort(key=lambda r: (-r["gpu_hours_reserved"], r["user"]))
+    return out

@@ -12,9 +12,12 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
-from chronos.errors import AdmissionRefused, ChronosError, PartitionEnded, Timeout
+from chronos.errors import AdmissionRefused, BadRequest, ChronosError, PartitionEnded, Timeout
 from chronos.models import ACTIVE, BOOKED, EXPIRED, DeviceStats, PartitionRecord
 from chronos.transport import Transport, connect
+
+PAGE = 500
+"""Records asked for per page of a listing (the daemon sends at most its own maximum)."""
 
 
 def _when(ts: float | None) -> datetime | None:
@@ -271,8 +274,35 @@ class Partitioner:
 
     def queue(self) -> list[dict[str, Any]]:
         """Requests waiting for capacity, in the order they will be served."""
-        result: list[dict[str, Any]] = self._transport.call("queue")
+        return self._pages("queue")
+
+    def events(
+        self, since: float | None = None, partition_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The ledger's events (newer than ``since``; of ``partition_id`` only), oldest first."""
+        return self._pages("events", since=since, id=partition_id)
+
+    def usage(self, since: float | None = None, user: str | None = None) -> list[dict[str, Any]]:
+        """GPU-hours reserved and used per user since ``since`` (default: the last 7 days)."""
+        result: list[dict[str, Any]] = self._transport.call("usage", since=since, user=user)
         return result
+
+    def _pages(self, op: str, **args: Any) -> list[dict[str, Any]]:
+        """Every record of a listing, fetched page by page (each reply stays small)."""
+        items: list[dict[str, Any]] = []
+        after = None
+        while True:
+            try:
+                page = self._transport.call(op, limit=PAGE, after=after, **args)
+            except BadRequest as exc:
+                if after is not None or "unknown argument" not in str(exc):
+                    raise
+                legacy: list[dict[str, Any]] = self._transport.call(op, **args)
+                return legacy  # a daemon older than this client: it does not page
+            items.extend(page["items"])
+            after = page["next"]
+            if after is None:
+                return items
 
     def get(self, partition_id: str) -> Partition:
         return Partition(
@@ -297,7 +327,7 @@ class Partitioner:
     def list(self, all: bool = False) -> list[Partition]:
         return [
             Partition(PartitionRecord.from_wire(r), self._transport)
-            for r in self._transport.call("list", all=all)
+            for r in self._pages("list", all=all)
         ]
 
 

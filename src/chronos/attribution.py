@@ -78,6 +78,35 @@ class Attributor:
                 found.add(pid)
         return found
 
+    def signallable(self, partition_id: str, pids: Iterable[int]) -> set[int]:
+        """Those of ``pids`` the daemon may signal for ``partition_id``.
+
+        A process runs as the partition's user, or descends from one an
+        administrator attached: a process of anyone else that landed in the
+        partition's cgroup (a recycled PID, a setuid program) is never signalled.
+        """
+        record = self.records[partition_id]
+        admin_roots = {
+            pid
+            for pid, (pid_id, by_admin) in self._anchors.items()
+            if pid_id == partition_id and by_admin
+        }
+        return {
+            pid
+            for pid in pids
+            if self.table.uid(pid) == record.uid or self._descends(pid, admin_roots)
+        }
+
+    def _descends(self, pid: int, roots: set[int]) -> bool:
+        current: int | None = pid
+        for _ in range(64):
+            if current is None or current <= 1:
+                return False
+            if current in roots:
+                return True
+            current = self.table.parent(current)
+        return False
+
 
 def attribute_processes(
     machine: Machine, records: Iterable[PartitionRecord], attached: Iterable[Attached]

@@ -21,6 +21,8 @@ import functools
 import os
 from pathlib import Path
 
+from chronos.procs import parent_pid
+
 GROUP = "chronos"
 
 
@@ -69,6 +71,27 @@ class PartitionCgroups:
             return False
         return True
 
+    def unplace(self, pid: int, origin: str | None) -> bool:
+        """Move ``pid`` back out: to ``origin`` (its cgroup before ``place``) or its parent's.
+
+        For an attach that turned out to have placed the wrong process (its PID
+        was reused, or it changed owner meanwhile).
+        """
+        if not self.available or self.base is None:
+            return False
+        root = self.base.parent
+        target = origin
+        if target is None:
+            parent = parent_pid(pid)
+            target = cgroup_of(parent) if parent else None
+        if target is None or _under(target, GROUP):
+            target = "/"  # never into another partition: the root is the safe place
+        try:
+            (root / target.lstrip("/") / "cgroup.procs").write_text(f"{pid}\n")
+        except OSError:
+            return False
+        return True
+
     def remove(self, partition_id: str) -> bool:
         """Delete an ended partition's cgroup once it is empty (the kernel refuses before)."""
         if not self.available or self.base is None:
@@ -106,6 +129,23 @@ def members(partition_id: str) -> set[int]:
     except OSError:
         return set()
     return {int(line) for line in text.split()}
+
+
+def cgroup_of(pid: int) -> str | None:
+    """``pid``'s cgroup v2 path (``/user.slice/…``), from /proc/<pid>/cgroup."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("0::"):
+            return line[3:].strip() or "/"
+    return None
+
+
+def _under(path: str, group: str) -> bool:
+    return path.strip("/").split("/", 1)[0] == group
 
 
 def partition_of(pid: int) -> str | None:

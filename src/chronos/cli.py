@@ -428,7 +428,7 @@ def events(since: str | None, partition_id: str | None, as_json: bool) -> None:
     from chronos.units import parse_duration
 
     cutoff = time.time() - parse_duration(since, float("inf")) if since else None
-    items = _client().transport.call("events", since=cutoff, id=partition_id)
+    items = _client().events(since=cutoff, partition_id=partition_id)
     if as_json:
         emit_json(items)
         return

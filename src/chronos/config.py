@@ -23,6 +23,7 @@ from chronos.units import MAX_DURATION_S, format_duration, parse_duration, parse
 DEFAULT_CONFIG = Path("/etc/chronos/config.toml")
 DEFAULT_MAX_DURATION_S = 7 * 86400.0
 DEFAULT_MAX_GRACE_S = 300.0
+DEFAULT_HISTORY_RETENTION_S = 90 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,8 @@ class Config:
     """``host:port`` for Prometheus metrics; off when unset."""
     dashboard_address: str | None = None
     """``host:port`` for the web dashboard served by the daemon; off when unset."""
+    history_retention_s: float = DEFAULT_HISTORY_RETENTION_S
+    """Ended partitions and their events older than this are deleted (usage keeps them)."""
 
     def reservable(self, device: int) -> float:
         return self.device_reservable_share.get(device, self.reservable_share)
@@ -149,6 +152,7 @@ _ALIASES = {
     "max_grace": "max_grace_s",
     "sample_interval": "sample_interval_s",
     "memory_grace": "memory_grace_s",
+    "history_retention": "history_retention_s",
 }
 _TABLES = {"devices", "limits", "fairshare"}
 _NOT_TOP_LEVEL = {
@@ -186,7 +190,13 @@ def parse_config(data: dict[str, Any], origin: str = "config") -> Config:
         name: _limits(_table(users, name, origin), f"{origin} [limits.users.{name}]")
         for name in users
     }
-    return replace(base, **changes)
+    config = replace(base, **changes)
+    if config.grace_s > config.max_grace_s:
+        raise BadRequest(
+            f"{origin}: grace ({config.grace_s:g} s) is more than max_grace "
+            f"({config.max_grace_s:g} s)"
+        )
+    return config
 
 
 def _profile(name: Any, origin: str) -> Config:

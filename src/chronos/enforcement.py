@@ -6,13 +6,20 @@ runs). It never signals anything itself: it returns :class:`Violation`s and
 the caller stops them, so the rule is tested without a GPU or real signals.
 
 A partition is over when the memory its processes hold *on its device*
-exceeds its bytes continuously for ``grace_s``; one sample over is not enough
-(allocators spike briefly while they free and re-allocate). Memory a
-partition's process holds on another GPU counts as unpartitioned use there.
+exceeds its bytes for ``grace_s`` in total within a sliding window of
+``window_s + grace_s``; one sample over is not enough (allocators spike
+briefly while they free and re-allocate), and one sample under does not
+forgive either: holding twice the cap for 0.25 s and half of it for 0.12 s,
+over and over, once stayed at twice the cap 68 % of the time unstopped. Time
+over is counted only between two consecutive samples that are both over, so
+it never exceeds the real time over: a single spike shorter than the grace is
+always allowed. Memory a partition's process holds on another GPU counts as
+unpartitioned use there.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -41,6 +48,10 @@ class PartitionUsage:
     last_at: float | None = None
 
 
+WINDOW_S = 1.0
+"""Time over the cap is summed over this window plus the grace."""
+
+
 @dataclass
 class MemoryWatch:
     grace_s: float
@@ -53,6 +64,10 @@ class MemoryWatch:
     _reported: set[str] = field(default_factory=set)
     _warned_pids: set[int] = field(default_factory=set)
     _strays: set[tuple[int, int]] = field(default_factory=set)
+    window_s: float = WINDOW_S
+    _over_spans: dict[str, deque[tuple[float, float]]] = field(default_factory=dict)
+    """Per partition: spans between two consecutive samples that were both over."""
+    _last_sample: dict[str, tuple[float, bool]] = field(default_factory=dict)
 
     def observe(
         self, now: float, records: Iterable[PartitionRecord], processes: Iterable[ProcessUse]
@@ -102,14 +117,21 @@ class MemoryWatch:
     ) -> Violation | None:
         used = sum(p.used_bytes or 0 for p in procs)
         self._account(record.id, now, used)
-        if used <= record.memory_bytes:
+        over = used > record.memory_bytes
+        previous = self._last_sample.get(record.id)
+        self._last_sample[record.id] = (now, over)
+        spans = self._over_spans.setdefault(record.id, deque())
+        if over and previous is not None and previous[1] and now > previous[0]:
+            spans.append((previous[0], now))
+        if not over:
             self._over_since.pop(record.id, None)
             self._reported.discard(record.id)
             return None
         since = self._over_since.setdefault(record.id, now)
-        if now - since < self.grace_s or record.id in self._reported:
+        if self._time_over(spans, now) < self.grace_s or record.id in self._reported:
             return None
         self._reported.add(record.id)
+        spans.clear()  # a new violation needs a new grace's worth of time over
         return Violation(
             "memory",
             record.id,
@@ -119,6 +141,13 @@ class MemoryWatch:
             record.device,
             since,
         )
+
+    def _time_over(self, spans: deque[tuple[float, float]], now: float) -> float:
+        """Seconds over the cap within the window ending ``now`` (older spans are dropped)."""
+        start = now - (self.window_s + self.grace_s)
+        while spans and spans[0][1] <= start:
+            spans.popleft()
+        return sum(end - max(begin, start) for begin, end in spans)
 
     def _check_strays(self, now: float, strays: list[ProcessUse]) -> list[Violation]:
         if self.unpartitioned != "enforce":
@@ -157,6 +186,9 @@ class MemoryWatch:
         for pid_id in list(self._over_since):
             if pid_id not in open_set:
                 del self._over_since[pid_id]
+        for table in (self._over_spans, self._last_sample):
+            for pid_id in [k for k in table if k not in open_set]:
+                del table[pid_id]
         for pid in list(self._stray_since):
             if pid not in stray_pids:
                 del self._stray_since[pid]

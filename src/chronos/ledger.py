@@ -35,7 +35,7 @@ from chronos.errors import (
 )
 from chronos.models import ACTIVE, BOOKED, EXPIRED, RELEASED, Event, PartitionRecord
 from chronos.paths import LEDGER_SUFFIXES, open_file
-from chronos.policy import Waiter, earliest_fit, peak_usage, plan_queue
+from chronos.policy import Waiter, earliest_fit, gpu_hours, held_until, peak_usage, plan_queue
 from chronos.units import format_bytes, format_duration, local_clock
 
 SCHEMA_VERSION = 3
@@ -105,6 +105,60 @@ _COLUMNS = (
     "grace_s, warn_s, warn_signal"
 )
 _OPEN = "state IN ('active', 'booked')"
+_BY_OPEN = "INDEXED BY partitions_open"
+"""Open partitions are few, history is long: never let SQLite pick a history index for them."""
+_HISTORY_VERSION = "1"
+_HISTORY_SCHEMA = (
+    # Per user and hour: what `chronos usage` reports, kept as history is written (in the
+    # same transaction), so a report reads hours, not every partition and event.
+    """CREATE TABLE IF NOT EXISTS usage_hours (
+        hour INTEGER NOT NULL,
+        user TEXT NOT NULL,
+        reserved_h REAL NOT NULL DEFAULT 0,
+        used_h REAL NOT NULL DEFAULT 0,
+        used_measured INTEGER NOT NULL DEFAULT 0,
+        created INTEGER NOT NULL DEFAULT 0,
+        released_early INTEGER NOT NULL DEFAULT 0,
+        expired INTEGER NOT NULL DEFAULT 0,
+        refused INTEGER NOT NULL DEFAULT 0,
+        killed_for_memory INTEGER NOT NULL DEFAULT 0,
+        queued INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (hour, user)
+    )""",
+    # Per user: fair-share usage of ended partitions, decayed to `as_of` (one row a user).
+    """CREATE TABLE IF NOT EXISTS fairshare (
+        uid INTEGER PRIMARY KEY, value REAL NOT NULL, as_of REAL NOT NULL
+    )""",
+    # No index on created_at or starts_at: SQLite would pick it for the daemon's frequent
+    # open-partition queries (ORDER BY created_at, starts_at <= now) and scan all history.
+    "CREATE INDEX IF NOT EXISTS partitions_user_ended ON partitions (uid, ended_at)",
+    "CREATE INDEX IF NOT EXISTS partitions_ended ON partitions (ended_at)",
+    "CREATE INDEX IF NOT EXISTS events_partition ON events (partition_id)",
+    "CREATE INDEX IF NOT EXISTS waiting_closed ON waiting (enqueued_at) WHERE state != 'waiting'",
+)
+_USAGE_COUNTS = (
+    "reserved_h",
+    "used_h",
+    "used_measured",
+    "created",
+    "released_early",
+    "expired",
+    "refused",
+    "killed_for_memory",
+    "queued",
+)
+_EVENT_COUNTS = {
+    "refused": "refused",
+    "queue_refused": "refused",
+    "queued": "queued",
+    "memory_exceeded": "killed_for_memory",
+}
+HOUR = 3600.0
+PLAN_REUSE_S = 0.5
+"""A plan is reused while nothing was written and it is younger than this (time alone
+changes only priorities, by the same ageing for everyone)."""
+MIN_RETENTION_S = 2 * 86400.0
+"""History younger than this is never compacted (a restart re-sends the last day's kills)."""
 
 
 @dataclass(frozen=True)
@@ -150,8 +204,9 @@ class Attached:
 OwnerCheck = Callable[[int, "int | None"], bool]
 QuotaCheck = Callable[[list[PartitionRecord], float, float, float], None]
 """``check(user's recent partitions, start, end, now)``; raises AdmissionRefused."""
-PriorityOf = Callable[[str, float, list[PartitionRecord]], float]
-"""``priority(user, waited seconds, user's recent partitions)``; lower goes first."""
+PriorityOf = Callable[[str, float, float], float]
+"""``priority(user, waited seconds, user's decayed fair-share usage in GPU-hours)``; lower
+goes first."""
 
 
 @dataclass(frozen=True)
@@ -185,9 +240,22 @@ class Ledger:
         self.capacity_of: Callable[[NewPartition], int] = lambda req: req.capacity_bytes
         """Bytes a (queued) request may use on its device; the service applies the policy
         in force now, so a reload also reaches requests still waiting."""
+        self.lingering: Callable[[str], list[tuple[float, float, int, str]]] = lambda uuid: []
+        """Memory of ended partitions whose processes still run (the daemon keeps it):
+        admission counts it as committed, so it never hands out memory still held."""
         self.reap_owners = True
         """Check owner processes on every reap (the daemon turns this off: it has pidfds)."""
+        self.fairshare_half_life: Callable[[], float] = lambda: 7 * 86400.0
+        """Half-life of fair-share usage; the service applies the policy in force."""
+        self._waiting: dict[str, Ticket] = {}
+        """Waiting tickets as read (see :meth:`waiting`)."""
+        self._waiters: dict[str, Waiter] = {}
+        """What the planner sees of each waiting ticket (forgotten with the plan)."""
+        self._generation = 0
+        """Bumped on every event this connection writes: a cached plan is stale after it."""
+        self._plan_cache: tuple[Any, ...] | None = None
         self._db = self._open(file_mode)
+        self._ensure_history()
 
     def _open(self, file_mode: int) -> sqlite3.Connection:
         self._prepare_files(file_mode)
@@ -276,7 +344,7 @@ class Ledger:
             refusal: AdmissionRefused | None = None
             try:
                 if check is not None:
-                    check(self._recent_of(req.uid, now), start, end, now)
+                    check(self._mine(req.uid, now, check), start, end, now)
                 self._fit(req, start, end, now, priority_of)
             except AdmissionRefused as exc:
                 refusal = exc
@@ -336,6 +404,7 @@ class Ledger:
             warn_signal=req.warn_signal,
         )
         self._insert(record)
+        self._bump(now, req.user, created=1)
         self._event(
             now,
             "created",
@@ -439,6 +508,22 @@ class Ledger:
             )
             return self._get(partition_id)
 
+    def shift_open(self, step: float) -> None:
+        """Move every open partition by ``step`` seconds: the wall clock stepped (daemon).
+
+        One transaction, so remaining times are kept for all or none; the event
+        says by how much, for whoever reads the history across the step.
+        """
+        with _immediate(self._db):
+            self._db.execute(
+                f"UPDATE partitions SET starts_at = starts_at + ?, expires_at = expires_at + ? "
+                f"WHERE {_OPEN}",
+                (step, step),
+            )
+            self._event(
+                self.clock() + step, "clock_stepped", None, None, None, None, None, {"step_s": step}
+            )
+
     def log_many(self, items: list[tuple[str, str | None, dict[str, Any]]]) -> None:
         """Append several ``(kind, partition_id, detail)`` events in one transaction."""
         if not items:
@@ -463,35 +548,71 @@ class Ledger:
     # ------------------------------------------------------------------- queue
 
     def enqueue(
-        self, req: NewPartition, waiter_pid: int | None, timeout_at: float | None
+        self,
+        req: NewPartition,
+        waiter_pid: int | None,
+        timeout_at: float | None,
+        max_waiting: int | None = None,
     ) -> Ticket:
-        """Put ``req`` in the queue; :meth:`grant_waiting` admits it when it fits."""
+        """Put ``req`` in the queue; :meth:`grant_waiting` admits it when it fits.
+
+        ``max_waiting``: refuse (and log it) if the user already has that many
+        requests waiting, counted inside the transaction so racing enqueues
+        cannot pass it together.
+        """
+        refusal: AdmissionRefused | None = None
         with _immediate(self._db):
             now = self.clock()
-            ticket_id = "q" + self._new_id()[1:]
-            self._db.execute(
-                "INSERT INTO waiting (id, enqueued_at, state, waiter_pid, waiter_start, "
-                "timeout_at, request) VALUES (?, ?, 'waiting', ?, ?, ?, ?)",
-                (
-                    ticket_id,
-                    now,
-                    waiter_pid,
-                    procs.start_ticks(waiter_pid) if waiter_pid else None,
-                    timeout_at,
-                    json.dumps(asdict(req)),
-                ),
-            )
-            self._event(
-                now,
-                "queued",
-                None,
-                req.uid,
-                req.user,
-                req.device_uuid,
-                req.memory_bytes,
-                {"ticket": ticket_id, "duration_s": req.duration_s},
-            )
+            if max_waiting is not None:
+                mine = sum(1 for t in self.waiting() if t.request.uid == req.uid)
+                if mine >= max_waiting:
+                    refusal = AdmissionRefused(
+                        f"over the max_waiting limit: {req.user} already has {mine} waiting "
+                        f"request(s), at most {max_waiting}"
+                    )
+                    self._event(
+                        now,
+                        "refused",
+                        None,
+                        req.uid,
+                        req.user,
+                        req.device_uuid,
+                        req.memory_bytes,
+                        {"reason": str(refusal)},
+                    )
+            if refusal is None:
+                ticket_id = self._insert_ticket(req, waiter_pid, timeout_at, now)
+        if refusal is not None:
+            raise refusal
         return self.ticket(ticket_id)
+
+    def _insert_ticket(
+        self, req: NewPartition, waiter_pid: int | None, timeout_at: float | None, now: float
+    ) -> str:
+        ticket_id = "q" + self._new_id()[1:]
+        self._db.execute(
+            "INSERT INTO waiting (id, enqueued_at, state, waiter_pid, waiter_start, "
+            "timeout_at, request) VALUES (?, ?, 'waiting', ?, ?, ?, ?)",
+            (
+                ticket_id,
+                now,
+                waiter_pid,
+                procs.start_ticks(waiter_pid) if waiter_pid else None,
+                timeout_at,
+                json.dumps(asdict(req)),
+            ),
+        )
+        self._event(
+            now,
+            "queued",
+            None,
+            req.uid,
+            req.user,
+            req.device_uuid,
+            req.memory_bytes,
+            {"ticket": ticket_id, "duration_s": req.duration_s},
+        )
+        return ticket_id
 
     def ticket(self, ticket_id: str) -> Ticket:
         row = self._db.execute(
@@ -508,11 +629,31 @@ class Ledger:
             self._close_ticket(ticket_id, state, reason, self.clock())
 
     def waiting(self) -> list[Ticket]:
-        rows = self._db.execute(
-            "SELECT id, state, enqueued_at, request, partition_id, reason, timeout_at, "
-            "waiter_pid FROM waiting WHERE state = 'waiting' ORDER BY enqueued_at"
-        ).fetchall()
-        return [_ticket(r) for r in rows]
+        """Tickets still waiting, in enqueue order.
+
+        A waiting ticket never changes until it leaves the queue, so each is read
+        and parsed once: planning reads the whole queue on every change.
+        """
+        ids = [
+            r[0]
+            for r in self._db.execute(
+                "SELECT id FROM waiting WHERE state = 'waiting' ORDER BY enqueued_at"
+            )
+        ]
+        missing = [i for i in ids if i not in self._waiting]
+        if len(self._waiting) > 2 * len(ids) + 1024:  # forget tickets that left the queue
+            keep = set(ids)
+            self._waiting = {i: t for i, t in self._waiting.items() if i in keep}
+        for chunk in range(0, len(missing), 500):
+            part = missing[chunk : chunk + 500]
+            marks = ", ".join("?" * len(part))
+            for row in self._db.execute(
+                "SELECT id, state, enqueued_at, request, partition_id, reason, timeout_at, "
+                f"waiter_pid FROM waiting WHERE id IN ({marks})",
+                part,
+            ):
+                self._waiting[row[0]] = _ticket(row)
+        return [self._waiting[i] for i in ids]
 
     def grant_waiting(
         self, priority_of: PriorityOf, check_for: Callable[[NewPartition], QuotaCheck | None]
@@ -534,7 +675,7 @@ class Ledger:
                     check = check_for(req)
                     try:
                         if check is not None:
-                            check(self._recent_of(req.uid, now), start, end, now)
+                            check(self._mine(req.uid, now, check), start, end, now)
                     except AdmissionRefused as exc:
                         self._close_ticket(ticket.id, "refused", str(exc), now)
                         replan = True
@@ -548,30 +689,61 @@ class Ledger:
         return granted
 
     def queue(self, priority_of: PriorityOf) -> list[tuple[Ticket, float | None]]:
-        """Waiting requests in the order they will be served, with estimated starts."""
+        """Waiting requests in the order they will be served, with estimated starts.
+
+        A waiter beyond the planning depth has no estimate (None).
+        """
         now = self.clock()
         ordered, _, plan = self._plan(priority_of, now, with_plan=True)
         return [(t, plan.estimated_start.get(t.id, now)) for t in ordered]
 
+    def invalidate_plan(self) -> None:
+        """Forget the cached plan (the policy changed: capacities may differ)."""
+        self._plan_cache = None
+        self._waiters.clear()
+
     def _plan(
         self, priority_of: PriorityOf, now: float, with_plan: bool = False
     ) -> tuple[list[Ticket], list[Ticket], Any]:
+        """The queue's order and plan; reused while nothing changed (see PLAN_REUSE_S).
+
+        Costs O(users + waiters) reads: fair-share usage comes from one row per
+        user, not from each user's history.
+        """
+        key = (self._generation, self._data_version(), priority_of)
+        cached = self._plan_cache
+        if cached is not None and cached[0] == key and 0 <= now - cached[1] < PLAN_REUSE_S:
+            return cached[2]  # type: ignore[no-any-return]
         tickets = self.waiting()
-        recent: dict[int, list[PartitionRecord]] = {}
-        keyed = []
-        for t in tickets:
-            mine = recent.setdefault(t.request.uid, self._recent_of(t.request.uid, now))
-            keyed.append((priority_of(t.request.user, now - t.enqueued_at, mine), t.enqueued_at, t))
-        ordered = [t for _, _, t in sorted(keyed, key=lambda k: (k[0], k[1]))]
+        usage = self.fairshare_usage(now) if tickets else {}
+        keyed = [
+            (priority_of(t.request.user, now - t.enqueued_at, usage.get(t.request.uid, 0.0)), t)
+            for t in tickets
+        ]
+        # sorted() is stable and tickets come in enqueue order: ties go to the earlier one.
+        ordered = [t for _, t in sorted(keyed, key=lambda k: k[0])]
         devices = {t.request.device_uuid for t in ordered}
         intervals = {uuid: self._open_on_device(uuid, now) for uuid in devices}
         plan = plan_queue([self._waiter(t) for t in ordered], intervals, now)
         grant_ids = set(plan.grant)
-        return ordered, [t for t in ordered if t.id in grant_ids], plan
+        result = ordered, [t for t in ordered if t.id in grant_ids], plan
+        self._plan_cache = (key, now, result)
+        return result
+
+    def _data_version(self) -> int:
+        """Changes when another connection commits (embedded clients share the file)."""
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
     def _waiter(self, ticket: Ticket) -> Waiter:
-        r = ticket.request
-        return Waiter(ticket.id, r.device_uuid, r.memory_bytes, r.duration_s, self.capacity_of(r))
+        waiter = self._waiters.get(ticket.id)
+        if waiter is None:
+            if len(self._waiters) > 2 * len(self._waiting) + 1024:
+                self._waiters.clear()
+            r = ticket.request
+            waiter = self._waiters[ticket.id] = Waiter(
+                ticket.id, r.device_uuid, r.memory_bytes, r.duration_s, self.capacity_of(r)
+            )
+        return waiter
 
     def _reservations(
         self, device_uuid: str, now: float, priority_of: PriorityOf | None = None
@@ -581,9 +753,6 @@ class Ledger:
         With ``priority_of`` these are the queue's own plan (served in priority
         order), so nothing admitted around them can delay any waiter.
         """
-        tickets = [t for t in self.waiting() if t.request.device_uuid == device_uuid]
-        if not tickets:
-            return []
         if priority_of is not None:
             ordered, _, plan = self._plan(priority_of, now)
             starts = [
@@ -596,6 +765,9 @@ class Ledger:
                 for t, s in starts
                 if s is not None
             ]
+        tickets = [t for t in self.waiting() if t.request.device_uuid == device_uuid]
+        if not tickets:
+            return []
         held = self._open_on_device(device_uuid, now)
         out: list[tuple[float, float, int, str]] = []
         for t in tickets:  # enqueue order: a direct request never overtakes a waiting one
@@ -608,19 +780,20 @@ class Ledger:
         return out
 
     def _drop_stale_tickets(self, now: float) -> None:
-        for t in self.waiting():
-            if t.timeout_at is not None and now >= t.timeout_at:
-                self._close_ticket(t.id, "timeout", "timed out waiting", now)
-            elif t.waiter_pid is not None and not self._owner_alive(
-                t.waiter_pid, self._waiter_start(t.id)
-            ):
-                self._close_ticket(t.id, "cancelled", "the waiting process exited", now)
-
-    def _waiter_start(self, ticket_id: str) -> int | None:
-        row = self._db.execute(
-            "SELECT waiter_start FROM waiting WHERE id = ?", (ticket_id,)
-        ).fetchone()
-        return None if row is None else row[0]
+        rows = self._db.execute(
+            "SELECT id, timeout_at, waiter_pid, waiter_start FROM waiting WHERE state = 'waiting'"
+        ).fetchall()
+        alive: dict[tuple[int, int | None], bool] = {}  # one look per waiting process
+        for ticket_id, timeout_at, pid, start in rows:
+            if timeout_at is not None and now >= timeout_at:
+                self._close_ticket(ticket_id, "timeout", "timed out waiting", now)
+                continue
+            if pid is None:
+                continue
+            if (pid, start) not in alive:
+                alive[(pid, start)] = self._owner_alive(pid, start)
+            if not alive[(pid, start)]:
+                self._close_ticket(ticket_id, "cancelled", "the waiting process exited", now)
 
     def _close_ticket(self, ticket_id: str, state: str, reason: str, now: float) -> None:
         ticket = self.ticket(ticket_id)
@@ -641,22 +814,265 @@ class Ledger:
             {"ticket": ticket_id, "reason": reason},
         )
 
-    def _recent_of(self, uid: int, now: float) -> list[PartitionRecord]:
-        """The user's open partitions and those that ended in the last 8 days."""
+    def _mine(self, uid: int, now: float, check: QuotaCheck) -> list[PartitionRecord]:
+        """What a quota check needs: the user's open partitions, and their last 8 days
+        only where the check asks for history (GPU-hour budgets)."""
+        if getattr(check, "needs_history", True):
+            return self._recent_of(uid, now)
         rows = self._db.execute(
-            f"SELECT {_COLUMNS} FROM partitions WHERE uid = ? AND "
-            f"({_OPEN} OR COALESCE(ended_at, expires_at) >= ?)",
-            (uid, now - 8 * 86400.0),
+            f"SELECT {_COLUMNS} FROM partitions {_BY_OPEN} WHERE {_OPEN} AND uid = ?", (uid,)
         ).fetchall()
         return [_record(r) for r in rows]
 
-    def recent(self, since: float) -> list[PartitionRecord]:
-        """Every partition open now or ended after ``since`` (for usage reports)."""
+    def _recent_of(self, uid: int, now: float) -> list[PartitionRecord]:
+        """The user's open partitions and those that ended in the last 8 days."""
+        return self.recent(now - 8 * 86400.0, uid)
+
+    def recent(self, since: float, uid: int | None = None) -> list[PartitionRecord]:
+        """Every partition (of ``uid``) open now or ended after ``since``, oldest first.
+
+        Two indexed queries (open ones; ended ones by ``(uid, ended_at)``), so the
+        cost follows what is returned, not the ledger's whole history.
+        """
+        who, args = ("AND uid = ?", (uid,)) if uid is not None else ("", ())
         rows = self._db.execute(
-            f"SELECT {_COLUMNS} FROM partitions WHERE {_OPEN} OR "
-            "COALESCE(ended_at, expires_at) >= ? ORDER BY created_at",
-            (since,),
+            f"SELECT {_COLUMNS} FROM partitions {_BY_OPEN} WHERE {_OPEN} {who}", args
         ).fetchall()
+        rows += self._db.execute(
+            f"SELECT {_COLUMNS} FROM partitions WHERE ended_at >= ? AND NOT {_OPEN} {who}",
+            (since, *args),
+        ).fetchall()
+        records = [_record(r) for r in rows]
+        records.sort(key=lambda r: r.created_at)
+        return records
+
+    # ------------------------------------------------------------ history
+
+    def fairshare_usage(self, now: float) -> dict[int, float]:
+        """Each user's decayed GPU-hours (policy.decayed_usage) from one row per user plus
+        the open partitions: what planning needs, at a cost that does not grow with history."""
+        half_life = self.fairshare_half_life()
+        out = {
+            int(uid): float(value) * 0.5 ** ((now - as_of) / half_life)
+            for uid, value, as_of in self._db.execute("SELECT uid, value, as_of FROM fairshare")
+        }
+        for uid, start, expires, nbytes, total in self._db.execute(
+            "SELECT uid, starts_at, expires_at, memory_bytes, device_total_bytes FROM partitions "
+            f"WHERE {_OPEN}"
+        ):
+            end = min(expires, now)
+            if end > start:
+                hours = nbytes / total * (end - start) / HOUR
+                out[uid] = out.get(uid, 0.0) + hours * 0.5 ** ((now - end) / half_life)
+        return out
+
+    def usage_totals(
+        self, since: float, now: float, user: str | None = None
+    ) -> dict[str, dict[str, float]]:
+        """Per user, what :func:`chronos.accounting.usage_report` reports for ``[since, now)``.
+
+        Whole hours come from ``usage_hours`` (kept as history is written); only
+        the part of the first hour after ``since`` is read from partitions and
+        events, and open partitions are added as they stand. The work is a few
+        hours' rows per user, however long the history.
+        """
+        first_hour = math.ceil(since / HOUR)
+        totals: dict[str, dict[str, float]] = {}
+
+        def add(name: str, key: str, value: float) -> None:
+            if user is not None and name != user:
+                return
+            row = totals.setdefault(name, dict.fromkeys(_USAGE_COUNTS, 0.0))
+            row[key] += value
+
+        sums = ", ".join(f"SUM({c})" for c in _USAGE_COUNTS)
+        for name, *values in self._db.execute(
+            f"SELECT user, {sums} FROM usage_hours WHERE hour >= ? GROUP BY user", (first_hour,)
+        ):
+            for key, value in zip(_USAGE_COUNTS, values, strict=True):
+                add(name, key, float(value or 0.0))
+        head_end = min(first_hour * HOUR, now)
+        if head_end > since:
+            self._usage_head(since, head_end, now, add)
+        for r in self._open_records():
+            add(r.user, "reserved_h", gpu_hours([r], since, now, now))
+        return totals
+
+    def _usage_head(
+        self, since: float, until: float, now: float, add: Callable[[str, str, float], None]
+    ) -> None:
+        """What falls in ``[since, until)`` (less than an hour), from the raw history."""
+        for (name,) in self._db.execute(  # each partition's "created" event is at created_at
+            "SELECT user FROM events WHERE at >= ? AND at < ? AND kind = 'created'", (since, until)
+        ):
+            add(name, "created", 1)
+        for row in self._db.execute(
+            f"SELECT {_COLUMNS} FROM partitions WHERE ended_at >= ? AND ended_at < ? "
+            f"AND NOT {_OPEN}",
+            (since, until),
+        ):
+            r = _record(row)
+            for key, value in _end_counts(r).items():
+                add(r.user, key, value)
+        # Ended partitions held in [since, until) ended after since, and before until plus
+        # the longest any partition was held: a window of the ended_at index.
+        longest = self._meta_float("longest_held_s")
+        for row in self._db.execute(
+            f"SELECT {_COLUMNS} FROM partitions WHERE ended_at > ? AND ended_at < ? "
+            f"AND NOT {_OPEN}",
+            (since, until + longest + 1.0),
+        ):
+            r = _record(row)
+            add(r.user, "reserved_h", gpu_hours([r], since, until, now))
+        kinds = ", ".join(f"'{k}'" for k in (*_EVENT_COUNTS, "usage"))
+        for kind, name, detail, total in self._db.execute(
+            "SELECT e.kind, COALESCE(p.user, e.user), e.detail, p.device_total_bytes "
+            "FROM events e LEFT JOIN partitions p ON p.id = e.partition_id "
+            f"WHERE e.at >= ? AND e.at < ? AND e.kind IN ({kinds}) AND e.user IS NOT NULL",
+            (since, until),
+        ):
+            for key, value in _event_counts(kind, json.loads(detail), total).items():
+                add(name, key, value)
+
+    def compact(self, before: float, batch: int = 500) -> int:
+        """Delete one batch of history older than ``before``; return how many rows went.
+
+        Ended partitions (with their events and attachments), events of no
+        partition, and closed queue tickets go; what usage and fair share need
+        of them is already in ``usage_hours`` and ``fairshare``. The daemon calls
+        this in small batches, each its own short transaction.
+        """
+        before = min(before, self.clock() - MIN_RETENTION_S)
+        with _immediate(self._db):
+            ids = [
+                r[0]
+                for r in self._db.execute(
+                    f"SELECT id FROM partitions WHERE ended_at < ? AND NOT {_OPEN} "
+                    "ORDER BY ended_at LIMIT ?",
+                    (before, batch),
+                )
+            ]
+            marks = ", ".join("?" * len(ids))
+            gone = 0
+            if ids:
+                self._db.execute(f"DELETE FROM attached WHERE partition_id IN ({marks})", ids)
+                gone += self._db.execute(
+                    f"DELETE FROM events WHERE partition_id IN ({marks})", ids
+                ).rowcount
+                gone += self._db.execute(
+                    f"DELETE FROM partitions WHERE id IN ({marks})", ids
+                ).rowcount
+            gone += self._db.execute(
+                "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE at < ? "
+                "AND partition_id IS NULL ORDER BY at LIMIT ?)",
+                (before, batch),
+            ).rowcount
+            gone += self._db.execute(
+                "DELETE FROM waiting WHERE id IN (SELECT id FROM waiting WHERE state != "
+                "'waiting' AND enqueued_at < ? ORDER BY enqueued_at LIMIT ?)",
+                (before, batch),
+            ).rowcount
+        return gone
+
+    def _ensure_history(self) -> None:
+        """Create the history aggregates and indexes once, filling them from what exists."""
+        if self._meta("history") == _HISTORY_VERSION:
+            return
+        with _immediate(self._db):
+            if self._meta("history") == _HISTORY_VERSION:
+                return  # another process did it meanwhile
+            for statement in _HISTORY_SCHEMA:
+                self._db.execute(statement)
+            for row in self._db.execute(f"SELECT {_COLUMNS} FROM partitions").fetchall():
+                r = _record(row)
+                self._bump(r.created_at, r.user, created=1)
+                if r.state not in (ACTIVE, BOOKED):
+                    self._account_end(r)
+            kinds = ", ".join(f"'{k}'" for k in (*_EVENT_COUNTS, "usage"))
+            for at, kind, pid, user, detail in self._db.execute(
+                f"SELECT at, kind, partition_id, user, detail FROM events WHERE kind IN ({kinds})"
+            ).fetchall():
+                self._count_event(at, kind, pid, user, json.loads(detail))
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('history', ?)", (_HISTORY_VERSION,)
+            )
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _meta_float(self, key: str) -> float:
+        value = self._meta(key)
+        return 0.0 if value is None else float(value)
+
+    def _bump(self, at: float, user: str, **counts: float) -> None:
+        """Add ``counts`` to ``user``'s row for the hour of ``at``."""
+        cols = ", ".join(counts)
+        marks = ", ".join("?" * len(counts))
+        sets = ", ".join(f"{c} = {c} + excluded.{c}" for c in counts)
+        self._db.execute(
+            f"INSERT INTO usage_hours (hour, user, {cols}) VALUES (?, ?, {marks}) "
+            f"ON CONFLICT (hour, user) DO UPDATE SET {sets}",
+            (math.floor(at / HOUR), user, *counts.values()),
+        )
+
+    def _account_end(self, r: PartitionRecord) -> None:
+        """Fold an ended partition into usage_hours and fairshare (same transaction)."""
+        assert r.ended_at is not None
+        for key, value in _end_counts(r).items():
+            self._bump(r.ended_at, r.user, **{key: value})
+        start, end = r.starts_at, held_until(r, r.ended_at)
+        if end <= start:
+            return
+        hour = math.floor(start / HOUR)
+        while hour * HOUR < end:
+            lo, hi = max(start, hour * HOUR), min(end, (hour + 1) * HOUR)
+            self._bump(lo, r.user, reserved_h=r.memory_fraction * (hi - lo) / HOUR)
+            hour += 1
+        self._fold_fairshare(r.uid, r.memory_fraction * (end - start) / HOUR, end)
+        self._db.execute(
+            "INSERT INTO meta VALUES ('longest_held_s', ?) ON CONFLICT (key) DO UPDATE SET "
+            "value = MAX(CAST(value AS REAL), CAST(excluded.value AS REAL))",
+            (end - start,),
+        )
+
+    def _fold_fairshare(self, uid: int, hours: float, at: float) -> None:
+        """Add ``hours`` that ended at ``at`` to the user's decayed total."""
+        half_life = self.fairshare_half_life()
+        row = self._db.execute(
+            "SELECT value, as_of FROM fairshare WHERE uid = ?", (uid,)
+        ).fetchone()
+        if row is None:
+            value, as_of = hours, at
+        elif at >= row[1]:
+            value, as_of = row[0] * 0.5 ** ((at - row[1]) / half_life) + hours, at
+        else:
+            value, as_of = row[0] + hours * 0.5 ** ((row[1] - at) / half_life), row[1]
+        self._db.execute(
+            "INSERT OR REPLACE INTO fairshare (uid, value, as_of) VALUES (?, ?, ?)",
+            (uid, value, as_of),
+        )
+
+    def _count_event(
+        self, at: float, kind: str, partition_id: str | None, user: str | None, detail: Any
+    ) -> None:
+        if user is None or (kind not in _EVENT_COUNTS and kind != "usage"):
+            return
+        total = None
+        if kind == "usage":
+            row = self._db.execute(
+                "SELECT user, device_total_bytes FROM partitions WHERE id = ?", (partition_id,)
+            ).fetchone()
+            if row is None:
+                return
+            user, total = row
+        counts = _event_counts(kind, detail, total)
+        if counts:
+            assert user is not None
+            self._bump(at, user, **counts)
+
+    def _open_records(self) -> list[PartitionRecord]:
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM partitions WHERE {_OPEN}").fetchall()
         return [_record(r) for r in rows]
 
     # ------------------------------------------------------------------- reads
@@ -680,6 +1096,41 @@ class Ledger:
         if limit is not None:
             records = records[-limit:]
         return records
+
+    def partitions_page(
+        self, include_ended: bool, after: int, count: int
+    ) -> tuple[list[PartitionRecord], int | None]:
+        """Up to ``count`` partitions after cursor ``after``, oldest first, and the next cursor
+        (None at the end). Open ones come through the open-partitions index, all of them by
+        rowid, so a page costs what it returns however long the history."""
+        where = "WHERE" if include_ended else f"{_BY_OPEN} WHERE {_OPEN} AND"
+        rows = self._db.execute(
+            f"SELECT rowid, {_COLUMNS} FROM partitions {where} rowid > ? ORDER BY rowid LIMIT ?",
+            (after, count + 1),
+        ).fetchall()
+        more = len(rows) > count
+        rows = rows[:count]
+        return [_record(r[1:]) for r in rows], (int(rows[-1][0]) if more else None)
+
+    def events_page(
+        self, since: float | None, partition_id: str | None, after: int, count: int
+    ) -> tuple[list[Event], int | None]:
+        """Up to ``count`` events (as :meth:`events` filters them) with ``seq > after``."""
+        if after <= 0 and since and not partition_id:
+            first = self._db.execute(
+                "SELECT MIN(seq) FROM events INDEXED BY events_at WHERE at >= ?", (since,)
+            )
+            after = max(after, int(first.fetchone()[0] or 1) - 1)
+        sql = "SELECT seq, at, kind, partition_id, uid, user, device_uuid, memory_bytes, detail "
+        sql += "FROM events WHERE seq > ? AND +at >= ?"
+        args: list[Any] = [after, since or 0.0]
+        if partition_id:
+            sql += " AND partition_id = ?"
+            args.append(partition_id)
+        rows = self._db.execute(sql + " ORDER BY seq LIMIT ?", (*args, count + 1)).fetchall()
+        more = len(rows) > count
+        events = [_event(row) for row in rows[:count]]
+        return events, (events[-1].seq if more else None)
 
     def running(self, now: float | None = None) -> list[PartitionRecord]:
         """Partitions active at ``now`` (not bookings still to come), straight from SQL."""
@@ -745,14 +1196,34 @@ class Ledger:
             args = (partition_id,)
         return [Attached(*row) for row in self._db.execute(sql, args).fetchall()]
 
-    def events(self, since: float | None = None, partition_id: str | None = None) -> list[Event]:
+    def events(
+        self,
+        since: float | None = None,
+        partition_id: str | None = None,
+        kinds: Sequence[str] | None = None,
+    ) -> list[Event]:
+        """Events in order; ``kinds`` filters in SQL (start-up reads only what it acts on,
+        not every event of the day)."""
         sql = "SELECT seq, at, kind, partition_id, uid, user, device_uuid, memory_bytes, detail "
         sql += "FROM events WHERE at >= ?"
         args: list[Any] = [since or 0.0]
         if partition_id:
             sql += " AND partition_id = ?"
             args.append(partition_id)
+        if kinds is not None:
+            sql += f" AND kind IN ({', '.join('?' * len(kinds))})"
+            args.extend(kinds)
         rows = self._db.execute(sql + " ORDER BY seq", args).fetchall()
+        return [_event(row) for row in rows]
+
+    def events_of_kind(self, kind: str, since: float) -> list[Event]:
+        """Events of one kind at or after ``since`` (a range on the ``at`` index, filtered in
+        SQL): what the daemon needs at start-up, without reading the whole history."""
+        rows = self._db.execute(
+            "SELECT seq, at, kind, partition_id, uid, user, device_uuid, memory_bytes, detail "
+            "FROM events WHERE at >= ? AND kind = ? ORDER BY seq",
+            (since, kind),
+        ).fetchall()
         return [_event(row) for row in rows]
 
     def next_deadline(self) -> float | None:
@@ -783,7 +1254,8 @@ class Ledger:
             "AND expires_at > ? AND starts_at < ?",
             (device_uuid, now, start, end),
         ).fetchall()
-        return [(float(s), float(e), int(b), str(i)) for s, e, b, i in rows]
+        held = [(float(s), float(e), int(b), str(i)) for s, e, b, i in rows]
+        return held + [x for x in self.lingering(device_uuid) if x[1] > start and x[0] < end]
 
     def _anything_due(self, now: float, owners: bool) -> bool:
         booking_due = self._db.execute(
@@ -858,7 +1330,9 @@ class Ledger:
             record.memory_bytes,
             {"reason": reason, "owner_uid": record.uid},
         )
-        return self._get(record.id)
+        ended = self._get(record.id)
+        self._account_end(ended)
+        return ended
 
     def _insert(self, r: PartitionRecord) -> None:
         placeholders = ", ".join("?" * 19)
@@ -903,6 +1377,8 @@ class Ledger:
             "detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (at, kind, partition_id, uid, user, device_uuid, memory_bytes, json.dumps(detail)),
         )
+        self._generation += 1
+        self._count_event(at, kind, partition_id, user, detail)
 
     def _new_id(self) -> str:
         while True:
@@ -938,6 +1414,26 @@ class Ledger:
         if fit is not None:
             msg += f"; it fits from {local_clock(fit)} (in {format_duration(fit - now)})"
         return CapacityRefused(msg)
+
+
+def _end_counts(r: PartitionRecord) -> dict[str, float]:
+    """How an ended partition counts in usage: released early, or expired."""
+    assert r.ended_at is not None
+    if r.state == RELEASED and r.ended_at < r.expires_at:
+        return {"released_early": 1}
+    if r.state == EXPIRED:
+        return {"expired": 1}
+    return {}
+
+
+def _event_counts(kind: str, detail: Any, device_total_bytes: int | None) -> dict[str, float]:
+    """How an event counts in usage (``usage`` needs its partition's device size)."""
+    if kind in _EVENT_COUNTS:
+        return {_EVENT_COUNTS[kind]: 1}
+    if kind == "usage" and device_total_bytes:
+        byte_seconds = float(detail.get("byte_seconds", 0.0))
+        return {"used_h": byte_seconds / device_total_bytes / HOUR, "used_measured": 1}
+    return {}
 
 
 def _event(row: Sequence[Any]) -> Event:

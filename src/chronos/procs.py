@@ -8,10 +8,13 @@ pidfd where the kernel has one so the check and the kill name the same process.
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import signal
 from collections.abc import Iterable, Iterator
+
+from chronos.errors import BadRequest
 
 PROC = "/proc"
 
@@ -137,34 +140,141 @@ def descendants(roots: Iterable[int], tree: dict[int, list[int]] | None = None) 
     return seen
 
 
+_GONE = (errno.ESRCH,)
+_UNSUPPORTED = (errno.ENOSYS, errno.EPERM, errno.EACCES, errno.EINVAL)
+_pidfd_usable: bool | None = None
+
+
+def pidfd_usable() -> bool:
+    """Whether ``pidfd_open`` works here; probed once, like psutil's ``can_use_pidfd_open``.
+
+    It may exist in Python and still fail: ENOSYS on old kernels, EPERM or ENOSYS
+    under a seccomp filter (containers). A probe that fails for lack of
+    descriptors (EMFILE) says nothing, so it is asked again next time.
+    """
+    global _pidfd_usable
+    if _pidfd_usable is not None:
+        return _pidfd_usable
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        _pidfd_usable = False
+        return False
+    try:
+        fd = pidfd_open(os.getpid())
+    except OSError as exc:
+        if exc.errno in _UNSUPPORTED:
+            _pidfd_usable = False
+        return False
+    os.close(fd)
+    _pidfd_usable = True
+    return True
+
+
+def open_pidfd(pid: int) -> int | None:
+    """A pidfd for ``pid``; None where pidfds cannot be used or descriptors ran out.
+
+    Raises ProcessLookupError if ``pid`` does not exist: only that means "gone".
+    """
+    if not pidfd_usable():
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except OSError as exc:
+        if exc.errno in _GONE:
+            raise ProcessLookupError(pid) from None
+        return None  # EMFILE, ENFILE, ENOMEM…: not a death; the caller falls back
+
+
 def signal_process(pid: int, ticks: int | None, sig: int) -> bool:
     """Send ``sig`` to ``pid`` only if it is still the process that started at ``ticks``.
 
-    Returns True if the signal was delivered.
+    Returns True if the signal was delivered. Through a pidfd where one can be
+    opened (the check and the kill then name the same process); where none can
+    (no pidfds, seccomp, no descriptors left) through ``kill`` right after a fresh
+    ``(pid, start_ticks)`` check, so a failing pidfd never means "not signalled".
     """
-    pidfd_open = getattr(os, "pidfd_open", None)
-    if pidfd_open is not None:
-        try:
-            fd = pidfd_open(pid)
-        except OSError:
-            return False
-        try:
-            # The pidfd pins the identity; verify it is the one we recorded.
-            if not is_same_process(pid, ticks):
-                return False
-            signal.pidfd_send_signal(fd, sig)
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
-    if not is_same_process(pid, ticks):
-        return False
     try:
-        os.kill(pid, sig)
+        fd = open_pidfd(pid)
+    except ProcessLookupError:
+        return False
+    if fd is None:
+        if not is_same_process(pid, ticks):
+            return False
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            return False
+        return True
+    try:
+        # The pidfd pins the identity; verify it is the one we recorded.
+        if not is_same_process(pid, ticks):
+            return False
+        signal.pidfd_send_signal(fd, sig)
+        return True
     except OSError:
         return False
+    finally:
+        os.close(fd)
+
+
+def pidfd_alive(fd: int) -> bool:
+    """Whether the process a pidfd names still runs (its PID is then still its own)."""
+    try:
+        signal.pidfd_send_signal(fd, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
     return True
+
+
+def executable(pid: int) -> str | None:
+    """The program ``pid`` runs (/proc/<pid>/exe), or None."""
+    try:
+        return os.readlink(f"{PROC}/{pid}/exe")
+    except OSError:
+        return None
+
+
+class Pinned:
+    """A process held by a pidfd (where one can be had) from a check to an action.
+
+    While the pinned process lives its PID cannot name another one; so a check
+    made before an action and :meth:`verify` after it prove the action reached
+    the process that was checked, even if its number was recycled in between.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fd: int | None = None
+        self.ticks: int | None = None
+
+    def __enter__(self) -> Pinned:
+        try:
+            self.fd = open_pidfd(self.pid)
+        except ProcessLookupError:
+            raise BadRequest(f"no process {self.pid}") from None
+        self.ticks = start_ticks(self.pid)
+        if self.ticks is None or not self._alive():
+            self.close()
+            raise BadRequest(f"no process {self.pid}")
+        return self
+
+    def _alive(self) -> bool:
+        return pidfd_alive(self.fd) if self.fd is not None else True
+
+    def verify(self) -> None:
+        """Raise BadRequest unless ``pid`` is still the process pinned at the start."""
+        if not self._alive() or start_ticks(self.pid) != self.ticks:
+            raise BadRequest(f"process {self.pid} exited while it was being attached")
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def set_parent_death_signal(sig: int) -> bool:

@@ -65,16 +65,21 @@ OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     },
     "wait": {"id": ((str,), True), "max_wait": (_NUM, False)},
     "cancel": {"id": ((str,), True)},
-    "queue": {},
+    "queue": {"limit": ((int,), False), "after": ((int,), False)},
     "usage": {"since": (_NUM, False), "user": ((str,), False)},
     "release": {"id": ((str,), True)},
     "get": {"id": ((str,), True)},
-    "list": {"all": ((bool,), False)},
+    "list": {"all": ((bool,), False), "limit": ((int,), False), "after": ((int,), False)},
     "stats": {"processes": ((bool,), False)},
     "attach": {"id": ((str,), True), "pid": ((int,), True)},
     "attached_pids": {"id": ((str,), True)},
     "extend": {"id": ((str,), True), "duration": (_SPEC, True)},
-    "events": {"since": (_NUM, False), "id": ((str,), False)},
+    "events": {
+        "since": (_NUM, False),
+        "id": ((str,), False),
+        "limit": ((int,), False),
+        "after": ((int,), False),
+    },
 }
 
 

@@ -9,6 +9,7 @@ daemon.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -17,14 +18,15 @@ from typing import Any
 from chronos import alloccap, procs, protocol
 from chronos.attribution import attribute_processes
 from chronos.cgroups import PartitionCgroups
+from chronos.cgroups import cgroup_of as cgroups_of
 from chronos.config import Config, Limits
 from chronos.devices import DeviceUsage, Machine, open_machine
 from chronos.errors import BadRequest, CapacityRefused, ChronosError, PermissionDenied
 from chronos.identity import Caller, resolve_user
 from chronos.ledger import Ledger, NewPartition, QuotaCheck
 from chronos.models import ACTIVE, BOOKED, DeviceStats, PartitionRecord, ProcessUse
-from chronos.policy import Ask, check_limits, decayed_usage, priority
-from chronos.units import parse_duration, parse_memory, parse_signal_name
+from chronos.policy import Ask, check_limits, needs_history, priority
+from chronos.units import format_duration, parse_duration, parse_memory, parse_signal_name
 
 KINDS = ("api", "cli", "run")
 MAX_POLL_S = 5.0
@@ -32,6 +34,12 @@ MAX_POLL_S = 5.0
 EMBEDDED_POLL_S = 0.05
 MAX_BOOK_AHEAD_S = 366 * 86400.0
 """Latest start a booking may ask for, from now."""
+MAX_PAGE = 500
+"""Most records one page of ``list``, ``events`` or ``queue`` carries."""
+PAGE_BYTES = 256 * 1024
+"""A page also stops once its records' JSON passes this (events' details vary in size),
+far below the protocol's frame limit, so no ledger content can make a reply too large."""
+MAX_CURSOR = 1 << 62
 
 
 class Service:
@@ -43,15 +51,29 @@ class Service:
         machine_factory: Callable[[], Machine] = open_machine,
     ) -> None:
         self.ledger = ledger
-        self.config = config
+        self._config = config
         self.mode = mode
         self._machine_factory = machine_factory
         self._machine: Machine | None = None
         self.on_change: Callable[[], None] = lambda: None
+        """Called after any change to the set of open partitions (the daemon re-arms timers)."""
         ledger.capacity_of = self._capacity_of
+        ledger.fairshare_half_life = lambda: self.config.fairshare_half_life_s
         self.cgroups: PartitionCgroups | None = None
         """Set by the daemon where it can place attached processes in cgroups."""
-        """Called after any change to the set of open partitions (the daemon re-arms timers)."""
+        self.on_supervised: Callable[[str, int, int | None], None] = lambda i, pid, start: None
+        """Called when a ``chronos run`` supervisor attached its gated child (the daemon
+        spares that process, and only it, when it stops the partition)."""
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """A new policy (a reload): capacities may differ, so the queue is planned afresh."""
+        self._config = config
+        self.ledger.invalidate_plan()
 
     @property
     def machine(self) -> Machine:
@@ -126,8 +148,10 @@ class Service:
             starts_at=start,
             owner_pid=owner_pid,
             owner_start=procs.start_ticks(owner_pid) if owner_pid else None,
+            # ``run`` is only what the client asks for: the daemon spares a supervisor only
+            # once it has seen it attach its gated child (op_attach), never on the client's word.
             kind=kind,
-            grace_s=self.config.grace_s if grace is None else _grace(grace),  # keeps its terms
+            grace_s=self._grace_of(grace),  # keeps its terms
             warn_s=self.config.warn_s if warn is None else parse_duration(warn),
             warn_signal=_signal_name(warn_signal or self.config.warn_signal),
             exempt=caller.is_admin,
@@ -145,7 +169,9 @@ class Service:
             if timeout is not None and not (math.isfinite(timeout) and timeout >= 0):
                 raise BadRequest("timeout must be a number of seconds") from None
             timeout_at = None if timeout is None else self.ledger.clock() + timeout
-            ticket = self.ledger.enqueue(request, caller.pid, timeout_at)
+            ticket = self.ledger.enqueue(
+                request, caller.pid, timeout_at, self._max_waiting(request)
+            )
             self.on_change()
             return self._ticket_status(ticket.id, note=str(refusal))
         self.on_change()
@@ -175,9 +201,19 @@ class Service:
         self.on_change()
         return self._ticket_status(id)
 
-    def op_queue(self, caller: Caller) -> list[dict[str, Any]]:
+    def op_queue(
+        self, caller: Caller, limit: int | None = None, after: int | None = None
+    ) -> list[dict[str, Any]] | dict[str, Any]:
+        """The queue in serving order; with ``limit``/``after`` one page of it (``after`` is
+        the position already seen), as ``{"items", "next"}``."""
         self.grant_waiting()
-        return self._queue_statuses()
+        if limit is None and after is None:
+            return self._queue_statuses()
+        start = _cursor(after)
+        items = self._queue_statuses(start, _page_size(limit))
+        page, cut = _fill_page(items)
+        more = cut < len(items) or len(items) == _page_size(limit)
+        return {"items": page, "next": start + cut if more and page else None}
 
     def grant_waiting(self) -> list[str]:
         """Admit queued requests that now fit; return their partition ids."""
@@ -191,6 +227,18 @@ class Service:
                 alloccap.on_create(record.id, record.memory_bytes, record.uid, self.mode)
         return ids
 
+    def _grace_of(self, grace: Any) -> float:
+        """The SIGTERM → SIGKILL grace a partition gets: at most the policy's max_grace."""
+        if grace is None:
+            return min(self.config.grace_s, self.config.max_grace_s)
+        seconds = _grace(grace)
+        if seconds > self.config.max_grace_s:
+            raise BadRequest(
+                f"grace {format_duration(seconds)} is more than the maximum "
+                f"({format_duration(self.config.max_grace_s)}, max_grace in the policy)"
+            )
+        return seconds
+
     def _is_open(self, partition_id: str) -> bool:
         try:
             return self.ledger.get(partition_id).state_at(self.ledger.clock()) in (ACTIVE, BOOKED)
@@ -201,10 +249,8 @@ class Service:
         """What admission may hand out on the request's device under the policy in force now."""
         return self.config.reservable_bytes(request.device, request.device_total_bytes)
 
-    def _priority(self, user: str, waited_s: float, mine: list[PartitionRecord]) -> float:
-        now = self.ledger.clock()
-        usage = decayed_usage(mine, now, self.config.fairshare_half_life_s)
-        return priority(usage, waited_s, self.config.fairshare_age_weight)
+    def _priority(self, user: str, waited_s: float, usage_gpu_hours: float) -> float:
+        return priority(usage_gpu_hours, waited_s, self.config.fairshare_age_weight)
 
     def _quota_check(self, request: NewPartition) -> QuotaCheck | None:
         if request.exempt:
@@ -212,21 +258,28 @@ class Service:
         limits = self.config.limits_for(request.user)
         if limits == Limits():
             return None
-        fraction = request.memory_bytes / request.device_total_bytes
+        return _Quota(limits, request)
 
-        def check(mine: list[PartitionRecord], start: float, end: float, now: float) -> None:
-            ask = Ask(request.user, request.device, fraction, start, end)
-            check_limits(limits, ask, mine, now)
+    def _max_waiting(self, request: NewPartition) -> int | None:
+        """How many waiting requests the user may have (administrators: no limit)."""
+        return None if request.exempt else self.config.limits_for(request.user).max_waiting
 
-        return check
-
-    def _queue_statuses(self) -> list[dict[str, Any]]:
+    def _queue_statuses(
+        self, start: int = 0, count: int | None = None, only: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Waiters in serving order (``count`` of them from position ``start``, or just the
+        ticket ``only``); what each waits for is looked up only for those returned."""
         now = self.ledger.clock()
         out = []
         per_device: dict[str, int] = {}
-        for ticket, estimate in self.ledger.queue(self._priority):
+        stop = None if count is None else start + count
+        for n, (ticket, estimate) in enumerate(self.ledger.queue(self._priority)):
             req = ticket.request
             per_device[req.device_uuid] = per_device.get(req.device_uuid, 0) + 1
+            if n < start or (only is not None and ticket.id != only):
+                continue
+            if stop is not None and n >= stop:
+                break
             out.append(
                 {
                     "ticket": ticket.id,
@@ -266,7 +319,7 @@ class Service:
                 "visible_env": dict(dev.visible_env) if dev else {},
             }
         elif ticket.state == "waiting":
-            mine = next((q for q in self._queue_statuses() if q["ticket"] == ticket.id), None)
+            mine = next(iter(self._queue_statuses(only=ticket.id)), None)
             if mine is not None:
                 status.update(
                     {k: mine[k] for k in ("position", "estimated_start", "waiting_for", "waited_s")}
@@ -289,11 +342,19 @@ class Service:
         self.ledger.reap()
         return self.ledger.get(id).to_wire()
 
-    def op_list(self, caller: Caller, all: bool = False) -> list[dict[str, Any]]:
+    def op_list(
+        self, caller: Caller, all: bool = False, limit: int | None = None, after: int | None = None
+    ) -> list[dict[str, Any]] | dict[str, Any]:
+        """Partitions, oldest first; with ``limit``/``after`` one page, as ``{"items", "next"}``
+        (``next`` is the cursor for the following page, None after the last)."""
         self._reap()
         now = self.ledger.clock()
-        records = self.ledger.partitions(include_ended=all)
-        return [r.to_wire() for r in records if all or r.state_at(now) in (ACTIVE, BOOKED)]
+        if limit is None and after is None:
+            records = self.ledger.partitions(include_ended=all)
+            return [r.to_wire() for r in records if all or r.state_at(now) in (ACTIVE, BOOKED)]
+        records, cursor = self.ledger.partitions_page(all, _cursor(after), _page_size(limit))
+        items = [r.to_wire() for r in records if all or r.state_at(now) in (ACTIVE, BOOKED)]
+        return {"items": items, "next": cursor}
 
     def op_stats(self, caller: Caller, processes: bool = True) -> dict[str, Any]:
         self._reap()
@@ -349,19 +410,73 @@ class Service:
     def op_attach(self, caller: Caller, id: str, pid: int) -> dict[str, Any]:
         record = self.ledger.get(id)
         self._authorize(caller, record, "attach to")
-        ticks = procs.start_ticks(pid)
-        if ticks is None:
-            raise BadRequest(f"no process {pid}")
-        owner = procs.process_uid(pid)
-        if owner != record.uid and not caller.is_admin:
-            raise PermissionDenied(
-                f"process {pid} belongs to {procs.user_name(owner or -1)}, not to "
-                f"{record.user}; only an administrator may attach it"
-            )
-        self.ledger.attach(id, pid, ticks, owner if owner is not None else -1, caller.uid)
-        placed = self.cgroups.place(id, pid) if self.cgroups is not None else False
+        with procs.Pinned(pid) as pinned:
+            owner = self._attachable(caller, record, pid)
+            placed = self._place(id, pinned)
+            try:
+                self.ledger.attach(id, pid, pinned.ticks, owner, caller.uid)
+            except BaseException:
+                if placed and self.cgroups is not None:
+                    self.cgroups.unplace(pid, None)
+                raise
+        if self._is_gate(caller, record, pid):
+            self.ledger.log("supervised", id, detail={"pid": caller.pid, "child": pid})
+            self.on_supervised(id, record.owner_pid or 0, record.owner_start)
         self.on_change()
         return {"id": id, "pid": pid, "cgroup": placed}
+
+    def _attachable(self, caller: Caller, record: PartitionRecord, pid: int) -> int:
+        """The uid of ``pid``, if ``caller`` may attach it to ``record``."""
+        owner = procs.process_uid(pid)
+        if owner is None:
+            raise BadRequest(f"no process {pid}")
+        if owner != record.uid and not caller.is_admin:
+            raise PermissionDenied(
+                f"process {pid} belongs to {procs.user_name(owner)}, not to "
+                f"{record.user}; only an administrator may attach it"
+            )
+        return owner
+
+    def _place(self, partition_id: str, pinned: procs.Pinned) -> bool:
+        """Move the pinned process into the partition's cgroup; undo it if it changed meanwhile.
+
+        Its owner and start time were checked before; after the move the pin says
+        whether the PID still names that process (it cannot be reused while the
+        process lives), and owner and start time are read again.
+        """
+        if self.cgroups is None or not self.cgroups.available:
+            pinned.verify()
+            return False
+        owner = procs.process_uid(pinned.pid)
+        origin = cgroups_of(pinned.pid)
+        placed = self.cgroups.place(partition_id, pinned.pid)
+        try:
+            pinned.verify()
+            if procs.process_uid(pinned.pid) != owner:
+                raise BadRequest(f"process {pinned.pid} changed owner while it was attached")
+        except BadRequest:
+            if placed:
+                self.cgroups.unplace(pinned.pid, origin)
+            raise
+        return placed
+
+    def _is_gate(self, caller: Caller, record: PartitionRecord, pid: int) -> bool:
+        """``chronos run``'s gate: the partition's owner attaching the child it just forked.
+
+        The child still runs the supervisor's own program (it execs only once
+        attached). A client that merely asks for ``kind="run"`` gains nothing; one
+        that imitates the gate is spared only while it holds no GPU memory itself
+        (Deadlines.members), which is all a real supervisor needs.
+        """
+        return (
+            self.mode == "daemon"
+            and record.kind == "run"
+            and caller.pid is not None
+            and caller.pid == record.owner_pid
+            and procs.parent_pid(pid) == caller.pid
+            and procs.executable(pid) is not None
+            and procs.executable(pid) == procs.executable(caller.pid)
+        )
 
     def op_attached_pids(self, caller: Caller, id: str) -> list[dict[str, Any]]:
         return [
@@ -386,30 +501,49 @@ class Service:
         return updated.to_wire()
 
     def op_events(
-        self, caller: Caller, since: float | None = None, id: str | None = None
-    ) -> list[dict[str, Any]]:
-        return [e.to_json() for e in self.ledger.events(since, id)]
+        self,
+        caller: Caller,
+        since: float | None = None,
+        id: str | None = None,
+        limit: int | None = None,
+        after: int | None = None,
+    ) -> list[dict[str, Any]] | dict[str, Any]:
+        """Events in order; with ``limit``/``after`` (a ``seq``) one page: ``{"items", "next"}``."""
+        if limit is None and after is None:
+            return [e.to_json() for e in self.ledger.events(since, id)]
+        events, cursor = self.ledger.events_page(since, id, _cursor(after), _page_size(limit))
+        items = [e.to_json() for e in events]
+        page, cut = _fill_page(items)
+        if cut < len(items):
+            cursor = events[cut - 1].seq
+        return {"items": page, "next": cursor}
 
     def _check_extension(self, record: PartitionRecord, new_end: float) -> None:
         """An extension must pass the same quotas as a partition of the new length."""
         limits = self.config.limits_for(record.user)
         now = self.ledger.clock()
-        mine = [
-            r
-            for r in self.ledger.recent(now - 8 * 86400.0)
-            if r.uid == record.uid and r.id != record.id
-        ]
+        mine = [r for r in self.ledger.recent(now - 8 * 86400.0, record.uid) if r.id != record.id]
         ask = Ask(record.user, record.device, record.memory_fraction, record.starts_at, new_end)
         check_limits(limits, ask, mine, now)
 
     def op_usage(
         self, caller: Caller, since: float | None = None, user: str | None = None
     ) -> list[dict[str, Any]]:
-        from chronos.accounting import usage_report
+        from chronos.accounting import usage_rows
 
         now = self.ledger.clock()
-        since = now - 7 * 86400.0 if since is None else since
-        return usage_report(self.ledger.recent(since), self.ledger.events(since), since, now, user)
+        try:
+            since = now - 7 * 86400.0 if since is None else float(since)
+        except OverflowError:
+            since = math.inf
+        if not math.isfinite(since):
+            raise BadRequest("since must be a time (epoch seconds)")
+        return usage_rows(self.ledger.usage_totals(since, now, user))
+
+    def compact_history(self, batch: int = 500) -> int:
+        """Delete one batch of history older than the retention; return rows deleted."""
+        retention = self.config.history_retention_s
+        return self.ledger.compact(self.ledger.clock() - retention, batch)
 
     # ------------------------------------------------------------------ helpers
 
@@ -433,6 +567,39 @@ class Service:
                 f"partition {record.id} belongs to {record.user}; you ({caller.user}) "
                 f"may not {verb} it"
             )
+
+
+class _Quota:
+    """A user's quota check for one request (see ``ledger.QuotaCheck``)."""
+
+    def __init__(self, limits: Limits, request: NewPartition) -> None:
+        self.limits = limits
+        self.request = request
+        self.needs_history = needs_history(limits)
+        """Only GPU-hour budgets need the user's ended partitions: others skip reading them."""
+
+    def __call__(self, mine: list[PartitionRecord], start: float, end: float, now: float) -> None:
+        req = self.request
+        ask = Ask(req.user, req.device, req.memory_bytes / req.device_total_bytes, start, end)
+        check_limits(self.limits, ask, mine, now)
+
+
+def _page_size(limit: int | None) -> int:
+    return MAX_PAGE if limit is None else max(1, min(limit, MAX_PAGE))
+
+
+def _cursor(after: int | None) -> int:
+    return 0 if after is None else max(0, min(after, MAX_CURSOR))
+
+
+def _fill_page(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The leading items that fit in PAGE_BYTES (at least one), and how many that is."""
+    size = 0
+    for n, item in enumerate(items):
+        size += len(json.dumps(item, separators=(",", ":")))
+        if size > PAGE_BYTES and n > 0:
+            return items[:n], n
+    return items, len(items)
 
 
 def _grace(value: Any) -> float:

@@ -264,3 +264,49 @@ def test_a_partition_with_no_process_accounts_zero() -> None:
     watch.observe(10.0, [P1], [])
     assert watch.usage["p1"].peak_bytes == 0
     assert watch.usage["p1"].byte_seconds == 0.0
+
+
+# ------------------------------------------------------- time over within a window
+
+
+def _duty_cycle(watch: MemoryWatch, phase: float, until: float) -> float | None:
+    """Sample every 0.1 s a process at 2x the cap for 0.25 s, 0.5x for 0.12 s, repeated."""
+    for step in range(int(until / 0.1) + 1):
+        t = phase + step * 0.1
+        over = (t % 0.37) < 0.25
+        if watch.observe(t, [P1], [use(10, (20 if over else 5) * GIB)]):
+            return t - phase
+    return None
+
+
+@pytest.mark.parametrize("phase", [0.0, 0.03, 0.05, 0.08, 0.2, 0.3])
+def test_duty_cycling_over_the_cap_is_stopped_within_about_a_second(phase: float) -> None:
+    stopped_after = _duty_cycle(MemoryWatch(grace_s=0.3), phase, until=5.0)
+    assert stopped_after is not None, "2x the cap 68% of the time was never stopped"
+    assert stopped_after <= 1.5
+
+
+def test_one_sample_under_does_not_forgive_the_time_over() -> None:
+    watch = MemoryWatch(grace_s=0.3)
+    for t in (0.0, 0.1, 0.2):
+        assert watch.observe(t, [P1], [use(10, 12 * GIB)]) == []
+    assert watch.observe(0.25, [P1], [use(10, 2 * GIB)]) == []
+    assert watch.observe(0.3, [P1], [use(10, 12 * GIB)]) == []
+    assert len(watch.observe(0.4, [P1], [use(10, 12 * GIB)])) == 1  # 0.2 s + 0.1 s over
+
+
+def test_a_single_spike_shorter_than_the_grace_is_allowed_however_it_is_sampled() -> None:
+    for phase in (0.0, 0.01, 0.05, 0.09):
+        watch = MemoryWatch(grace_s=0.3)
+        for step in range(40):
+            t = step * 0.1 + phase
+            over = 1.0 <= t < 1.29  # one 0.29 s spike
+            assert watch.observe(t, [P1], [use(10, (12 if over else 5) * GIB)]) == [], (phase, t)
+
+
+def test_spikes_far_apart_are_each_allowed() -> None:
+    watch = MemoryWatch(grace_s=0.3)
+    for step in range(100):
+        t = step * 0.1
+        over = (t % 2.0) < 0.25  # 0.25 s over every 2 s
+        assert watch.observe(t, [P1], [use(10, (12 if over else 5) * GIB)]) == [], t

@@ -3,7 +3,20 @@
 One asyncio timer is armed for the earliest thing due (an expiry, a warning,
 a booking's start), re-armed after every change, so expiry happens at
 ``expires_at`` and not at the next tick of a poll. Owner processes are
-watched through pidfds, which become readable the moment the process exits.
+watched through pidfds, which become readable the moment the process exits;
+where pidfds cannot be had (seccomp, no descriptors left) they are polled.
+
+Robustness rules, each learnt from an attack (issue "Trust"):
+
+* Every timer and reader callback is guarded: an exception (EMFILE, a full
+  disk) is logged, and the work is retried shortly after, so the chain of
+  timers never silently stops.
+* Signals go out before, and independently of, ledger writes: partitions
+  due to stop are kept in ``_pending`` until they were signalled, and an
+  expiry whose reap cannot be written is signalled all the same.
+* Time is the daemon's :class:`SteadyClock`, which a wall-clock step does not move.
+* Processes of an expired partition still alive in their grace keep its
+  memory committed (``lingering_on``) until they are gone.
 """
 
 from __future__ import annotations
@@ -13,40 +26,161 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from chronos import procs
 from chronos.attribution import Attributor
+from chronos.config import DEFAULT_MAX_GRACE_S
+from chronos.daemon.clock import SteadyClock
 from chronos.daemon.log import log
 from chronos.ledger import Ended, Ledger
-from chronos.models import ACTIVE, EXPIRED, PartitionRecord
+from chronos.models import ACTIVE, BOOKED, EXPIRED, PartitionRecord
 
 OWNER_POLL_S = 0.5
-"""Fallback owner check where pidfds are missing (kernels before 5.3)."""
+"""Owner check where pidfds cannot be used (old kernels, seccomp, no descriptors left)."""
+RETRY_S = 0.5
+"""Delay before a failed timer callback runs again."""
+LINGER_MARGIN_S = 1.0
+"""Lingering memory counts until this long after the SIGKILL (or the last look)."""
+SUPERVISOR_LEFTOVER_S = 10.0
+"""A real ``chronos run`` supervisor exits once its command is gone; one still alive this
+long after its partition's last SIGKILL was an imitation, and is stopped like a member."""
+WARNED_SLACK_S = 86400.0
+FAILURE_LOG_S = 10.0
+"""At most one ``deadline_failed`` log line this often (with how many failures since)."""
+"""How far before an open partition's start its ``warned`` event may lie (clock re-bases)."""
+
+
+@dataclass
+class Lingering:
+    """An ended partition whose processes are still alive (in their SIGTERM grace)."""
+
+    record: PartitionRecord
+    members: dict[int, int]
+    until: float
 
 
 class Deadlines:
-    def __init__(self, ledger: Ledger, default_grace_s: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        default_grace_s: Callable[[], float],
+        max_grace_s: Callable[[], float] = lambda: DEFAULT_MAX_GRACE_S,
+        clock: SteadyClock | None = None,
+    ) -> None:
         self.ledger = ledger
         self.default_grace_s = default_grace_s
+        self.max_grace_s = max_grace_s
+        self.clock = clock or SteadyClock()
+        ledger.clock = self.clock.now  # admission and reaping too: never on a stepping clock
+        ledger.lingering = self.lingering_on
         self.loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._failures = 0
+        self._failure_logged_at = -FAILURE_LOG_S
         self._owner_fds: dict[str, int] = {}
-        self._warned: set[str] = {
-            e.partition_id for e in ledger.events() if e.kind == "warned" and e.partition_id
-        }
+        self._polled: set[str] = set()
+        """Owner-bound partitions whose owner has no pidfd: checked every OWNER_POLL_S."""
         self._kills: dict[str, asyncio.TimerHandle] = {}
+        self._pending: dict[str, tuple[PartitionRecord, str]] = {}
+        """Ended partitions whose processes are still to be signalled."""
+        self._signalled_early: set[str] = set()
+        """Expired partitions signalled while their reap could not be written."""
+        self._lingering: dict[str, Lingering] = {}
         self._poller: asyncio.TimerHandle | None = None
+        self._warned = self._warned_of_open()
+        self._supervisors = self._supervised_of_open()
         self._seq = ledger.last_seq()
         """The newest event seen, to notice partitions ended by someone else."""
         self.on_ended: Callable[[list[Ended]], None] = lambda ended: None
         self.after_time: Callable[[], None] = lambda: None
+        self.holds_gpu: Callable[[int], bool] = lambda pid: False
+        """Whether a process holds GPU memory now (the sampler's last look)."""
+        if not procs.pidfd_usable():
+            log(
+                "pidfds_unavailable",
+                level="warning",
+                fallback=f"kill after a fresh check; owners polled every {OWNER_POLL_S}s",
+            )
+
+    # ------------------------------------------------------------ start-up state
+
+    def _warned_of_open(self) -> set[str]:
+        """Partitions already warned, from the events of the open ones only.
+
+        Read from the oldest open warned-about partition's start on (an indexed
+        range), so start-up does not grow with the ledger's age.
+        """
+        now = self.clock.now()
+        due = [r for r in self.ledger.watched() if r.warn_s and r.starts_at <= now]
+        if not due:
+            return set()
+        ids = {r.id for r in due}
+        since = min(r.starts_at for r in due) - WARNED_SLACK_S
+        return {
+            e.partition_id
+            for e in self.ledger.events_of_kind("warned", since)
+            if e.partition_id in ids
+        }
+
+    def _supervised_of_open(self) -> dict[str, tuple[int, int | None]]:
+        """``chronos run`` supervisors the daemon recognised, for partitions still open."""
+        runs = {r.id: r for r in self.ledger.watched() if r.kind == "run" and r.owner_pid}
+        if not runs:
+            return {}
+        since = min(r.created_at for r in runs.values())
+        out: dict[str, tuple[int, int | None]] = {}
+        for e in self.ledger.events_of_kind("supervised", since):
+            if e.partition_id in runs:
+                r = runs[e.partition_id]
+                out[r.id] = (int(e.detail["pid"]), r.owner_start)
+        return out
+
+    def supervised(self, partition_id: str, pid: int, start: int | None) -> None:
+        """The daemon saw ``pid`` attach the child it forked at the ``chronos run`` gate."""
+        self._supervisors[partition_id] = (pid, start)
+
+    # ------------------------------------------------------------------ guards
+
+    def _guarded(self, what: str, action: Callable[[], None]) -> None:
+        """Run one callback; if it fails, log it and retry the whole due-check shortly.
+
+        A lasting failure (a full disk) is logged once per FAILURE_LOG_S with a count,
+        not at every retry.
+        """
+        try:
+            action()
+        except Exception as exc:  # noqa: BLE001 - the timer chain must survive anything
+            self._failures += 1
+            now = time.monotonic()
+            if now - self._failure_logged_at >= FAILURE_LOG_S:
+                log(
+                    "deadline_failed",
+                    level="error",
+                    what=what,
+                    error=repr(exc),
+                    failures=self._failures,
+                )
+                self._failure_logged_at, self._failures = now, 0
+            self._retry_soon()
+
+    def _retry_soon(self) -> None:
+        if self._retry is not None:
+            return
+
+        def again() -> None:
+            self._retry = None
+            self._guarded("retry", self._on_time)
+
+        self._retry = self.loop.call_later(RETRY_S, again)
 
     # ------------------------------------------------------------------ arming
 
     def changed(self) -> None:
         """Re-read what is due after any change to the ledger."""
-        self._process_due(owners=False)
+        self._guarded("changed", lambda: self._process_due(owners=False))
 
     def _on_time(self) -> None:
         """A timer or an owner's exit: act, then let the daemon react (e.g. grant waiters)."""
@@ -54,8 +188,14 @@ class Deadlines:
         self.after_time()
 
     def _process_due(self, owners: bool) -> None:
+        self.check_clock()  # never raises: a failed re-base must not stop expiry
+        self._stop_pending()  # what an earlier failure left unsignalled
         # Owner deaths arrive through pidfds (_on_time); a plain change checks only the clock.
-        ended = self.ledger.reap(owners=owners)
+        try:
+            ended = self.ledger.reap(owners=owners)
+        except Exception:
+            self._signal_unrecorded_expiries()  # the write failed: the signals must not wait
+            raise
         ended += self._ended_elsewhere(ended)
         if ended:
             self._on_ended(ended)
@@ -85,17 +225,18 @@ class Deadlines:
         due = self._next_due(open_records)
         if due is None:
             return
-        delay = max(0.0, due - time.time())
+        # call_later runs on the loop's monotonic clock: the delay is fixed now.
+        delay = max(0.0, due - self.clock.now())
         self._timer = self.loop.call_later(delay, self._fire, due)
 
     def _fire(self, due: float) -> None:
         self._timer = None
         # asyncio may wake a little early; never act before the deadline itself.
-        early = due - time.time()
+        early = due - self.clock.now()
         if early > 0:
             self._timer = self.loop.call_later(early, self._fire, due)
             return
-        self._on_time()
+        self._guarded("timer", self._on_time)
 
     def _next_due(self, watched: list[PartitionRecord]) -> float | None:
         deadline = self.ledger.next_deadline()
@@ -103,10 +244,32 @@ class Deadlines:
         candidates += [_warn_at(r) for r in watched if r.warn_s and r.id not in self._warned]
         return min(candidates) if candidates else None
 
+    # ------------------------------------------------------------------ clock
+
+    def check_clock(self) -> None:
+        """Notice a wall-clock step and re-base onto it, keeping every remaining time.
+
+        Open partitions are shifted by the step in one transaction (with a
+        ``clock_stepped`` event); only then does the daemon's clock follow. If
+        that write fails the daemon stays on its steady clock and tries again
+        at the next look: deadlines are never acted on from the stepped clock.
+        """
+        step = self.clock.step()
+        if not step:
+            return
+        try:
+            self.ledger.shift_open(step)
+        except Exception as exc:  # noqa: BLE001 - retried at the next sample or change
+            log("clock_rebase_failed", level="error", step_s=round(step, 3), error=repr(exc))
+            return
+        self.clock.rebase(step)
+        log("clock_stepped", level="warning", step_s=round(step, 3))
+        self.loop.call_soon(self.changed)  # the armed timer names a deadline of before
+
     # ---------------------------------------------------------------- warnings
 
     def _warn_due(self, open_records: list[PartitionRecord]) -> None:
-        now = time.time()
+        now = self.clock.now()
         for r in open_records:
             if not r.warn_s or r.id in self._warned or r.state_at(now) != ACTIVE:
                 continue
@@ -116,6 +279,7 @@ class Deadlines:
             sig = getattr(signal, r.warn_signal or "SIGUSR1")
             members = self.members(r)
             sent = procs.signal_all(members, sig)
+            log("warned", partition=r.id, signal=r.warn_signal, processes=sent)
             self.ledger.log(
                 "warned",
                 r.id,
@@ -125,35 +289,49 @@ class Deadlines:
                     "seconds_left": round(r.expires_at - now, 3),
                 },
             )
-            log("warned", partition=r.id, signal=r.warn_signal, processes=sent)
 
     # ----------------------------------------------------------------- endings
 
     def members(
         self, record: PartitionRecord, attributor: Attributor | None = None
     ) -> dict[int, int]:
-        """Processes of ``record`` to signal (a ``chronos run`` supervisor is not one)."""
+        """Processes of ``record`` to signal.
+
+        Only the partition's user's processes (or what an administrator attached):
+        a process of someone else that got into its cgroup is never signalled.
+        The recognised ``chronos run`` supervisor is spared (it reports the end),
+        unless it holds GPU memory itself: then it is no supervisor.
+        """
         if attributor is None:
             attributor = Attributor([record], self.ledger.attached(record.id))
         pids = attributor.members(record.id)
-        if record.kind == "run" and record.owner_pid is not None:
-            pids.discard(record.owner_pid)
-        return procs.snapshot(pids)
+        supervisor = self._supervisors.get(record.id)
+        if (
+            supervisor is not None
+            and supervisor[0] == record.owner_pid
+            and not self.holds_gpu(supervisor[0])
+        ):
+            pids.discard(supervisor[0])
+        return procs.snapshot(attributor.signallable(record.id, pids))
 
     def _on_ended(self, ended: list[Ended]) -> None:
-        to_stop: list[tuple[PartitionRecord, str]] = []
         for item in ended:
             record = item.record
             self._unwatch(record.id)
-            if record.state == EXPIRED:
-                to_stop.append((record, "expired"))
+            if record.id in self._signalled_early:
+                self._signalled_early.discard(record.id)  # signalled before the reap was written
+            elif record.state == EXPIRED:
+                self._pending[record.id] = (record, "expired")
             elif record.kind == "run" and item.reason.startswith("owner process"):
                 # The `chronos run` supervisor died: its command must not run on unreserved.
-                to_stop.append((record, "supervisor exited"))
-        self.stop_many(to_stop)
+                self._pending[record.id] = (record, "supervisor exited")
+            if record.id not in self._pending:
+                self._supervisors.pop(record.id, None)
+        self._stop_pending()
         for item in ended:  # after the signals: logging must not delay them
             record = item.record
-            lateness = (time.time() - record.expires_at) * 1000 if record.state == EXPIRED else None
+            now = self.clock.now()
+            lateness = (now - record.expires_at) * 1000 if record.state == EXPIRED else None
             log(
                 record.state,
                 partition=record.id,
@@ -162,12 +340,37 @@ class Deadlines:
                 lateness_ms=None if lateness is None else round(lateness, 3),
             )
 
-    def resume_kills(self, horizon_s: float = 86400.0) -> None:
-        """After a restart: send the SIGKILLs a previous daemon had scheduled but not sent."""
-        now = time.time()
-        for event in self.ledger.events(since=now - horizon_s):
+    def _stop_pending(self) -> None:
+        if not self._pending:
+            return
+        items = list(self._pending.values())
+        self.stop_many(items, ending=True)
+        for record, _ in items:
+            self._pending.pop(record.id, None)
+
+    def _signal_unrecorded_expiries(self) -> None:
+        """The reap could not be written: stop what has expired anyway (read-only)."""
+        now = self.clock.now()
+        due = [
+            (r, "expired")
+            for r in self.ledger.partitions()
+            if r.expires_at <= now and r.id not in self._signalled_early
+        ]
+        if due:
+            self.stop_many(due, ending=True)
+            self._signalled_early.update(r.id for r, _ in due)
+
+    def resume_kills(self, horizon_s: float | None = None) -> None:
+        """After a restart: send the SIGKILLs a previous daemon had scheduled but not sent.
+
+        A SIGKILL falls due at most the longest grace after its SIGTERM, so only
+        that much history is read (not the whole ledger).
+        """
+        now = self.clock.now()
+        horizon = horizon_s if horizon_s is not None else self.max_grace_s() + 60.0
+        for event in self.ledger.events_of_kind("terminated", now - horizon):
             detail = event.detail
-            if event.kind != "terminated" or "kill_at" not in detail or not event.partition_id:
+            if "kill_at" not in detail or not event.partition_id:
                 continue
             members = {int(pid): int(ticks) for pid, ticks in detail.get("members", [])}
             alive = {
@@ -177,8 +380,11 @@ class Deadlines:
                 continue
             record = self.ledger.get(event.partition_id)
             delay = max(0.0, float(detail["kill_at"]) - now)
+            why = str(detail.get("why", "expired"))
+            if record.state == EXPIRED:
+                self._linger(record, alive, now + delay)
             self._kills[record.id] = self.loop.call_later(
-                delay, self._kill, record, alive, str(detail.get("why", "expired"))
+                delay, self._guarded, "kill", lambda r=record, a=alive, w=why: self._kill(r, a, w)
             )
 
     def stop(self, record: PartitionRecord, why: str, grace: float | None = None) -> int:
@@ -186,13 +392,18 @@ class Deadlines:
         return self.stop_many([(record, why)], grace)
 
     def stop_many(
-        self, items: list[tuple[PartitionRecord, str]], grace: float | None = None
+        self,
+        items: list[tuple[PartitionRecord, str]],
+        grace: float | None = None,
+        ending: bool = False,
     ) -> int:
         """Stop several partitions' processes from one look at the process table.
 
-        All SIGTERMs go out first; the events that record them (and the SIGKILLs
-        still due, so a restarted daemon sends them) are written afterwards in one
-        transaction, so partitions ending together are not stopped one by one.
+        All SIGTERMs go out first and every SIGKILL is scheduled; the events that
+        record them (so a restarted daemon sends the SIGKILLs) are written
+        afterwards in one transaction, and a failing write changes none of it.
+        ``ending``: the partitions have ended, so what survives the SIGTERM keeps
+        their memory committed until it is gone.
         """
         if not items:
             return 0
@@ -207,10 +418,18 @@ class Deadlines:
             wait = grace
             if wait is None:
                 wait = record.grace_s if record.grace_s is not None else self.default_grace_s()
+            wait = min(wait, self.max_grace_s())  # a grace set before max_grace existed
             if record.id in self._kills:
                 self._kills[record.id].cancel()
-            self._kills[record.id] = self.loop.call_later(wait, self._kill, record, members, why)
+            self._kills[record.id] = self.loop.call_later(
+                wait,
+                self._guarded,
+                "kill",
+                lambda r=record, m=members, w=why: self._kill(r, m, w),
+            )
             if members:
+                if ending:
+                    self._linger(record, members, self.clock.now() + wait)
                 log(
                     "sigterm", partition=record.id, why=why, processes=sorted(members), grace_s=wait
                 )
@@ -223,22 +442,43 @@ class Deadlines:
                             "signal": "SIGTERM",
                             "processes": sorted(members),
                             "members": sorted(members.items()),
-                            "kill_at": time.time() + wait,
+                            "kill_at": self.clock.now() + wait,
                         },
                     )
                 )
-        self.ledger.log_many(events)
+        try:
+            self.ledger.log_many(events)
+        except Exception as exc:  # noqa: BLE001 - the signals went out; the record is best-effort
+            log("event_write_failed", level="error", what="terminated", error=repr(exc))
         return sent_total
 
     def _kill(self, record: PartitionRecord, first: dict[int, int], why: str) -> None:
         self._kills.pop(record.id, None)
         members = {**first, **self.members(record)}
+        if record.state not in (ACTIVE, BOOKED):  # its last signal: forget the supervisor
+            supervisor = self._supervisors.pop(record.id, None)
+            if supervisor is not None:
+                self.loop.call_later(
+                    SUPERVISOR_LEFTOVER_S,
+                    self._guarded,
+                    "supervisor",
+                    lambda: self._stop_leftover(record, supervisor),
+                )
         killed = procs.signal_all(members, signal.SIGKILL)
+        if record.id in self._lingering:
+            self._lingering[record.id].until = self.clock.now() + LINGER_MARGIN_S
         if killed:
             log("sigkill", partition=record.id, why=why, processes=killed)
             self.ledger.log(
                 "killed", record.id, detail={"why": why, "signal": "SIGKILL", "processes": killed}
             )
+
+    def _stop_leftover(self, record: PartitionRecord, supervisor: tuple[int, int | None]) -> None:
+        pid, start = supervisor
+        if not procs.is_same_process(pid, start) or procs.process_uid(pid) != record.uid:
+            return
+        log("supervisor_stayed", level="warning", partition=record.id, pid=pid)
+        self.stop_pids({pid: None}, "supervisor stayed after its partition", grace=1.0)
 
     def stop_pids(self, pids: dict[int, None], why: str, grace: float) -> None:
         """SIGTERM processes that belong to no partition, SIGKILL them after ``grace``."""
@@ -251,7 +491,45 @@ class Deadlines:
             if killed:
                 log("sigkill", why=why, processes=killed)
 
-        self.loop.call_later(grace, kill)
+        self.loop.call_later(grace, self._guarded, "kill", kill)
+
+    # -------------------------------------------------------- lingering memory
+
+    def _linger(self, record: PartitionRecord, members: dict[int, int], until: float) -> None:
+        self._lingering[record.id] = Lingering(record, dict(members), until + LINGER_MARGIN_S)
+
+    def lingering_on(self, device_uuid: str) -> list[tuple[float, float, int, str]]:
+        """Memory of ended partitions whose processes still run, as admission intervals.
+
+        Also partitions that expired since this daemon last looked (a request's own
+        reap can end one just before the fit, before anyone signalled its processes).
+        """
+        now = self.clock.now()
+        out = [
+            (entry.record.expires_at, max(entry.until, now + LINGER_MARGIN_S), b, r_id)
+            for r_id, entry in self._lingering.items()
+            if entry.record.device_uuid == device_uuid and (b := entry.record.memory_bytes) > 0
+        ]
+        ids, _ = self.ledger.ended_since(self._seq)
+        for r_id in dict.fromkeys(ids):
+            if r_id in self._lingering:
+                continue
+            r = self.ledger.get(r_id)
+            if r.state == EXPIRED and r.device_uuid == device_uuid and r.memory_bytes > 0:
+                out.append((r.expires_at, now + LINGER_MARGIN_S, r.memory_bytes, r.id))
+        return out
+
+    def prune_lingering(self) -> bool:
+        """Forget ended partitions whose processes are all gone; True if any was forgotten."""
+        gone = []
+        for r_id, entry in self._lingering.items():
+            entry.members = {p: t for p, t in entry.members.items() if procs.is_same_process(p, t)}
+            if not entry.members:
+                gone.append(r_id)
+        for r_id in gone:
+            del self._lingering[r_id]
+            log("processes_gone", partition=r_id)
+        return bool(gone)
 
     # ------------------------------------------------------------ owner death
 
@@ -259,30 +537,32 @@ class Deadlines:
         open_ids = set()
         for r in open_records:
             open_ids.add(r.id)
-            if r.owner_pid is None or r.id in self._owner_fds:
+            if r.owner_pid is None or r.id in self._owner_fds or r.id in self._polled:
                 continue
             self._watch(r)
-        for pid_id in list(self._owner_fds):
+        for pid_id in list(self._owner_fds) + list(self._polled):
             if pid_id not in open_ids:
                 self._unwatch(pid_id)
 
     def _watch(self, record: PartitionRecord) -> None:
         assert record.owner_pid is not None
-        pidfd_open = getattr(os, "pidfd_open", None)
-        if pidfd_open is None:
+        try:
+            fd = procs.open_pidfd(record.owner_pid)
+        except ProcessLookupError:
+            self._polled.add(record.id)  # gone: one look ends it, and it is never re-opened
+            self.loop.call_soon(self._guarded, "owner", self._on_time)
+            return
+        if fd is None:  # no pidfds here, or no descriptor left: poll, never spin
+            self._polled.add(record.id)
             self._poll_owners()
             return
-        try:
-            fd = pidfd_open(record.owner_pid)
-        except OSError:
-            self.loop.call_soon(self._on_time)  # already gone
-            return
         self._owner_fds[record.id] = fd
-        self.loop.add_reader(fd, self._on_time)
+        self.loop.add_reader(fd, self._guarded, "owner", self._on_time)
         if not procs.is_same_process(record.owner_pid, record.owner_start):
-            self.loop.call_soon(self._on_time)  # the PID was reused before we looked
+            self.loop.call_soon(self._guarded, "owner", self._on_time)  # PID reused before
 
     def _unwatch(self, partition_id: str) -> None:
+        self._polled.discard(partition_id)
         fd = self._owner_fds.pop(partition_id, None)
         if fd is not None:
             self.loop.remove_reader(fd)
@@ -293,15 +573,16 @@ class Deadlines:
 
             def tick() -> None:
                 self._poller = None
-                self._on_time()
-                if any(r.owner_pid for r in self.ledger.partitions()):
+                self._guarded("owner poll", self._on_time)
+                if self._polled:
                     self._poll_owners()
 
             self._poller = self.loop.call_later(OWNER_POLL_S, tick)
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        for handle in (self._timer, self._retry, self._poller, *self._kills.values()):
+            if handle is not None:
+                handle.cancel()
         for pid_id in list(self._owner_fds):
             self._unwatch(pid_id)
 

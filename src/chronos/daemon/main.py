@@ -16,6 +16,7 @@ import os
 import resource
 import signal
 import socket
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,9 @@ from chronos.service import Service
 LOCK_FILE = "chronosd.lock"
 LISTEN_BACKLOG = 4096
 """The kernel caps it at net.core.somaxconn."""
+COMPACT_BUSY_S = 0.05
+"""Pause between retention batches while old history remains."""
+COMPACT_IDLE_S = 300.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -156,9 +160,12 @@ class Daemon:
         service = Service(ledger, self.config, "daemon")
         service.cgroups = PartitionCgroups.detect()
         service.machine  # noqa: B018 - open the GPU backends now, not on the first request
-        deadlines = Deadlines(ledger, lambda: self.config.grace_s)
+        deadlines = Deadlines(
+            ledger, lambda: self.config.grace_s, max_grace_s=lambda: self.config.max_grace_s
+        )
         self.service, self.deadlines = service, deadlines
         service.on_change = self._changed
+        service.on_supervised = deadlines.supervised
         deadlines.after_time = self._changed
         deadlines.resume_kills()  # SIGKILLs a previous daemon scheduled but did not send
         self._changed()  # expiries that fell due while no daemon ran
@@ -166,6 +173,7 @@ class Daemon:
         sampler = Sampler(service, deadlines, lambda: self.config)
         deadlines.on_ended = sampler.on_ended
         sampling = asyncio.create_task(sampler.run())
+        compacting = asyncio.create_task(self._compact(service))
         server = Server(
             service.handle,
             lambda: self.config.admin_group,
@@ -195,6 +203,7 @@ class Daemon:
         finally:
             sd_notify("STOPPING=1")
             sampling.cancel()
+            compacting.cancel()
             for endpoint in endpoints:
                 endpoint.close()
             listener.close()
@@ -214,11 +223,25 @@ class Daemon:
             self._dirty = True
             while self._dirty:
                 self._dirty = False
-                self.deadlines.changed()
-                self.service.grant_waiting()
+                self.deadlines.changed()  # guarded: logs and retries its own failures
+                try:
+                    self.service.grant_waiting()
+                except Exception as exc:  # noqa: BLE001 - a failed grant must not end the chain
+                    log("grant_failed", level="error", error=repr(exc))
         finally:
             self._busy = False
         self.broadcast.notify()
+
+    async def _compact(self, service: Service) -> None:
+        """Retention: delete history older than ``history_retention`` a small batch at a
+        time (each its own short transaction), so clients are never kept waiting."""
+        while True:
+            try:
+                gone = service.compact_history()
+            except (ChronosError, sqlite3.Error) as exc:
+                log("compact_failed", level="error", error=str(exc))
+                gone = 0
+            await asyncio.sleep(COMPACT_BUSY_S if gone else COMPACT_IDLE_S)
 
     def _start_http(self, service: Service, sampler: Sampler, server: Server) -> list[Any]:
         """Prometheus metrics and the web dashboard, each only where an address is set.

@@ -30,6 +30,7 @@ class Sampler:
         self.deadlines = deadlines
         self.config = config
         self.watch = self._new_watch()
+        deadlines.holds_gpu = self._holds_gpu
         self.last: list[ProcessUse] = []
         self.last_at: float | None = None
         self.sample_seconds: float | None = None
@@ -61,10 +62,15 @@ class Sampler:
             interval = self.config().sample_interval_s
             await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
 
+    def _holds_gpu(self, pid: int) -> bool:
+        return any(p.pid == pid and p.used_bytes for p in self.last)
+
     async def sample_once(self) -> None:
         ledger = self.service.ledger
-        now = time.time()
-        records = ledger.running(now)
+        self.deadlines.check_clock()
+        if self.deadlines.prune_lingering():
+            self.deadlines.after_time()  # memory held past an end is free now: grant waiters
+        records = ledger.running(ledger.clock())
         attached = ledger.attached()
         counted = alloccap.before_sample(records)  # read before NVML: see after_sample
         t0 = time.perf_counter()
@@ -73,8 +79,13 @@ class Sampler:
         )
         self.sample_seconds = time.perf_counter() - t0
         self.last, self.last_at = found, time.time()
+        # Partitions that ended while the sample ran were already finished (on_ended):
+        # accounting them now would start a usage entry nobody ever finishes (a leak).
+        still_open = {r.id for r in ledger.running(self.last_at)}
+        records = [r for r in records if r.id in still_open]
         self._remove_ended_cgroups({r.id for r in records})
-        for violation in self.watch.observe(self.last_at, records, found):
+        # The hard cap's windows run on monotonic time: a wall-clock step is no "time over".
+        for violation in self.watch.observe(time.monotonic(), records, found):
             self._act(violation)
         # allocation-time cap (ALLOCATION_CAP.md): overheads the library did not see
         for partition_id, pid, added in alloccap.after_sample(records, found, counted):
@@ -118,7 +129,7 @@ class Sampler:
             "allowed_bytes": v.allowed_bytes,
             "device": v.device,
             "pids": list(v.pids),
-            "over_for_s": round(time.time() - v.over_since, 3),
+            "over_for_s": round(time.monotonic() - v.over_since, 3),
         }
         if v.kind == "memory" and v.partition_id is not None:
             record = ledger.get(v.partition_id)
