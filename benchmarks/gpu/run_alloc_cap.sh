@@ -4,15 +4,15 @@
 # Installs the checkout (pip install -e ., which builds libchronos_cap.so; no network
 # needed), runs tests/gpu/test_allocation_cap_real.py and the overhead benchmark, and
 # writes every step's log under $OUT. A failing step is reported and the next one runs.
-# "all" stays under 9 minutes: the tests are cut off at TESTS_S (300 s; 128 s last
-# run) and the benchmark at BENCH_S (220 s; 192 s last run). The output ends with a
+# "all" stays under 9 minutes: the tests are cut off at TESTS_S (260 s; 128 s last
+# run) and the benchmark at BENCH_S (240 s; 192 s last run). The output ends with a
 # compact summary (every test's outcome, every figure), so its last 12,000 characters
 # hold everything that matters; the full logs are under $OUT.
 set -u
 what=${1:-all}
 out=${OUT:-/tmp/chronos-alloc-cap-out}
-tests_s=${TESTS_S:-300}
-bench_s=${BENCH_S:-220}
+tests_s=${TESTS_S:-260}
+bench_s=${BENCH_S:-240}
 mkdir -p "$out"
 cd "$(dirname "$0")/../.."
 summary="$out/summary.txt"

@@ -242,7 +242,7 @@ def test_the_process_sees_its_share_as_the_gpu(daemon: dict[str, str], out: Path
         env=daemon,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=90,
     )
     info = next((e for e in read_events(out) if e["event"] == "meminfo"), None)
     share = share_bytes(daemon, 0.1)
@@ -292,9 +292,9 @@ def test_a_hog_is_refused_at_its_share_and_the_neighbour_never_fails(
         env=daemon,
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=90,
     )
-    bob_out, bob_err = big.communicate(timeout=150)
+    bob_out, bob_err = big.communicate(timeout=90)
     if hog == "static":  # the binary prints its event to stdout
         with open(out, "a") as f:
             f.write(hog_run.stdout)
@@ -341,7 +341,7 @@ def test_each_allocator_fills_to_the_share_gets_its_oom_and_keeps_running(
         env={**daemon, **extra},
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=90,
     )
     events = read_events(out)
     share = share_bytes(daemon, 0.1)
@@ -383,7 +383,7 @@ def test_three_processes_together_get_exactly_the_share(daemon: dict[str, str], 
     while kinds(read_events(out)).count("ready") < 3 and time.time() < deadline:
         time.sleep(0.05)
     barrier.touch()
-    _, err = run.communicate(timeout=120)
+    _, err = run.communicate(timeout=90)
     events = read_events(out)
     fills = [e for e in events if e["event"] == "filled"]
     share = share_bytes(daemon, 0.1)
@@ -422,7 +422,7 @@ def test_what_escapes_the_library_is_stopped_by_the_sampler(
         env=daemon,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=90,
     )
     if escape == "dlsym-bypass":
         with open(out, "a") as f:
