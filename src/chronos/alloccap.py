@@ -38,10 +38,11 @@ GUARD_FILE = "unpartitioned"
 
 # --- the file layout (native/chronos_cap.h) ---------------------------------------
 MAGIC = 0x43415043
-VERSION = 1
+VERSION = 2
 SLOTS = 256
-HEADER = struct.Struct("<IIqqqIIq16x")  # magic version limit reserve used slots flags refused
-SLOT = struct.Struct("<QQqq")  # pid start_ticks bytes overhead
+# magic version limit reserve used slots flags refused margin
+HEADER = struct.Struct("<IIqqqIIqq8x")
+SLOT = struct.Struct("<QQqqQ")  # pid start_ticks bytes overhead changes
 FILE_BYTES = HEADER.size + SLOTS * SLOT.size
 RECLAIMING = (1 << 64) - 1
 
@@ -51,9 +52,29 @@ allocation hook sees (518-682 MiB measured on an H200), so a process that fills 
 the cap stays under the sampler's hard cap too."""
 
 
+DEFAULT_MARGIN = 256 << 20
+"""Kept free below the partition's bytes, whatever its processes: memory the driver
+takes on its own once a program has filled its share (kernels loaded lazily at their
+first launch, a stream-ordered pool's rounding), which the sampler counts."""
+
+
 def process_reserve(partition_bytes: int) -> int:
     """The per-process reserve, at most a quarter of a small partition."""
     return min(DEFAULT_RESERVE, partition_bytes // 4)
+
+
+def partition_margin(partition_bytes: int) -> int:
+    """The partition's margin, at most a sixteenth of a small partition."""
+    return min(DEFAULT_MARGIN, partition_bytes // 16)
+
+
+def allocatable(partition_bytes: int, processes: int = 1) -> int:
+    """What ``processes`` processes of a partition may allocate together (the library's cap)."""
+    return (
+        partition_bytes
+        - partition_margin(partition_bytes)
+        - processes * process_reserve(partition_bytes)
+    )
 
 
 @dataclass(frozen=True)
@@ -62,6 +83,7 @@ class Slot:
     start_ticks: int
     bytes: int
     overhead: int
+    changes: int
 
 
 @dataclass(frozen=True)
@@ -70,6 +92,7 @@ class CapState:
     reserve_bytes: int
     used_bytes: int
     refused: int
+    margin_bytes: int
     slots: tuple[Slot, ...]
 
 
@@ -142,7 +165,8 @@ def _ensure_dir(path: Path, mode: str) -> None:
 def create_file(path: Path, limit_bytes: int, uid: int | None = None) -> Path:
     """Write a fresh accounting file for a partition of ``limit_bytes`` (atomically)."""
     reserve = process_reserve(limit_bytes)
-    header = HEADER.pack(MAGIC, VERSION, limit_bytes, reserve, 0, SLOTS, 0, 0)
+    margin = partition_margin(limit_bytes)
+    header = HEADER.pack(MAGIC, VERSION, limit_bytes, reserve, 0, SLOTS, 0, 0, margin)
     fd, tmp = tempfile.mkstemp(prefix=".new-", dir=path.parent)
     try:
         os.write(fd, header + bytes(FILE_BYTES - len(header)))
@@ -169,15 +193,15 @@ def read_file(path: Path) -> CapState | None:
         return None
     if len(raw) < FILE_BYTES:
         return None
-    magic, version, limit, reserve, used, slots, _flags, refused = HEADER.unpack_from(raw)
+    magic, version, limit, reserve, used, slots, _flags, refused, margin = HEADER.unpack_from(raw)
     if magic != MAGIC or version != VERSION or slots != SLOTS:
         return None
     found = []
     for i in range(SLOTS):
-        pid, ticks, nbytes, overhead = SLOT.unpack_from(raw, HEADER.size + i * SLOT.size)
+        pid, ticks, nbytes, overhead, changes = SLOT.unpack_from(raw, HEADER.size + i * SLOT.size)
         if pid not in (0, RECLAIMING):
-            found.append(Slot(pid, ticks, nbytes, overhead))
-    return CapState(limit, reserve, used, refused, tuple(found))
+            found.append(Slot(pid, ticks, nbytes, overhead, changes))
+    return CapState(limit, reserve, used, refused, margin, tuple(found))
 
 
 def live_bytes(state: CapState) -> int:
@@ -292,38 +316,86 @@ def _library_functions() -> ctypes.CDLL | None:
             ctypes.c_longlong,
             ctypes.c_ulonglong,
             ctypes.c_longlong,
+            ctypes.c_ulonglong,
         ]
     return _native
 
 
-def raise_overhead(path: Path, pid: int, seen_bytes: int) -> int:
+MOVED = -2
+"""``raise_overhead``: the process allocated or freed around the sample; nothing changed."""
+
+
+def raise_overhead(path: Path, pid: int, seen_bytes: int, changes: int) -> int:
     """Charge ``pid`` for what NVML sees beyond what its slot counted (never less).
 
-    Returns the bytes added (0: nothing to do, -1: no such file or slot).
+    ``changes`` is the slot's change counter read *before* NVML was sampled: the
+    correction is made only if the slot did not move since, so NVML's figure and the
+    slot's describe the same moment. Returns the bytes added (0: nothing to do, -1: no
+    such file or slot, ``MOVED``: the slot changed around the sample).
     """
     native = _library_functions()
     ticks = procs.start_ticks(pid)
     if native is None or ticks is None:
         return -1
-    return int(native.chronos_cap_raise_overhead(str(path).encode(), pid, ticks, seen_bytes))
+    return int(
+        native.chronos_cap_raise_overhead(str(path).encode(), pid, ticks, seen_bytes, changes)
+    )
+
+
+Snapshot = dict[str, dict[int, int]]
+"""Per capped partition: pid -> its slot's change counter, read before an NVML sample."""
+
+
+def before_sample(records: Iterable[PartitionRecord], mode: str = "daemon") -> Snapshot:
+    """The daemon, just before sampling NVML: each capped process's change counter.
+
+    Never raises (an empty snapshot only skips this round's corrections).
+    """
+    snapshot: Snapshot = {}
+    try:
+        for r in records:
+            state = read_file(cap_path(r.id, mode))
+            if state is not None:
+                snapshot[r.id] = {s.pid: s.changes for s in state.slots}
+    except Exception as exc:  # noqa: BLE001 - a side job of the sampler, never its end
+        _say_once(f"allocation-time cap bookkeeping failed: {exc!r}")
+    return snapshot
 
 
 def after_sample(
-    records: Iterable[PartitionRecord], found: Iterable[ProcessUse], mode: str = "daemon"
-) -> None:
+    records: Iterable[PartitionRecord],
+    found: Iterable[ProcessUse],
+    snapshot: Snapshot | None = None,
+    mode: str = "daemon",
+) -> list[tuple[str, int, int]]:
     """The daemon, after each sample: correct per-process overheads, keep the guard file.
 
-    Never raises: the hard cap's sampling must go on whatever happens here.
+    Only processes in ``snapshot`` (from :func:`before_sample`) are corrected, only for
+    what they hold on the partition's own GPU (the file counts that one), and only if
+    their slot did not change around the sample. Returns the corrections made
+    (partition id, pid, bytes added), for the daemon's log. Never raises: the hard
+    cap's sampling must go on whatever happens here.
     """
+    raised: list[tuple[str, int, int]] = []
     try:
-        found = list(found)
-        capped = {r.id for r in records if cap_path(r.id, mode).exists()}
+        records, found = list(records), list(found)
+        device_of = {r.id: r.device for r in records}
         for proc in found:
-            if proc.partition_id in capped and proc.used_bytes:
-                raise_overhead(cap_path(proc.partition_id, mode), proc.pid, proc.used_bytes)
+            pid_id = proc.partition_id
+            seen = (snapshot or {}).get(pid_id or "", {})
+            if pid_id is None or proc.pid not in seen or not proc.used_bytes:
+                continue
+            if device_of.get(pid_id) != proc.device:
+                continue  # held on another GPU: not what this partition's file counts
+            added = raise_overhead(
+                cap_path(pid_id, mode), proc.pid, proc.used_bytes, seen[proc.pid]
+            )
+            if added > 0:
+                raised.append((pid_id, proc.pid, added))
         update_guard(records, found)
     except Exception as exc:  # noqa: BLE001 - a side job of the sampler, never its end
         _say_once(f"allocation-time cap bookkeeping failed: {exc!r}")
+    return raised
 
 
 # --- the environment that preloads the library -------------------------------------

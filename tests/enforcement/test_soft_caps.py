@@ -221,6 +221,20 @@ def test_torch_with_cuda_already_started_is_capped_at_import(
     ]
 
 
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_a_program_that_drops_the_soft_limit_before_importing_is_left_alone(
+    embedded_env: dict[str, str], fakes: Path, framework_log: Path, framework: str
+) -> None:
+    """A program may undo the soft cap (the GPU suite does, to reach the library's cap):
+    the hook then caps nothing and says nothing (it used to fail to unpack the limit)."""
+    env = {**embedded_env, "PYTHONPATH": str(fakes), "FAKE_FRAMEWORK_LOG": str(framework_log)}
+    then = {"torch": "import torch; torch.cuda._run_lazy()", "tensorflow": "import tensorflow"}
+    code = f"import os; del os.environ['CHRONOS_SOFT_LIMIT_BYTES']; {then[framework]}"
+    proc = chronos_run(env, PY, "-c", code)
+    assert proc.stderr == ""
+    assert recorded(framework_log) == []
+
+
 def test_tensorflow_is_capped_at_import(
     embedded_env: dict[str, str], fakes: Path, framework_log: Path
 ) -> None:

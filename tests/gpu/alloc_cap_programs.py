@@ -1,21 +1,27 @@
 """Programs the allocation-cap GPU suite runs in partitions: ``python3 THIS NAME OUT [ARG]``.
 
 Each writes JSON lines of what it saw (wall-clock times, bytes, error names) to
-OUT. ``fill_*`` programs allocate 256 MiB at a time until their framework reports
-out-of-memory, then prove they still work (a matmul) and exit 0. With ARG ``raw``
-they first undo Chronos' framework soft caps, so what stops them is the
-allocation-time cap library, not the framework's own limit.
+OUT. ``*_fill`` programs allocate 256 MiB at a time until their framework reports
+out-of-memory, then do what a user's program that caught its OOM does: let go of
+what they filled, run a small real computation (a checked matmul) and report
+``alive``. At each step they record a ``footprint``: what NVML shows for the process
+next to what the library counts for it (so the per-process reserve can be checked
+against the real context). With ARG ``raw`` they first undo Chronos' framework soft
+caps, so what stops them is the allocation-time cap library, not the framework's
+own limit.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import glob
 import json
 import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 GIB = 1 << 30
 CHUNK = 256 << 20
@@ -25,6 +31,39 @@ def emit(out: str, **fields: object) -> None:
     with open(out, "a") as f:
         record = {"t": time.time(), "pid": os.getpid(), **fields}
         f.write(json.dumps(record) + "\n")
+
+
+def footprint(out: str, stage: str) -> None:
+    """NVML's bytes for this process next to the library's count for it (MiB)."""
+    record: dict[str, object] = {"stage": stage}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        record["nvml_mib"] = next(
+            (
+                (p.usedGpuMemory or 0) >> 20
+                for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                if p.pid == os.getpid()
+            ),
+            None,
+        )
+    except Exception as exc:  # noqa: BLE001 - a diagnostic, never the program's end
+        record["nvml_error"] = repr(exc)[:80]
+    try:
+        from chronos import alloccap
+
+        state = alloccap.read_file(Path(os.environ[alloccap.ENV_FILE]))
+        if state is not None:
+            mine = next((s for s in state.slots if s.pid == os.getpid()), None)
+            record["lib_mib"] = None if mine is None else mine.bytes >> 20
+            record["overhead_mib"] = None if mine is None else mine.overhead >> 20
+            record["partition_used_mib"] = state.used_bytes >> 20
+            record["limit_mib"] = state.limit_bytes >> 20
+    except Exception as exc:  # noqa: BLE001
+        record["lib_error"] = repr(exc)[:80]
+    emit(out, event="footprint", **record)
 
 
 def watch_sigterm(out: str) -> None:
@@ -62,6 +101,11 @@ def reported(out: str) -> None:
     emit(out, event="meminfo", rc=rc, free=free.value, total=total.value)
 
 
+def _wait_for(barrier: str) -> None:
+    while not os.path.exists(barrier):
+        time.sleep(0.001)
+
+
 def _cudart_fill(out: str, hold_s: float) -> None:
     rt = cudart()
     rt.cudaFree(ctypes.c_void_p(0))  # create the context (charges the per-process reserve)
@@ -71,8 +115,8 @@ def _cudart_fill(out: str, hold_s: float) -> None:
     barrier = os.environ.get("ALLOC_CAP_BARRIER")
     if barrier:  # several processes: all hold their context before anyone fills
         emit(out, event="ready")
-        while not os.path.exists(barrier):
-            time.sleep(0.01)
+        _wait_for(barrier)
+    pace = float(os.environ.get("ALLOC_CAP_PACE_S", "0"))  # several processes interleave
     held, rc = [], 0
     while True:
         p = ctypes.c_void_p()
@@ -80,8 +124,14 @@ def _cudart_fill(out: str, hold_s: float) -> None:
         if rc != 0:
             break
         held.append(p)
+        if pace:
+            time.sleep(pace)
     emit(out, event="filled", bytes=len(held) * CHUNK, error=rc)
+    footprint(out, "filled")
     time.sleep(hold_s)
+    for p in held:
+        rt.cudaFree(p)
+    footprint(out, "released")
     emit(out, event="alive")
 
 
@@ -118,8 +168,8 @@ def _undo_soft_caps() -> None:
         os.environ.pop(name, None)
 
 
-def _fill(out: str, alloc, oom_types, work, give_back=None) -> None:  # type: ignore[no-untyped-def]
-    """Fill, then free 1 GiB (a program that caught its OOM goes on) and compute."""
+def _fill(out: str, alloc, oom_types, work, give_back) -> None:  # type: ignore[no-untyped-def]
+    """Fill to the framework's OOM, let go of it all, then compute: a program that goes on."""
     held = []
     error = None
     while True:
@@ -129,11 +179,21 @@ def _fill(out: str, alloc, oom_types, work, give_back=None) -> None:  # type: ig
             error = type(exc).__name__
             break
     emit(out, event="filled", bytes=len(held) * CHUNK, error=error)
-    del held[-4:]
-    if give_back is not None:
-        give_back()
-    work()  # cuBLAS and friends still get their workspace
-    emit(out, event="alive", holding=len(held) * CHUNK)
+    footprint(out, "filled")
+    held.clear()  # what a program that caught its OOM does: drop the batch
+    gc.collect()
+    give_back()  # and hand the framework's cached blocks back to the driver
+    footprint(out, "released")
+    result = work()  # a small real computation: kernels, cuBLAS and its workspace
+    footprint(out, "computed")
+    emit(out, event="alive", result=result)
+
+
+def _matmul_check(value: float) -> float:
+    """A 256x256 all-ones matmul, squared once more and scaled: every entry is 1.0."""
+    if abs(value - 1.0) > 1e-3:
+        raise RuntimeError(f"wrong result after the OOM: {value}")
+    return value
 
 
 def torch_fill(out: str, arg: str = "") -> None:
@@ -149,18 +209,27 @@ def torch_fill(out: str, arg: str = "") -> None:
     free, total = torch.cuda.mem_get_info(0)
     emit(out, event="meminfo", free=free, total=total, props_total=props.total_memory)
 
-    def work() -> None:
-        a = torch.randn(1024, 1024, device="cuda")
-        for _ in range(20):
-            a = (a @ a).clamp(-1, 1)
+    def work() -> float:
+        a = torch.ones(256, 256, device="cuda")
+        b = (a @ a) / 256
+        value = float(((b @ b) / 256).mean())
         torch.cuda.synchronize()
+        return _matmul_check(value)
+
+    def give_back() -> None:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the async backend: also trims its pool to what is live
+        try:
+            emit(out, event="torch_reserved", bytes=torch.cuda.memory_reserved(0))
+        except RuntimeError as exc:  # a backend without the statistic
+            emit(out, event="torch_reserved", error=str(exc)[:80])
 
     _fill(
         out,
         lambda n: torch.empty(n, dtype=torch.uint8, device="cuda"),
         (torch.OutOfMemoryError,),
         work,
-        torch.cuda.empty_cache,
+        give_back,
     )
 
 
@@ -180,17 +249,20 @@ def jax_fill(out: str, arg: str = "") -> None:
     def alloc(n: int):  # type: ignore[no-untyped-def]
         return jnp.ones((n // 4,), dtype=jnp.float32).block_until_ready()
 
-    def work() -> None:
-        a = jnp.ones((1024, 1024))
-        for _ in range(20):
-            a = jnp.clip(a @ a, -1, 1)
-        a.block_until_ready()
+    def work() -> float:
+        a = jnp.ones((256, 256), dtype=jnp.float32)
+        b = (a @ a) / 256
+        return _matmul_check(float(((b @ b) / 256).mean()))
+
+    def give_back() -> None:
+        for array in getattr(jax, "live_arrays", list)():  # nothing of the fill stays alive
+            array.delete()
 
     emit(out, event="devices", devices=str(jax.devices()))
     if jax.devices()[0].platform != "gpu":  # never fill the host's memory instead
         emit(out, event="no_gpu")
         return
-    _fill(out, alloc, (Exception,), work)
+    _fill(out, alloc, (Exception,), work, give_back)
 
 
 def cupy_fill(out: str, arg: str = "") -> None:
@@ -201,29 +273,29 @@ def cupy_fill(out: str, arg: str = "") -> None:
     watch_sigterm(out)
     import cupy
 
+    pool = cupy.cuda.MemoryAsyncPool() if mode == "async" else cupy.get_default_memory_pool()
     if mode == "async":
-        cupy.cuda.set_allocator(cupy.cuda.MemoryAsyncPool().malloc)
+        cupy.cuda.set_allocator(pool.malloc)
     elif raw == "raw":
-        cupy.get_default_memory_pool().set_limit(size=0)
+        pool.set_limit(size=0)
 
     def alloc(n: int):  # type: ignore[no-untyped-def]
         x = cupy.empty((n,), dtype=cupy.uint8)
         cupy.cuda.runtime.deviceSynchronize()
         return x
 
-    def work() -> None:
-        a = cupy.ones((1024, 1024), dtype=cupy.float32)
-        for _ in range(20):
-            a = cupy.clip(a @ a, -1, 1)
+    def work() -> float:
+        a = cupy.ones((256, 256), dtype=cupy.float32)
+        b = (a @ a) / 256
+        value = float(((b @ b) / 256).mean())
         cupy.cuda.runtime.deviceSynchronize()
+        return _matmul_check(value)
 
-    _fill(
-        out,
-        alloc,
-        (cupy.cuda.memory.OutOfMemoryError,),
-        work,
-        cupy.get_default_memory_pool().free_all_blocks,
-    )
+    def give_back() -> None:
+        cupy.cuda.runtime.deviceSynchronize()
+        pool.free_all_blocks()  # the async pool: trims it
+
+    _fill(out, alloc, (cupy.cuda.memory.OutOfMemoryError,), work, give_back)
 
 
 def torch_big(out: str, arg: str = "") -> None:

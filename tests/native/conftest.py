@@ -136,4 +136,4 @@ def reserve_of(limit: int) -> int:
 
 def allowed(limit: int, processes: int = 1, chunk: int = CHUNK) -> int:
     """What fill:CHUNK must get in a partition of ``limit`` bytes shared by ``processes``."""
-    return (limit - processes * reserve_of(limit)) // chunk * chunk
+    return alloccap.allocatable(limit, processes) // chunk * chunk

@@ -141,12 +141,24 @@ E CUresult cuMemPoolGetAttribute(void *pool, int attr, void *value)
     else return INVALID;
     return OK;
 }
+/* How a pool grows when its free space cannot serve a request.  By default by the
+ * shortfall rounded to 2 MiB; with FAKE_CUDA_POOL_GROWTH=G by the whole request
+ * rounded up to G, as a real driver may (its own granularity, or free space too
+ * fragmented to use), which is more than the cap library's estimate. */
+static u64 pool_grow_by(u64 bytes, u64 free_space)
+{
+    const char *g = getenv("FAKE_CUDA_POOL_GROWTH");
+    u64 granule = g ? strtoull(g, NULL, 0) : 0;
+    if (granule == 0)
+        return (bytes - free_space + GRANULE - 1) / GRANULE * GRANULE;
+    return (bytes + granule - 1) / granule * granule;
+}
 static CUresult pool_alloc(u64 *dptr, u64 bytes, struct rec *p)
 {
     if (bytes == 0)
         return INVALID;
     if (p->b - p->a < bytes) {
-        u64 grow = (bytes - (p->b - p->a) + GRANULE - 1) / GRANULE * GRANULE;
+        u64 grow = pool_grow_by(bytes, p->b - p->a);
         if (!take(grow))
             return OOM;
         p->b += grow;

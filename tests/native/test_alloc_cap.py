@@ -8,6 +8,7 @@ CUDA_ERROR_OUT_OF_MEMORY, and cuMemGetInfo must report the share.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from chronos import alloccap
+from chronos.models import PartitionRecord, ProcessUse
 
 from .conftest import CHUNK, FAKE_TOTAL, GIB, MIB, STRICT, Native, allowed, compile_c, reserve_of
 
@@ -63,8 +65,28 @@ def test_synchronous_allocations_stop_exactly_at_the_share(
     assert int(words(out, "used")[1]) == allowed(LIMIT)  # the device holds exactly that
     info = words(out, "info")
     assert int(info[3]) == LIMIT  # total: the share, not the 80 GiB device
-    assert int(info[2]) == LIMIT - reserve_of(LIMIT) - allowed(LIMIT)
+    assert int(info[2]) == alloccap.allocatable(LIMIT) - allowed(LIMIT)
     assert int(words(out, "devtotal")[2]) == LIMIT
+
+
+def test_the_margin_is_kept_free_below_the_share_as_the_file_says(
+    native: Native, cap_file: Path
+) -> None:
+    """Allocations stop at the share less the reserve and the file's margin; the total
+    reported stays the share."""
+    margin = alloccap.partition_margin(LIMIT)
+    assert margin == 256 * MIB and state(cap_file).margin_bytes == margin
+    out = native.run(native.capped(cap_file), "dlsym", f"fill:{MIB}", "info")
+    assert int(words(out, "fill")[1]) == LIMIT - reserve_of(LIMIT) - margin
+    assert words(out, "info")[2:] == ["0", str(LIMIT)]
+    # The library reads the margin from the file: with none, the whole share less the reserve.
+    raw = bytearray(cap_file.read_bytes())
+    fields = list(alloccap.HEADER.unpack_from(raw))
+    fields[-1] = 0
+    alloccap.HEADER.pack_into(raw, 0, *fields)
+    cap_file.write_bytes(bytes(raw))
+    out = native.run(native.capped(cap_file), "dlsym", f"fill:{MIB}")
+    assert int(words(out, "fill")[1]) == LIMIT - reserve_of(LIMIT)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -98,10 +120,10 @@ def test_pitch_managed_and_unknown_frees(native: Native, cap_file: Path) -> None
     assert pitch[1] == "0" and pitch[2] == "1024"
     infos = [int(line[2]) for line in out if line[0] == "info"]
     counted = 1024 * 1000 + GIB
-    assert infos[0] == LIMIT - reserve_of(LIMIT) - counted
+    assert infos[0] == alloccap.allocatable(LIMIT) - counted
     assert words(out, "freeunknown")[1] == "1"  # the driver's own answer, passed through
     assert infos[1] == infos[0]  # and nothing uncounted
-    assert infos[2] == LIMIT - reserve_of(LIMIT)
+    assert infos[2] == alloccap.allocatable(LIMIT)
 
 
 def test_a_managed_allocation_over_the_share_is_refused(native: Native, cap_file: Path) -> None:
@@ -131,8 +153,8 @@ def test_the_async_pool_is_charged_for_what_it_reserves(
     assert fills == [allowed(LIMIT)] * 2
     assert all(line[2] == "2" for line in out if line[0] == "fill")
     before, after = (int(line[2]) for line in out if line[0] == "info")
-    assert before == LIMIT - reserve_of(LIMIT) - allowed(LIMIT)  # the pool still holds it
-    assert after == LIMIT - reserve_of(LIMIT)  # trimmed: given back
+    assert before == alloccap.allocatable(LIMIT) - allowed(LIMIT)  # the pool still holds it
+    assert after == alloccap.allocatable(LIMIT)  # trimmed: given back
 
 
 @pytest.mark.parametrize("mode", ["dlsym", "gpa-ptsz"])
@@ -144,7 +166,7 @@ def test_an_explicit_pool_is_charged_until_destroyed(
     )
     assert int(words(out, "fill")[1]) == allowed(LIMIT)
     assert int(words(out, "used")[1]) == allowed(LIMIT)
-    assert int(words(out, "info")[2]) == LIMIT - reserve_of(LIMIT)
+    assert int(words(out, "info")[2]) == alloccap.allocatable(LIMIT)
 
 
 # --------------------------------------------------------------------------- VMM
@@ -185,9 +207,9 @@ def test_arrays_are_counted_and_given_back(native: Native, cap_file: Path) -> No
     )
     counted = 4 * MIB + 1 * MIB + (1024 * 1024 + 512 * 512 + 256 * 256) * 4
     first, last = (int(line[2]) for line in out if line[0] == "info")
-    assert first == LIMIT - reserve_of(LIMIT) - counted
+    assert first == alloccap.allocatable(LIMIT) - counted
     assert [line[1] for line in out if line[0] == "array"] == ["0", "2"]  # 16 GiB: refused
-    assert last == LIMIT - reserve_of(LIMIT)
+    assert last == alloccap.allocatable(LIMIT)
 
 
 # ---------------------------------------------------------- one cap, many processes
@@ -435,6 +457,10 @@ def test_reading_a_file_that_is_not_ours_gives_none(tmp_path: Path) -> None:
     assert alloccap.read_file(tmp_path / "missing.cap") is None
 
 
+def changes_of(path: Path, pid: int) -> int:
+    return next(s.changes for s in state(path).slots if s.pid == pid)
+
+
 def test_the_daemon_raises_a_process_overhead_to_what_nvml_sees(
     native: Native, cap_file: Path
 ) -> None:
@@ -450,16 +476,105 @@ def test_the_daemon_raises_a_process_overhead_to_what_nvml_sees(
         assert member.stdout.readline().split() == ["alloc", "0"]
         before = state(cap_file).used_bytes
         assert before == GIB + reserve_of(LIMIT)
+        changes = changes_of(cap_file, member.pid)  # what the daemon reads before NVML
         # NVML sees less than counted + reserve: nothing changes (never lowered).
-        assert alloccap.raise_overhead(cap_file, member.pid, GIB + 100 * MIB) == 0
+        assert alloccap.raise_overhead(cap_file, member.pid, GIB + 100 * MIB, changes) == 0
         # NVML sees 900 MiB beyond the allocations: the slot is charged the difference.
-        assert alloccap.raise_overhead(cap_file, member.pid, GIB + 900 * MIB) == (
+        assert alloccap.raise_overhead(cap_file, member.pid, GIB + 900 * MIB, changes) == (
             900 * MIB - reserve_of(LIMIT)
         )
         assert state(cap_file).used_bytes == GIB + 900 * MIB
-        assert alloccap.raise_overhead(cap_file, 1, GIB) == -1  # not a member
+        assert alloccap.raise_overhead(cap_file, 1, GIB, changes) == -1  # not a member
     finally:
         assert member.stdin is not None
         member.stdin.close()
         member.wait(timeout=30)
     assert state(cap_file).used_bytes == 0  # the raised overhead left with the process
+
+
+def test_a_free_between_the_nvml_sample_and_the_correction_is_not_overhead(
+    native: Native, cap_file: Path
+) -> None:
+    """NVML sampled while 8 GiB were held, then the process freed them: no 8 GiB 'overhead'."""
+    member = subprocess.Popen(
+        [str(native.client), "dlsym", f"fill:{CHUNK}", "wait", "freeall", "hold"],
+        env=native.capped(cap_file),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert member.stdin is not None and member.stdout is not None
+        filled = int(member.stdout.readline().split()[1])
+        assert member.stdout.readline().split() == ["wait"]
+        changes = changes_of(cap_file, member.pid)  # the daemon, before sampling NVML
+        nvml_saw = filled + 600 * MIB  # NVML: everything held, plus the context
+        member.stdin.write("\n")
+        member.stdin.flush()
+        assert member.stdout.readline().split() == ["freeall", "0"]
+        assert member.stdout.readline().split() == ["hold"]
+        assert alloccap.raise_overhead(cap_file, member.pid, nvml_saw, changes) == alloccap.MOVED
+        assert state(cap_file).used_bytes == reserve_of(LIMIT)  # the reserve alone, as before
+    finally:
+        assert member.stdin is not None
+        member.stdin.close()
+        member.wait(timeout=30)
+
+
+@pytest.mark.parametrize("mode", ["direct", "gpa-ptsz"])
+def test_a_pool_that_grows_past_the_share_is_undone_and_refused(
+    native: Native, cap_file: Path, mode: str
+) -> None:
+    """The driver grows pools by its own granularity (here 512 MiB for a 2 MiB request),
+    more than the library's estimate: the growth that would pass the share is given back."""
+    growth = 512 * MIB
+    env = {**native.capped(cap_file), "FAKE_CUDA_POOL_GROWTH": str(growth)}
+    out = native.run(env, mode, f"asyncfill:{2 * MIB}", "used", "info")
+    total, error = (int(w) for w in words(out, "fill")[1:])
+    held = alloccap.allocatable(LIMIT) // growth * growth  # whole growths that fit
+    assert error == 2
+    assert total == held  # every 2 MiB block of the growths that fit, and not one more
+    assert int(words(out, "used")[1]) == held  # the device holds no more than the share
+    assert int(words(out, "used")[1]) + reserve_of(LIMIT) <= LIMIT - alloccap.partition_margin(
+        LIMIT
+    )
+    assert int(words(out, "info")[2]) == alloccap.allocatable(LIMIT) - held
+    assert state(cap_file).refused >= 1
+
+
+def test_the_sampler_corrects_only_processes_it_read_before_sampling(
+    native: Native, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """before_sample / after_sample, as chronosd calls them around each NVML sample."""
+    monkeypatch.setenv("CHRONOS_HOME", str(tmp_path))
+    monkeypatch.setenv("CHRONOS_SOCKET", str(tmp_path / "chronosd.sock"))  # guard file here
+    path = alloccap.on_create("p1", LIMIT, os.getuid(), "embedded")
+    assert path is not None
+    record = PartitionRecord(
+        "p1", 0, "GPU-0", FAKE_TOTAL, LIMIT, os.getuid(), "me", 0.0, 0.0, 1e12, "active"
+    )
+    member = subprocess.Popen(
+        [str(native.client), "dlsym", f"alloc:{GIB}", "hold"],
+        env=native.capped(path),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert member.stdout is not None
+        assert member.stdout.readline().split() == ["alloc", "0"]
+        seen = [ProcessUse(member.pid, 0, GIB + 900 * MIB, "me", "cap_client", "p1")]
+        # No snapshot (the process was not read before NVML was): no correction.
+        assert alloccap.after_sample([record], seen, None, mode="embedded") == []
+        snapshot = alloccap.before_sample([record], mode="embedded")
+        assert member.pid in snapshot["p1"]
+        # What it holds on another GPU is not this partition's (its file counts GPU 0).
+        elsewhere = [ProcessUse(member.pid, 1, GIB + 900 * MIB, "me", "cap_client", "p1")]
+        assert alloccap.after_sample([record], elsewhere, snapshot, mode="embedded") == []
+        raised = alloccap.after_sample([record], seen, snapshot, mode="embedded")
+        assert raised == [("p1", member.pid, 900 * MIB - reserve_of(LIMIT))]
+        assert state(path).used_bytes == GIB + 900 * MIB
+    finally:
+        assert member.stdin is not None
+        member.stdin.close()
+        member.wait(timeout=30)

@@ -76,8 +76,7 @@ def test_children_of_the_command_share_the_cap(native: Native, embedded: dict[st
     fills = [int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("fill")]
     # Each process is charged its own reserve; together they never pass the partition.
     assert len(fills) == 2
-    reserve = alloccap.process_reserve(LIMIT)
-    assert allowed(LIMIT, processes=2) <= sum(fills) <= LIMIT - reserve
+    assert allowed(LIMIT, processes=2) <= sum(fills) <= alloccap.allocatable(LIMIT)
 
 
 def test_with_the_switch_off_the_command_runs_as_before(

@@ -72,6 +72,7 @@ class Sampler:
             self.deadlines.after_time()  # memory held past an end is free now: grant waiters
         records = ledger.running(ledger.clock())
         attached = ledger.attached()
+        counted = alloccap.before_sample(records)  # read before NVML: see after_sample
         t0 = time.perf_counter()
         found = await asyncio.get_running_loop().run_in_executor(
             None, attribute_processes, self.service.machine, records, attached
@@ -86,7 +87,9 @@ class Sampler:
         # The hard cap's windows run on monotonic time: a wall-clock step is no "time over".
         for violation in self.watch.observe(time.monotonic(), records, found):
             self._act(violation)
-        alloccap.after_sample(records, found)  # allocation-time cap (ALLOCATION_CAP.md)
+        # allocation-time cap (ALLOCATION_CAP.md): overheads the library did not see
+        for partition_id, pid, added in alloccap.after_sample(records, found, counted):
+            log("alloc_cap_overhead_raised", partition=partition_id, pid=pid, added=added)
         if self.watch.unpartitioned == "warn":
             for proc in self.watch.warnings(found):
                 log(

@@ -59,6 +59,7 @@ enum {
     CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT = 5,
     CU_MEMPOOL_ATTR_USED_MEM_CURRENT = 7,
 };
+#define CU_STREAM_PER_THREAD ((CUstream)0x2) /* what stream 0 means to a _ptsz entry */
 
 typedef struct { /* the leading fields of CUmemAllocationProp */
     int type;
@@ -119,7 +120,8 @@ typedef struct {
     X(cuCtxGetDevice)                                                                      \
     X(cuDeviceGetMemPool)                                                                  \
     X(cuMemPoolGetAttribute)                                                               \
-    X(cuDeviceGetUuid)
+    X(cuDeviceGetUuid)                                                                     \
+    X(cuStreamSynchronize)
 
 enum {
 #define ID(fn, base) ID_##fn,
@@ -264,6 +266,17 @@ static uint64_t start_ticks_of(pid_t pid)
 
 static int64_t *used(void) { return &cap->used_bytes; }
 
+/* What the partition's allocations may reach: its bytes less the margin kept for
+ * memory the driver takes on its own (lazily loaded kernels, pool rounding). */
+static int64_t allowed_bytes(void) { return cap->limit_bytes - cap->margin_bytes; }
+
+/* Bytes of this process's slot change: say so to the daemon's overhead correction. */
+static void slot_add(struct cap_slot *s, int64_t n)
+{
+    atomic_fetch_add(&s->changes, 1);
+    atomic_fetch_add(&s->bytes, n);
+}
+
 /* Give back a slot whose process is gone (killed by SIGKILL: no destructor ran). */
 static void reclaim_dead_slots(void)
 {
@@ -338,9 +351,9 @@ static int charge(int64_t n)
     for (int attempt = 0; attempt < 2; attempt++) {
         /* Add first, then look: two processes can never both pass on the same bytes. */
         int64_t before = atomic_fetch_add(used(), n);
-        if (before + n <= cap->limit_bytes) {
+        if (before + n <= allowed_bytes()) {
             if (s)
-                atomic_fetch_add(&s->bytes, n);
+                slot_add(s, n);
             return 1;
         }
         atomic_fetch_sub(used(), n);
@@ -359,7 +372,7 @@ static void force_charge(int64_t n)
     struct cap_slot *s = slot();
     atomic_fetch_add(used(), n);
     if (s)
-        atomic_fetch_add(&s->bytes, n);
+        slot_add(s, n);
 }
 
 static void uncharge(int64_t n) { force_charge(-n); }
@@ -616,7 +629,7 @@ EXPORT CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pitch, size_t widt
 }
 
 /* Pools the stream-ordered allocator used in this process: pool -> bytes charged. */
-static void reconcile_pool(CUmemoryPool pool);
+static int64_t reconcile_pool(CUmemoryPool pool);
 static void reconcile_all_pools(void);
 
 EXPORT CUresult cuMemFree_v2(CUdeviceptr dptr)
@@ -637,9 +650,11 @@ EXPORT CUresult cuMemFree_v2(CUdeviceptr dptr)
  * What an async pool costs is what it has reserved from the device
  * (RESERVED_MEM_CURRENT), not its live blocks: PyTorch keeps freed blocks in
  * the pool.  Before an allocation we charge the part of it the pool's free
- * space cannot cover (rounded up to 2 MiB, the driver's granularity), so the
- * cap holds before the pool grows; afterwards the charge is set to what the
- * pool really reserves.
+ * space cannot cover (rounded up to 2 MiB), so the cap holds before the pool
+ * grows; afterwards the charge is set to what the pool really reserves.  The
+ * driver may grow a pool by more than that estimate (its own granularity, or
+ * free space too fragmented to use); if the real growth takes the partition
+ * over, the allocation is undone and refused (see undo_pool_alloc).
  */
 static int pool_attr(CUmemoryPool pool, int attr, int64_t *value)
 {
@@ -651,12 +666,13 @@ static int pool_attr(CUmemoryPool pool, int attr, int64_t *value)
     return 1;
 }
 
-static void reconcile_pool(CUmemoryPool pool)
+/* Charge the pool for what it reserves now; return that (-1 if unknown). */
+static int64_t reconcile_pool(CUmemoryPool pool)
 {
     int64_t reserved;
     if (cap == NULL || pool == NULL || !pool_attr(pool, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
                                                   &reserved))
-        return;
+        return -1;
     pthread_mutex_lock(&tables_lock);
     struct item *it = find(&pools, (uint64_t)(uintptr_t)pool);
     if (it == NULL)
@@ -666,6 +682,7 @@ static void reconcile_pool(CUmemoryPool pool)
         it->bytes = reserved;
     pthread_mutex_unlock(&tables_lock);
     force_charge(delta);
+    return reserved;
 }
 
 static void reconcile_all_pools(void)
@@ -691,22 +708,48 @@ static CUmemoryPool current_pool(void)
     return pool;
 }
 
-static int64_t pool_growth(CUmemoryPool pool, size_t bytes)
+/* What the pool reserves now (-1 if unknown) and how much an allocation of
+ * `bytes` is expected to grow it. */
+static int64_t pool_growth(CUmemoryPool pool, size_t bytes, int64_t *reserved_now)
 {
     const int64_t granule = 2 << 20;
     int64_t need = ((int64_t)bytes + granule - 1) / granule * granule;
     int64_t reserved, in_use;
+    *reserved_now = -1;
     if (pool && pool_attr(pool, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, &reserved) &&
-        pool_attr(pool, CU_MEMPOOL_ATTR_USED_MEM_CURRENT, &in_use))
+        pool_attr(pool, CU_MEMPOOL_ATTR_USED_MEM_CURRENT, &in_use)) {
         need -= reserved - in_use;
+        *reserved_now = reserved;
+    }
     return need > 0 ? need : 0;
 }
 
 typedef CUresult (*alloc_async_fn)(CUdeviceptr *, size_t, CUstream);
 typedef CUresult (*alloc_pool_fn)(CUdeviceptr *, size_t, CUmemoryPool, CUstream);
+typedef CUresult (*free_async_fn)(CUdeviceptr, CUstream);
+
+/*
+ * The pool grew past the partition's bytes: give the block back, wait for the
+ * stream to reach the free (trimming cannot release a block whose free has not
+ * completed), trim the pool to what it held before, and count the truth.  Only
+ * ever runs at the edge of the share, so the synchronisation costs nothing in
+ * the steady state.  The few milliseconds over are far below the sampler's grace.
+ */
+static void undo_pool_alloc(CUdeviceptr ptr, CUmemoryPool pool, CUstream stream, int ptsz,
+                            int64_t reserved_before)
+{
+    free_async_fn free_fn = (free_async_fn)real(ptsz ? ID_cuMemFreeAsync_ptsz
+                                                     : ID_cuMemFreeAsync);
+    if (free_fn != NULL)
+        free_fn(ptr, stream);
+    CALL_REAL(cuStreamSynchronize, (CUstream),
+              (ptsz && stream == NULL) ? CU_STREAM_PER_THREAD : stream);
+    CALL_REAL(cuMemPoolTrimTo, (CUmemoryPool, size_t), pool, (size_t)reserved_before);
+    reconcile_pool(pool);
+}
 
 static CUresult pool_alloc(int id, CUdeviceptr *dptr, size_t bytes, CUmemoryPool pool,
-                           CUstream stream, int from_pool)
+                           CUstream stream, int from_pool, int ptsz)
 {
     void *fn = real(id);
     if (fn == NULL)
@@ -717,38 +760,48 @@ static CUresult pool_alloc(int id, CUdeviceptr *dptr, size_t bytes, CUmemoryPool
                          : ((alloc_async_fn)fn)(dptr, bytes, stream);
     if (!from_pool)
         pool = current_pool();
-    int64_t growth = pool_growth(pool, bytes);
+    int64_t reserved_before;
+    int64_t growth = pool_growth(pool, bytes, &reserved_before);
     if (!admit(growth))
         return CUDA_ERROR_OUT_OF_MEMORY; /* never anything else: frameworks retry on 2 */
     CUresult r = from_pool ? ((alloc_pool_fn)fn)(dptr, bytes, pool, stream)
                            : ((alloc_async_fn)fn)(dptr, bytes, stream);
-    if (cap) {
-        uncharge(growth);
-        reconcile_pool(pool); /* the truth: what the pool now reserves */
+    if (cap == NULL)
+        return r;
+    /* The truth first, then the estimate back: the count never dips below what the
+     * device holds, which the daemon's overhead correction relies on. */
+    int64_t reserved_after = reconcile_pool(pool);
+    uncharge(growth);
+    if (r == CUDA_SUCCESS && reserved_before >= 0 && reserved_after >= 0 &&
+        reserved_after - reserved_before > growth && atomic_load(used()) > allowed_bytes()) {
+        undo_pool_alloc(*dptr, pool, stream, ptsz, reserved_before);
+        *dptr = 0;
+        atomic_fetch_add(&cap->refused, 1);
+        return CUDA_ERROR_OUT_OF_MEMORY;
     }
     return r;
 }
 
 EXPORT CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t bytes, CUstream stream)
 {
-    return pool_alloc(ID_cuMemAllocAsync, dptr, bytes, NULL, stream, 0);
+    return pool_alloc(ID_cuMemAllocAsync, dptr, bytes, NULL, stream, 0, 0);
 }
 
 EXPORT CUresult cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t bytes, CUstream stream)
 {
-    return pool_alloc(ID_cuMemAllocAsync_ptsz, dptr, bytes, NULL, stream, 0);
+    return pool_alloc(ID_cuMemAllocAsync_ptsz, dptr, bytes, NULL, stream, 0, 1);
 }
 
 EXPORT CUresult cuMemAllocFromPoolAsync(CUdeviceptr *dptr, size_t bytes, CUmemoryPool pool,
                                         CUstream stream)
 {
-    return pool_alloc(ID_cuMemAllocFromPoolAsync, dptr, bytes, pool, stream, 1);
+    return pool_alloc(ID_cuMemAllocFromPoolAsync, dptr, bytes, pool, stream, 1, 0);
 }
 
 EXPORT CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t bytes,
                                              CUmemoryPool pool, CUstream stream)
 {
-    return pool_alloc(ID_cuMemAllocFromPoolAsync_ptsz, dptr, bytes, pool, stream, 1);
+    return pool_alloc(ID_cuMemAllocFromPoolAsync_ptsz, dptr, bytes, pool, stream, 1, 1);
 }
 
 EXPORT CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream stream)
@@ -980,7 +1033,7 @@ EXPORT CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total_bytes)
         slot(); /* a process that looks at the device will use it: charge its reserve */
         reconcile_all_pools();
         int64_t limit = cap->limit_bytes;
-        int64_t left = limit - atomic_load(used());
+        int64_t left = allowed_bytes() - atomic_load(used());
         if (left < 0)
             left = 0;
         if ((int64_t)*free_bytes > left)
@@ -1110,13 +1163,17 @@ dlsym(void *handle, const char *name)
  * more than the reserve charged for it (lazily loaded modules grow), raise the
  * slot's overhead to match, so the library stops the process before the
  * sampler would.  Only ever raised, never lowered: the footprint can grow
- * again.  Returns the bytes added, 0 if nothing changed, -1 if the file or
- * the process's slot was not found.  Lock-free like everything else: one CAS
- * on the overhead, then one fetch_add on the partition's counter.
+ * again.  `changes` is the slot's change counter the daemon read *before* its
+ * NVML sample: if the process allocated or freed since, NVML and the slot
+ * describe different moments (a free between them would read as gigabytes of
+ * overhead), so nothing is changed.  Returns the bytes added, 0 if nothing
+ * changed, -1 if the file or the process's slot was not found, -2 if the slot
+ * moved.  Lock-free like everything else: one CAS on the overhead, then one
+ * fetch_add on the partition's counter.
  */
 EXPORT long long chronos_cap_raise_overhead(const char *path, long long pid,
                                             unsigned long long start_ticks,
-                                            long long seen_bytes)
+                                            long long seen_bytes, unsigned long long changes)
 {
     int fd = open(path, O_RDWR | O_CLOEXEC);
     if (fd < 0)
@@ -1128,12 +1185,18 @@ EXPORT long long chronos_cap_raise_overhead(const char *path, long long pid,
     struct cap_header *h = map;
     struct cap_slot *s = (struct cap_slot *)((char *)map + CAP_HEADER_BYTES);
     long long added = -1;
-    for (unsigned i = 0; h->magic == CAP_MAGIC && i < CAP_SLOTS; i++) {
+    for (unsigned i = 0; h->magic == CAP_MAGIC && h->version == CAP_VERSION && i < CAP_SLOTS;
+         i++) {
         if (atomic_load(&s[i].pid) != (uint64_t)pid ||
             atomic_load(&s[i].start_ticks) != start_ticks)
             continue;
         int64_t overhead = atomic_load(&s[i].overhead);
-        int64_t wanted = seen_bytes - atomic_load(&s[i].bytes);
+        int64_t bytes = atomic_load(&s[i].bytes);
+        if (atomic_load(&s[i].changes) != changes) {
+            added = -2;
+            break;
+        }
+        int64_t wanted = seen_bytes - bytes;
         added = 0;
         if (overhead > 0 && wanted > overhead &&
             atomic_compare_exchange_strong(&s[i].overhead, &overhead, wanted)) {

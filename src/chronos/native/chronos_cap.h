@@ -13,10 +13,10 @@
 #include <stdint.h>
 
 #define CAP_MAGIC 0x43415043u /* the bytes "CPAC" on disk (little-endian) */
-#define CAP_VERSION 1u
+#define CAP_VERSION 2u
 #define CAP_SLOTS 256u
 #define CAP_HEADER_BYTES 64u
-#define CAP_SLOT_BYTES 32u
+#define CAP_SLOT_BYTES 40u
 #define CAP_FILE_BYTES (CAP_HEADER_BYTES + CAP_SLOTS * CAP_SLOT_BYTES)
 #define CAP_SLOT_RECLAIMING UINT64_MAX
 
@@ -25,6 +25,8 @@ struct cap_slot {          /* one process that has touched the device */
     uint64_t start_ticks;  /* /proc/<pid>/stat field 22: tells a reused pid apart */
     int64_t bytes;         /* bytes of allocations this process holds */
     int64_t overhead;      /* context/module reserve charged for it (daemon may correct) */
+    uint64_t changes;      /* bumped at every change of bytes: the daemon uses an NVML
+                              sample only if this did not move around it */
 };
 
 struct cap_header {
@@ -36,7 +38,9 @@ struct cap_header {
     uint32_t slots;         /* CAP_SLOTS */
     uint32_t flags;
     int64_t refused;        /* allocations refused so far (for `chronos stats`) */
-    uint8_t pad[CAP_HEADER_BYTES - 48];
+    int64_t margin_bytes;   /* kept free below the limit: memory the driver takes on its
+                               own (lazily loaded kernels, pool rounding) after a fill */
+    uint8_t pad[CAP_HEADER_BYTES - 56];
 };
 
 _Static_assert(sizeof(struct cap_header) == CAP_HEADER_BYTES, "header layout");
