@@ -404,9 +404,9 @@ class Partitioner:
         text = text.strip()
         known: set[str]
         if tickets:
-            known = {q["ticket"] for q in self._transport.call("queue")}
+            known = {q["ticket"] for q in self._pages("queue")}
         else:
-            known = {r["id"] for r in self._transport.call("list", all=True)}
+            known = {r["id"] for r in self.records(all=True)}
         if text in known:
             return text
         matches: list[str] = sorted(i for i in known if i.startswith(text))
@@ -429,11 +429,12 @@ class Partitioner:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def records(self, all: bool = False) -> list[dict[str, Any]]:
+        """The partitions as the daemon sends them (``all``: ended ones too), every page."""
+        return self._pages("list", all=all)
+
     def list(self, all: bool = False) -> list[Partition]:
-        return [
-            Partition(PartitionRecord.from_wire(r), self._transport)
-            for r in self._pages("list", all=all)
-        ]
+        return [Partition(PartitionRecord.from_wire(r), self._transport) for r in self.records(all)]
 
 
 class ExpiryMonitor:

@@ -603,7 +603,7 @@ def list_(
         user = pwd.getpwuid(os.getuid()).pw_name
     include_ended = show_all or any(s in ("released", "expired") for s in states)
     client = _client()
-    wire = client.transport.call("list", all=include_ended)
+    wire = client.records(all=include_ended)
     now = time.time()
     records = [
         r

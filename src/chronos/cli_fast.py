@@ -28,6 +28,8 @@ LIST_FLAGS = frozenset({"--all", "--no-header"})
 STATS_FLAGS = frozenset({"--json"})
 PROTOCOL_VERSION = 1
 MAX_FRAME = 1 << 20
+PAGE = 500
+"""Records per listing page, as the API asks (chronos.api.PAGE)."""
 SYSTEM_SOCKET = "/run/chronos/chronosd.sock"
 
 
@@ -115,10 +117,24 @@ def try_fast_path(argv: Sequence[str]) -> int | None:
         client.close()
 
 
+def _every_page(client: DaemonClient, op: str, **args: Any) -> list[dict[str, Any]]:
+    """A listing, page by page as the API fetches it: no reply grows past its limit."""
+    items: list[dict[str, Any]] = []
+    after = None
+    while True:
+        page = client.call(op, limit=PAGE, **args, **({} if after is None else {"after": after}))
+        if not isinstance(page, dict):
+            raise NotFast  # a daemon that does not page: the full CLI copes with it
+        items.extend(page["items"])
+        after = page["next"]
+        if after is None:
+            return items
+
+
 def _list(client: DaemonClient, show_all: bool, no_header: bool) -> int:
     from chronos import cli_render as render
 
-    records = client.call("list", all=show_all)
+    records = _every_page(client, "list", all=show_all)
     now = time.time()
     if not records:
         if not no_header:
