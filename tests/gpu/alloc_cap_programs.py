@@ -93,7 +93,7 @@ def cudart() -> ctypes.CDLL:
     raise OSError("no libcudart found")
 
 
-def reported(out: str) -> None:
+def reported(out: str, _unused: str = "") -> None:
     """What the process is told about its GPU (cudaMemGetInfo)."""
     rt = cudart()
     free, total = ctypes.c_size_t(), ctypes.c_size_t()
