@@ -318,8 +318,13 @@ class DaemonProcess:
         return SocketTransport(self.sock, timeout=timeout)
 
     def call(self, op: str, **args: Any) -> Any:
+        """One request; a listing (``list``, ``events``) comes whole, page by page."""
         transport = self.transport()
         try:
+            if op == "list" and set(args) <= {"all"}:
+                return Partitioner(transport).records(all=bool(args.get("all")))
+            if op == "events" and set(args) <= {"since", "id"}:
+                return Partitioner(transport).events(args.get("since"), args.get("id"))
             return transport.call(op, **args)
         finally:
             transport.close()

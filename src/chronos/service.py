@@ -349,8 +349,9 @@ class Service:
         (``next`` is the cursor for the following page, None after the last)."""
         self._reap()
         now = self.ledger.clock()
-        if limit is None and after is None:
-            records = self.ledger.partitions(include_ended=all)
+        if limit is None and after is None:  # the unpaged form of older clients: one page
+            records, more = self.ledger.partitions_page(all, 0, MAX_PAGE)
+            _refuse_if_more("partitions", more)
             return [r.to_wire() for r in records if all or r.state_at(now) in (ACTIVE, BOOKED)]
         records, cursor = self.ledger.partitions_page(all, _cursor(after), _page_size(limit))
         items = [r.to_wire() for r in records if all or r.state_at(now) in (ACTIVE, BOOKED)]
@@ -508,8 +509,10 @@ class Service:
         after: int | None = None,
     ) -> list[dict[str, Any]] | dict[str, Any]:
         """Events in order; with ``limit``/``after`` (a ``seq``) one page: ``{"items", "next"}``."""
-        if limit is None and after is None:
-            return [e.to_json() for e in self.ledger.events(since, id)]
+        if limit is None and after is None:  # the unpaged form of older clients: one page
+            events, more = self.ledger.events_page(since, id, 0, MAX_PAGE)
+            _refuse_if_more("events", more)
+            return [e.to_json() for e in events]
         events, cursor = self.ledger.events_page(since, id, _cursor(after), _page_size(limit))
         items = [e.to_json() for e in events]
         page, cut = _fill_page(items)
@@ -594,6 +597,15 @@ class _Quota:
         req = self.request
         ask = Ask(req.user, req.device, req.memory_bytes / req.device_total_bytes, start, end)
         check_limits(self.limits, ask, mine, now)
+
+
+def _refuse_if_more(what: str, more: int | None) -> None:
+    """An unpaged listing is answered only while it fits one page: its work stays bounded."""
+    if more is not None:
+        raise BadRequest(
+            f"more than {MAX_PAGE} {what}: ask page by page with limit and after "
+            "(the chronos CLI and API do)"
+        )
 
 
 def _page_size(limit: int | None) -> int:
