@@ -131,8 +131,8 @@ def members(partition_id: str) -> set[int]:
     return {int(line) for line in text.split()}
 
 
-def cgroup_of(pid: int) -> str | None:
-    """``pid``'s cgroup v2 path (``/user.slice/…``), from /proc/<pid>/cgroup."""
+def _v2_path(pid: int) -> str | None:
+    """The raw cgroup v2 entry (after ``0::``) of /proc/<pid>/cgroup; None if unreadable."""
     try:
         with open(f"/proc/{pid}/cgroup") as f:
             lines = f.read().splitlines()
@@ -140,8 +140,14 @@ def cgroup_of(pid: int) -> str | None:
         return None
     for line in lines:
         if line.startswith("0::"):
-            return line[3:].strip() or "/"
+            return line[3:]
     return None
+
+
+def cgroup_of(pid: int) -> str | None:
+    """``pid``'s cgroup v2 path (``/user.slice/…``), from /proc/<pid>/cgroup."""
+    path = _v2_path(pid)
+    return None if path is None else path.strip() or "/"
 
 
 def _under(path: str, group: str) -> bool:
@@ -150,14 +156,10 @@ def _under(path: str, group: str) -> bool:
 
 def partition_of(pid: int) -> str | None:
     """The partition id whose cgroup ``pid`` is in, from /proc/<pid>/cgroup."""
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            lines = f.read().splitlines()
-    except OSError:
+    path = _v2_path(pid)
+    if path is None:
         return None
-    for line in lines:
-        if line.startswith("0::"):
-            parts = line[3:].strip("/").split("/")
-            if len(parts) >= 2 and parts[-2] == GROUP:
-                return parts[-1]
+    parts = path.strip("/").split("/")
+    if len(parts) >= 2 and parts[-2] == GROUP:
+        return parts[-1]
     return None

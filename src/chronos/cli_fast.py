@@ -16,6 +16,8 @@ import os
 import sys
 import time
 
+from chronos.lean import recv_exact
+
 # Kept to the standard modules `python -c pass` has loaded already, plus json and socket:
 # no typing, pathlib, re or dataclasses (each costs milliseconds here). The daemon
 # protocol is spoken directly (protocol.py: a 4-byte big-endian length, then JSON).
@@ -66,25 +68,15 @@ class DaemonClient:
         body = json.dumps({"v": PROTOCOL_VERSION, "op": op, "args": args}).encode()
         try:
             self.sock.sendall(len(body).to_bytes(4, "big") + body)
-            length = int.from_bytes(self._recv(4), "big")
+            length = int.from_bytes(recv_exact(self.sock, 4), "big")
             if length > MAX_FRAME:
                 raise NotFast
-            reply = json.loads(self._recv(length))
+            reply = json.loads(recv_exact(self.sock, length))
         except (OSError, ValueError, EOFError) as exc:
             raise NotFast from exc
         if not isinstance(reply, dict) or reply.get("ok") is not True:
             raise NotFast  # an error: the full CLI asks again and says it properly
         return reply.get("result")
-
-    def _recv(self, n: int) -> bytes:
-        chunks = []
-        while n:
-            chunk = self.sock.recv(n)
-            if not chunk:
-                raise EOFError
-            chunks.append(chunk)
-            n -= len(chunk)
-        return b"".join(chunks)
 
     def close(self) -> None:
         self.sock.close()

@@ -19,6 +19,8 @@ import sys
 import time
 import zlib
 
+from chronos.lean import format_bytes
+
 # No typing, dataclasses, shutil or collections here: each costs milliseconds of start-up
 # that the fast path of `chronos list` would pay on every run.
 TYPE_CHECKING = False
@@ -63,14 +65,7 @@ def span(seconds: float) -> str:
 
 def size(nbytes: float | None) -> str:
     """``85899345920`` -> ``80.0 GiB``; ``n/a`` for unknown."""
-    if nbytes is None:
-        return "n/a"
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    return "n/a" if nbytes is None else format_bytes(nbytes)
 
 
 # --------------------------------------------------------------------- colour

@@ -350,16 +350,7 @@ class Ledger:
                 refusal = exc
                 # A request the caller will queue is not refused: enqueue() logs "queued".
                 if not (will_queue and isinstance(exc, CapacityRefused)):
-                    self._event(
-                        now,
-                        "refused",
-                        None,
-                        req.uid,
-                        req.user,
-                        req.device_uuid,
-                        req.memory_bytes,
-                        {"reason": str(exc)},
-                    )
+                    self._log_refused(now, req, exc)
             else:
                 record = self._admit(req, now, start, end)
         if refusal is not None:
@@ -570,16 +561,7 @@ class Ledger:
                         f"over the max_waiting limit: {req.user} already has {mine} waiting "
                         f"request(s), at most {max_waiting}"
                     )
-                    self._event(
-                        now,
-                        "refused",
-                        None,
-                        req.uid,
-                        req.user,
-                        req.device_uuid,
-                        req.memory_bytes,
-                        {"reason": str(refusal)},
-                    )
+                    self._log_refused(now, req, refusal)
             if refusal is None:
                 ticket_id = self._insert_ticket(req, waiter_pid, timeout_at, now)
         if refusal is not None:
@@ -1369,6 +1351,19 @@ class Ledger:
         )
         self._generation += 1
         self._count_event(at, kind, partition_id, user, detail)
+
+    def _log_refused(self, now: float, req: NewPartition, refusal: AdmissionRefused) -> None:
+        """The "refused" event of a request turned away before it got a partition."""
+        self._event(
+            now,
+            "refused",
+            None,
+            req.uid,
+            req.user,
+            req.device_uuid,
+            req.memory_bytes,
+            {"reason": str(refusal)},
+        )
 
     def _new_id(self) -> str:
         while True:

@@ -28,6 +28,7 @@ from typing import Any
 
 from chronos import protocol
 from chronos.errors import DaemonUnavailable, ProtocolError, error_from_code
+from chronos.lean import recv_exact
 from chronos.paths import (
     LEDGER_FILE,
     LEDGER_ID_FILE,
@@ -170,23 +171,13 @@ class SocketTransport(Transport):
     def _exchange(self, frame: bytes) -> Any:
         try:
             self._sock.sendall(frame)
-            length = protocol.frame_length(self._recv(protocol.HEADER.size))
-            return protocol.decode_body(self._recv(length))
+            length = protocol.frame_length(recv_exact(self._sock, protocol.HEADER.size))
+            return protocol.decode_body(recv_exact(self._sock, length))
         except (OSError, EOFError) as exc:
             raise DaemonUnavailable(
                 "chronosd went away before answering; the request may or may not have "
                 "taken effect: check with 'chronos list'"
             ) from exc
-
-    def _recv(self, n: int) -> bytes:
-        chunks = []
-        while n:
-            chunk = self._sock.recv(n)
-            if not chunk:
-                raise EOFError
-            chunks.append(chunk)
-            n -= len(chunk)
-        return b"".join(chunks)
 
     def close(self) -> None:
         self._sock.close()

@@ -16,6 +16,7 @@ import signal
 from datetime import UTC, datetime, timedelta
 
 from chronos.errors import BadRequest
+from chronos.lean import format_bytes as format_bytes  # re-exported: one implementation
 
 #: Longest partition anyone may ask for (policy may lower it): 30 days.
 MAX_DURATION_S = 30 * 24 * 3600.0
@@ -299,16 +300,6 @@ def parse_signal_name(name: object) -> str:
 
 
 # ---------------------------------------------------------------- formatting
-
-
-def format_bytes(nbytes: float) -> str:
-    """``85899345920`` -> ``80.0 GiB``."""
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def format_duration(seconds: float) -> str:

@@ -558,6 +558,29 @@ static int64_t forget(struct table *t, uint64_t key)
     return bytes;
 }
 
+/*
+ * After a create that admit() charged: on success the new object keeps the charge
+ * under its key, on failure the charge goes back; outside a partition, nothing.
+ * A macro so that key, read through the caller's out-pointer, is read only on
+ * success: on failure the driver may leave it unset (or the pointer be NULL).
+ */
+#define SETTLE_CHARGE(r, table, key, bytes)        \
+    do {                                           \
+        if (cap != NULL) {                         \
+            if ((r) == CUDA_SUCCESS)               \
+                remember((table), (key), (bytes)); \
+            else                                   \
+                uncharge(bytes);                   \
+        }                                          \
+    } while (0)
+
+/* After a destroy the driver carried out: give back what the object was charged. */
+static void release_charge(CUresult r, struct table *t, uint64_t key)
+{
+    if (r == CUDA_SUCCESS && cap)
+        uncharge(forget(t, key));
+}
+
 /* After fork() the child has no CUDA state and owns none of the parent's memory. */
 static void after_fork_in_child(void)
 {
@@ -583,10 +606,7 @@ EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytes)
     if (!admit((int64_t)bytes))
         return CUDA_ERROR_OUT_OF_MEMORY;
     CUresult r = CALL_REAL(cuMemAlloc_v2, (CUdeviceptr *, size_t), dptr, bytes);
-    if (r == CUDA_SUCCESS && cap)
-        remember(&allocs, *dptr, (int64_t)bytes);
-    else if (cap)
-        uncharge((int64_t)bytes);
+    SETTLE_CHARGE(r, &allocs, *dptr, (int64_t)bytes);
     return r;
 }
 
@@ -598,10 +618,7 @@ EXPORT CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t bytes, unsigned flag
         return CUDA_ERROR_OUT_OF_MEMORY;
     CUresult r = CALL_REAL(cuMemAllocManaged, (CUdeviceptr *, size_t, unsigned), dptr, bytes,
                            flags);
-    if (r == CUDA_SUCCESS && cap)
-        remember(&allocs, *dptr, (int64_t)bytes);
-    else if (cap)
-        uncharge((int64_t)bytes);
+    SETTLE_CHARGE(r, &allocs, *dptr, (int64_t)bytes);
     return r;
 }
 
@@ -828,8 +845,7 @@ EXPORT CUresult cuMemPoolTrimTo(CUmemoryPool pool, size_t keep)
 EXPORT CUresult cuMemPoolDestroy(CUmemoryPool pool)
 {
     CUresult r = CALL_REAL(cuMemPoolDestroy, (CUmemoryPool), pool);
-    if (r == CUDA_SUCCESS && cap)
-        uncharge(forget(&pools, (uint64_t)(uintptr_t)pool));
+    release_charge(r, &pools, (uint64_t)(uintptr_t)pool);
     return r;
 }
 
@@ -850,12 +866,8 @@ EXPORT CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size,
     CUresult r = CALL_REAL(cuMemCreate, (CUmemGenericAllocationHandle *, size_t,
                                          const CUmemAllocationPropHead *, unsigned long long),
                            handle, size, prop, flags);
-    if (!device || cap == NULL)
-        return r;
-    if (r == CUDA_SUCCESS)
-        remember(&vmm_handles, *handle, (int64_t)size);
-    else
-        uncharge((int64_t)size);
+    if (device)
+        SETTLE_CHARGE(r, &vmm_handles, *handle, (int64_t)size);
     return r;
 }
 
@@ -965,12 +977,7 @@ EXPORT CUresult cuArrayCreate_v2(CUarray *array, const CUarrayDesc *desc)
     if (!admit(bytes))
         return CUDA_ERROR_OUT_OF_MEMORY;
     CUresult r = CALL_REAL(cuArrayCreate_v2, (CUarray *, const CUarrayDesc *), array, desc);
-    if (cap == NULL)
-        return r;
-    if (r == CUDA_SUCCESS)
-        remember(&arrays, (uint64_t)(uintptr_t)*array, bytes);
-    else
-        uncharge(bytes);
+    SETTLE_CHARGE(r, &arrays, (uint64_t)(uintptr_t)*array, bytes);
     return r;
 }
 
@@ -980,12 +987,7 @@ EXPORT CUresult cuArray3DCreate_v2(CUarray *array, const CUarray3DDesc *desc)
     if (!admit(bytes))
         return CUDA_ERROR_OUT_OF_MEMORY;
     CUresult r = CALL_REAL(cuArray3DCreate_v2, (CUarray *, const CUarray3DDesc *), array, desc);
-    if (cap == NULL)
-        return r;
-    if (r == CUDA_SUCCESS)
-        remember(&arrays, (uint64_t)(uintptr_t)*array, bytes);
-    else
-        uncharge(bytes);
+    SETTLE_CHARGE(r, &arrays, (uint64_t)(uintptr_t)*array, bytes);
     return r;
 }
 
@@ -998,28 +1000,21 @@ EXPORT CUresult cuMipmappedArrayCreate(CUmipmappedArray *array, const CUarray3DD
     CUresult r = CALL_REAL(cuMipmappedArrayCreate,
                            (CUmipmappedArray *, const CUarray3DDesc *, unsigned), array, desc,
                            levels);
-    if (cap == NULL)
-        return r;
-    if (r == CUDA_SUCCESS)
-        remember(&arrays, (uint64_t)(uintptr_t)*array, bytes);
-    else
-        uncharge(bytes);
+    SETTLE_CHARGE(r, &arrays, (uint64_t)(uintptr_t)*array, bytes);
     return r;
 }
 
 EXPORT CUresult cuArrayDestroy(CUarray array)
 {
     CUresult r = CALL_REAL(cuArrayDestroy, (CUarray), array);
-    if (r == CUDA_SUCCESS && cap)
-        uncharge(forget(&arrays, (uint64_t)(uintptr_t)array));
+    release_charge(r, &arrays, (uint64_t)(uintptr_t)array);
     return r;
 }
 
 EXPORT CUresult cuMipmappedArrayDestroy(CUmipmappedArray array)
 {
     CUresult r = CALL_REAL(cuMipmappedArrayDestroy, (CUmipmappedArray), array);
-    if (r == CUDA_SUCCESS && cap)
-        uncharge(forget(&arrays, (uint64_t)(uintptr_t)array));
+    release_charge(r, &arrays, (uint64_t)(uintptr_t)array);
     return r;
 }
 
