@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from chronos.errors import BadRequest
+from chronos.slurm.settings import SlurmSettings, parse_slurm
 from chronos.units import parse_duration
 
 DEFAULT_CONFIG = Path("/etc/chronos/config.toml")
@@ -87,6 +88,8 @@ class Config:
     """``host:port`` for Prometheus metrics; off when unset."""
     dashboard_address: str | None = None
     """``host:port`` for the web dashboard served by the daemon; off when unset."""
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)
+    """The ``[slurm]`` table: this node's GPUs under Slurm (docs/SLURM.md)."""
 
     def reservable(self, device: int) -> float:
         return self.device_reservable_share.get(device, self.reservable_share)
@@ -127,13 +130,14 @@ _ALIASES = {
     "sample_interval": "sample_interval_s",
     "memory_grace": "memory_grace_s",
 }
-_TABLES = {"devices", "limits", "fairshare"}
+_TABLES = {"devices", "limits", "fairshare", "slurm"}
 _NOT_TOP_LEVEL = {
     "device_reservable_share",
     "default_limits",
     "user_limits",
     "fairshare_half_life_s",
     "fairshare_age_weight",
+    "slurm",
 }
 
 
@@ -148,6 +152,7 @@ def parse_config(data: dict[str, Any], origin: str = "config") -> Config:
             raise BadRequest(f"{origin}: unknown setting {key!r}")
         changes[name] = _coerce(name, value, f"{origin}: {key}")
     changes.update(_fairshare(_table(data, "fairshare", origin), origin))
+    changes["slurm"] = parse_slurm(_table(data, "slurm", origin), origin)
     changes["device_reservable_share"] = _devices(_table(data, "devices", origin), origin)
     limits = _table(data, "limits", origin)
     for key in limits:

@@ -25,6 +25,7 @@ from chronos.identity import Caller, resolve_user
 from chronos.ledger import Ledger, NewPartition, QuotaCheck
 from chronos.models import ACTIVE, BOOKED, DeviceStats, PartitionRecord, ProcessUse
 from chronos.policy import Ask, check_limits, decayed_usage, priority
+from chronos.slurm import policy as slurm_policy
 from chronos.units import parse_duration, parse_memory
 
 KINDS = ("api", "cli", "run")
@@ -104,10 +105,11 @@ class Service:
         wait: bool = False,
         timeout: float | None = None,
     ) -> dict[str, Any]:
-        if kind not in KINDS:
+        if kind not in KINDS and not slurm_policy.may_use_kind(caller, kind):
             raise BadRequest(f"unknown partition kind {kind!r}")
         uid, name = self._owner(caller, user)
         dev = self.machine.device(device)
+        slurm_policy.check_create(self.config.slurm, caller, dev.index)
         nbytes = parse_memory(memory, dev.total_bytes)
         seconds = parse_duration(duration, self.config.max_duration_s)
         if start is not None and not (
@@ -345,7 +347,9 @@ class Service:
                 f"{record.user}; only an administrator may attach it"
             )
         self.ledger.attach(id, pid, ticks, owner if owner is not None else -1, caller.uid)
-        placed = self.cgroups.place(id, pid) if self.cgroups is not None else False
+        # A Slurm job's processes stay in Slurm's job cgroup (moved out, one survives scancel).
+        movable = self.cgroups is not None and slurm_policy.may_move(record, pid)
+        placed = self.cgroups.place(id, pid) if movable and self.cgroups is not None else False
         self.on_change()
         return {"id": id, "pid": pid, "cgroup": placed}
 
@@ -358,6 +362,7 @@ class Service:
     def op_extend(self, caller: Caller, id: str, duration: Any) -> dict[str, Any]:
         record = self.ledger.get(id)
         self._authorize(caller, record, "extend")
+        slurm_policy.check_extend(caller, record)
         extra = parse_duration(duration, self.config.max_duration_s)
         new_end = record.expires_at + extra
         if new_end - record.starts_at > self.config.max_duration_s:

@@ -30,6 +30,7 @@ from chronos.errors import ChronosError
 from chronos.ledger import Ledger
 from chronos.paths import LEDGER_FILE, SYSTEM_STATE_DIR, socket_path
 from chronos.service import Service
+from chronos.slurm.reconcile import start_slurm
 
 LOCK_FILE = "chronosd.lock"
 
@@ -123,6 +124,7 @@ class Daemon:
         sampler = Sampler(service, deadlines, lambda: self.config)
         deadlines.on_ended = sampler.on_ended
         sampling = asyncio.create_task(sampler.run())
+        following = start_slurm(service, lambda: self.config, self._changed)  # docs/SLURM.md
         server = Server(service.handle, lambda: self.config.admin_group, self.broadcast)
         listener = await self._listen(server)
         endpoints = self._start_http(service, sampler, server)
@@ -145,6 +147,8 @@ class Daemon:
         finally:
             sd_notify("STOPPING=1")
             sampling.cancel()
+            if following is not None:
+                following.cancel()
             for endpoint in endpoints:
                 endpoint.close()
             listener.close()
