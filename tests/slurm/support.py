@@ -76,7 +76,9 @@ class SlurmCluster:
     def __init__(self, proctrack: str | None = None) -> None:
         self.base = shared_tmpdir("chronos-slurm-")
         self.user_python, self.user_env = job_python()
-        self.cgroups = (proctrack or ("cgroup" if cgroup_v1_available() else "linuxproc")) == "cgroup"
+        self.cgroups = (
+            proctrack or ("cgroup" if cgroup_v1_available() else "linuxproc")
+        ) == "cgroup"
         self.conf = self.base / "slurm.conf"
         self.out = self.base / "out"
         self.daemons: dict[str, DaemonProcess] = {}
@@ -204,11 +206,7 @@ class SlurmCluster:
             f"Prolog={self._hook_wrapper('prolog', PY)}\n"
             f"Epilog={self._hook_wrapper('epilog', PY)}\n"
             f"TaskProlog={self._hook_wrapper('taskprolog', self.user_python)}\n"
-            + (
-                "JobSubmitPlugins=lua\n"
-                if (self.base / "job_submit.lua").exists()
-                else ""
-            )
+            + ("JobSubmitPlugins=lua\n" if (self.base / "job_submit.lua").exists() else "")
             + nodes
             + "PartitionName=debug Nodes=ALL Default=YES MaxTime=60 State=UP\n"
         )
@@ -245,6 +243,9 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+        pidfile = self.base / "munge" / "munged.pid"  # runuser does not pass SIGTERM on
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
         for daemon in self.daemons.values():
             daemon.cleanup()
         if self.cgroups:
@@ -292,9 +293,7 @@ class SlurmCluster:
             os.chmod(program, 0o644)
         per_node = ",".join(f"{n}={g}" for n, g in gib.items())
         launch = "srun " if nodes > 1 else "exec "
-        script = (
-            f"#!/bin/sh\n{launch}{self.user_python} {program} {per_node} {hold} {self.out}\n"
-        )
+        script = f"#!/bin/sh\n{launch}{self.user_python} {program} {per_node} {hold} {self.out}\n"
         return self.submit(user, f"--nodes={nodes}", *args, script=script)
 
     def mark(self, job_id: str, node: str, what: str) -> Path:

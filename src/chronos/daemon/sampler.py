@@ -129,11 +129,11 @@ class Sampler:
                 **detail,
             )
             ledger.log("memory_exceeded", record.id, record.uid, record.user, detail)
-            self.deadlines.stop(record, "memory", grace=self.config().memory_grace_s)
             if job_of(record.kind) is not None:  # a Slurm job: its stderr, maybe scancel
                 overuse.report(
                     record, list(v.pids), v.used_bytes, v.allowed_bytes, self.config().slurm
                 )
+            self.deadlines.stop(record, "memory", grace=self.config().memory_grace_s)
         else:
             log("unpartitioned_stopped", level="warning", **detail)
             ledger.log("unpartitioned", detail={**detail, "action": "enforce"})

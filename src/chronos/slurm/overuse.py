@@ -5,15 +5,14 @@ The daemon stops the job's processes on this node as for any partition
 stderr (``slurm-<job>.out`` by default) and, with ``slurm.cancel_on_overuse``,
 ``scancel`` so the whole job (every node) ends at once.
 
-The line is written as the job's user (``tee -a /proc/<pid>/fd/2`` started with
-the user's uid and gid), so root never writes into a file
-the user could not write: a job whose stderr is some other file it merely holds
-open for reading gets nothing.
+The line goes only into the job user's own file or a pipe (see
+``append_to_stderr``), so root never writes where the user could not.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import threading
 
@@ -39,41 +38,45 @@ def report(
     allowed: int,
     settings: SlurmSettings,
 ) -> None:
-    """In a thread: the loop goes on stopping processes meanwhile."""
+    """Before the stop (the processes must still be there): the reason, then maybe scancel."""
     job = job_of(record.kind)
     if job is None:
         return
-    text = message(record, used, allowed)
-    threading.Thread(
-        target=_report, args=(job, pids[:8], record.uid, text, settings), daemon=True
-    ).start()
-
-
-def _report(job: str, pids: list[int], uid: int, text: str, settings: SlurmSettings) -> None:
-    for pid in pids:
-        write_as_user(pid, uid, text)
+    text = message(record, used, allowed).encode()
+    told = [pid for pid in pids[:8] if append_to_stderr(pid, record.uid, text)]
+    log("slurm_overuse", job=job, partition=record.id, stderr_of=told)
     if settings.cancel_on_overuse:
-        _scancel(job)
+        threading.Thread(target=_scancel, args=(job,), daemon=True).start()
 
 
-def write_as_user(pid: int, uid: int, text: str) -> bool:
-    """Append ``text`` to ``pid``'s stderr with the rights of ``uid`` only (``tee -a``)."""
+def append_to_stderr(pid: int, uid: int, text: bytes) -> bool:
+    """Append ``text`` to ``pid``'s stderr if that is the user's own file or a pipe.
+
+    Opened through ``/proc/<pid>/fd/2`` with ``O_APPEND`` (never at offset 0 of the
+    job's output) and checked after opening: a regular file must belong to the job's
+    user (so root never writes into a file the user merely holds, or swapped in
+    meanwhile); pipes are fine; anything else (ttys, devices, sockets) is left alone.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        gid = os.stat(f"/proc/{pid}").st_gid
-        proc = subprocess.run(
-            ["tee", "-a", f"/proc/{pid}/fd/2"],
-            input=text,
-            text=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            user=uid,
-            group=gid,
-            extra_groups=[],
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
+        if not stat.S_ISREG(os.stat(f"/proc/{pid}/fd/2").st_mode) and not stat.S_ISFIFO(
+            os.stat(f"/proc/{pid}/fd/2").st_mode
+        ):
+            return False  # not opened at all: a device's open can have side effects
+        fd = os.open(f"/proc/{pid}/fd/2", flags)
+    except OSError:
         return False
-    return proc.returncode == 0
+    try:
+        info = os.fstat(fd)
+        mine = stat.S_ISREG(info.st_mode) and info.st_uid == uid
+        if not (mine or stat.S_ISFIFO(info.st_mode)):
+            return False
+        os.write(fd, text)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _scancel(job: str) -> None:

@@ -70,7 +70,7 @@ def decide(
             out.append(Action(record.id, job, "release", reason=f"job {entry.state.lower()}"))
         elif entry.nodes and node not in entry.nodes:
             out.append(Action(record.id, job, "release", reason=f"job no longer on {node}"))
-        elif entry.end_time is not None:
+        elif entry.end_time is not None and entry.state != "COMPLETING":
             want = entry.end_time + margin_s
             if abs(want - record.expires_at) > END_TOLERANCE_S:
                 out.append(Action(record.id, job, "move_end", want, "time limit changed"))
