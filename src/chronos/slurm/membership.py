@@ -65,9 +65,9 @@ def parse_cgroup(text: str) -> JobCgroup | None:
     return None
 
 
-def job_cgroup(pid: int, proc_root: str = "/proc") -> JobCgroup | None:
+def job_cgroup(pid: int) -> JobCgroup | None:
     try:
-        with open(f"{proc_root}/{pid}/cgroup") as f:
+        with open(f"{procs.PROC}/{pid}/cgroup") as f:
             return parse_cgroup(f.read())
     except OSError:
         return None
