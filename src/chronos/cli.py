@@ -517,6 +517,11 @@ def daemon(args: tuple[str, ...]) -> None:
     sys.exit(daemon_main(list(args)))
 
 
+from chronos.slurm.cli import slurm as _slurm  # noqa: E402 - its commands import lazily
+
+cli.add_command(_slurm)  # chronos slurm …: docs/SLURM.md
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="chronos", standalone_mode=False)

@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 from chronos_testing import DaemonProcess, TestUser, wait_for
-
 from daemon.conftest import Users
 
 SLURM_POLICY = '[slurm]\nenabled = true\nnode_name = "sec0"\ngres_conf = "/nonexistent"\n'

@@ -97,7 +97,7 @@ class SlurmCluster:
         os.chmod(self.out, 0o1777)
         os.chmod(self.base / "jobs", 0o755)
         self._start_munge()
-        for index, node in enumerate(NODES):
+        for node in NODES:
             self._make_node(node)
         self._write_conf()
         for node in NODES:
@@ -346,7 +346,8 @@ gib = float(dict(a.split("=") for a in sys.argv[1].split(","))[node])
 hold, marks = float(sys.argv[2]), sys.argv[3]
 os.environ["CHRONOS_SIMULATED_PROCESSES"] = f"{marks}/../{node}/sim/processes.json"
 job = os.environ["SLURM_JOB_ID"]
-seen = {k: v for k, v in os.environ.items() if k.startswith(("CHRONOS_", "CUDA_", "SLURM_JOB_GPUS"))}
+keep = ("CHRONOS_", "CUDA_", "SLURM_JOB_GPUS")
+seen = {k: v for k, v in os.environ.items() if k.startswith(keep)}
 seen["t0"] = time.time()
 with open(f"{marks}/{job}-{node}.start", "w") as f:
     json.dump(seen, f)
