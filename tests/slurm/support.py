@@ -97,6 +97,12 @@ class SlurmCluster:
         os.chmod(self.out, 0o1777)
         os.chmod(self.base / "jobs", 0o755)
         self._start_munge()
+        self.lua = LUA_PLUGIN.exists()
+        if self.lua:  # Chronos's job_submit.lua for the whole cluster: no surprises either
+            lua = (SRC / "chronos" / "slurm" / "job_submit.lua").read_text()
+            lua = lua.replace("PARTITION_CAPS = {}", "PARTITION_CAPS = { debug = 60 }")
+            (self.base / "job_submit.lua").write_text(lua)
+            os.chmod(self.base / "job_submit.lua", 0o644)
         for node in NODES:
             self._make_node(node)
         self._write_conf()
@@ -168,7 +174,14 @@ class SlurmCluster:
         os.chmod(path, 0o755)
         return path
 
-    def _write_conf(self) -> None:
+    def set_hooks(self, enabled: bool) -> None:
+        """Rewrite slurm.conf with or without Chronos's hooks and have Slurm reread it."""
+        self._write_conf(hooks=enabled)
+        proc = self.slurm("scontrol", "reconfigure")
+        assert proc.returncode == 0, proc.stderr
+        wait_for(self._all_idle, 30, what="both Slurm nodes idle again", interval=0.2)
+
+    def _write_conf(self, hooks: bool = True) -> None:
         nodes = "".join(
             f"NodeName={n} NodeAddr=127.0.0.1 Port={NODE_PORTS[n]} CPUs=8 RealMemory=1000 "
             f"Gres=gpu:g0:1,gpu:g1:1,shard:g0:{SHARDS_PER_GPU},shard:g1:{SHARDS_PER_GPU} "
@@ -203,9 +216,13 @@ class SlurmCluster:
             "SelectTypeParameters=CR_Core\n" + tracking + "JobAcctGatherType=jobacct_gather/none\n"
             "SlurmdParameters=config_overrides\nReturnToService=2\nKillWait=2\n"
             "SchedulerParameters=bf_interval=1\nPrologFlags=Alloc\nGresTypes=gpu,shard\n"
-            f"Prolog={self._hook_wrapper('prolog', PY)}\n"
-            f"Epilog={self._hook_wrapper('epilog', PY)}\n"
-            f"TaskProlog={self._hook_wrapper('taskprolog', self.user_python)}\n"
+            + (
+                f"Prolog={self._hook_wrapper('prolog', PY)}\n"
+                f"Epilog={self._hook_wrapper('epilog', PY)}\n"
+                f"TaskProlog={self._hook_wrapper('taskprolog', self.user_python)}\n"
+                if hooks
+                else ""
+            )
             + ("JobSubmitPlugins=lua\n" if (self.base / "job_submit.lua").exists() else "")
             + nodes
             + "PartitionName=debug Nodes=ALL Default=YES MaxTime=60 State=UP\n"
