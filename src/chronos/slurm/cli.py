@@ -51,6 +51,12 @@ def wrapper(name: str, python: str) -> None:
     click.echo(f'#!/bin/sh\n# Chronos {name} (docs/SLURM.md)\nexec {python} -I -S "{hook}" {name}')
 
 
+@slurm.command("lua-path")
+def lua_path() -> None:
+    """Print where the packaged job_submit.lua is (copy it next to slurm.conf)."""
+    click.echo(Path(__file__).with_name("job_submit.lua"))
+
+
 @slurm.command("check")
 @click.option("--node", help="This node's Slurm name (default: slurm.node_name or host name).")
 def check(node: str | None) -> None:
