@@ -63,6 +63,7 @@ def cgroup_v1_available() -> bool:
 
 def node_policy(node: str, base: Path, extra: str = "") -> str:
     return (
+        'metrics_address = "127.0.0.1:0"\n'
         "[slurm]\n"
         "enabled = true\n"
         f'node_name = "{node}"\n'

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import urllib.request
 from datetime import datetime
 
 from chronos_testing import PY, TestUser, wait_for
@@ -185,3 +186,39 @@ def test_time_limit_change_moves_the_partitions_end(cluster: SlurmCluster, alice
     wait_for(moved, 10, what="the partition's end to follow the new time limit")
     cluster.slurm("scancel", job)
     cluster.wait_state(job, {"CANCELLED", "COMPLETED", "FAILED"})
+
+
+def test_node_metrics_carry_the_job_id_and_user(cluster: SlurmCluster, alice: TestUser) -> None:
+    job = cluster.holds_memory(alice, {"ci0": 2}, 30.0, "--gres=shard:4", "-t", "1", "-w", "ci0")
+    try:
+        wait_for(lambda: cluster.mark(job, "ci0", "start").exists(), 20, what="the job's task")
+        address = cluster.daemons["ci0"].address_of("metrics_serving")
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as reply:
+                return str(reply.read().decode())
+
+        def line(name: str) -> str | None:
+            return next(
+                (
+                    x
+                    for x in scrape().splitlines()
+                    if x.startswith(name) and f'slurm_job="{job}"' in x
+                ),
+                None,
+            )
+
+        used = wait_for(
+            lambda: (
+                (u := line("chronos_partition_used_bytes{"))
+                and u.endswith(" 2.147483648e+09")
+                and u
+            ),
+            10,
+            what="the job's used bytes in the metrics",
+        )
+        assert 'user="alice"' in used
+        reserved = line("chronos_partition_reserved_bytes{")
+        assert reserved is not None and reserved.endswith(" 4.294967296e+09")
+    finally:
+        cluster.slurm("scancel", job)
