@@ -30,6 +30,8 @@ from chronos_testing import (
     wait_for,
 )
 
+from chronos.slurm.settings import job_of
+
 NODES = ("ci0", "ci1")
 SHARDS_PER_GPU = 80
 CTLD_PORT = 16817
@@ -340,7 +342,7 @@ class SlurmCluster:
 
     def partitions(self, node: str, job_id: str, all: bool = False) -> list[dict[str, Any]]:
         records = self.daemons[node].call("list", all=all)
-        return [r for r in records if r["kind"] == f"slurm:{job_id}"]
+        return [r for r in records if job_of(r["kind"]) == job_id]
 
     def output(self, job_id: str) -> str:
         path = self.out / f"{job_id}.out"

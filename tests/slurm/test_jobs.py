@@ -148,6 +148,9 @@ def test_retried_prolog_and_requeued_job_get_one_partition(
     wait_for(lambda: cluster.mark(job, "ci0", "start").exists(), 20, what="the job's task again")
     open_now = cluster.partitions("ci0", job)
     assert len(open_now) == 1, open_now
+    assert open_now[0]["kind"] == f"slurm:{job}.1"  # the second run's
+    assert all(r["state"] != "active" for r in cluster.partitions("ci0", job, all=True)
+               if r["id"] != open_now[0]["id"])  # fmt: skip
     assert open_now[0]["memory_bytes"] == 3 << 30
     cluster.slurm("scancel", job)
     cluster.wait_state(job, {"CANCELLED", "COMPLETED", "FAILED"})

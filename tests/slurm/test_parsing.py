@@ -19,7 +19,7 @@ from chronos.slurm import membership
 from chronos.slurm.gres import check_gres
 from chronos.slurm.reconcile import decide
 from chronos.slurm.scontrol import QueueEntry, expand_hostlist, parse_job, parse_queue
-from chronos.slurm.settings import GIB, job_of, parse_slurm
+from chronos.slurm.settings import GIB, job_of, parse_slurm, run_of
 
 V1 = """12:pids:/slurm_ci1/uid_1006/job_42/step_batch
 6:freezer:/slurm_ci1/uid_1006/job_42/step_batch
@@ -188,3 +188,5 @@ def test_policy_table() -> None:
         with pytest.raises(BadRequest, match="slurm"):
             parse_slurm(bad)
     assert job_of("slurm:42") == "42" and job_of("slurm:x") is None and job_of("cli") is None
+    assert job_of("slurm:42.3") == "42" and run_of("slurm:42.3") == 3 and run_of("slurm:42") == 0
+    assert job_of("slurm:42.0") is None and job_of("slurm:42.") is None

@@ -78,16 +78,21 @@ def _connect(env: dict[str, str]) -> Any:
 
 
 def job_partitions(transport: Any, job_id: str) -> list[dict[str, Any]]:
-    """The open partitions of this node that belong to Slurm job ``job_id``."""
-    from chronos.slurm.settings import job_kind
+    """The open partitions of this node that belong to Slurm job ``job_id`` (any run)."""
+    from chronos.slurm.settings import job_of
 
-    kind = job_kind(job_id)
-    return [r for r in transport.call("list") if r.get("kind") == kind]
+    return [r for r in transport.call("list") if job_of(str(r.get("kind", ""))) == job_id]
+
+
+def restart_count(env: dict[str, str]) -> int | None:
+    text = env.get("SLURM_JOB_RESTART_COUNT", "")
+    return int(text) if text.isdigit() else None
 
 
 def prolog(env: dict[str, str]) -> int:
+    from chronos.errors import PartitionEnded
     from chronos.slurm.scontrol import show_job
-    from chronos.slurm.settings import job_kind, valid_job_id
+    from chronos.slurm.settings import job_kind, run_of, valid_job_id
 
     job_id = env.get("SLURM_JOB_ID", "")
     if not valid_job_id(job_id):
@@ -110,9 +115,18 @@ def prolog(env: dict[str, str]) -> int:
     now = time.time()
     end = (info.end_time or now + config.max_duration_s) + config.slurm.end_margin_s
     duration = max(1.0, min(end - now, config.max_duration_s))
+    run = restart_count(env) or 0
     transport = _connect(env)
     try:
-        existing = {r["device"] for r in job_partitions(transport, job_id)}
+        existing = set()
+        for r in job_partitions(transport, job_id):
+            if run_of(r["kind"]) == run:
+                existing.add(r["device"])
+                continue
+            try:  # a requeued job: the previous run's partition, whose epilog came late
+                transport.call("release", id=r["id"])
+            except PartitionEnded:
+                pass
         for share in shards:
             if share.device in existing:
                 continue  # a retried prolog or a requeued job: keep its one partition
@@ -123,7 +137,7 @@ def prolog(env: dict[str, str]) -> int:
                 duration=duration,
                 user=user,
                 persist=True,
-                kind=job_kind(job_id),
+                kind=job_kind(job_id, run),
             )
             log(
                 f"prolog: job {job_id} on {node}: partition {record['id']} of {share.count} "
@@ -136,7 +150,7 @@ def prolog(env: dict[str, str]) -> int:
 
 def taskprolog(env: dict[str, str], out: Any = None) -> int:
     from chronos.frameworks import limits_env
-    from chronos.slurm.settings import valid_job_id
+    from chronos.slurm.settings import run_of, valid_job_id
 
     out = out or sys.stdout
     job_id = env.get("SLURM_JOB_ID", "")
@@ -151,7 +165,7 @@ def taskprolog(env: dict[str, str], out: Any = None) -> int:
         transport.close()
     if not mine:
         return 0
-    first = mine[0]
+    first = max(mine, key=lambda r: run_of(r["kind"]))  # this run's, if a requeue raced
     exports = {
         "CHRONOS_PARTITION_ID": first["id"],
         **limits_env(int(first["memory_bytes"]), int(first["device_total_bytes"]), base=env),
@@ -163,14 +177,17 @@ def taskprolog(env: dict[str, str], out: Any = None) -> int:
 
 def epilog(env: dict[str, str]) -> int:
     from chronos.errors import PartitionEnded
-    from chronos.slurm.settings import valid_job_id
+    from chronos.slurm.settings import run_of, valid_job_id
 
     job_id = env.get("SLURM_JOB_ID", "")
     if not valid_job_id(job_id):
         return 0
+    run = restart_count(env)
     transport = _connect(env)
     try:
         for record in job_partitions(transport, job_id):
+            if run is not None and run_of(record["kind"]) > run:
+                continue  # the next run's (a requeue raced this epilog): not ours to end
             try:
                 transport.call("release", id=record["id"])
             except PartitionEnded:

@@ -4,8 +4,10 @@ Kept free of heavy imports (stdlib, ``chronos.units``, ``chronos.errors``) becau
 the node hooks load it on every job start (see hook.py).
 
 A partition made for a Slurm job carries the job id in its ``kind``:
-``slurm:<job id>``. That makes the prolog idempotent on the job id (a requeued
-job or a retried prolog finds its partition instead of making a second one),
+``slurm:<job id>`` (``slurm:<job id>.<n>`` for the run after the n-th requeue, so
+a late epilog of the previous run never releases the new run's partition). That
+makes the prolog idempotent on the job id (a retried prolog finds its partition,
+a requeued job's prolog replaces the previous run's: one partition, not two),
 lets the daemon attribute processes by the job's cgroup and label metrics, and
 lets the reconciler follow Slurm, all without a second store next to the ledger.
 Only an administrator (the prolog runs as root) may create such a partition.
@@ -23,6 +25,7 @@ from chronos.units import parse_duration, parse_memory
 GIB = 1 << 30
 KIND_PREFIX = "slurm:"
 _JOB_ID = re.compile(r"[1-9][0-9]{0,18}")
+_KIND = re.compile(r"([1-9][0-9]{0,18})(?:\.([1-9][0-9]{0,5}))?")
 
 
 @dataclass(frozen=True)
@@ -49,16 +52,27 @@ class SlurmSettings:
         return self.enabled and (self.gpus is None or device in self.gpus)
 
 
-def job_kind(job_id: str) -> str:
-    return KIND_PREFIX + job_id
+def job_kind(job_id: str, run: int = 0) -> str:
+    """``slurm:<job>`` for a job's first run, ``slurm:<job>.<n>`` after its n-th requeue."""
+    return KIND_PREFIX + job_id + (f".{run}" if run else "")
+
+
+def _kind_match(kind: str) -> re.Match[str] | None:
+    if not kind.startswith(KIND_PREFIX):
+        return None
+    return _KIND.fullmatch(kind[len(KIND_PREFIX) :])
 
 
 def job_of(kind: str) -> str | None:
     """The Slurm job id a partition's kind names, or None for other partitions."""
-    if not kind.startswith(KIND_PREFIX):
-        return None
-    job = kind[len(KIND_PREFIX) :]
-    return job if _JOB_ID.fullmatch(job) else None
+    match = _kind_match(kind)
+    return None if match is None else match.group(1)
+
+
+def run_of(kind: str) -> int:
+    """Which run of its job (``SLURM_JOB_RESTART_COUNT``) a job partition is for."""
+    match = _kind_match(kind)
+    return int(match.group(2)) if match is not None and match.group(2) else 0
 
 
 def valid_job_id(text: str) -> bool:
