@@ -24,6 +24,7 @@ def test_job_within_its_shards_runs_to_the_end(cluster: SlurmCluster, alice: Tes
     assert seen["CHRONOS_PARTITION_ID"] == record["id"]
     assert int(seen["CHRONOS_SOFT_LIMIT_BYTES"]) == (10 << 30) - (1 << 30)
     assert record["state"] == "released"  # by the epilog
+    assert "chronos" not in cluster.output(job)  # the caps' start-up hook ran quietly
 
 
 def _events(cluster: SlurmCluster, node: str, partition_id: str, kind: str) -> list[dict]:

@@ -190,3 +190,28 @@ def test_policy_table() -> None:
     assert job_of("slurm:42") == "42" and job_of("slurm:x") is None and job_of("cli") is None
     assert job_of("slurm:42.3") == "42" and run_of("slurm:42.3") == 3 and run_of("slurm:42") == 0
     assert job_of("slurm:42.0") is None and job_of("slurm:42.") is None
+
+
+def test_chronos_slurm_check_says_which_gpu_does_not_fit(tmp_path: Path) -> None:
+    import subprocess
+
+    from chronos_testing import chronos_argv, clean_env
+
+    gres = tmp_path / "gres.conf"
+    gres.write_text(
+        "Name=shard Count=79 File=/dev/nvidia0\nName=shard Count=81 File=/dev/nvidia1\n"
+    )
+    policy = tmp_path / "config.toml"
+    policy.write_text(f'[slurm]\nenabled = true\ngres_conf = "{gres}"\nnode_name = "n1"\n')
+    env = clean_env(
+        CHRONOS_BACKEND="simulated", CHRONOS_CONFIG=str(policy), CHRONOS_HOME=str(tmp_path)
+    )
+    proc = subprocess.run(chronos_argv("slurm", "check"), env=env, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"chronos: {gres}: GPU 1 of n1 has 81 shards of 1.0 GiB = 81.0 GiB, but only "
+        "80.0 GiB reservable: set Count=80 there"
+    ]
+    gres.write_text("Name=shard Count=80 File=/dev/nvidia0\n")
+    proc = subprocess.run(chronos_argv("slurm", "check"), env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and "fit" in proc.stdout

@@ -95,6 +95,7 @@ def _chain():
     """Import the next sitecustomize on the path, which ours shadows."""
     here = os.path.dirname(os.path.abspath(__file__))
     import importlib.machinery
+    import importlib.util
 
     rest = [p for p in sys.path if os.path.abspath(p or ".") != here]
     spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
