@@ -30,6 +30,11 @@ from chronos_testing import PY, wait_for  # noqa: E402
 from slurm.support import HOOK, SlurmCluster, missing_binaries  # noqa: E402
 
 BLOCK = 5
+ALONE = {
+    "prolog": "policy + scontrol show job, for a job Slurm does not know",
+    "epilog": "list, nothing to release",
+    "taskprolog": "list, no partition",
+}
 
 
 def one_job(cluster: SlurmCluster, tag: str) -> float:
@@ -92,11 +97,14 @@ def main() -> int:
                     n += 1
                     times[label].append(one_job(cluster, f"b{n}"))
         cluster.set_hooks(True)
-        alone = {name: hook_alone(cluster, name, args.jobs) for name in ("epilog", "taskprolog")}
+        alone = {
+            name: hook_alone(cluster, name, args.jobs)
+            for name in ("prolog", "epilog", "taskprolog")
+        }
     finally:
         cluster.stop()
     rows = [C.stat_row(label, sorted(v)) for label, v in times.items()]
-    rows += [C.stat_row(f"{name} alone (no partition)", sorted(v)) for name, v in alone.items()]
+    rows += [C.stat_row(f"{name} alone ({ALONE[name]})", sorted(v)) for name, v in alone.items()]
     C.banner("sbatch → job's first line (ms)")
     print(C.text_table(C.STAT_HEADERS, rows))
     info["other processes during the run"] = f"{meter.others():.0%} CPU busy"
@@ -108,7 +116,9 @@ def main() -> int:
             "Latency = the job's first line − the instant before `sbatch`; with hooks, the "
             "Prolog creates the job's partition through the node's chronosd and the TaskProlog "
             "exports its caps. The last rows time a hook alone, started by hand as slurmd "
-            "does (`python3 -I -S hook.py`).\n\n"
+            "does (`python3 -I -S hook.py`, interpreter start included). Slurm's own launch "
+            "dominates the first two rows; on a loaded machine they can be within noise of "
+            "each other (see the load below).\n\n"
             + C.md_table(C.STAT_HEADERS, rows)
             + "\n\n"
             + C.machine_markdown(info)
