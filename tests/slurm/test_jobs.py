@@ -226,3 +226,35 @@ def test_node_metrics_carry_the_job_id_and_user(cluster: SlurmCluster, alice: Te
         assert reserved is not None and reserved.endswith(" 4.294967296e+09")
     finally:
         cluster.slurm("scancel", job)
+
+
+def test_a_node_whose_chronosd_is_down_still_runs_jobs(
+    cluster: SlurmCluster, alice: TestUser
+) -> None:
+    daemon = cluster.daemons["ci0"]
+    daemon.stop()
+    try:
+        job = cluster.holds_memory(alice, {"ci0": 1}, 0.5, "--gres=shard:2", "-t", "1", "-w", "ci0")
+        assert cluster.wait_state(job, {"COMPLETED", "FAILED"}, timeout=40) == "COMPLETED"
+        assert cluster.node_state("ci0") in ("idle", "mixed")  # hooks exited 0: not drained
+    finally:
+        daemon.start()
+    assert cluster.partitions("ci0", job, all=True) == []  # it ran unfenced (docs/SLURM.md)
+
+
+def test_cancel_on_overuse_ends_the_job_on_every_node(
+    cluster: SlurmCluster, alice: TestUser
+) -> None:
+    daemon = cluster.daemons["ci1"]
+    policy = daemon.config_path.read_text()
+    daemon.reconfigure(policy + "cancel_on_overuse = true\n")
+    try:
+        job = cluster.holds_memory(
+            alice, {"ci0": 1, "ci1": 6}, 20.0, "--gres=shard:4", "-t", "1",
+            "--ntasks-per-node=1", nodes=2,
+        )  # fmt: skip
+        cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=40)
+        daemon.wait_event("slurm_scancelled", job=job, timeout=10)
+        assert not cluster.mark(job, "ci0", "done").exists()  # ended on the node within, too
+    finally:
+        daemon.reconfigure(policy)

@@ -57,8 +57,8 @@ def _settings(env: dict[str, str]) -> Any:
     return load_config(Path(path) if path else None)
 
 
-def _connect(env: dict[str, str]) -> Any:
-    """A connection to this node's chronosd, retried for a moment if it is down."""
+def _connect(env: dict[str, str], retry_s: float = RETRY_S) -> Any:
+    """A connection to this node's chronosd, retried for ``retry_s`` if it is down."""
     from pathlib import Path
 
     from chronos.errors import DaemonUnavailable
@@ -67,7 +67,7 @@ def _connect(env: dict[str, str]) -> Any:
 
     explicit = env.get("CHRONOS_SOCKET")
     path = Path(explicit) if explicit else socket_path()
-    deadline = time.monotonic() + RETRY_S
+    deadline = time.monotonic() + retry_s
     while True:
         try:
             return SocketTransport(path, timeout=10.0)
@@ -158,7 +158,7 @@ def taskprolog(env: dict[str, str], out: Any = None) -> int:
         env.get("SLURM_JOB_GPUS") or env.get("SLURM_SHARDS_ON_NODE")
     ):
         return 0
-    transport = _connect(env)
+    transport = _connect(env, retry_s=0.0)  # per task: no daemon, no caps, no delay
     try:
         mine = job_partitions(transport, job_id)
     finally:
