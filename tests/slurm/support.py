@@ -97,6 +97,9 @@ class SlurmCluster:
         for sub in ("state", "spool", "log", "munge", "jobs"):
             (self.base / sub).mkdir()
         self.out.mkdir(mode=0o1777)
+        for node in NODES:  # the hooks' stderr (the TaskProlog's too, written as the user)
+            (self.base / "log" / f"hooks-{node}.log").touch()
+            os.chmod(self.base / "log" / f"hooks-{node}.log", 0o666)
         os.chmod(self.out, 0o1777)
         os.chmod(self.base / "jobs", 0o755)
         self._start_munge()
@@ -172,7 +175,7 @@ class SlurmCluster:
         path.write_text(
             "#!/bin/sh\n"
             f'. "{self.base}/$SLURMD_NODENAME/chronos.env"\n'
-            f'exec {python} -I -S "{HOOK}" {name}\n'
+            f'exec {python} -I -S "{HOOK}" {name} 2>>"{self.base}/log/hooks-$SLURMD_NODENAME.log"\n'
         )
         os.chmod(path, 0o755)
         return path
@@ -350,6 +353,10 @@ class SlurmCluster:
 
     def node_state(self, node: str) -> str:
         return self.slurm("sinfo", "-h", "-n", node, "-o", "%T").stdout.strip()
+
+    def hook_log(self, node: str) -> str:
+        path = self.base / "log" / f"hooks-{node}.log"
+        return path.read_text() if path.exists() else ""
 
     def logs(self) -> str:
         return "\n".join(

@@ -98,15 +98,18 @@ def prolog(env: dict[str, str]) -> int:
     if not valid_job_id(job_id):
         log(f"prolog: no usable SLURM_JOB_ID ({job_id!r}); nothing done")
         return 0
-    if not (env.get("SLURM_JOB_GPUS") or env.get("CUDA_VISIBLE_DEVICES")):
+    requeued = bool(restart_count(env))
+    if not (env.get("SLURM_JOB_GPUS") or env.get("CUDA_VISIBLE_DEVICES") or requeued):
         return 0  # no GPU gres at all: not ours, and no Slurm command run for it
     config = _settings(env)
     if not config.slurm.enabled:
         return 0
     node = env.get("SLURMD_NODENAME") or config.slurm.node_name or ""
     info = show_job(job_id)
-    shards = info.shards.get(node, [])
+    shards = info.shards.get(node, []) or _from_environment(info, env)
     if not shards:
+        if info.shards_per_node:
+            log(f"prolog: job {job_id} asked for shards but Slurm names no GPU on {node}")
         return 0  # GPUs but no shards: a whole-GPU job is Slurm's alone
     user = env.get("SLURM_JOB_USER") or info.user
     if not user:
@@ -122,6 +125,7 @@ def prolog(env: dict[str, str]) -> int:
         for r in job_partitions(transport, job_id):
             if run_of(r["kind"]) == run:
                 existing.add(r["device"])
+                log(f"prolog: job {job_id} run {run}: partition {r['id']} already there")
                 continue
             try:  # a requeued job: the previous run's partition, whose epilog came late
                 transport.call("release", id=r["id"])
@@ -146,6 +150,16 @@ def prolog(env: dict[str, str]) -> int:
     finally:
         transport.close()
     return 0
+
+
+def _from_environment(info: Any, env: dict[str, str]) -> list[Any]:
+    """Shards from TresPerNode and ``SLURM_JOB_GPUS`` when the per-node detail lacks them."""
+    from chronos.slurm.scontrol import Shards
+
+    gpus = [g for g in env.get("SLURM_JOB_GPUS", "").split(",") if g.isdigit()]
+    if not info.shards_per_node or len(gpus) != 1:
+        return []
+    return [Shards(device=int(gpus[0]), count=info.shards_per_node)]
 
 
 def taskprolog(env: dict[str, str], out: Any = None) -> int:
@@ -185,16 +199,32 @@ def epilog(env: dict[str, str]) -> int:
     run = restart_count(env)
     transport = _connect(env)
     try:
-        for record in job_partitions(transport, job_id):
+        mine = job_partitions(transport, job_id)
+        if mine and _running_here_again(job_id, env.get("SLURMD_NODENAME", "")):
+            log(f"epilog: job {job_id} runs here again (requeued): its partition stays")
+            return 0  # a requeued job's previous run: its next run (and prolog) came first
+        for record in mine:
             if run is not None and run_of(record["kind"]) > run:
                 continue  # the next run's (a requeue raced this epilog): not ours to end
             try:
                 transport.call("release", id=record["id"])
+                log(f"epilog: job {job_id} run {run}: released {record['id']}")
             except PartitionEnded:
                 pass  # ended meanwhile (expiry, memory stop): nothing to release
     finally:
         transport.close()
     return 0
+
+
+def _running_here_again(job_id: str, node: str) -> bool:
+    """Whether Slurm runs ``job_id`` on ``node`` now (so this epilog is a requeued run's)."""
+    from chronos.slurm.scontrol import SlurmError, queue_states
+
+    try:
+        entry = queue_states([job_id]).get(job_id)
+    except SlurmError:
+        return False  # cannot tell: release (the usual case), the reconciler follows up
+    return entry is not None and entry.state in ("CONFIGURING", "RUNNING") and node in entry.nodes
 
 
 def run_hook(name: str, env: dict[str, str] | None = None) -> int:

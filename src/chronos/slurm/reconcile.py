@@ -8,7 +8,10 @@ the daemon asks Slurm about every open ``slurm:<job>`` partition and:
 * releases it when the job has ended, was requeued (pending again), is no longer
   known to Slurm, or no longer runs on this node;
 * moves its end to the job's end time + ``slurm.end_margin`` when the time
-  limit changed (longer or shorter).
+  limit changed (longer or shorter);
+* creates the partition of a job that runs here with shards but has none (its
+  prolog ran while chronosd was down, or slurmd skipped it: a requeued job
+  relaunched before its previous run's epilog finished gets no second prolog).
 
 When Slurm cannot answer (slurmctld down, squeue missing) it changes nothing:
 a partition is never released on a guess.
@@ -18,22 +21,34 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from chronos.config import Config
 from chronos.daemon.log import log
 from chronos.errors import ChronosError
+from chronos.identity import Caller
 from chronos.models import PartitionRecord
 from chronos.service import Service
 from chronos.slurm import membership
 from chronos.slurm.gres import check_gres
-from chronos.slurm.scontrol import ENDED_STATES, QueueEntry, SlurmError, queue_states
-from chronos.slurm.settings import job_of
+from chronos.slurm.scontrol import (
+    ENDED_STATES,
+    JobInfo,
+    QueueEntry,
+    SlurmError,
+    queue_states,
+    running_with_shards,
+    show_job,
+)
+from chronos.slurm.settings import job_kind, job_of
 
 END_TOLERANCE_S = 1.0
 """A partition's end is moved only when it is this far from the job's."""
 RECONCILER = (0, "slurm")
+ADMIN = Caller(uid=0, gid=0, pid=None, user="root", is_admin=True)
+"""The reconciler creates as the prolog would: root, on behalf of the job's user."""
 """uid and name the reconciler's releases and extensions are recorded under."""
 
 
@@ -90,6 +105,7 @@ class Reconciler:
         while True:
             try:
                 await self.reconcile_once(loop)
+                await self.adopt(loop)
             except Exception as exc:  # noqa: BLE001 - keep following Slurm whatever one look did
                 log("slurm_reconcile_failed", level="error", error=repr(exc))
             await asyncio.sleep(self.config().slurm.reconcile_interval_s)
@@ -112,6 +128,56 @@ class Reconciler:
         if actions:
             self.on_change()
         return actions
+
+    async def adopt(self, loop: asyncio.AbstractEventLoop) -> int:
+        """Partitions for jobs running here with shards and none of ours (see the docstring)."""
+        config = self.config()
+        node = node_name(config)
+        known = {job_of(r.kind) for r in self.service.ledger.partitions()}
+        try:
+            running = await loop.run_in_executor(None, running_with_shards, node)
+            infos = [
+                await loop.run_in_executor(None, show_job, job)
+                for job in running
+                if job not in known
+            ]
+        except SlurmError as exc:
+            log("slurm_unreachable", level="warning", error=str(exc))
+            return 0
+        made = 0
+        known = {
+            job_of(r.kind) for r in self.service.ledger.partitions()
+        }  # the prolog's, meanwhile
+        for info in infos:
+            if info.job_id not in known:
+                made += self._create_for(info, node, config)
+        if made:
+            self.on_change()
+        return made
+
+    def _create_for(self, info: JobInfo, node: str, config: Config) -> int:
+        made = 0
+        now = time.time()
+        end = (info.end_time or now + config.max_duration_s) + config.slurm.end_margin_s
+        for share in info.shards.get(node, []):
+            if info.user is None or end <= now:
+                continue
+            try:
+                record = self.service.op_create(
+                    ADMIN,
+                    device=share.device,
+                    memory=f"{share.count * config.slurm.shard_bytes}B",
+                    duration=min(end - now, config.max_duration_s),
+                    user=info.user,
+                    persist=True,
+                    kind=job_kind(info.job_id, info.restarts),
+                )
+            except ChronosError as exc:
+                log("slurm_adopt_refused", level="warning", job=info.job_id, error=str(exc))
+                continue
+            log("slurm_adopted", job=info.job_id, partition=record["id"], device=share.device)
+            made += 1
+        return made
 
     def _apply(self, action: Action, config: Config) -> None:
         ledger = self.service.ledger

@@ -62,6 +62,10 @@ class JobInfo:
     node_list: str
     shards: dict[str, list[Shards]] = field(default_factory=dict)
     """Per node name: the shards it got on which GPU."""
+    shards_per_node: int = 0
+    """What the job asked for per node (``TresPerNode=gres:shard:N``)."""
+    restarts: int = 0
+    """How often the job was requeued (its run: ``SLURM_JOB_RESTART_COUNT``)."""
 
 
 def expand_hostlist(text: str) -> list[str]:
@@ -126,7 +130,17 @@ def parse_job(text: str) -> JobInfo:
         end_time=None if limit in ("UNLIMITED", "INFINITE") else _epoch(fields.get("EndTime", "")),
         node_list=fields.get("NodeList", ""),
         shards=shards,
+        shards_per_node=_asked(fields.get("TresPerNode", "")),
+        restarts=int(fields["Restarts"]) if fields.get("Restarts", "").isdigit() else 0,
     )
+
+
+def _asked(tres: str) -> int:
+    for item in tres.split(","):
+        parts = item.replace("/", ":").split(":")
+        if "shard" in parts and parts[-1].isdigit():
+            return int(parts[-1])
+    return 0
 
 
 def _shards(gres: str) -> list[Shards]:
@@ -194,4 +208,25 @@ def parse_queue(text: str) -> dict[str, QueueEntry]:
             continue
         job, state, end, nodes = parts
         out[job] = QueueEntry(job, state, _epoch(end), tuple(expand_hostlist(nodes)))
+    return out
+
+
+def running_with_shards(node: str) -> list[str]:
+    """Jobs running on ``node`` that asked for shards (RUNNING: past their prolog)."""
+    try:
+        proc = subprocess.run(
+            ["squeue", "-h", "-w", node, "-t", "RUNNING", "-o", "%A|%b"],
+            capture_output=True,
+            text=True,
+            timeout=SCONTROL_TIMEOUT_S,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SlurmError(f"squeue: {exc}") from None
+    if proc.returncode != 0:
+        raise SlurmError(proc.stderr.strip() or f"squeue exit {proc.returncode}")
+    out = []
+    for line in proc.stdout.splitlines():
+        job, _, tres = line.strip().partition("|")
+        if job and _asked(tres):
+            out.append(job)
     return out
