@@ -254,3 +254,23 @@ def test_cancel_on_overuse_ends_the_job_on_every_node(
         assert not cluster.mark(job, "ci0", "done").exists()  # ended on the node within, too
     finally:
         daemon.reconfigure(policy)
+
+
+def test_reconciler_fences_a_job_that_started_while_chronosd_was_down(
+    cluster: SlurmCluster, alice: TestUser
+) -> None:
+    daemon = cluster.daemons["ci1"]
+    daemon.stop()
+    try:
+        job = cluster.holds_memory(
+            alice, {"ci1": 1}, 60.0, "--gres=shard:5", "-t", "1", "-w", "ci1"
+        )
+        cluster.wait_state(job, {"RUNNING"})
+    finally:
+        daemon.start()
+    try:
+        [record] = wait_for(lambda: cluster.partitions("ci1", job), 10, what="adopted partition")
+        assert record["user"] == "alice" and record["memory_bytes"] == 5 << 30
+        assert daemon.events("slurm_adopted", job=job)
+    finally:
+        cluster.slurm("scancel", job)
