@@ -30,6 +30,7 @@ from chronos_testing import (
     wait_for,
 )
 
+from chronos import procs
 from chronos.slurm.settings import job_of
 
 NODES = ("ci0", "ci1")
@@ -256,6 +257,7 @@ class SlurmCluster:
         return proc.returncode == 0 and all(states.get(n) == "idle" for n in NODES)
 
     def stop(self) -> None:
+        self._cancel_all_jobs()
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -269,11 +271,36 @@ class SlurmCluster:
         pidfile = self.base / "munge" / "munged.pid"  # runuser does not pass SIGTERM on
         with contextlib.suppress(OSError, ValueError):
             os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
+        self._kill_leftover_stepds()
         for daemon in self.daemons.values():
             daemon.cleanup()
         if self.cgroups:
             self._remove_job_cgroups()
         shutil.rmtree(self.base, ignore_errors=True)
+
+    def _cancel_all_jobs(self) -> None:
+        """End every job first: a job step's slurmstepd outlives slurmd otherwise."""
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            self.slurm("scancel", "--full", "--partition=debug", timeout=10)
+            with contextlib.suppress(AssertionError):
+                wait_for(
+                    lambda: self.slurm("squeue", "-h", timeout=10).stdout.strip() == "",
+                    20,
+                    what="every job gone",
+                    interval=0.2,
+                )
+
+    def _kill_leftover_stepds(self) -> None:
+        """slurmstepd processes of this cluster (they carry its SLURM_CONF) still alive."""
+        mine = f"SLURM_CONF={self.conf}".encode()
+        for pid in procs.all_pids():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() != "slurmstepd":
+                    continue
+                if mine in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    os.kill(pid, signal.SIGKILL)
+            except OSError:
+                continue
 
     def _remove_job_cgroups(self) -> None:
         for controller in Path("/sys/fs/cgroup").iterdir():
