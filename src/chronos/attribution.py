@@ -1,6 +1,8 @@
 """Which partition a GPU process counts toward.
 
 A process belongs to a partition when (checked in this order):
+0. it runs in a Slurm job that has a partition here, as the job's user
+   (slurm/membership.py: the job's cgroup, else its environment and ancestry);
 1. the daemon placed it (or an ancestor) in the partition's cgroup (cgroups.py),
    which no ordinary process can leave; or
 2. it, or an ancestor, is attached to the partition or is its owner process; or
@@ -19,6 +21,7 @@ from chronos import cgroups, procs
 from chronos.devices import Machine
 from chronos.ledger import Attached
 from chronos.models import PartitionRecord, ProcessUse
+from chronos.slurm.membership import SlurmJobs
 
 MARKER = "CHRONOS_PARTITION_ID"
 
@@ -42,8 +45,12 @@ class Attributor:
             if a.partition_id in self.records and procs.is_same_process(a.pid, a.start_ticks):
                 by_admin = a.uid != self.records[a.partition_id].uid
                 self._anchors[a.pid] = (a.partition_id, by_admin)
+        self._slurm = SlurmJobs(self.records.values(), self.table)
 
     def partition_of(self, pid: int) -> str | None:
+        in_job = self._slurm.partition_of(pid) if self._slurm else None
+        if in_job is not None:
+            return in_job  # Slurm's job cgroup: the kernel's word, and the job's user only
         placed = cgroups.partition_of(pid)
         if placed in self.records:
             return placed  # only the daemon (root) can put a process there, after authorizing
@@ -69,6 +76,7 @@ class Attributor:
         tree = self.table.children()
         found = {p for p in procs.descendants(roots, tree) if self.partition_of(p) == partition_id}
         found |= cgroups.members(partition_id)
+        found |= self._slurm.members(partition_id) if self._slurm else set()
         for pid in self.table.pids():
             if (
                 pid not in found

@@ -934,6 +934,11 @@ def man(output: str | None) -> None:
         click.echo(line)
 
 
+from chronos.slurm.cli import slurm as _slurm  # noqa: E402 - its commands import lazily
+
+cli.add_command(_slurm)  # chronos slurm …: docs/SLURM.md
+
+
 # ----------------------------------------------------------------------- main
 
 

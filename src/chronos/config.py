@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from chronos.errors import BadRequest
+from chronos.slurm.settings import SlurmSettings, parse_slurm
 from chronos.units import MAX_DURATION_S, format_duration, parse_duration, parse_signal_name
 
 DEFAULT_CONFIG = Path("/etc/chronos/config.toml")
@@ -99,6 +100,8 @@ class Config:
     """``host:port`` for the web dashboard served by the daemon; off when unset."""
     history_retention_s: float = DEFAULT_HISTORY_RETENTION_S
     """Ended partitions and their events older than this are deleted (usage keeps them)."""
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)
+    """The ``[slurm]`` table: this node's GPUs under Slurm (docs/SLURM.md)."""
 
     def reservable(self, device: int) -> float:
         return self.device_reservable_share.get(device, self.reservable_share)
@@ -157,13 +160,14 @@ _ALIASES = {
     "memory_grace": "memory_grace_s",
     "history_retention": "history_retention_s",
 }
-_TABLES = {"devices", "limits", "fairshare"}
+_TABLES = {"devices", "limits", "fairshare", "slurm"}
 _NOT_TOP_LEVEL = {
     "device_reservable_share",
     "default_limits",
     "user_limits",
     "fairshare_half_life_s",
     "fairshare_age_weight",
+    "slurm",
 }
 
 
@@ -179,6 +183,7 @@ def parse_config(data: dict[str, Any], origin: str = "config") -> Config:
             raise BadRequest(f"{origin}: unknown setting {key!r}")
         changes[name] = _coerce(name, value, f"{origin}: {key}")
     changes.update(_fairshare(_table(data, "fairshare", origin), origin))
+    changes["slurm"] = parse_slurm(_table(data, "slurm", origin), origin)
     changes["device_reservable_share"] = _devices(_table(data, "devices", origin), origin)
     limits = _table(data, "limits", origin)
     for key in limits:

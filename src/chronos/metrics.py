@@ -44,6 +44,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from chronos.dashboard.net import bind_http, exposure_warning, is_loopback, parse_address
 from chronos.models import ACTIVE, BOOKED, DeviceStats
+from chronos.slurm.settings import job_of
 
 if TYPE_CHECKING:
     from chronos.daemon.sampler import Sampler
@@ -115,6 +116,8 @@ class PartitionState:
     used_bytes: int | None
     expires_at: float
     remaining_s: float
+    slurm_job: str = ""
+    """The Slurm job id of a ``slurm:<job>`` partition; empty for others."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,7 @@ def read_state(
                 used_bytes=used_by.get(r.id, 0) if per_process and sampled else None,
                 expires_at=r.expires_at,
                 remaining_s=max(0.0, r.expires_at - now),
+                slurm_job=job_of(r.kind) or "",
             )
         )
     return State(
@@ -407,7 +411,7 @@ class ChronosCollector(Collector):
             queue,
         )
 
-        labels = ["partition", "user", "gpu"]
+        labels = ["partition", "user", "gpu", "slurm_job"]
         reserved = GaugeMetricFamily(
             f"{PREFIX}_partition_reserved_bytes",
             "Memory an active partition reserves.",
@@ -429,7 +433,7 @@ class ChronosCollector(Collector):
             labels=labels,
         )
         for p in state.partitions:
-            label = [p.id, p.user, str(p.gpu)]
+            label = [p.id, p.user, str(p.gpu), p.slurm_job]
             reserved.add_metric(label, p.reserved_bytes)
             if p.used_bytes is not None:
                 p_used.add_metric(label, p.used_bytes)

@@ -26,6 +26,7 @@ from chronos.identity import Caller, resolve_user
 from chronos.ledger import Ledger, NewPartition, QuotaCheck
 from chronos.models import ACTIVE, BOOKED, DeviceStats, PartitionRecord, ProcessUse
 from chronos.policy import Ask, check_limits, needs_history, priority
+from chronos.slurm import policy as slurm_policy
 from chronos.units import format_duration, parse_duration, parse_memory, parse_signal_name
 
 KINDS = ("api", "cli", "run")
@@ -125,10 +126,11 @@ class Service:
         wait: bool = False,
         timeout: float | None = None,
     ) -> dict[str, Any]:
-        if kind not in KINDS:
+        if kind not in KINDS and not slurm_policy.may_use_kind(caller, kind):
             raise BadRequest(f"unknown partition kind {kind!r}")
         uid, name = self._owner(caller, user)
         dev = self.machine.device(device)
+        slurm_policy.check_create(self.config.slurm, caller, dev.index)
         nbytes = parse_memory(memory, dev.total_bytes)
         seconds = self._within_max_duration(parse_duration(duration, math.inf))
         if start is not None and not (
@@ -413,7 +415,10 @@ class Service:
         self._authorize(caller, record, "attach to")
         with procs.Pinned(pid) as pinned:
             owner = self._attachable(caller, record, pid)
-            placed = self._place(id, pinned)
+            # A Slurm job's processes stay in Slurm's job cgroup (moved out, one survives
+            # scancel): they are attached, never moved.
+            movable = slurm_policy.may_move(record, pid)
+            placed = self._place(id, pinned) if movable else _verified(pinned)
             try:
                 self.ledger.attach(id, pid, pinned.ticks, owner, caller.uid)
             except BaseException:
@@ -488,6 +493,7 @@ class Service:
     def op_extend(self, caller: Caller, id: str, duration: Any) -> dict[str, Any]:
         record = self.ledger.get(id)
         self._authorize(caller, record, "extend")
+        slurm_policy.check_extend(caller, record)
         extra = parse_duration(duration, math.inf)
         new_end = record.expires_at + extra
         self._within_max_duration(new_end - record.starts_at)
@@ -597,6 +603,12 @@ class _Quota:
         req = self.request
         ask = Ask(req.user, req.device, req.memory_bytes / req.device_total_bytes, start, end)
         check_limits(self.limits, ask, mine, now)
+
+
+def _verified(pinned: procs.Pinned) -> bool:
+    """Attached without a move: the pin is still checked (the PID names the same process)."""
+    pinned.verify()
+    return False
 
 
 def _refuse_if_more(what: str, more: int | None) -> None:

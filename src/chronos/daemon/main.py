@@ -43,6 +43,7 @@ from chronos.paths import (
     verify_regular,
 )
 from chronos.service import Service
+from chronos.slurm.reconcile import start_slurm
 
 LOCK_FILE = "chronosd.lock"
 LISTEN_BACKLOG = 4096
@@ -174,6 +175,7 @@ class Daemon:
         deadlines.on_ended = sampler.on_ended
         sampling = asyncio.create_task(sampler.run())
         compacting = asyncio.create_task(self._compact(service))
+        following = start_slurm(service, lambda: self.config, self._changed)  # docs/SLURM.md
         server = Server(
             service.handle,
             lambda: self.config.admin_group,
@@ -204,6 +206,8 @@ class Daemon:
             sd_notify("STOPPING=1")
             sampling.cancel()
             compacting.cancel()
+            if following is not None:
+                following.cancel()
             for endpoint in endpoints:
                 endpoint.close()
             listener.close()

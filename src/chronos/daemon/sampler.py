@@ -19,6 +19,8 @@ from chronos.enforcement import MemoryWatch, Violation
 from chronos.ledger import Ended
 from chronos.models import ProcessUse
 from chronos.service import Service
+from chronos.slurm import overuse
+from chronos.slurm.settings import job_of
 from chronos.units import format_bytes
 
 
@@ -143,6 +145,10 @@ class Sampler:
                 **detail,
             )
             ledger.log("memory_exceeded", record.id, record.uid, record.user, detail)
+            if job_of(record.kind) is not None:  # a Slurm job: its stderr, maybe scancel
+                overuse.report(
+                    record, list(v.pids), v.used_bytes, v.allowed_bytes, self.config().slurm
+                )
             self.deadlines.stop(record, "memory", grace=self.config().memory_grace_s)
         else:
             log("unpartitioned_stopped", level="warning", **detail)
