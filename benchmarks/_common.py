@@ -31,7 +31,7 @@ BIN = Path(sys.executable).parent
 PYTHON = sys.executable
 
 # Sections in the order they appear in docs/BENCHMARKS.md.
-SECTION_ORDER = ("ledger", "daemon", "expiry", "fairness", "fairness-flood", "soak")
+SECTION_ORDER = ("ledger", "daemon", "expiry", "fairness", "fairness-flood", "soak", "restart")
 
 HEADER = """\
 # Chronos benchmarks

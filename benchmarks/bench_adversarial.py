@@ -521,10 +521,10 @@ def markdown(results: list[dict[str, Any]], info: dict[str, str], extra: dict[st
         "",
         "The daemon runs at the niceness its unit sets (`Nice=` in "
         "`packaging/chronosd.service`), applied by the script as systemd would. "
-        "Run on the `server` branch alone (socket limits, bounded requests), before the "
-        "branches that fix the queue planning, bookings quota and paging, `usage` "
-        "aggregates and the parsers were merged: the queue, booking, fuzzing (its `usage` "
-        "frames) and `usage` rows measure those costs as they were, and change with them.",
+        "Connect churn is the one attack no per-user limit can reach: the attacker "
+        "reconnects as fast as refusals come back and so keeps the listen backlog, which "
+        "all users share, full; other users' connects queue behind it (see Security, out "
+        "of scope, in docs/DAEMON.md).",
         "",
         C.machine_markdown(info, extra),
     ]
