@@ -1187,7 +1187,11 @@ class Ledger:
         """Events in order; ``kinds`` filters in SQL (start-up reads only what it acts on,
         not every event of the day)."""
         sql = "SELECT seq, at, kind, partition_id, uid, user, device_uuid, memory_bytes, detail "
-        sql += "FROM events WHERE at >= ?"
+        # A recent window is a range on the `at` index; left to itself SQLite walks every
+        # event in seq order to spare the sort (142 ms with 2 million events at start-up).
+        recent = since and not partition_id
+        sql += "FROM events INDEXED BY events_at" if recent else "FROM events"
+        sql += " WHERE at >= ?"
         args: list[Any] = [since or 0.0]
         if partition_id:
             sql += " AND partition_id = ?"
