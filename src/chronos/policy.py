@@ -142,11 +142,14 @@ def _busiest_window(
         i = bisect_right(times, t) - 1
         return 0.0 if i < 0 else before[i] + level_from[i] * (t - times[i])
 
+    # The windows that overlap the ask form an open range of positions; the total is
+    # continuous in the position, so its supremum is at a breakpoint or at one of the
+    # range's two ends (a window just touching the ask), which are therefore included.
     best = (0.0, 0.0)
     for edge in {ask.start, ask.end, *times}:
         for lo in (edge, edge - window):
             hi = lo + window
-            if hi <= ask.start or lo >= ask.end:
+            if hi < ask.start or lo > ask.end:
                 continue
             used = (held_before(hi) - held_before(lo)) / 3600.0
             added = ask.fraction * (min(hi, ask.end) - max(lo, ask.start)) / 3600.0

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from chronos.config import Config, Limits, load_config, parse_config
@@ -602,6 +602,14 @@ spans = st.lists(
     fraction=st.sampled_from([0.25, 0.5, 1.0]),
     window_h=st.sampled_from([6, 24]),
 )
+@example(  # found by hypothesis: the busiest window only touches the ask's end
+    spans=[(0, 1, 0.25, ACTIVE, 0)] * 4
+    + [(-1, 1, 0.25, ACTIVE, 0), (6, 1, 0.25, RELEASED, 0), (7, 6, 0.5, ACTIVE, 0)],
+    start=0,
+    length=7,
+    fraction=0.25,
+    window_h=6,
+)
 def test_gpu_hours_limit_checks_the_busiest_window_of_all(
     spans: list[tuple[int, int, float, str, int]],
     start: int,
@@ -630,7 +638,7 @@ def test_gpu_hours_limit_checks_the_busiest_window_of_all(
             sum(w * max(0.0, min(lo + window, e) - max(lo, s)) for s, e, w in intervals)
             for x in edges
             for lo in (x, x - window)
-            if lo < a.end and lo + window > a.start
+            if lo <= a.end and lo + window >= a.start  # the windows touching it: the closure
         )
         / 3600.0
     )
