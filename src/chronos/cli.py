@@ -175,7 +175,8 @@ def cli() -> None:
     Exit codes: 0 success; 2 bad input; 3 refused (no capacity or over a quota); 4 no such
     partition; 5 not allowed; 6 already ended; 7 daemon unreachable; 9 GPU error; 10 timed
     out. chronos run: the command's own status, 124 stopped at the partition's end, 125
-    Chronos failed, 126 command not executable, 127 command not found. See docs/CLI.md.
+    Chronos failed (chronos submit too), 126 command not executable, 127 command not
+    found. On a Slurm login node: chronos submit, and --cluster. See docs/CLI.md.
     """
 
 
