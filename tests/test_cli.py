@@ -656,6 +656,73 @@ def test_no_subcommand_prints_help_and_succeeds(
     assert proc.stderr == ""
 
 
+def test_chronosd_version(chronos_env: dict[str, str]) -> None:
+    from chronos import __version__
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "chronos.daemon.main", "--version"],
+        env=chronos_env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"chronosd {__version__}"
+
+
+@pytest.mark.parametrize("command", ["run", "create", "list", "stats"])
+def test_help_lists_cluster_and_the_cluster_form_has_its_own(
+    chronos_env: dict[str, str], command: str
+) -> None:
+    local = run_cli(command, "--help", env=chronos_env)
+    assert local.returncode == 0 and "--cluster" in local.stdout, local.stdout
+    cluster = run_cli(command, "--cluster", "--help", env=chronos_env)
+    assert cluster.returncode == 0, cluster.stderr
+    assert f"chronos {command} --cluster" in cluster.stdout
+    assert cluster.stdout != local.stdout
+
+
+def _no_slurm(env: dict[str, str], tmp_path: Path, how: str) -> dict[str, str]:
+    """No Slurm cluster: a PATH without sbatch, or a SLURM_CONF that is not there."""
+    if how == "no sbatch":
+        empty = tmp_path / "bin"
+        empty.mkdir()
+        return {**env, "PATH": str(empty)}
+    return {**env, "SLURM_CONF": str(tmp_path / "missing" / "slurm.conf")}
+
+
+@pytest.mark.parametrize("how", ["no sbatch", "no slurm.conf"])
+def test_submit_without_a_cluster_is_one_line(
+    chronos_env: dict[str, str], tmp_path: Path, how: str
+) -> None:
+    env = _no_slurm(chronos_env, tmp_path, how)
+    args = ("submit", "--memory", "4GiB", "--duration", "1h", "--", "true")
+    proc = run_cli(*args, env=env)
+    message = assert_one_line_error(proc)
+    assert proc.returncode == 125
+    assert "local batch jobs are not available yet" in message and "chronos run" in message
+    error = assert_json_error(run_cli(*args[:-2], "--json", *args[-2:], env=env))
+    assert error["code"] == "not_available" and error["exit_code"] == 125
+
+
+def test_cluster_forms_without_slurm_are_one_line(
+    chronos_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = _no_slurm(chronos_env, tmp_path, "no sbatch")
+    for args, code in (
+        (("list", "--cluster"), 1),
+        (("stats", "--cluster", "--json"), 1),
+        (("run", "--cluster", "--memory", "2GiB", "--", "true"), 125),
+        (("create", "--cluster", "--memory", "2GiB"), 1),
+        (("run", "--cluster", "--memory", "0.5", "--", "true"), 125),  # a share means nothing
+        (("submit", "--cluster", "--memory", "2GiB", "--device", "1", "--", "true"), 125),
+    ):
+        proc = run_cli(*args, env=env)
+        message = assert_one_line_error(proc)
+        assert proc.returncode == code, (args, message)
+        assert "not installed here" in message or "--memory" in message or "--device" in message
+
+
 def test_run_checks_options_and_program_before_reserving(
     chronos_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -1160,6 +1227,8 @@ def test_anything_else_takes_the_full_cli(daemon_env: dict[str, str]) -> None:
         ("list", "--bogus"),
         ("stats", "--device", "0"),
         ("queue",),
+        ("list", "--cluster"),  # the Slurm front end: squeue, never this machine's ledger
+        ("stats", "--cluster"),
     ):
         proc = _python(FAST_CLI, *args, env=daemon_env)
         assert "'click'" in proc.stderr, (args, proc.stderr)

@@ -104,6 +104,59 @@ def interpretation(memory: str, duration: str, record: PartitionRecord) -> str:
 # ---------------------------------------------------------------------- group
 
 
+class ClusterAware(click.Command):
+    """A local command whose ``--cluster`` form is its Slurm twin in chronos/slurm/cli.py.
+
+    ``chronos run --cluster …`` is parsed and run by ``chronos slurm run`` (srun), and so
+    on: one implementation each, and each form's --help lists its own options.
+    """
+
+    twin: str = ""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        at = self._cluster_flag(args)
+        if at is None:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        from chronos.slurm.cli import slurm
+
+        twin = slurm.commands[self.twin]
+        rest = args[:at] + args[at + 1 :]
+        return twin.make_context(info_name, rest, parent=parent, **extra)
+
+    def _cluster_flag(self, args: Sequence[str]) -> int | None:
+        """Where ``--cluster`` is among this command's own options (not COMMAND's)."""
+        takes_value = {
+            name
+            for p in self.params
+            if isinstance(p, click.Option) and not p.is_flag and not p.count
+            for name in p.opts
+        }
+        skip = False
+        for i, arg in enumerate(args):
+            if skip:
+                skip = False
+            elif arg == "--cluster":
+                return i
+            elif arg == "--":
+                return None
+            elif arg in takes_value:
+                skip = True
+            elif not arg.startswith("-") and not self.allow_interspersed_args:
+                return None  # COMMAND has begun: its own --cluster is its business
+        return None
+
+
+def cluster_option(what: str) -> Callable[[F], F]:
+    """``--cluster`` in the local form's help (the flag itself is read by ClusterAware)."""
+    return click.option("--cluster", is_flag=True, expose_value=False, help=what)
+
+
 class ChronosGroup(click.Group):
     """Prints help, and exits 0, when no subcommand is given (instead of an error)."""
 
@@ -122,7 +175,8 @@ def cli() -> None:
     Exit codes: 0 success; 2 bad input; 3 refused (no capacity or over a quota); 4 no such
     partition; 5 not allowed; 6 already ended; 7 daemon unreachable; 9 GPU error; 10 timed
     out. chronos run: the command's own status, 124 stopped at the partition's end, 125
-    Chronos failed, 126 command not executable, 127 command not found. See docs/CLI.md.
+    Chronos failed (chronos submit too), 126 command not executable, 127 command not
+    found. On a Slurm login node: chronos submit, and --cluster. See docs/CLI.md.
     """
 
 
@@ -152,7 +206,8 @@ def partition_ids(ctx: click.Context, param: click.Parameter, incomplete: str) -
 
 
 # ignore_unknown_options: "-1" is a (bad) MEMORY, and should be told so, not "no such option".
-@cli.command(context_settings={"ignore_unknown_options": True})
+@cli.command(cls=ClusterAware, context_settings={"ignore_unknown_options": True})
+@cluster_option("On the Slurm cluster: salloc with --memory (see chronos create --cluster --help).")
 @click.argument("device", type=int)
 @click.argument("memory")
 @click.argument("duration")
@@ -563,7 +618,8 @@ def _list_fields(text: str | None) -> tuple[str, ...]:
     return fields
 
 
-@cli.command(name="list")
+@cli.command(name="list", cls=ClusterAware)
+@cluster_option("Your Slurm jobs holding GPU shares, across the cluster (squeue).")
 @click.option("--all", "show_all", is_flag=True, help="Include released and expired partitions.")
 @click.option("--me", is_flag=True, help="Only my partitions.")
 @click.option("--user", help="Only this user's partitions.")
@@ -778,7 +834,8 @@ def events(since: str | None, partition_id: str | None, as_json: bool) -> None:
 # ---------------------------------------------------------------------- stats
 
 
-@cli.command()
+@cli.command(cls=ClusterAware)
+@cluster_option("Reserved vs used GPU memory of your Slurm jobs, across the cluster.")
 @click.option(
     "--device", "devices", type=click.IntRange(min=0), multiple=True, help="Only this GPU."
 )
@@ -814,7 +871,8 @@ def stats(devices: tuple[int, ...], watch: bool, interval: float, as_json: bool)
 # ------------------------------------------------------------------------ run
 
 
-@cli.command(context_settings={"allow_interspersed_args": False})
+@cli.command(cls=ClusterAware, context_settings={"allow_interspersed_args": False})
+@cluster_option("On the Slurm cluster: srun with --memory (see chronos run --cluster --help).")
 @click.option("--device", default=0, show_default=True, type=int, help="GPU index.")
 @click.option("--memory", help="Fraction, percent or size (0.25, 25%, 20G).")
 @click.option("--duration", help="How long (3600, 2h, 1h30m, 1-00:00:00).")
@@ -937,6 +995,11 @@ def man(output: str | None) -> None:
 from chronos.slurm.cli import slurm as _slurm  # noqa: E402 - its commands import lazily
 
 cli.add_command(_slurm)  # chronos slurm …: docs/SLURM.md
+cli.add_command(_slurm.commands["submit"])  # chronos submit: sbatch (local jobs: issue 15)
+for _name in ("create", "list", "stats", "run"):
+    _command = cli.commands[_name]
+    assert isinstance(_command, ClusterAware)
+    _command.twin = _name
 
 
 # ----------------------------------------------------------------------- main
@@ -965,7 +1028,8 @@ def _wants_json(argv: Sequence[str]) -> bool:
 
 
 def _is_run(argv: Sequence[str]) -> bool:
-    return bool(argv) and argv[0] == "run"
+    """``run`` and ``submit`` keep 125 for Chronos's own failures (a command's codes apart)."""
+    return bool(argv) and argv[0] in ("run", "submit")
 
 
 def fail(exc: ChronosError, argv: Sequence[str]) -> int:

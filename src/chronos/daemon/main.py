@@ -83,7 +83,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="ADDRESS",
         help="Serve the read-only web dashboard on HOST:PORT (overrides dashboard_address).",
     )
+    parser.add_argument("--version", action="version", version=f"chronosd {_version()}")
     return parser.parse_args(argv)
+
+
+def _version() -> str:
+    """The installed distribution's version (the same one ``chronos --version`` prints)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("chronos-gpu")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from chronos import __version__
+
+        return __version__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import getpass
 import json
-import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from chronos.errors import BadRequest
 from chronos.slurm.hook import HOOKS
 
 if TYPE_CHECKING:
@@ -83,7 +84,8 @@ def _request_options(f: click.decorators.FC) -> click.decorators.FC:
     for option in reversed(
         [
             click.option("--memory", required=True, help="GPU memory per node, e.g. 40GiB."),
-            click.option("--time", "time_limit", help="Slurm time limit (e.g. 60, 2:00:00)."),
+            click.option("--duration", help="Time limit, Chronos's forms (2h, 90m, 1-12:00:00)."),
+            click.option("--time", "time_limit", help="Slurm's own --time (60 = 60 minutes)."),
             click.option("--nodes", type=int, help="Nodes (one share of --memory on each)."),
             click.option("--partition", help="Slurm partition."),
             click.option("--gpu-type", help="GPU type (gres.conf Type=)."),
@@ -94,16 +96,19 @@ def _request_options(f: click.decorators.FC) -> click.decorators.FC:
     return f
 
 
-def _request(options: dict[str, Any]) -> Request:
-    from chronos.slurm.frontend import Request
+def _request(options: dict[str, Any], more: Sequence[str] = ()) -> Request:
+    from chronos.slurm.frontend import Request, slurm_time
 
+    duration, time_limit = options["duration"], options["time_limit"]
+    if duration and time_limit:
+        raise BadRequest("--duration and --time are both a time limit: give one")
     return Request(
         memory=options["memory"],
-        time=options["time_limit"],
+        time=slurm_time(duration) if duration else time_limit,
         nodes=options["nodes"],
         partition=options["partition"],
         gpu_type=options["gpu_type"],
-        extra=tuple(options["extra"]),
+        extra=(*more, *options["extra"]),
     )
 
 
@@ -113,46 +118,98 @@ def _shard_bytes() -> int:
     return load_config().slurm.shard_bytes
 
 
+# One implementation each: ``chronos submit`` and ``chronos run|create|list|stats --cluster``
+# (chronos/cli.py hands the --cluster forms here) are these commands, and so are their
+# older names ``chronos slurm submit|run|create|list|stats``.
+
+
 @slurm.command("submit", context_settings={"ignore_unknown_options": True})
 @_request_options
+@click.option("--name", help="Job name (sbatch --job-name).")
+@click.option("--output", help="File for the job's stdout (sbatch --output; %j is the job id).")
+@click.option("--error", help="File for the job's stderr (sbatch --error).")
+@click.option("--after", multiple=True, metavar="JOB", help="Start once JOB has ended.")
+@click.option("--start", help="Not before this time: +2h, 09:00, 'tomorrow 09:00', ISO.")
+@click.option("--device", type=int, help="A GPU index (local jobs; on a cluster Slurm picks).")
+@click.option("--gpus", type=int, help="GPUs (on a cluster: 1, shards share one GPU per node).")
+@click.option(
+    "--cluster", is_flag=True, help="Submit to the Slurm cluster (the default on a login node)."
+)
+@click.option("--json", "as_json", is_flag=True, help='Print {"job_id": …}.')
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def submit(command: tuple[str, ...], **options: Any) -> None:
-    """Submit COMMAND as a batch job (sbatch) with the shards for --memory."""
-    from chronos.slurm.frontend import run_slurm, sbatch_argv
+@click.pass_context
+def submit(ctx: click.Context, /, command: tuple[str, ...], **options: Any) -> None:
+    """Submit COMMAND as a batch job and return at once; print its job id.
 
-    request = _request(options)
+    On a Slurm login node this is sbatch, with the shards for --memory
+    (rounded up to whole shards). Local batch jobs (without Slurm) are not available yet.
+    Example: chronos submit --memory 40GiB --duration 2h -- python train.py
+    """
+    from chronos.slurm.frontend import (
+        NoBatchQueue,
+        cluster_configured,
+        run_slurm,
+        sbatch_argv,
+    )
+
+    explicit = options["cluster"] or (ctx.parent is not None and ctx.parent.info_name == "slurm")
+    if not explicit and not cluster_configured():
+        raise NoBatchQueue()
+    if options["device"] is not None:
+        raise BadRequest("--device: on a cluster Slurm picks the GPU; leave it out")
+    if options["gpus"] not in (None, 1):
+        raise BadRequest("--gpus: a job's shards are on one GPU per node (Slurm 22.05)")
+    request = _request(options, _batch_options(options))
     out = run_slurm(sbatch_argv(request, command, _shard_bytes()))
-    click.echo(f"submitted job {out.strip().split(';')[0]}")
+    job_id = out.strip().split(";")[0]  # --parsable: "<id>" or "<id>;<cluster>"
+    click.echo(json.dumps({"job_id": job_id}) if options["as_json"] else f"submitted job {job_id}")
+
+
+def _batch_options(options: dict[str, Any]) -> list[str]:
+    from chronos.slurm.frontend import begin_time, dependency
+
+    out = []
+    for name, flag in (("name", "--job-name"), ("output", "--output"), ("error", "--error")):
+        if options[name]:
+            out.append(f"{flag}={options[name]}")
+    if options["after"]:
+        out.append(f"--dependency={dependency(options['after'])}")
+    if options["start"]:
+        out.append(f"--begin={begin_time(options['start'])}")
+    return out
 
 
 @slurm.command("run", context_settings={"ignore_unknown_options": True})
 @_request_options
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(command: tuple[str, ...], **options: Any) -> None:
-    """Run COMMAND on the cluster now (srun), with the shards for --memory."""
-    from chronos.slurm.frontend import srun_argv
+    """chronos run --cluster: run COMMAND on the cluster now (srun), with the shards for --memory.
 
-    request = _request(options)
-    argv = srun_argv(request, command, _shard_bytes())
-    os.execvp(argv[0], argv)
+    Exits with COMMAND's status (srun's); 125 if Chronos failed before srun started.
+    Example: chronos run --cluster --memory 8GiB --duration 30m -- python eval.py
+    """
+    from chronos.slurm.frontend import exec_slurm, srun_argv
+
+    exec_slurm(srun_argv(_request(options), command, _shard_bytes()))
 
 
 @slurm.command("create", context_settings={"ignore_unknown_options": True})
 @_request_options
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def create(command: tuple[str, ...], **options: Any) -> None:
-    """Hold an allocation with the shards for --memory (salloc), then run COMMAND or a shell."""
-    from chronos.slurm.frontend import salloc_argv
+    """chronos create --cluster: hold an allocation (salloc), then run COMMAND or a shell.
 
-    request = _request(options)
-    argv = salloc_argv(request, command, _shard_bytes())
-    os.execvp(argv[0], argv)
+    Example: chronos create --cluster --memory 20GiB --duration 4h
+    """
+    from chronos.slurm.frontend import exec_slurm, salloc_argv
+
+    exec_slurm(salloc_argv(_request(options), command, _shard_bytes()))
 
 
 @slurm.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_jobs(as_json: bool) -> None:
-    """Your shares across the cluster: your Slurm jobs that hold shards."""
+    """chronos list --cluster: your Slurm jobs that hold shards, across the cluster."""
     from chronos.slurm.frontend import jobs
     from chronos.units import format_bytes
 
@@ -174,7 +231,7 @@ def list_jobs(as_json: bool) -> None:
 @slurm.command("stats")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def stats(as_json: bool) -> None:
-    """Your jobs' reserved vs used GPU memory, from Slurm and each node's metrics."""
+    """chronos stats --cluster: your jobs' reserved vs used GPU memory (squeue, node metrics)."""
     from chronos.config import load_config
     from chronos.slurm.frontend import job_usage, jobs, node_addresses
     from chronos.slurm.scontrol import expand_hostlist

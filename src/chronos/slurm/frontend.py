@@ -11,21 +11,86 @@ Errors from Slurm come back as one line (``SlurmCommandError``).
 from __future__ import annotations
 
 import math
+import os
 import shlex
+import shutil
 import subprocess
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
 
-from chronos.errors import BadRequest, ChronosError
-from chronos.units import parse_memory
+from chronos.errors import RUN_FAILED_EXIT, BadRequest, ChronosError
+from chronos.units import parse_duration, parse_memory
 
 TIMEOUT_S = 60.0
+SLURM_CONF_PATHS = (
+    "/etc/slurm/slurm.conf",
+    "/etc/slurm-llnl/slurm.conf",
+    "/run/slurm/conf/slurm.conf",  # configless: slurmd's cached copy
+    "/var/spool/slurmd/conf-cache/slurm.conf",
+)
 
 
 class SlurmCommandError(ChronosError):
     code = "slurm_error"
     exit_code = 1
+
+
+class NoBatchQueue(ChronosError):
+    """``chronos submit`` off a Slurm cluster: the local queue of batch jobs is not built yet."""
+
+    code = "not_available"
+    exit_code = RUN_FAILED_EXIT
+
+    def __init__(self) -> None:
+        super().__init__(
+            "local batch jobs are not available yet (no Slurm cluster here: no sbatch on PATH "
+            "or no slurm.conf); use chronos run, or submit from a Slurm login node"
+        )
+
+
+def cluster_configured() -> bool:
+    """Whether this is a Slurm login node: ``sbatch`` on PATH and a slurm.conf it would read."""
+    if shutil.which("sbatch") is None:
+        return False
+    explicit = os.environ.get("SLURM_CONF")
+    if explicit:
+        return Path(explicit).is_file()
+    return any(Path(path).is_file() for path in SLURM_CONF_PATHS)
+
+
+def slurm_time(duration: str) -> str:
+    """A Chronos duration (``2h``, ``90m``, ``3600`` seconds, ``1-12:00:00``) as Slurm's ``--time``.
+
+    Slurm's own bare number is minutes and Chronos's is seconds, so the value is always
+    written out as ``D-HH:MM:SS`` (Slurm rounds seconds up to a whole minute).
+    """
+    seconds = math.ceil(parse_duration(duration, float("inf")))
+    days, rest = divmod(seconds, 86400)
+    return f"{days}-{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+
+
+def begin_time(start: str) -> str:
+    """``--start`` (``+2h``, ``09:00``, ``tomorrow 09:00``, ISO) as sbatch's ``--begin``."""
+    import time
+    from datetime import datetime
+
+    from chronos.api import start_timestamp
+
+    at = start_timestamp(start, time.time())
+    return datetime.fromtimestamp(at).strftime("%Y-%m-%dT%H:%M:%S")  # local, as Slurm reads it
+
+
+def dependency(after: Sequence[str]) -> str:
+    """``--after JOB`` (repeatable): start once every JOB has ended, whatever its outcome."""
+    from chronos.slurm.settings import valid_job_id
+
+    for job in after:
+        if not valid_job_id(job):
+            raise BadRequest(f"--after {job!r}: a Slurm job id is a number, e.g. 4242")
+    return "afterany:" + ":".join(after)
 
 
 def shards_for(memory: str, shard_bytes: int) -> int:
@@ -78,6 +143,14 @@ def srun_argv(request: Request, command: Sequence[str], shard_bytes: int) -> lis
 
 def salloc_argv(request: Request, command: Sequence[str], shard_bytes: int) -> list[str]:
     return ["salloc", *request.options(shard_bytes), *command]
+
+
+def exec_slurm(argv: Sequence[str]) -> NoReturn:
+    """Become ``srun``/``salloc``: the job's output and exit status are the command's own."""
+    program = shutil.which(argv[0])
+    if program is None:
+        raise SlurmCommandError(f"{argv[0]} is not installed here (is this a Slurm login node?)")
+    os.execv(program, list(argv))
 
 
 def run_slurm(argv: Sequence[str]) -> str:

@@ -46,7 +46,7 @@ class SlurmSettings:
     node_name: str | None = None
     """This node's name in Slurm (default: the short host name)."""
     metrics_port: int = 9464
-    """Port of each node's metrics endpoint, for ``chronos slurm stats``."""
+    """Port of each node's metrics endpoint, for ``chronos stats --cluster``."""
 
     def schedules(self, device: int) -> bool:
         return self.enabled and (self.gpus is None or device in self.gpus)
