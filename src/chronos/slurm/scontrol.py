@@ -153,17 +153,17 @@ def _shards(gres: str) -> list[Shards]:
     return out
 
 
+def _slurm_command(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run a Slurm command within the timeout; SlurmError where it cannot run at all."""
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=SCONTROL_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SlurmError(f"{argv[0]}: {exc}") from None
+
+
 def show_job(job_id: str) -> JobInfo:
     """``scontrol show job -d JOB``, parsed; raises SlurmError if Slurm cannot say."""
-    try:
-        proc = subprocess.run(
-            ["scontrol", "show", "job", "-d", job_id],
-            capture_output=True,
-            text=True,
-            timeout=SCONTROL_TIMEOUT_S,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SlurmError(f"scontrol: {exc}") from None
+    proc = _slurm_command(["scontrol", "show", "job", "-d", job_id])
     if proc.returncode != 0:
         raise SlurmError((proc.stderr or proc.stdout).strip() or f"scontrol exit {proc.returncode}")
     return parse_job(proc.stdout)
@@ -184,15 +184,9 @@ def queue_states(job_ids: list[str]) -> dict[str, QueueEntry]:
     """
     if not job_ids:
         return {}
-    try:
-        proc = subprocess.run(
-            ["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%A|%T|%e|%N"],
-            capture_output=True,
-            text=True,
-            timeout=SCONTROL_TIMEOUT_S,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SlurmError(f"squeue: {exc}") from None
+    proc = _slurm_command(
+        ["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%A|%T|%e|%N"]
+    )
     if proc.returncode != 0:
         if "Invalid job id" in proc.stderr:
             return {}  # every one of them is gone (squeue fails only when none is known)
@@ -213,15 +207,7 @@ def parse_queue(text: str) -> dict[str, QueueEntry]:
 
 def running_with_shards(node: str) -> list[str]:
     """Jobs running on ``node`` that asked for shards (RUNNING: past their prolog)."""
-    try:
-        proc = subprocess.run(
-            ["squeue", "-h", "-w", node, "-t", "RUNNING", "-o", "%A|%b"],
-            capture_output=True,
-            text=True,
-            timeout=SCONTROL_TIMEOUT_S,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SlurmError(f"squeue: {exc}") from None
+    proc = _slurm_command(["squeue", "-h", "-w", node, "-t", "RUNNING", "-o", "%A|%b"])
     if proc.returncode != 0:
         raise SlurmError(proc.stderr.strip() or f"squeue exit {proc.returncode}")
     out = []
