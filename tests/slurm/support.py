@@ -222,7 +222,9 @@ class SlurmCluster:
             "MailProg=/bin/true\nMpiDefault=none\nSelectType=select/cons_tres\n"
             "SelectTypeParameters=CR_Core\n" + tracking + "JobAcctGatherType=jobacct_gather/none\n"
             "SlurmdParameters=config_overrides\nReturnToService=2\nKillWait=2\n"
-            "SchedulerParameters=bf_interval=1\nPrologFlags=Alloc\nGresTypes=gpu,shard\n"
+            # sched_interval: the main scheduler every 2 s, not 60 (a requeued job waits for it)
+            "SchedulerParameters=bf_interval=1,sched_interval=2\nPrologFlags=Alloc\n"
+            "GresTypes=gpu,shard\n"
             + (
                 f"Prolog={self._hook_wrapper('prolog', PY)}\n"
                 f"Epilog={self._hook_wrapper('epilog', PY)}\n"
