@@ -87,6 +87,22 @@ def sitecustomize(code: str) -> Path:
     return path
 
 
+def daemon_with_switch(
+    factory: Callable[..., DaemonProcess], code: str, env_name: str, initial: str | None = None
+) -> tuple[DaemonProcess, Path]:
+    """A daemon whose ``sitecustomize`` runs ``code``, and the switch file ``code`` reads.
+
+    The switch's path reaches ``code`` as ``$env_name``; a test turns a fault on by
+    writing the file (``initial``: written before the daemon starts).
+    """
+    site = sitecustomize(code)
+    switch = site / "switch"
+    if initial is not None:
+        switch.write_text(initial)
+    daemon = factory(config=CAP, extra_env={"PYTHONPATH": str(site), env_name: str(switch)})
+    return daemon, switch
+
+
 def start_client(
     daemon: DaemonProcess,
     out: Path,
@@ -541,11 +557,7 @@ sqlite3.connect = _connect_failing
 def test_expiry_signals_and_kills_when_the_ledger_cannot_be_written(
     daemon_factory: Callable[..., DaemonProcess],
 ) -> None:
-    site = sitecustomize(FAILING_WRITES)
-    flag = site / "writes-fail"
-    daemon = daemon_factory(
-        config=CAP, extra_env={"PYTHONPATH": str(site), "CHRONOS_TEST_WRITES_FAIL": str(flag)}
-    )
+    daemon, flag = daemon_with_switch(daemon_factory, FAILING_WRITES, "CHRONOS_TEST_WRITES_FAIL")
     out = out_dir("chronos-sec-full-")
     client = start_client(daemon, out, duration="2", on_term="ignore")
     flag.write_text("")  # from now on every write transaction fails, as on a full disk
@@ -571,10 +583,8 @@ builtins.open = _open_or_emfile
 def test_an_expiry_recorded_while_descriptors_ran_out_is_still_signalled_later(
     daemon_factory: Callable[..., DaemonProcess],
 ) -> None:
-    site = sitecustomize(NO_DESCRIPTORS_FOR_PROC)
-    flag = site / "emfile"
-    daemon = daemon_factory(
-        config=CAP, extra_env={"PYTHONPATH": str(site), "CHRONOS_TEST_PROC_EMFILE": str(flag)}
+    daemon, flag = daemon_with_switch(
+        daemon_factory, NO_DESCRIPTORS_FOR_PROC, "CHRONOS_TEST_PROC_EMFILE"
     )
     out = out_dir("chronos-sec-emfile-")
     client = start_client(daemon, out, duration="2")
@@ -608,11 +618,8 @@ time.time = _stepped
 
 @pytest.fixture
 def stepped_daemon(daemon_factory: Callable[..., DaemonProcess]) -> tuple[DaemonProcess, Path]:
-    site = sitecustomize(STEPPED_CLOCK)
-    offset = site / "offset"
-    offset.write_text("0")
-    daemon = daemon_factory(
-        config=CAP, extra_env={"PYTHONPATH": str(site), "CHRONOS_TEST_CLOCK_OFFSET": str(offset)}
+    daemon, offset = daemon_with_switch(
+        daemon_factory, STEPPED_CLOCK, "CHRONOS_TEST_CLOCK_OFFSET", initial="0"
     )
     return daemon, offset
 
