@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from chronos_testing import clean_env, shared_tmpdir
+from chronos_testing import PY, clean_env, shared_tmpdir
 from daemon.conftest import (  # noqa: F401 - fixtures are found by name
     Users,
     daemon,
@@ -33,6 +33,11 @@ GIB = 1 << 30
 MIB = 1 << 20
 CHUNK = 256 * MIB
 FAKE_TOTAL = 80 * GIB
+
+
+def run_argv(*command: str, memory: str = "10GiB") -> list[str]:
+    """``chronos run`` of ``command`` in a partition of ``memory`` for two minutes."""
+    return [PY, "-m", "chronos.cli", "run", "--memory", memory, "--duration", "120", "--", *command]
 
 
 @dataclass

@@ -13,17 +13,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from chronos_testing import PY, DaemonProcess, clean_env, wait_for
+from chronos_testing import DaemonProcess, clean_env, wait_for
 
 from chronos import alloccap
 
-from .conftest import CHUNK, GIB, Native, Users, allowed
+from .conftest import CHUNK, GIB, Native, Users, allowed, run_argv
 
 LIMIT = 10 * GIB
-
-
-def run_argv(*command: str, memory: str = "10GiB") -> list[str]:
-    return [PY, "-m", "chronos.cli", "run", "--memory", memory, "--duration", "120", "--", *command]
 
 
 @pytest.fixture

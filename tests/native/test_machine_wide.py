@@ -19,7 +19,7 @@ from chronos_testing import PY, DaemonProcess, wait_for
 
 from chronos import alloccap
 
-from .conftest import CHUNK, FAKE_TOTAL, GIB, Native
+from .conftest import CHUNK, FAKE_TOTAL, GIB, Native, run_argv
 
 FAKE_UUID = "GPU-10111213-1415-1617-1819-1a1b1c1d1e1f"  # what the fake driver reports
 HOST_PRELOAD = Path("/etc/ld.so.preload")
@@ -93,21 +93,7 @@ def test_the_daemon_keeps_the_guard_file_and_stats_show_both_counts(
     env = native.env(daemon.env, CHRONOS_ALLOC_CAP="on")
     guard = daemon.home / "cap" / alloccap.GUARD_FILE
     holder = subprocess.Popen(
-        [
-            PY,
-            "-m",
-            "chronos.cli",
-            "run",
-            "--memory",
-            "10GiB",
-            "--duration",
-            "120",
-            "--",
-            str(native.client),
-            "dlsym",
-            f"alloc:{GIB}",
-            "hold",
-        ],
+        run_argv(str(native.client), "dlsym", f"alloc:{GIB}", "hold"),
         env=env,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

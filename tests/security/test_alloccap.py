@@ -14,8 +14,8 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from chronos_testing import PY, DaemonProcess, clean_env, shared_tmpdir, wait_for
-from native.conftest import CHUNK, GIB, Native, allowed, build_native
+from chronos_testing import DaemonProcess, clean_env, shared_tmpdir, wait_for
+from native.conftest import CHUNK, GIB, Native, allowed, build_native, run_argv
 
 from .conftest import Users
 
@@ -41,21 +41,6 @@ for name, attempt in (
 def native() -> Iterator[Native]:
     """The fake CUDA driver and test client of tests/native (built once here)."""
     yield from build_native()
-
-
-def run_argv(*command: str) -> list[str]:
-    return [
-        PY,
-        "-m",
-        "chronos.cli",
-        "run",
-        "--memory",
-        "10GiB",
-        "--duration",
-        "120",
-        "--",
-        *command,
-    ]
 
 
 def test_another_user_cannot_touch_a_partitions_counter(
