@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from chronos.lean import recv_exact
+from chronos.lean import connect_daemon, recv_exact
 
 # Kept to the standard modules `python -c pass` has loaded already, plus json and socket:
 # no typing, pathlib, re or dataclasses (each costs milliseconds here). The daemon
@@ -54,14 +54,9 @@ class DaemonClient:
     """One request/reply at a time over chronosd's socket (the framing of protocol.py)."""
 
     def __init__(self, path: str, timeout: float = 30.0) -> None:
-        import socket
-
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
         try:
-            self.sock.connect(path)
+            self.sock = connect_daemon(path, timeout)
         except OSError as exc:
-            self.sock.close()
             raise NotFast from exc
 
     def call(self, op: str, **args: Any) -> Any:

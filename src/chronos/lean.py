@@ -33,3 +33,57 @@ def format_bytes(nbytes: float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+USER_SOCKETS_SUFFIX = ".d"
+"""chronosd's per-user sockets live in ``<socket>.d/<uid>`` (see daemon/user_sockets.py)."""
+
+
+def user_socket_path(shared: str, uid: int) -> str | None:
+    """This user's own socket beside ``shared``, or None if there is none to trust.
+
+    The directory must belong to whoever owns the shared socket and be writable by
+    nobody else, and the socket must be owned by this user or by that same owner: a
+    socket another user planted is never used (the shared one is, as before).
+    """
+    import os
+    import stat
+
+    folder = shared + USER_SOCKETS_SUFFIX
+    path = os.path.join(folder, str(uid))
+    try:
+        owner = os.lstat(shared).st_uid
+        info = os.lstat(folder)
+        mine = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != owner or info.st_mode & 0o022:
+        return None
+    if not stat.S_ISSOCK(mine.st_mode) or mine.st_uid not in (uid, owner):
+        return None
+    return path
+
+
+def connect_daemon(shared: str, timeout: float) -> socket.socket:
+    """A connection to chronosd: on this user's own socket if it has one, else the shared one.
+
+    A user's own socket has its own listen backlog, so another user who keeps the shared
+    backlog full with connections refused one after another cannot make this one wait.
+    Raises OSError from connecting to the shared socket.
+    """
+    import os
+    import socket
+
+    own = user_socket_path(shared, os.getuid())
+    for path in (own, shared) if own else (shared,):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError:
+            sock.close()
+            if path == shared:
+                raise
+            continue
+        return sock
+    raise AssertionError("unreachable")

@@ -28,7 +28,7 @@ from typing import Any
 
 from chronos import protocol
 from chronos.errors import DaemonUnavailable, ProtocolError, error_from_code
-from chronos.lean import recv_exact
+from chronos.lean import connect_daemon, recv_exact
 from chronos.paths import (
     LEDGER_FILE,
     LEDGER_ID_FILE,
@@ -118,16 +118,12 @@ class SocketTransport(Transport):
         self._sock = self._connect()
 
     def _connect(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
         try:
-            sock.connect(str(self.path))
+            return connect_daemon(str(self.path), self.timeout)
         except OSError as exc:
-            sock.close()
             raise DaemonUnavailable(
                 f"cannot reach chronosd at {self.path}: {exc.strerror}"
             ) from None
-        return sock
 
     def call(self, op: str, **args: Any) -> Any:
         frame = protocol.encode(protocol.request(op, **args))

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import resource
+import signal
 import socket
 import struct
 import subprocess
@@ -481,3 +483,136 @@ def test_idle_connection_is_closed_and_the_client_goes_on(
         stop.set()
         thread.join(10)
     assert calls == ["release", "release"]
+
+
+# ------------------------------------------------------------ connect churn
+
+# Run as the attacker while chronosd is stopped: connect without blocking to the shared
+# socket until the kernel says its listen backlog is full; report how many; hold them.
+FILL_BACKLOG = r"""
+import errno, json, resource, socket, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+held = []
+while len(held) < 100000:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.setblocking(False)
+    try:
+        s.connect(sys.argv[1])
+    except OSError as exc:
+        s.close()
+        print(json.dumps({"held": len(held), "errno": exc.errno}), flush=True)
+        break
+    held.append(s)
+sys.stdin.read()
+"""
+
+# Run as the victim: connect (with a timeout) to the socket chronos.lean picks, then to
+# the shared one, and say which worked.
+TRY_CONNECT = r"""
+import json, socket, sys
+from chronos.lean import connect_daemon, user_socket_path
+shared = sys.argv[1]
+import os
+result = {"own": user_socket_path(shared, os.getuid())}
+for name, path in (("picked", None), ("shared", shared)):
+    try:
+        s = connect_daemon(shared, 1.0) if path is None else socket.socket(socket.AF_UNIX)
+        if path is not None:
+            s.settimeout(1.0)
+            s.connect(path)
+        result[name] = "connected"
+        s.close()
+    except OSError as exc:
+        result[name] = type(exc).__name__
+print(json.dumps(result))
+"""
+
+
+def user_socket(d: DaemonProcess, user: TestUser) -> Path:
+    return Path(f"{d.sock}.d") / str(user.uid)
+
+
+def test_connect_churn_on_the_shared_socket_cannot_hold_back_another_users_connect(
+    users: Users, daemon: DaemonProcess
+) -> None:
+    """A user who keeps the shared listen backlog full once made every other user wait.
+
+    Reproduced deterministically: with chronosd stopped (SIGSTOP), alice fills the shared
+    socket's backlog until the kernel refuses (what reconnecting as fast as refusals come
+    back keeps it near). bob's connect to the shared socket then fails; his connect to
+    the socket chronosd opened for him alone goes through at once, and his list is answered
+    as soon as the daemon runs again.
+    """
+    assert timed_list(users.bob, daemon) < 10.0  # bob's first contact opens his own socket
+    own = user_socket(daemon, users.bob)
+    info = os.lstat(own)
+    assert (info.st_uid, info.st_mode & 0o777) == (users.bob.uid, 0o600)
+    pid = daemon_pid(daemon)
+    os.kill(pid, signal.SIGSTOP)
+    attack = users.alice.popen(
+        [*users.alice.python, "-c", FILL_BACKLOG, str(daemon.sock)],
+        daemon.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert attack.stdout is not None
+        filled = json.loads(attack.stdout.readline())
+        assert filled["errno"] == errno.EAGAIN and filled["held"] > 100, filled
+        probe = users.bob.run_python(TRY_CONNECT, str(daemon.sock), env=daemon.env)
+        assert probe.returncode == 0, probe.stderr
+        tried = json.loads(probe.stdout)
+        # A client with a timeout is refused at once (EAGAIN) by a full backlog: the attack
+        # made other users' commands fail "cannot reach chronosd", not only wait.
+        assert tried["shared"] in ("BlockingIOError", "TimeoutError"), tried
+        assert (tried["own"], tried["picked"]) == (str(own), "connected")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        assert attack.stdin is not None
+        attack.stdin.close()
+        attack.wait(30)
+    assert timed_list(users.bob, daemon) < 10.0
+    assert daemon.alive()
+
+
+def test_another_user_cannot_use_or_plant_a_users_own_socket(
+    users: Users, daemon: DaemonProcess
+) -> None:
+    """alice cannot connect to bob's socket, and a socket she plants for bob is never used."""
+    assert timed_list(users.bob, daemon) < 10.0
+    own = user_socket(daemon, users.bob)
+    probe = users.alice.run_python(
+        "import socket, sys\ns = socket.socket(socket.AF_UNIX)\n"
+        "try:\n    s.connect(sys.argv[1])\nexcept OSError as e:\n    print(type(e).__name__)",
+        str(own),
+        env=daemon.env,
+    )
+    assert probe.stdout.strip() == "PermissionError"
+
+    from chronos.lean import user_socket_path
+
+    assert user_socket_path(str(daemon.sock), users.bob.uid) == str(own)
+    folder = own.parent
+    os.chmod(folder, 0o777)  # a folder others could write: nothing in it is trusted
+    try:
+        assert user_socket_path(str(daemon.sock), users.bob.uid) is None
+    finally:
+        os.chmod(folder, 0o755)
+    planted = folder / str(users.alice.uid + 100000)
+    with socket.socket(socket.AF_UNIX) as fake:
+        fake.bind(str(planted))
+        os.chown(planted, users.alice.uid, -1)  # another user's socket under bob's... uid
+        assert user_socket_path(str(daemon.sock), users.alice.uid + 100000) is None
+
+
+def test_user_sockets_are_gone_after_a_restart_and_come_back(
+    users: Users, daemon: DaemonProcess
+) -> None:
+    """A restarted daemon starts with no user sockets; a user's next call reopens theirs."""
+    assert timed_list(users.bob, daemon) < 10.0
+    own = user_socket(daemon, users.bob)
+    before = os.lstat(own).st_ino
+    daemon.restart()
+    assert timed_list(users.bob, daemon) < 10.0  # via the shared socket, then his own
+    wait_for(lambda: own.exists() and os.lstat(own).st_ino != before, 5.0, what="a new socket")

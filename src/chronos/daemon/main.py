@@ -18,6 +18,7 @@ import signal
 import socket
 import sqlite3
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from chronos.daemon.log import log
 from chronos.daemon.notify import sd_notify
 from chronos.daemon.sampler import Sampler
 from chronos.daemon.server import FD_RESERVE, Broadcast, Listener, RateLimitedLog, Server
+from chronos.daemon.user_sockets import UserSockets
 from chronos.errors import ChronosError
 from chronos.ledger import Ledger
 from chronos.paths import (
@@ -224,6 +226,7 @@ class Daemon:
             for endpoint in endpoints:
                 endpoint.close()
             listener.close()
+            self.user_sockets.close()
             deadlines.close()
             service.close()
             self._remove_socket()
@@ -457,9 +460,17 @@ class Daemon:
         except OSError as exc:
             sock.close()
             raise ChronosError(f"cannot listen on {self.sock_path}: {exc.strerror}") from None
-        listener = Listener(sock, server, self.quiet_log)
+        own = UserSockets(self.sock_path, lambda user_sock: self._serve_socket(user_sock, server))
+        self.user_sockets = own
+        listener = Listener(sock, server, self.quiet_log, on_admitted=own.ensure)
         listener.start()
         return listener
+
+    def _serve_socket(self, sock: socket.socket, server: Server) -> Callable[[], None]:
+        """Serve one user's own listening socket (daemon/user_sockets.py); return its closer."""
+        listener = Listener(sock, server, self.quiet_log)
+        listener.start()
+        return listener.close
 
     def _socket_answers(self) -> bool:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -401,10 +401,18 @@ class Listener:
     asyncio's traceback per failure.
     """
 
-    def __init__(self, sock: socket.socket, server: Server, quiet_log: RateLimitedLog) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        server: Server,
+        quiet_log: RateLimitedLog,
+        on_admitted: Callable[[int], None] | None = None,
+    ) -> None:
+        """``on_admitted(uid)`` runs after each admission (the shared socket opens users' own)."""
         self._sock = sock
         self._server = server
         self._log = quiet_log
+        self._on_admitted = on_admitted
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[None]] = set()
         self._retry: asyncio.TimerHandle | None = None
@@ -456,6 +464,8 @@ class Listener:
                 conn.send(_refusal_frame(str(admitted)))  # small: fits the socket buffer
             conn.close()
             return
+        if self._on_admitted is not None:
+            self._on_admitted(uid)
         task = self._loop.create_task(self._serve(conn, admitted))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
