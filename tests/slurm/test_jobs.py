@@ -131,12 +131,17 @@ def test_retried_prolog_and_requeued_job_get_one_partition(
     cluster.mark(job, "ci0", "start").unlink()
     requeued = cluster.slurm("scontrol", "requeue", job)
     assert requeued.returncode == 0, requeued.stderr
+    requeued_at = time.monotonic()
     cluster.wait_state(job, {"PENDING"})
 
     seen: dict[str, str] = {}
 
     def ran_again() -> bool:
-        if cluster.state(job) == "PENDING":  # Slurm holds a requeued job back (BeginTime)
+        # Slurm holds a requeued job back (BeginTime); we move it up, but never into the
+        # second of the requeue: slurmd refuses a launch while the revocation of the last
+        # run's credential is that fresh ("Job credential revoked", the job FAILED with
+        # exit 1 and never ran: the flake seen under load, which was Slurm's, not ours).
+        if cluster.state(job) == "PENDING" and time.monotonic() - requeued_at > 2.5:
             update = cluster.slurm("scontrol", "update", f"jobid={job}", "StartTime=now")
             seen["update"] = (update.stderr or update.stdout).strip()
         info = cluster.job(job)
@@ -148,13 +153,7 @@ def test_retried_prolog_and_requeued_job_get_one_partition(
         wait_for(ran_again, 150, what="the requeued job running again", interval=0.5)
     except AssertionError as exc:
         raise AssertionError(f"{exc}; last seen: {seen}") from None
-    if seen["JobState"] != "RUNNING":
-        # Seen under load: the second run ends (FAILED, NonZeroExitCode) before it is seen
-        # running. The invariant still holds: never two partitions for one run, none left.
-        runs = [r["kind"] for r in cluster.partitions("ci0", job, all=True)]
-        assert len(runs) == len(set(runs)), runs
-        wait_for(lambda: not cluster.partitions("ci0", job), 30, what="every run's end")
-        return
+    assert seen["JobState"] == "RUNNING", seen
     wait_for(lambda: cluster.mark(job, "ci0", "start").exists(), 20, what="the job's task again")
     # slurmd skips the prolog of a run relaunched before the last run's epilog ended; then
     # the reconciler makes the partition (within reconcile_interval): either way, one.
