@@ -291,3 +291,34 @@ def test_reconciler_fences_a_job_that_started_while_chronosd_was_down(
         assert daemon.events("slurm_adopted", job=job)
     finally:
         cluster.slurm("scancel", job)
+
+
+def test_a_job_that_started_without_a_partition_is_fenced_within_seconds(
+    cluster: SlurmCluster, alice: TestUser
+) -> None:
+    """A job running here without its partition (its prolog made none, the daemon up all
+    along: a requeued run relaunched before the last run's epilog ended) is adopted as soon
+    as the sampler sees its memory, not at the next ``reconcile_interval`` (here 120 s)."""
+    daemon = cluster.daemons["ci1"]
+    policy = daemon.config_path.read_text()
+    daemon.reconfigure(policy.replace('reconcile_interval = "1s"', 'reconcile_interval = "120s"'))
+    time.sleep(2.5)  # the reconciler's pass after the reload is over: it now waits 120 s
+    # The prolog reads the policy file itself: with Slurm disabled there, it makes nothing,
+    # while the running daemon (not reloaded) still follows Slurm.
+    daemon.write_config(policy.replace("enabled = true", "enabled = false"))
+    job = None
+    try:
+        job = cluster.holds_memory(
+            alice, {"ci1": 1}, 60.0, "--gres=shard:2", "-t", "1", "-w", "ci1"
+        )
+        wait_for(lambda: cluster.mark(job, "ci1", "start").exists(), 30, what="the job's task")
+        daemon.write_config(policy)
+        started = time.monotonic()
+        [record] = wait_for(lambda: cluster.partitions("ci1", job), 10, what="adopted partition")
+        assert time.monotonic() - started < 10
+        assert record["user"] == "alice" and record["memory_bytes"] == 2 << 30
+        assert daemon.events("slurm_adopted", job=job)
+    finally:
+        if job is not None:
+            cluster.slurm("scancel", job)
+        daemon.reconfigure(policy)

@@ -186,11 +186,16 @@ class Daemon:
         deadlines.resume_kills()  # SIGKILLs a previous daemon scheduled but did not send
         self._changed()  # expiries that fell due while no daemon ran
 
-        sampler = Sampler(service, deadlines, lambda: self.config)
+        following = start_slurm(service, lambda: self.config, self._changed)  # docs/SLURM.md
+        sampler = Sampler(
+            service,
+            deadlines,
+            lambda: self.config,
+            on_new_unpartitioned=following.kick if following is not None else None,
+        )
         deadlines.on_ended = sampler.on_ended
         sampling = asyncio.create_task(sampler.run())
         compacting = asyncio.create_task(self._compact(service))
-        following = start_slurm(service, lambda: self.config, self._changed)  # docs/SLURM.md
         server = Server(
             service.handle,
             lambda: self.config.admin_group,
@@ -221,8 +226,8 @@ class Daemon:
             sd_notify("STOPPING=1")
             sampling.cancel()
             compacting.cancel()
-            if following is not None:
-                following.cancel()
+            if following is not None and following.task is not None:
+                following.task.cancel()
             for endpoint in endpoints:
                 endpoint.close()
             listener.close()

@@ -26,11 +26,19 @@ from chronos.units import format_bytes
 
 class Sampler:
     def __init__(
-        self, service: Service, deadlines: Deadlines, config: Callable[[], Config]
+        self,
+        service: Service,
+        deadlines: Deadlines,
+        config: Callable[[], Config],
+        on_new_unpartitioned: Callable[[], None] | None = None,
     ) -> None:
+        """``on_new_unpartitioned()``: a process not seen before holds memory outside every
+        partition (on a Slurm node the reconciler then looks for a job without a prolog)."""
         self.service = service
         self.deadlines = deadlines
         self.config = config
+        self.on_new_unpartitioned = on_new_unpartitioned
+        self._unpartitioned_seen: set[tuple[int, int]] = set()
         self.watch = self._new_watch()
         deadlines.holds_gpu = self._holds_gpu
         self.last: list[ProcessUse] = []
@@ -81,6 +89,7 @@ class Sampler:
         )
         self.sample_seconds = time.perf_counter() - t0
         self.last, self.last_at = found, time.time()
+        self._notice_unpartitioned(found)
         # Partitions that ended while the sample ran were already finished (on_ended):
         # accounting them now would start a usage entry nobody ever finishes (a leak).
         still_open = {r.id for r in ledger.running(self.last_at)}
@@ -114,6 +123,13 @@ class Sampler:
                         "action": "warn",
                     },
                 )
+
+    def _notice_unpartitioned(self, found: list[ProcessUse]) -> None:
+        """Call ``on_new_unpartitioned`` once per process that starts holding memory outside."""
+        now = {(p.pid, p.device) for p in found if p.partition_id is None and p.used_bytes}
+        if self.on_new_unpartitioned is not None and now - self._unpartitioned_seen:
+            self.on_new_unpartitioned()
+        self._unpartitioned_seen = now
 
     def _remove_ended_cgroups(self, open_ids: set[str]) -> None:
         """Ended partitions' cgroups go once their last process has exited."""

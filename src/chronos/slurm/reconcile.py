@@ -20,6 +20,7 @@ a partition is never released on a guess.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import Callable
@@ -92,6 +93,10 @@ def decide(
     return out
 
 
+KICK_GAP_S = 1.0
+"""A pass asked for early (:meth:`Reconciler.kick`) comes at most this often."""
+
+
 class Reconciler:
     def __init__(
         self, service: Service, config: Callable[[], Config], on_change: Callable[[], None]
@@ -99,6 +104,20 @@ class Reconciler:
         self.service = service
         self.config = config
         self.on_change = on_change
+        self._kicked = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def kick(self) -> None:
+        """Look at Slurm again soon, not only every ``reconcile_interval``.
+
+        The sampler calls this when a process it has not seen before holds GPU memory
+        outside every partition: on a Slurm node that is most often a job that started
+        without a prolog (a requeued run that slurmd relaunched before the last run's
+        epilog ended), and adopting it at once keeps it fenced within about a second
+        instead of up to ``reconcile_interval``, and keeps ``unpartitioned = "enforce"``
+        from stopping it.
+        """
+        self._kicked.set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -108,7 +127,11 @@ class Reconciler:
                 await self.adopt(loop)
             except Exception as exc:  # noqa: BLE001 - keep following Slurm whatever one look did
                 log("slurm_reconcile_failed", level="error", error=repr(exc))
-            await asyncio.sleep(self.config().slurm.reconcile_interval_s)
+            await asyncio.sleep(KICK_GAP_S)
+            self._kicked.clear()  # a kick during that pass or the gap is served by the next
+            with contextlib.suppress(TimeoutError):
+                interval = max(0.0, self.config().slurm.reconcile_interval_s - KICK_GAP_S)
+                await asyncio.wait_for(self._kicked.wait(), interval)
 
     async def reconcile_once(self, loop: asyncio.AbstractEventLoop | None = None) -> list[Action]:
         loop = loop or asyncio.get_running_loop()
@@ -209,7 +232,7 @@ class Reconciler:
 
 def start_slurm(
     service: Service, config: Callable[[], Config], on_change: Callable[[], None]
-) -> asyncio.Task[None] | None:
+) -> Reconciler | None:
     """On a node with ``[slurm] enabled``: check gres.conf, start following Slurm."""
     settings = config().slurm
     if not settings.enabled:
@@ -218,4 +241,6 @@ def start_slurm(
     for problem in check_gres(config(), service.machine.devices, membership.this_node):
         log("slurm_gres_mismatch", level="error", message=problem)
     log("slurm_enabled", node=membership.this_node, shard_bytes=settings.shard_bytes)
-    return asyncio.get_running_loop().create_task(Reconciler(service, config, on_change).run())
+    reconciler = Reconciler(service, config, on_change)
+    reconciler.task = asyncio.get_running_loop().create_task(reconciler.run())
+    return reconciler
