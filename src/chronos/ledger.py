@@ -1244,7 +1244,7 @@ class Ledger:
         rows = self._db.execute(
             f"SELECT {_COLUMNS} FROM partitions WHERE {_OPEN} AND {which}", (now,)
         ).fetchall()
-        due = []
+        due: list[tuple[PartitionRecord, str, str]] = []
         for row in rows:
             record = _record(row)
             if record.expires_at <= now:
