@@ -185,14 +185,14 @@ def test_refusal_respects_reservable_capacity(ledger: Ledger) -> None:
 def test_expiry_is_exact(ledger: Ledger, clock: FakeClock) -> None:
     a = ledger.create(req(CAP, 100))
     clock.now = a.expires_at - 1e-6
-    assert [r.id for r in ledger.active()] == [a.id]
+    assert [r.id for r in ledger.open_at()] == [a.id]
     assert ledger.committed_bytes(DEV_A) == CAP
     assert ledger.get(a.id).state_at(clock.now) == ACTIVE
     with pytest.raises(AdmissionRefused):
         ledger.create(req(1, 1))
 
     clock.now = a.expires_at
-    assert ledger.active() == []
+    assert ledger.open_at() == []
     assert ledger.committed_bytes(DEV_A) == 0
     assert ledger.get(a.id).state_at(clock.now) == EXPIRED
     assert ledger.get(a.id).time_remaining_at(clock.now) == 0
@@ -570,7 +570,7 @@ def test_crash_consistency_under_sigkill(tmp_path: Path) -> None:
     led = Ledger(path, clock=lambda: clock_now, owner_alive=lambda pid, ticks: True)
     try:
         led.reap()
-        assert led.active() == []
+        assert led.open_at() == []
         full = NewPartition(
             device=0,
             device_uuid="GPU-A",

@@ -31,22 +31,26 @@ class AdmissionRefused(ChronosError):
     """The request is valid but does not fit now (or breaks a policy limit).
 
     ``cause`` says why as data (a quota and its limit, or capacity), for whoever counts
-    refusals; the message is for people. A refusal rebuilt from the wire has none.
+    refusals, and ``facts`` the numbers behind it (a :mod:`chronos.refusals` record); the
+    message is for people. A refusal rebuilt from the wire has neither.
     """
 
     code = "refused"
     exit_code = 3
 
-    def __init__(self, message: str, cause: RefusalCause | None = None) -> None:
+    def __init__(
+        self, message: str, cause: RefusalCause | None = None, facts: object | None = None
+    ) -> None:
         super().__init__(message)
         self.cause = cause
+        self.facts = facts
 
 
 class CapacityRefused(AdmissionRefused):
     """Refused for lack of room on the device (waiting may help), not for a quota."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, RefusalCause.capacity())
+    def __init__(self, message: str, facts: object | None = None) -> None:
+        super().__init__(message, RefusalCause.capacity(), facts)
 
 
 class NotFound(ChronosError):

@@ -138,7 +138,7 @@ def read_state(
     ledger = service.ledger
     now = ledger.clock()
     machine = service.machine
-    records = ledger.active(now)
+    records = ledger.open_at(now)
     usage = machine.usage()
     waiting = ledger.waiting()
     per_process = machine.per_process_memory

@@ -10,7 +10,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from chronos.errors import AdmissionRefused
 from chronos.models import ACTIVE, BOOKED, PartitionRecord
@@ -22,8 +22,15 @@ if TYPE_CHECKING:  # only for annotations: keeps tomllib out of the CLI's import
 DAY = 86400.0
 WEEK = 7 * DAY
 
-Interval = tuple[float, float, int, str]
-"""(start, end, bytes, id) of something holding a device."""
+
+class Interval(NamedTuple):
+    """Something holding ``memory_bytes`` of a device over ``[start, end)``."""
+
+    start: float
+    end: float
+    memory_bytes: int
+    holder: str
+    """The partition's or queued request's id."""
 
 
 @dataclass(frozen=True)

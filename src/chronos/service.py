@@ -363,7 +363,7 @@ class Service:
         self._reap()
         machine = self.machine
         now = self.ledger.clock()
-        open_records = self.ledger.running(now)
+        open_records = self.ledger.open_at(now, started=True)
         usage = machine.usage()
         found = (
             attribute_processes(machine, open_records, self.ledger.attached()) if processes else []
