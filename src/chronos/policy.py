@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from chronos.errors import AdmissionRefused
 from chronos.models import ACTIVE, BOOKED, PartitionRecord
+from chronos.refusals import OverLimit, refusal
 from chronos.units import format_duration
 
 if TYPE_CHECKING:  # only for annotations: keeps tomllib out of the CLI's import
@@ -202,7 +203,7 @@ def needs_history(limits: Limits) -> bool:
 
 
 def _over(limit: str, standing: str) -> AdmissionRefused:
-    return AdmissionRefused(f"over the {limit} limit: {standing}")
+    return refusal(OverLimit(limit, standing))
 
 
 def decayed_usage(records: Iterable[PartitionRecord], now: float, half_life: float) -> float:
