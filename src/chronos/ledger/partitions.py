@@ -31,6 +31,7 @@ QUOTA_HISTORY_S = 8 * 86400.0
 """How far back quota checks look (a week's GPU-hour budget, and a day's margin)."""
 
 _SELECT = f"SELECT {PARTITIONS.columns} FROM partitions"
+_new_tuple = tuple.__new__
 
 
 class Partitions:
@@ -292,7 +293,10 @@ class Partitions:
             "AND expires_at > ? AND starts_at < ?",
             (device_uuid, now, start, end),
         ).fetchall()
-        held = [Interval(float(s), float(e), int(b), str(i)) for s, e, b, i in rows]
+        # Rows are (REAL, REAL, INTEGER, TEXT) by the columns' affinity, so each row is made
+        # an Interval as it is: with thousands open, Interval(...) per row cost a tenth of
+        # admission.
+        held = [_new_tuple(Interval, row) for row in rows]
         lingering = [
             Interval(*x) for x in self._lingering(device_uuid) if x[1] > start and x[0] < end
         ]
