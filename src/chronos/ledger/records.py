@@ -142,7 +142,7 @@ class Rows(Generic[R]):
         db.execute(self.insert_sql, self.values(record))
 
     def _builder(self, description: Sequence[Sequence[Any]]) -> Callable[[Sequence[Any]], R]:
-        names = tuple(str(d[0]) for d in description)
+        names = tuple([d[0] for d in description])  # a list first: no generator per column
         build = self._builders.get(names)
         if build is None:
             build = self._builders[names] = self._make_builder(names)
