@@ -274,10 +274,7 @@ class Ledger:
         self._events.record(
             EventKind.REFUSED,
             at=now,
-            uid=req.uid,
-            user=req.user,
-            device_uuid=req.device_uuid,
-            memory_bytes=req.memory_bytes,
+            subject=req,
             detail={"reason": str(refusal), **cause.to_detail()},
         )
 

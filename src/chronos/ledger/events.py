@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from chronos.ledger.history import History
 from chronos.ledger.records import EVENTS
@@ -19,6 +19,19 @@ from chronos.models import Event
 from chronos.vocabulary import ENDED_KINDS
 
 _ENDED = ", ".join(f"'{k}'" for k in ENDED_KINDS)
+
+
+class Subject(Protocol):
+    """What an event is about: a partition or a request (both have these fields)."""
+
+    @property
+    def uid(self) -> int: ...
+    @property
+    def user(self) -> str: ...
+    @property
+    def device_uuid(self) -> str: ...
+    @property
+    def memory_bytes(self) -> int: ...
 
 
 class EventLog:
@@ -36,14 +49,24 @@ class EventLog:
         *,
         at: float,
         partition: str | None = None,
+        subject: Subject | None = None,
         uid: int | None = None,
         user: str | None = None,
         device_uuid: str | None = None,
         memory_bytes: int | None = None,
         detail: dict[str, Any] | None = None,
     ) -> None:
-        """Append one event (``kind`` an :class:`~chronos.vocabulary.EventKind`; ``partition``
-        the partition's id) in the caller's transaction."""
+        """Append one event in the caller's transaction.
+
+        ``kind``: an :class:`~chronos.vocabulary.EventKind`; ``partition``: the partition's
+        id; ``subject``: the partition or request it is about, whose user, device and bytes
+        fill the columns not given (an argument given wins).
+        """
+        if subject is not None:
+            uid = subject.uid if uid is None else uid
+            user = subject.user if user is None else user
+            device_uuid = subject.device_uuid if device_uuid is None else device_uuid
+            memory_bytes = subject.memory_bytes if memory_bytes is None else memory_bytes
         detail = {} if detail is None else detail
         self._db.execute(
             EVENTS.insert_sql,  # written in Event's field order, seq numbered by SQLite

@@ -80,10 +80,7 @@ class Partitions:
             EventKind.CREATED,
             at=now,
             partition=record.id,
-            uid=req.uid,
-            user=req.user,
-            device_uuid=req.device_uuid,
-            memory_bytes=req.memory_bytes,
+            subject=req,
             detail={"expires_at": end, "starts_at": start, "kind": req.kind},
         )
         return record
@@ -118,10 +115,9 @@ class Partitions:
             EventKind(state),
             at=at,
             partition=record.id,
-            uid=uid if uid is not None else record.uid,
+            subject=record,
+            uid=uid,  # who ended it; by default its owner
             user=user or record.user,
-            device_uuid=record.device_uuid,
-            memory_bytes=record.memory_bytes,
             detail={"reason": reason, "owner_uid": record.uid},
         )
         ended = self.get(record.id)
@@ -140,10 +136,7 @@ class Partitions:
                 EventKind.STARTED,
                 at=r.starts_at,
                 partition=r.id,
-                uid=r.uid,
-                user=r.user,
-                device_uuid=r.device_uuid,
-                memory_bytes=r.memory_bytes,
+                subject=r,
                 detail={"reason": "booking began"},
             )
         self._db.execute(
@@ -237,10 +230,9 @@ class Partitions:
             EventKind.EXTENDED,
             at=now,
             partition=partition_id,
+            subject=record,
             uid=uid,
             user=user,
-            device_uuid=record.device_uuid,
-            memory_bytes=record.memory_bytes,
             detail={"from": record.expires_at, "to": new_expires_at},
         )
         return self.get(partition_id)

@@ -114,10 +114,7 @@ class Queue:
         self._events.record(
             EventKind.QUEUED,
             at=now,
-            uid=req.uid,
-            user=req.user,
-            device_uuid=req.device_uuid,
-            memory_bytes=req.memory_bytes,
+            subject=req,
             detail={"ticket": ticket_id, "duration_s": req.duration_s},
         )
         return ticket_id
@@ -134,10 +131,7 @@ class Queue:
         self._events.record(
             EventKind.queue_closed(state),
             at=now,
-            uid=req.uid,
-            user=req.user,
-            device_uuid=req.device_uuid,
-            memory_bytes=req.memory_bytes,
+            subject=req,
             detail={"ticket": ticket_id, "reason": reason},
         )
 
