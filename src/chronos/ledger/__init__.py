@@ -146,7 +146,7 @@ class Ledger:
         fits only if it also leaves room for everyone already waiting (where
         the queue, served in ``priority_of`` order, will run them).
         """
-        with self.transaction():
+        with schema.transaction(self._db):
             now = self.clock()
             self._partitions.reap(now, self.reap_owners)
             self._queue.drop_stale(now)  # a dead or timed-out waiter holds no room
@@ -173,7 +173,7 @@ class Ledger:
         self, partition_id: str, uid: int, user: str, reason: str = "released"
     ) -> PartitionRecord:
         """End an open partition now."""
-        with self.transaction():
+        with schema.transaction(self._db):
             now = self.clock()
             self._partitions.reap(now, self.reap_owners)
             return self._partitions.release(partition_id, now, uid, user, reason)
@@ -188,13 +188,13 @@ class Ledger:
         check = self.reap_owners if owners is None else owners
         if not self._partitions.anything_due(self.clock(), check):
             return []
-        with self.transaction():
+        with schema.transaction(self._db):
             return self._partitions.reap(self.clock(), check)
 
     def attach(
         self, partition_id: str, pid: int, start_ticks: int | None, uid: int, by_uid: int
     ) -> None:
-        with self.transaction():
+        with schema.transaction(self._db):
             now = self.clock()
             self._partitions.reap(now, self.reap_owners)
             self._partitions.attach(partition_id, pid, start_ticks, uid, by_uid, now)
@@ -213,7 +213,7 @@ class Ledger:
         Room means room left by other partitions, bookings and the queue's
         reservations: an extension never delays a waiting request.
         """
-        with self.transaction():
+        with schema.transaction(self._db):
             now = self.clock()
             self._partitions.reap(now, self.reap_owners)
             self._queue.drop_stale(now)
@@ -229,14 +229,14 @@ class Ledger:
         One transaction, so remaining times are kept for all or none; the event
         says by how much, for whoever reads the history across the step.
         """
-        with self.transaction():
+        with schema.transaction(self._db):
             self._partitions.shift_open(step, self.clock())
 
     def log_many(self, items: list[tuple[str, str | None, dict[str, Any]]]) -> None:
         """Append several ``(kind, partition_id, detail)`` events in one transaction."""
         if not items:
             return
-        with self.transaction():
+        with schema.transaction(self._db):
             now = self.clock()
             for kind, partition_id, detail in items:
                 self._events.record(kind, at=now, partition=partition_id, detail=detail)
@@ -250,7 +250,7 @@ class Ledger:
         detail: dict[str, Any] | None = None,
     ) -> None:
         """Append an event that changes no partition (a warning, a kill, …)."""
-        with self.transaction():
+        with schema.transaction(self._db):
             self._events.record(
                 kind, at=self.clock(), partition=partition_id, uid=uid, user=user, detail=detail
             )
@@ -264,7 +264,7 @@ class Ledger:
         this in small batches, each its own short transaction.
         """
         before = min(before, self.clock() - MIN_RETENTION_S)
-        with self.transaction():
+        with schema.transaction(self._db):
             return self._history.compact(before, batch)
 
     def _log_refused(self, now: float, req: NewPartition, refusal: AdmissionRefused) -> None:
@@ -294,7 +294,7 @@ class Ledger:
         cannot pass it together.
         """
         refusal: AdmissionRefused | None = None
-        with self.transaction():
+        with schema.transaction(self._db):
             now = self.clock()
             try:
                 ticket_id = self._queue.enqueue(req, waiter_pid, timeout_at, max_waiting, now)
@@ -314,7 +314,7 @@ class Ledger:
         state: TicketState = TicketState.CANCELLED,
         reason: str = "cancelled",
     ) -> None:
-        with self.transaction():
+        with schema.transaction(self._db):
             self._queue.close(ticket_id, state, reason, self.clock())
 
     def waiting(self) -> list[Ticket]:
@@ -327,7 +327,7 @@ class Ledger:
         """Admit every queued request that fits now without delaying one ahead of it."""
         if not self._queue.any_waiting():
             return []
-        with self.transaction():
+        with schema.transaction(self._db):
             now = self.clock()
             self._partitions.reap(now, self.reap_owners)
             self._queue.drop_stale(now)
