@@ -271,20 +271,20 @@ def fill_gpu0(client: Any) -> Callable[[], None]:
 def seed_history(ledger_path: Path, count: int, attacker_uid: int) -> float:
     """``count`` ended partitions (3,000 the attacker's) straight into the ledger; seconds."""
     from chronos.devices import open_machine
-    from chronos.ledger import Ledger, _immediate
+    from chronos.ledger import Ledger
     from chronos.models import RELEASED, PartitionRecord
 
     t0 = time.perf_counter()
     devices = open_machine("simulated").devices
     ledger = Ledger(ledger_path)
     now = time.time()
-    with _immediate(ledger._db):
+    with ledger.transaction():
         for i in range(count):
             dev = devices[i % len(devices)]
             mine = i < 3000
             uid = attacker_uid if mine else 60000 + i % 49
             created = now - 6 * 86400 + i * (5 * 86400 / max(1, count))
-            ledger._insert(
+            ledger.parts.partitions.insert(
                 PartitionRecord(
                     id=f"h{i:07x}",
                     device=dev.index,

@@ -56,19 +56,19 @@ max_gpu_hours_week = 100
 def add_bookings(ledger_path: Path, count: int, now: float) -> None:
     """``count`` one-hour bookings of a quarter GPU, alternating GPUs, none overlapping."""
     from chronos.devices import open_machine
-    from chronos.ledger import Ledger, _immediate
+    from chronos.ledger import Ledger
     from chronos.models import BOOKED, PartitionRecord
 
     devices = open_machine("simulated").devices
     ledger = Ledger(ledger_path)
     per_device = (count + len(devices) - 1) // len(devices)
     step = SPAN_S / per_device
-    with _immediate(ledger._db):
+    with ledger.transaction():
         for i in range(count):
             dev = devices[i % len(devices)]
             start = now + 2 * 3600.0 + (i // len(devices)) * step
             user = i % USERS
-            ledger._insert(
+            ledger.parts.partitions.insert(
                 PartitionRecord(
                     id=f"b{i:07x}",
                     device=dev.index,
@@ -170,12 +170,13 @@ def seed_flood(ledger_path: Path, waiters: int, history: int, now: float) -> Non
     events and usage aggregates), GPU 0 held for a day, and ``waiters`` requests waiting
     for it, written through the Ledger in one transaction (the API would fsync each)."""
     from chronos.devices import open_machine
-    from chronos.ledger import Ledger, NewPartition, _immediate
+    from chronos.ledger import Ledger, NewPartition
     from chronos.models import ACTIVE, RELEASED, PartitionRecord
 
     gpu0 = open_machine("simulated").devices[0]
     ledger = Ledger(ledger_path)
-    with _immediate(ledger._db):
+    parts = ledger.parts
+    with ledger.transaction():
         for i in range(history):
             user = i % FLOOD_USERS
             start = now - 30 * 86400.0 + i * (30 * 86400.0 - 3600.0) / history
@@ -195,14 +196,16 @@ def seed_flood(ledger_path: Path, waiters: int, history: int, now: float) -> Non
                 end_reason="released",
                 kind="api",
             )
-            ledger._insert(record)
-            ledger._event(start, "created", record.id, record.uid, record.user, None, None, {})
-            ledger._event(
-                start + 1800.0, "released", record.id, record.uid, record.user, None, None, {}
+            parts.partitions.insert(record)
+            parts.events.record(
+                "created", at=start, partition=record.id, uid=record.uid, user=record.user
             )
-            ledger._bump(start, record.user, created=1)
-            ledger._account_end(record)
-        ledger._insert(
+            parts.events.record(
+                "released", at=start + 1800.0, partition=record.id, uid=record.uid, user=record.user
+            )
+            parts.history.bump(start, record.user, created=1)
+            parts.history.account_end(record)
+        ledger.parts.partitions.insert(
             PartitionRecord(
                 id="blocker0",
                 device=gpu0.index,

@@ -185,14 +185,14 @@ def test_refusal_respects_reservable_capacity(ledger: Ledger) -> None:
 def test_expiry_is_exact(ledger: Ledger, clock: FakeClock) -> None:
     a = ledger.create(req(CAP, 100))
     clock.now = a.expires_at - 1e-6
-    assert [r.id for r in ledger.active()] == [a.id]
+    assert [r.id for r in ledger.open_at()] == [a.id]
     assert ledger.committed_bytes(DEV_A) == CAP
     assert ledger.get(a.id).state_at(clock.now) == ACTIVE
     with pytest.raises(AdmissionRefused):
         ledger.create(req(1, 1))
 
     clock.now = a.expires_at
-    assert ledger.active() == []
+    assert ledger.open_at() == []
     assert ledger.committed_bytes(DEV_A) == 0
     assert ledger.get(a.id).state_at(clock.now) == EXPIRED
     assert ledger.get(a.id).time_remaining_at(clock.now) == 0
@@ -570,7 +570,7 @@ def test_crash_consistency_under_sigkill(tmp_path: Path) -> None:
     led = Ledger(path, clock=lambda: clock_now, owner_alive=lambda pid, ticks: True)
     try:
         led.reap()
-        assert led.active() == []
+        assert led.open_at() == []
         full = NewPartition(
             device=0,
             device_uuid="GPU-A",
@@ -612,3 +612,109 @@ def test_many_processes_can_create_the_same_new_ledger_at_once(tmp_path: Path) -
         ]
         results = [p.communicate(timeout=60) for p in procs]
         assert [out.strip() for out, _ in results] == ["ok"] * 8, [e for _, e in results]
+
+
+# ------------------------------------------------- structure (issue #12): causes, names
+
+
+def test_refused_events_store_their_cause_as_data(ledger: Ledger) -> None:
+    """The refusal metric reads the stored cause, so rewording a refusal changes no label."""
+    from chronos.metrics import refusal_reason
+    from chronos.refusals import OverLimit, refusal
+    from chronos.vocabulary import RefusalCause, RefusalKind
+
+    def over_share(mine: object, start: float, end: float, now: float) -> None:
+        raise refusal(OverLimit("max_share", "90.0% of a GPU asked, at most 50.0% per partition"))
+
+    with pytest.raises(AdmissionRefused) as quota:
+        ledger.create(req(10 * GIB, 60), check=over_share)
+    assert quota.value.cause == RefusalCause.quota("max_share")
+    assert str(quota.value) == (
+        "over the max_share limit: 90.0% of a GPU asked, at most 50.0% per partition"
+    )
+    ledger.create(req(CAP, 60))
+    with pytest.raises(AdmissionRefused) as capacity:
+        ledger.create(req(GIB, 60))
+    assert capacity.value.cause == RefusalCause.capacity()
+    quota_event, capacity_event = [e for e in ledger.events() if e.kind == "refused"]
+    assert quota_event.detail["cause"] == "quota"
+    assert quota_event.detail["limit"] == "max_share"
+    assert capacity_event.detail["cause"] == "capacity"
+    assert "limit" not in capacity_event.detail
+    # A reworded sentence keeps its label: the cause decides, not the text.
+    assert refusal_reason({"reason": "policy says no", "cause": RefusalKind.QUOTA}) == "quota"
+    assert refusal_reason({"reason": "over the top", "cause": "capacity"}) == "capacity"
+
+
+def test_too_many_waiting_is_a_quota_refusal_with_its_limit(ledger: Ledger) -> None:
+    from chronos.vocabulary import RefusalCause
+
+    ledger.create(req(CAP, 3600))
+    ledger.enqueue(req(GIB, 60), None, None, max_waiting=1)
+    with pytest.raises(AdmissionRefused, match="over the max_waiting limit") as info:
+        ledger.enqueue(req(GIB, 60), None, None, max_waiting=1)
+    assert info.value.cause == RefusalCause.quota("max_waiting")
+    refused = [e for e in ledger.events() if e.kind == "refused"]
+    assert [e.detail["limit"] for e in refused] == ["max_waiting"]
+
+
+def test_extension_refusal_names_what_is_in_the_way_by_kind(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    """Queued requests are told apart from partitions and bookings by where they come from
+    (the queue's reservations), not by the spelling of their ids."""
+    short = ledger.create(req(40 * GIB, 100))
+    long = ledger.create(req(40 * GIB, 1000, user="bob", uid=1001))
+    ticket = ledger.enqueue(req(40 * GIB, 100, user="carol", uid=1002), None, None)
+    booking = ledger.create(req(40 * GIB, 10, starts_at=T0 + 250, user="dan", uid=1003))
+    with pytest.raises(AdmissionRefused) as info:
+        ledger.extend_expiry(short.id, T0 + 300, CAP, 1000, "alice")
+    assert str(info.value).endswith(
+        f"in the way: partition {long.id}, queued request {ticket.id}, booking {booking.id})"
+    )
+    assert ledger.get(short.id).expires_at == short.expires_at  # unchanged
+
+
+def test_rows_become_records_by_column_name(ledger: Ledger) -> None:
+    """A query's column order does not matter, and a missing column is an error, never a
+    field silently shifted by one."""
+    from chronos.ledger.records import PARTITIONS
+
+    a = ledger.create(req(10 * GIB, 60))
+    backwards = ", ".join(reversed(PARTITIONS.names))
+    rows = ledger.connection.execute(f"SELECT {backwards} FROM partitions")
+    assert PARTITIONS.all(rows) == [a]
+    short = ", ".join(PARTITIONS.names[:-1])
+    with pytest.raises(LookupError, match="warn_signal"):
+        PARTITIONS.all(ledger.connection.execute(f"SELECT {short} FROM partitions"))
+
+
+def test_a_ledger_written_by_the_schema_as_stored_opens(tmp_path: Path) -> None:
+    """The split changed no table: a file with rows written by plain SQL in the stored
+    column order (as every earlier Chronos wrote them) reads back field by field."""
+    path = tmp_path / "ledger.db"
+    Ledger(path).close()  # the schema, as any version of schema 3 made it
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "INSERT INTO partitions VALUES ('0abc1234', 1, 'GPU-B', 100, 25, 1000, 'alice', "
+            "1.0, 2.0, 3.0, 'released', 2.5, 'released', 4242, 77, 'run', 5.0, 6.0, 'SIGUSR2')"
+        )
+        db.execute(
+            "INSERT INTO events (at, kind, partition_id, uid, user, device_uuid, memory_bytes, "
+            "detail) VALUES (2.5, 'released', '0abc1234', 1000, 'alice', 'GPU-B', 25, "
+            '\'{"reason": "released"}\')'
+        )
+    led = Ledger(path)
+    try:
+        assert led.get("0abc1234") == PartitionRecord(
+            "0abc1234", 1, "GPU-B", 100, 25, 1000, "alice", 1.0, 2.0, 3.0, "released", 2.5,
+            "released", 4242, 77, "run", 5.0, 6.0, "SIGUSR2",
+        )  # fmt: skip
+        (event,) = led.events(partition_id="0abc1234")
+        assert (event.kind, event.user, event.detail) == (
+            "released",
+            "alice",
+            {"reason": "released"},
+        )
+    finally:
+        led.close()

@@ -13,6 +13,7 @@ from typing import Any
 
 from chronos.models import EXPIRED, RELEASED, Event, PartitionRecord
 from chronos.policy import gpu_hours
+from chronos.vocabulary import EventKind
 
 
 def usage_report(
@@ -57,13 +58,13 @@ def usage_report(
     for e in events:
         if e.user is None:
             continue
-        if e.kind in ("refused", "queue_refused"):
+        if e.kind in (EventKind.REFUSED, EventKind.QUEUE_REFUSED):
             row(e.user)["refused"] += 1
-        elif e.kind == "queued":
+        elif e.kind == EventKind.QUEUED:
             row(e.user)["queued"] += 1
-        elif e.kind == "memory_exceeded":
+        elif e.kind == EventKind.MEMORY_EXCEEDED:
             row(e.user)["killed_for_memory"] += 1
-        elif e.kind == "usage" and e.partition_id in by_id:
+        elif e.kind == EventKind.USAGE and e.partition_id in by_id:
             record = by_id[e.partition_id]
             entry = row(record.user)
             byte_seconds = float(e.detail.get("byte_seconds", 0.0))

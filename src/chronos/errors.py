@@ -6,6 +6,8 @@ wire and the client can raise the same class on the other side.
 
 from __future__ import annotations
 
+from chronos.vocabulary import RefusalCause
+
 RUN_FAILED_EXIT = 125
 """Exit status of ``chronos run`` when Chronos itself failed (as ``timeout`` and ``docker
 run`` use 125), so that it never collides with the command's own status."""
@@ -26,14 +28,29 @@ class BadRequest(ChronosError):
 
 
 class AdmissionRefused(ChronosError):
-    """The request is valid but does not fit now (or breaks a policy limit)."""
+    """The request is valid but does not fit now (or breaks a policy limit).
+
+    ``cause`` says why as data (a quota and its limit, or capacity), for whoever counts
+    refusals, and ``facts`` the numbers behind it (a :mod:`chronos.refusals` record); the
+    message is for people. A refusal rebuilt from the wire has neither.
+    """
 
     code = "refused"
     exit_code = 3
 
+    def __init__(
+        self, message: str, cause: RefusalCause | None = None, facts: object | None = None
+    ) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.facts = facts
+
 
 class CapacityRefused(AdmissionRefused):
     """Refused for lack of room on the device (waiting may help), not for a quota."""
+
+    def __init__(self, message: str, facts: object | None = None) -> None:
+        super().__init__(message, RefusalCause.capacity(), facts)
 
 
 class NotFound(ChronosError):

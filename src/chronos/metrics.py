@@ -138,7 +138,7 @@ def read_state(
     ledger = service.ledger
     now = ledger.clock()
     machine = service.machine
-    records = ledger.active(now)
+    records = ledger.open_at(now)
     usage = machine.usage()
     waiting = ledger.waiting()
     per_process = machine.per_process_memory
@@ -302,7 +302,15 @@ class EventCounts:
 
 
 def refusal_reason(detail: dict[str, Any]) -> str:
-    """``quota`` for a refusal by a policy limit ("over the <limit> limit: ..."), else capacity."""
+    """The ``reason`` label of a ``refused`` event: its stored cause (``quota`` or ``capacity``).
+
+    Events written before causes were stored have only the sentence; for them a policy
+    limit's refusal is told by its wording ("over the <limit> limit: ..."), which those
+    events can no longer change.
+    """
+    cause = detail.get("cause")
+    if cause in REFUSED_REASONS:
+        return str(cause)
     reason = detail.get("reason")
     return "quota" if isinstance(reason, str) and reason.startswith("over the ") else "capacity"
 

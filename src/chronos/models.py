@@ -11,11 +11,13 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from chronos.units import iso
+from chronos.vocabulary import OPEN_STATES, Origin, PartitionState
 
-ACTIVE = "active"
-RELEASED = "released"
-EXPIRED = "expired"
-BOOKED = "booked"
+# The short names many modules import; the vocabulary is chronos.vocabulary.
+ACTIVE = PartitionState.ACTIVE
+RELEASED = PartitionState.RELEASED
+EXPIRED = PartitionState.EXPIRED
+BOOKED = PartitionState.BOOKED
 STATES = (BOOKED, ACTIVE, RELEASED, EXPIRED)
 
 
@@ -39,7 +41,8 @@ class PartitionRecord:
     end_reason: str | None = None
     owner_pid: int | None = None
     owner_start: int | None = None
-    kind: str = "api"
+    kind: str = Origin.API
+    """An :class:`~chronos.vocabulary.Origin`, or ``slurm:<job>``."""
     grace_s: float | None = None
     warn_s: float | None = None
     warn_signal: str | None = None
@@ -47,6 +50,11 @@ class PartitionRecord:
     @property
     def memory_fraction(self) -> float:
         return self.memory_bytes / self.device_total_bytes
+
+    @property
+    def is_open(self) -> bool:
+        """Stored as active or booked (it may have passed its end unreaped: see state_at)."""
+        return self.state in OPEN_STATES
 
     def state_at(self, now: float) -> str:
         if self.state != ACTIVE and self.state != BOOKED:
@@ -56,7 +64,7 @@ class PartitionRecord:
         return ACTIVE if now >= self.starts_at else BOOKED
 
     def time_remaining_at(self, now: float) -> float:
-        if self.state_at(now) not in (ACTIVE, BOOKED):
+        if self.state_at(now) not in OPEN_STATES:
             return 0.0
         return max(0.0, self.expires_at - now)
 

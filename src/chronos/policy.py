@@ -10,10 +10,11 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from chronos.errors import AdmissionRefused
 from chronos.models import ACTIVE, BOOKED, PartitionRecord
+from chronos.refusals import OverLimit, refusal
 from chronos.units import format_duration
 
 if TYPE_CHECKING:  # only for annotations: keeps tomllib out of the CLI's import
@@ -22,8 +23,15 @@ if TYPE_CHECKING:  # only for annotations: keeps tomllib out of the CLI's import
 DAY = 86400.0
 WEEK = 7 * DAY
 
-Interval = tuple[float, float, int, str]
-"""(start, end, bytes, id) of something holding a device."""
+
+class Interval(NamedTuple):
+    """Something holding ``memory_bytes`` of a device over ``[start, end)``."""
+
+    start: float
+    end: float
+    memory_bytes: int
+    holder: str
+    """The partition's or queued request's id."""
 
 
 @dataclass(frozen=True)
@@ -195,7 +203,7 @@ def needs_history(limits: Limits) -> bool:
 
 
 def _over(limit: str, standing: str) -> AdmissionRefused:
-    return AdmissionRefused(f"over the {limit} limit: {standing}")
+    return refusal(OverLimit(limit, standing))
 
 
 def decayed_usage(records: Iterable[PartitionRecord], now: float, half_life: float) -> float:

@@ -363,7 +363,7 @@ class Service:
         self._reap()
         machine = self.machine
         now = self.ledger.clock()
-        open_records = self.ledger.running(now)
+        open_records = self.ledger.open_at(now, started=True)
         usage = machine.usage()
         found = (
             attribute_processes(machine, open_records, self.ledger.attached()) if processes else []
@@ -530,13 +530,13 @@ class Service:
         """The machine's longest partition is a limit like the per-user ones: refused as they
         are (same wording, same exit code), naming the maximum."""
         if seconds > self.config.max_duration_s + 1e-6:
-            from chronos.errors import AdmissionRefused
-            from chronos.units import format_duration
+            from chronos.refusals import OverLimit, refusal
 
-            raise AdmissionRefused(
-                f"over the max_duration limit: {format_duration(seconds)} asked, "
+            standing = (
+                f"{format_duration(seconds)} asked, "
                 f"at most {format_duration(self.config.max_duration_s)}"
             )
+            raise refusal(OverLimit("max_duration", standing))
         return seconds
 
     def _check_extension(self, record: PartitionRecord, new_end: float) -> None:

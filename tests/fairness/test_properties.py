@@ -32,7 +32,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from chronos.config import Config
-from chronos.ledger import _immediate
 from chronos.models import ACTIVE, BOOKED, PartitionRecord
 from chronos.policy import DAY, WEEK
 
@@ -141,8 +140,8 @@ class Schedule(RuleBasedStateMachine):
 
     def drop_stale(self) -> None:
         """Close timed-out tickets first, as every grant does, so plans compare like for like."""
-        with _immediate(self.h.ledger._db):
-            self.h.ledger._drop_stale_tickets(self.now)
+        with self.h.ledger.transaction():
+            self.h.ledger.parts.queue.drop_stale(self.now)
 
     def open_records(self) -> list[PartitionRecord]:
         return [r for r in self.h.ledger.partitions() if r.state_at(self.now) in (ACTIVE, BOOKED)]

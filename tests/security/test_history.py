@@ -122,13 +122,12 @@ def request(uid: int, user: str, fraction: float, duration: float = 600.0) -> Ne
 
 def seed_history(ledger: Ledger, uid: int, user: str, count: int, now: float) -> None:
     """``count`` ended partitions of ``user`` over the last 7 days, with their events."""
-    from chronos.ledger import _immediate
-
-    with _immediate(ledger._db):
+    partitions = ledger.parts.partitions
+    with ledger.transaction():
         for i in range(count):
             start = now - 7 * 86400.0 + i * (7 * 86400.0 - 7200.0) / max(count, 1)
-            record = ledger._admit(request(uid, user, 0.1), start, start, start + 3600.0)
-            ledger._end(record, RELEASED, start + 1800.0, "released", uid, user)
+            record = partitions.admit(request(uid, user, 0.1), start, start, start + 3600.0)
+            partitions.end(record, RELEASED, start + 1800.0, "released", uid, user)
 
 
 def sql_steps(ledger: Ledger, work: Callable[[], Any]) -> int:
@@ -139,18 +138,19 @@ def sql_steps(ledger: Ledger, work: Callable[[], Any]) -> int:
         steps[0] += 1
         return 0
 
-    ledger._db.set_progress_handler(tick, 1000)
+    ledger.connection.set_progress_handler(tick, 1000)
     try:
         work()
     finally:
-        ledger._db.set_progress_handler(None, 1000)
+        ledger.connection.set_progress_handler(None, 1000)
     return steps[0]
 
 
 def plan_cost(tmp: Path, history: int) -> int:
     now = 1_800_000_000.0
-    ledger = Ledger(tmp / f"ledger-{history}.db", clock=Clock(now), owner_alive=lambda p, s: True)
-    ledger._db.execute("PRAGMA synchronous = OFF")  # seeding only: thousands of commits
+    ledger = Ledger(  # fsync off: seeding only, thousands of commits
+        tmp / f"ledger-{history}.db", clock=Clock(now), owner_alive=lambda p, s: True, durable=False
+    )
     seed_history(ledger, 2000, "alice", history, now)
     ledger.create(request(0, "root", 1.0, 86400.0))  # the device is full for a day
     for i in range(30):
@@ -186,12 +186,9 @@ def test_planning_cost_does_not_grow_with_history() -> None:
 
 def seed_bookings(ledger_path: Path, count: int) -> None:
     """``count`` tiny one-second bookings of one (unquoted) user, written straight in."""
-    from chronos.ledger import _immediate
-
-    ledger = Ledger(ledger_path)
-    ledger._db.execute("PRAGMA synchronous = OFF")
+    ledger = Ledger(ledger_path, durable=False)
     now = time.time()
-    with _immediate(ledger._db):
+    with ledger.transaction():
         for i in range(count):
             start = now + 3600.0 + i * 2.0
             req = NewPartition(
@@ -205,7 +202,7 @@ def seed_bookings(ledger_path: Path, count: int) -> None:
                 duration_s=1.0,
                 starts_at=start,
             )
-            ledger._admit(req, now, start, start + 1.0)
+            ledger.parts.partitions.admit(req, now, start, start + 1.0)
     ledger.close()
 
 
@@ -250,27 +247,30 @@ def _get(url: str) -> bytes | None:
 
 def seed_long_history(ledger_path: Path, count: int, now: float, span: float) -> None:
     """``count`` ended partitions of alice, bob and carol over ``span`` seconds before now."""
-    from chronos.ledger import _immediate
-
-    ledger = Ledger(ledger_path)
-    ledger._db.execute("PRAGMA synchronous = OFF")
+    ledger = Ledger(ledger_path, durable=False)
+    partitions, events = ledger.parts.partitions, ledger.parts.events
     names = [("alice", 3001), ("bob", 3002), ("carol", 3003)]
-    with _immediate(ledger._db):
+    with ledger.transaction():
         for i in range(count):
             user, uid = names[i % 3]
             start = now - span + i * (span - 7200.0) / count
             req = request(uid, user, (0.1, 0.25, 0.5)[i % 3], 3600.0)
-            record = ledger._admit(req, start, start, start + 3600.0)
+            record = partitions.admit(req, start, start, start + 3600.0)
             if i % 5:
-                ledger._end(record, RELEASED, start + 900.0 * (i % 4 + 1), "released", uid, user)
+                partitions.end(record, RELEASED, start + 900.0 * (i % 4 + 1), "released", uid, user)
             else:
-                ledger._end(record, EXPIRED, start + 3600.0, "expired", None, None)
+                partitions.end(record, EXPIRED, start + 3600.0, "expired", None, None)
             if i % 7 == 0:
-                ledger._event(
-                    start, "usage", record.id, uid, user, None, None, {"byte_seconds": 1e12}
+                events.record(
+                    "usage",
+                    at=start,
+                    partition=record.id,
+                    uid=uid,
+                    user=user,
+                    detail={"byte_seconds": 1e12},
                 )
             if i % 11 == 0:
-                ledger._event(start, "refused", None, uid, user, None, None, {"reason": "x"})
+                events.record("refused", at=start, uid=uid, user=user, detail={"reason": "x"})
     ledger.close()
 
 
@@ -333,7 +333,7 @@ def test_retention_deletes_old_history_and_keeps_usage_correct(
     since = now - 90 * 86400.0 + 1234.5  # not on an hour: the first hour comes from rows
     ledger = Ledger(path)
     expected = usage_by_user(usage_report(ledger.recent(since), ledger.events(since), since, now))
-    before = ledger._db.execute("SELECT COUNT(*) FROM partitions").fetchone()[0]
+    before = len(ledger.partitions(include_ended=True))
     ledger.close()
     d.start()
 

@@ -80,7 +80,7 @@ class Sampler:
         self.deadlines.check_clock()
         if self.deadlines.prune_lingering():
             self.deadlines.after_time()  # memory held past an end is free now: grant waiters
-        records = ledger.running(ledger.clock())
+        records = ledger.open_at(ledger.clock(), started=True)
         attached = ledger.attached()
         counted = alloccap.before_sample(records)  # read before NVML: see after_sample
         t0 = time.perf_counter()
@@ -92,7 +92,7 @@ class Sampler:
         self._notice_unpartitioned(found)
         # Partitions that ended while the sample ran were already finished (on_ended):
         # accounting them now would start a usage entry nobody ever finishes (a leak).
-        still_open = {r.id for r in ledger.running(self.last_at)}
+        still_open = {r.id for r in ledger.open_at(self.last_at, started=True)}
         records = [r for r in records if r.id in still_open]
         self._remove_ended_cgroups({r.id for r in records})
         # The hard cap's windows run on monotonic time: a wall-clock step is no "time over".

@@ -1,0 +1,439 @@
+"""Partitions: admission, release, reaping, attachments, lingering memory, and their reads.
+
+Methods here run inside the facade's transaction (see :mod:`chronos.ledger.schema`)
+and never open one. Admission's room check takes the queue's reservations as an
+argument, so this part needs nothing of the queue; a refusal is raised with its facts
+as data (:mod:`chronos.refusals`), never written as prose here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+from collections.abc import Callable, Sequence
+
+from chronos.errors import NotFound, PartitionEnded
+from chronos.ledger.events import EventLog
+from chronos.ledger.history import History
+from chronos.ledger.records import ATTACHED, PARTITIONS, Attached, Ended, Interval, NewPartition
+from chronos.ledger.schema import BY_OPEN, OPEN
+from chronos.models import PartitionRecord
+from chronos.policy import earliest_fit, peak_usage
+from chronos.refusals import ExtensionBlocked, Holder, HolderKind, NoRoom, TooLarge, refusal
+from chronos.units import local_clock
+from chronos.vocabulary import OPEN_STATES, EventKind, PartitionState
+
+OwnerCheck = Callable[[int, "int | None"], bool]
+Lingering = Callable[[str], Sequence[tuple[float, float, int, str]]]
+"""Memory of ended partitions whose processes still run, per device (the daemon keeps it)."""
+QUOTA_HISTORY_S = 8 * 86400.0
+"""How far back quota checks look (a week's GPU-hour budget, and a day's margin)."""
+
+_SELECT = f"SELECT {PARTITIONS.columns} FROM partitions"
+_new_tuple = tuple.__new__
+
+
+class Partitions:
+    """The ``partitions`` and ``attached`` tables."""
+
+    def __init__(
+        self,
+        db: sqlite3.Connection,
+        events: EventLog,
+        history: History,
+        owner_alive: OwnerCheck,
+        lingering: Lingering,
+    ) -> None:
+        self._db = db
+        self._events = events
+        self._history = history
+        self._owner_alive = owner_alive
+        self._lingering = lingering
+
+    # ------------------------------------------------------------- writing
+
+    def admit(self, req: NewPartition, now: float, start: float, end: float) -> PartitionRecord:
+        """Record ``req`` as a partition over ``[start, end)`` (room already checked)."""
+        record = PartitionRecord(
+            id=self.new_id(),
+            device=req.device,
+            device_uuid=req.device_uuid,
+            device_total_bytes=req.device_total_bytes,
+            memory_bytes=req.memory_bytes,
+            uid=req.uid,
+            user=req.user,
+            created_at=now,
+            starts_at=start,
+            expires_at=end,
+            state=PartitionState.ACTIVE if start <= now else PartitionState.BOOKED,
+            owner_pid=req.owner_pid,
+            owner_start=req.owner_start,
+            kind=req.kind,
+            grace_s=req.grace_s,
+            warn_s=req.warn_s,
+            warn_signal=req.warn_signal,
+        )
+        self.insert(record)
+        self._history.bump(now, req.user, created=1)
+        self._events.record(
+            EventKind.CREATED,
+            at=now,
+            partition=record.id,
+            subject=req,
+            detail={"expires_at": end, "starts_at": start, "kind": req.kind},
+        )
+        return record
+
+    def insert(self, record: PartitionRecord) -> None:
+        """Write ``record`` as it is (no event, no accounting: seeding writes those itself)."""
+        PARTITIONS.insert(self._db, record)
+
+    def new_id(self) -> str:
+        while True:
+            candidate = os.urandom(4).hex()
+            if not self._db.execute(
+                "SELECT 1 FROM partitions WHERE id = ?", (candidate,)
+            ).fetchone():
+                return candidate
+
+    def end(
+        self,
+        record: PartitionRecord,
+        state: PartitionState,
+        at: float,
+        reason: str,
+        uid: int | None = None,
+        user: str | None = None,
+    ) -> PartitionRecord:
+        """End ``record`` at ``at``; ``uid``/``user``: who ended it (default its owner)."""
+        self._db.execute(
+            "UPDATE partitions SET state = ?, ended_at = ?, end_reason = ? WHERE id = ?",
+            (state, at, reason, record.id),
+        )
+        self._events.record(
+            EventKind(state),
+            at=at,
+            partition=record.id,
+            subject=record,
+            uid=uid,  # who ended it; by default its owner
+            user=user or record.user,
+            detail={"reason": reason, "owner_uid": record.uid},
+        )
+        ended = self.get(record.id)
+        self._history.account_end(ended)
+        return ended
+
+    def reap(self, now: float, owners: bool) -> list[Ended]:
+        """Start bookings whose time came, and end what is due (expired, owner gone)."""
+        # A booking whose start has come becomes active: that state change is logged too
+        # (first, so a booking that also ended since the last reap reads started, then ended).
+        starting = PARTITIONS.all(
+            self._db.execute(f"{_SELECT} WHERE state = 'booked' AND starts_at <= ?", (now,))
+        )
+        for r in starting:
+            self._events.record(
+                EventKind.STARTED,
+                at=r.starts_at,
+                partition=r.id,
+                subject=r,
+                detail={"reason": "booking began"},
+            )
+        self._db.execute(
+            "UPDATE partitions SET state = 'active' WHERE state = 'booked' AND starts_at <= ?",
+            (now,),
+        )
+        ended = []
+        for record, state, reason in self._due(now, owners):
+            at = record.expires_at if state == PartitionState.EXPIRED else now
+            ended.append(Ended(self.end(record, state, at, reason), reason))
+        return ended
+
+    def anything_due(self, now: float, owners: bool) -> bool:
+        """Whether :meth:`reap` would change anything (a read: no transaction needed)."""
+        booking_due = self._db.execute(
+            "SELECT 1 FROM partitions WHERE state = 'booked' AND starts_at <= ? LIMIT 1", (now,)
+        ).fetchone()
+        return booking_due is not None or bool(self._due(now, owners))
+
+    def _due(
+        self, now: float, owners: bool = True
+    ) -> list[tuple[PartitionRecord, PartitionState, str]]:
+        which = "(expires_at <= ? OR owner_pid IS NOT NULL)" if owners else "expires_at <= ?"
+        candidates = PARTITIONS.all(self._db.execute(f"{_SELECT} WHERE {OPEN} AND {which}", (now,)))
+        due: list[tuple[PartitionRecord, PartitionState, str]] = []
+        for record in candidates:
+            if record.expires_at <= now:
+                due.append((record, PartitionState.EXPIRED, "expired"))
+            elif record.owner_pid is not None and not self._owner_alive(
+                record.owner_pid, record.owner_start
+            ):
+                reason = f"owner process {record.owner_pid} exited"
+                due.append((record, PartitionState.RELEASED, reason))
+        return due
+
+    def release(
+        self, partition_id: str, now: float, uid: int, user: str, reason: str
+    ) -> PartitionRecord:
+        return self.end(
+            self.get_open(partition_id), PartitionState.RELEASED, now, reason, uid, user
+        )
+
+    def attach(
+        self,
+        partition_id: str,
+        pid: int,
+        start_ticks: int | None,
+        uid: int,
+        by_uid: int,
+        now: float,
+    ) -> None:
+        record = self.get_open(partition_id)
+        self._db.execute(
+            "INSERT OR REPLACE INTO attached VALUES (?, ?, ?, ?, ?, ?)",
+            (partition_id, pid, start_ticks, uid, now, by_uid),
+        )
+        self._events.record(
+            EventKind.ATTACHED,
+            at=now,
+            partition=partition_id,
+            uid=by_uid,
+            device_uuid=record.device_uuid,
+            detail={"pid": pid},
+        )
+
+    def extend(
+        self,
+        partition_id: str,
+        new_expires_at: float,
+        capacity_bytes: int,
+        uid: int,
+        user: str,
+        now: float,
+        reserved: list[Interval],
+    ) -> PartitionRecord:
+        """Move an open partition's end to ``new_expires_at`` if nothing (other partitions,
+        bookings, ``reserved`` room of the queue) needs the device meanwhile."""
+        record = self.get_open(partition_id)
+        held = [p for p in self.on_device(record.device_uuid, now) if p.holder != partition_id]
+        peak = peak_usage(held + reserved, record.expires_at, new_expires_at)
+        if peak + record.memory_bytes > capacity_bytes:
+            in_the_way = _holders(held, reserved, record.expires_at, new_expires_at, now)
+            facts = ExtensionBlocked(
+                partition_id, new_expires_at, capacity_bytes - peak, in_the_way
+            )
+            raise refusal(facts)
+        self._db.execute(
+            "UPDATE partitions SET expires_at = ? WHERE id = ?", (new_expires_at, partition_id)
+        )
+        self._events.record(
+            EventKind.EXTENDED,
+            at=now,
+            partition=partition_id,
+            subject=record,
+            uid=uid,
+            user=user,
+            detail={"from": record.expires_at, "to": new_expires_at},
+        )
+        return self.get(partition_id)
+
+    def shift_open(self, step: float, now: float) -> None:
+        """Move every open partition by ``step`` seconds (the wall clock stepped)."""
+        self._db.execute(
+            f"UPDATE partitions SET starts_at = starts_at + ?, expires_at = expires_at + ? "
+            f"WHERE {OPEN}",
+            (step, step),
+        )
+        self._events.record(EventKind.CLOCK_STEPPED, at=now + step, detail={"step_s": step})
+
+    # ------------------------------------------------------------- admission
+
+    def check_room(
+        self,
+        req: NewPartition,
+        start: float,
+        end: float,
+        now: float,
+        reserved: list[Interval],
+    ) -> None:
+        """Raise a refusal (facts attached) unless ``req`` fits over ``[start, end)`` beside
+        what is open and ``reserved`` (where the queue will run its waiters)."""
+        # Only what overlaps [start, end) can matter: with thousands of bookings ahead,
+        # reading them all took longer than the rest of admission together.
+        near = self.on_device(req.device_uuid, now, start, end)
+        peak = peak_usage(near + reserved, start, end)
+        if peak + req.memory_bytes <= req.capacity_bytes:
+            return
+        if req.memory_bytes > req.capacity_bytes:  # waiting can never make it fit
+            raise refusal(TooLarge(req.device, req.memory_bytes, req.capacity_bytes))
+        booked = self.on_device(req.device_uuid, now)  # all: to say when it fits
+        fits_at = earliest_fit(
+            booked + reserved, req.memory_bytes, req.duration_s, start, req.capacity_bytes
+        )
+        free = max(0, req.capacity_bytes - peak)
+        raise refusal(
+            NoRoom(req.device, req.memory_bytes, free, start, now, len(reserved), fits_at)
+        )
+
+    def on_device(
+        self, device_uuid: str, now: float, start: float = -math.inf, end: float = math.inf
+    ) -> list[Interval]:
+        """What holds the device (open partitions and lingering memory) within ``[start, end)``."""
+        rows = self._db.execute(
+            f"SELECT starts_at, expires_at, memory_bytes, id FROM partitions "
+            f"WHERE {OPEN} AND device_uuid = ? AND expires_at > ? "
+            "AND expires_at > ? AND starts_at < ?",
+            (device_uuid, now, start, end),
+        ).fetchall()
+        # Rows are (REAL, REAL, INTEGER, TEXT) by the columns' affinity, so each row is made
+        # an Interval as it is: with thousands open, Interval(...) per row cost a tenth of
+        # admission.
+        held = [_new_tuple(Interval, row) for row in rows]
+        lingering = [
+            Interval(*x) for x in self._lingering(device_uuid) if x[1] > start and x[0] < end
+        ]
+        return held + lingering
+
+    def committed_bytes(self, device_uuid: str, now: float) -> int:
+        rows = self._db.execute(
+            f"SELECT COALESCE(SUM(memory_bytes), 0) FROM partitions WHERE {OPEN} "
+            "AND device_uuid = ? AND starts_at <= ? AND expires_at > ?",
+            (device_uuid, now, now),
+        ).fetchone()
+        return int(rows[0])
+
+    # ------------------------------------------------------------- reading
+
+    def get(self, partition_id: str) -> PartitionRecord:
+        record = PARTITIONS.one(self._db.execute(f"{_SELECT} WHERE id = ?", (partition_id,)))
+        if record is None:
+            raise NotFound(f"no partition {partition_id!r}")
+        return record
+
+    def get_open(self, partition_id: str) -> PartitionRecord:
+        """The partition, which must still be open (else :class:`PartitionEnded`)."""
+        record = self.get(partition_id)
+        if record.state not in OPEN_STATES:
+            raise PartitionEnded(_ended_message(record))
+        return record
+
+    def stored(
+        self, include_ended: bool = False, limit: int | None = None
+    ) -> list[PartitionRecord]:
+        """Partitions stored as open (``include_ended``: every partition), oldest first.
+
+        Partitions whose end has passed but that nobody has reaped yet are
+        returned with their stored state; :meth:`PartitionRecord.state_at`
+        gives the effective one.
+        """
+        where = "" if include_ended else f"WHERE {OPEN}"
+        records = PARTITIONS.all(self._db.execute(f"{_SELECT} {where} ORDER BY created_at"))
+        if limit is not None:
+            records = records[-limit:]
+        return records
+
+    def open_at(self, now: float, started: bool = False) -> list[PartitionRecord]:
+        """Partitions open at ``now`` (``started``: only those already started, not bookings
+        still to come), oldest first: the effective state, whatever was reaped."""
+        begun = "AND starts_at <= ? " if started else ""
+        args = (now, now) if started else (now,)
+        return PARTITIONS.all(
+            self._db.execute(
+                f"{_SELECT} WHERE {OPEN} {begun}AND expires_at > ? ORDER BY created_at", args
+            )
+        )
+
+    def watched(self) -> list[PartitionRecord]:
+        """Open partitions a daemon must watch: owner-bound, or with a warning due."""
+        return PARTITIONS.all(
+            self._db.execute(
+                f"{_SELECT} WHERE {OPEN} AND (owner_pid IS NOT NULL OR warn_s IS NOT NULL)"
+            )
+        )
+
+    def recent(self, since: float, uid: int | None = None) -> list[PartitionRecord]:
+        """Every partition (of ``uid``) open now or ended after ``since``, oldest first.
+
+        Two indexed queries (open ones; ended ones by ``(uid, ended_at)``), so the
+        cost follows what is returned, not the ledger's whole history.
+        """
+        records = self.open_of(uid)
+        who, args = ("AND uid = ?", (uid,)) if uid is not None else ("", ())
+        records += PARTITIONS.all(
+            self._db.execute(f"{_SELECT} WHERE ended_at >= ? AND NOT {OPEN} {who}", (since, *args))
+        )
+        records.sort(key=lambda r: r.created_at)
+        return records
+
+    def quota_view(self, uid: int, now: float, check: Callable[..., None]) -> list[PartitionRecord]:
+        """What a quota check needs: the user's open partitions, and their last 8 days
+        only where the check asks for history (GPU-hour budgets)."""
+        if getattr(check, "needs_history", True):
+            return self.recent(now - QUOTA_HISTORY_S, uid)
+        return self.open_of(uid)
+
+    def open_of(self, uid: int | None) -> list[PartitionRecord]:
+        """Partitions stored as open (of ``uid``), through the open-partitions index."""
+        who, args = ("AND uid = ?", (uid,)) if uid is not None else ("", ())
+        return PARTITIONS.all(self._db.execute(f"{_SELECT} {BY_OPEN} WHERE {OPEN} {who}", args))
+
+    def page(
+        self, include_ended: bool, after: int, count: int
+    ) -> tuple[list[PartitionRecord], int | None]:
+        """Up to ``count`` partitions after cursor ``after``, oldest first, and the next cursor
+        (None at the end). Open ones come through the open-partitions index, all of them by
+        rowid, so a page costs what it returns however long the history."""
+        where = "WHERE" if include_ended else f"{BY_OPEN} WHERE {OPEN} AND"
+        cursor = self._db.execute(
+            f"SELECT {PARTITIONS.columns}, rowid FROM partitions {where} rowid > ? "
+            "ORDER BY rowid LIMIT ?",
+            (after, count + 1),
+        )
+        rows = PARTITIONS.with_rows(cursor)  # the rowid is the cursor, not a field
+        more = len(rows) > count
+        rows = rows[:count]
+        return [r for _, r in rows], (int(rows[-1][0][-1]) if more else None)
+
+    def ending_by(self, device_uuid: str, when: float, now: float) -> list[str]:
+        """Ids of open partitions on ``device_uuid`` that end by ``when``, soonest first."""
+        rows = self._db.execute(
+            f"SELECT id FROM partitions WHERE {OPEN} AND device_uuid = ? AND expires_at > ? "
+            "AND expires_at <= ? ORDER BY expires_at",
+            (device_uuid, now, when),
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def next_deadline(self) -> float | None:
+        """The earliest ``expires_at`` (or ``starts_at`` of a booking) still to come."""
+        row = self._db.execute(
+            f"SELECT MIN(CASE WHEN state = 'booked' THEN starts_at ELSE expires_at END) "
+            f"FROM partitions WHERE {OPEN}"
+        ).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def attached(self, partition_id: str | None = None) -> list[Attached]:
+        sql = f"SELECT {ATTACHED.columns} FROM attached"
+        if partition_id is None:
+            return ATTACHED.all(self._db.execute(sql))
+        return ATTACHED.all(self._db.execute(sql + " WHERE partition_id = ?", (partition_id,)))
+
+
+def _holders(
+    held: Sequence[Interval], reserved: Sequence[Interval], start: float, end: float, now: float
+) -> tuple[Holder, ...]:
+    """What holds the device somewhere in ``[start, end)``, in time order, named by what it
+    is: a queued request (from the queue's reservations), a booking, or a partition."""
+    tagged = [(x, HolderKind.BOOKING if x.start > now else HolderKind.PARTITION) for x in held]
+    tagged += [(x, HolderKind.QUEUED) for x in reserved]
+    overlapping = sorted((t for t in tagged if t[0].start < end and t[0].end > start), key=_first)
+    return tuple(Holder(kind, x.holder) for x, kind in overlapping)
+
+
+def _first(tagged: tuple[Interval, HolderKind]) -> Interval:
+    return tagged[0]
+
+
+def _ended_message(record: PartitionRecord) -> str:
+    when = local_clock(record.ended_at) if record.ended_at else "earlier"
+    verb = "was released" if record.state == PartitionState.RELEASED else "expired"
+    return f"partition {record.id} {verb} at {when}"

@@ -1,0 +1,201 @@
+"""The ledger's records, and how rows become records and records rows: by column name.
+
+Each table's columns have the names of its record's fields, so a record type names
+its columns once (:class:`Rows`): reads select exactly those columns and build the
+record by name, and inserts write them from the same list. A column missing from a
+query is an error at that query, never a field silently shifted by one.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from operator import attrgetter
+from typing import Any, Generic, TypeVar
+
+from chronos.ledger.schema import insert_sql
+from chronos.models import Event, PartitionRecord
+from chronos.policy import Interval
+from chronos.vocabulary import Origin, TicketState
+
+__all__ = [
+    "ATTACHED",
+    "EVENTS",
+    "PARTITIONS",
+    "TICKETS",
+    "Attached",
+    "Ended",
+    "Interval",
+    "NewPartition",
+    "Rows",
+    "Ticket",
+]
+
+
+@dataclass(frozen=True)
+class NewPartition:
+    """A validated request, ready for admission."""
+
+    device: int
+    device_uuid: str
+    device_total_bytes: int
+    capacity_bytes: int
+    """What admission may hand out on this device (total × reservable share)."""
+    memory_bytes: int
+    uid: int
+    user: str
+    duration_s: float
+    starts_at: float | None = None
+    owner_pid: int | None = None
+    owner_start: int | None = None
+    kind: str = Origin.API
+    grace_s: float | None = None
+    warn_s: float | None = None
+    warn_signal: str | None = None
+    exempt: bool = False
+    """Made by an administrator: quotas do not apply (capacity still does)."""
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A partition the ledger just ended, for whoever must act on it."""
+
+    record: PartitionRecord
+    reason: str
+
+
+@dataclass(frozen=True)
+class Attached:
+    partition_id: str
+    pid: int
+    start_ticks: int | None
+    uid: int
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A queued request and what became of it."""
+
+    id: str
+    state: str
+    """A :class:`~chronos.vocabulary.TicketState`."""
+    enqueued_at: float
+    request: NewPartition
+    partition_id: str | None = None
+    reason: str | None = None
+    timeout_at: float | None = None
+    waiter_pid: int | None = None
+
+    @property
+    def is_waiting(self) -> bool:
+        return self.state == TicketState.WAITING
+
+
+R = TypeVar("R")
+
+
+class Rows(Generic[R]):
+    """How one record type is read from its table (and written to it), by column name."""
+
+    def __init__(
+        self,
+        make: Callable[..., R],
+        table: str,
+        names: Sequence[str],
+        convert: Mapping[str, Callable[[Any], Any]] | None = None,
+        written: Sequence[str] | None = None,
+    ) -> None:
+        """``names``: the record's fields, which are also its columns; ``convert``: how a
+        column's stored value becomes the field's (JSON text to a dict, …); ``written``:
+        the fields an insert writes (all of them unless the table makes some itself)."""
+        self.make = make
+        self.table = table
+        self.names = tuple(names)
+        self.columns = ", ".join(self.names)
+        """The column list of a ``SELECT`` that :meth:`all` and :meth:`one` can read."""
+        self._convert = dict(convert or {})
+        self._builders: dict[tuple[str, ...], Callable[[Sequence[Any]], R]] = {}
+        self.written = tuple(written or self.names)
+        self.insert_sql = insert_sql(table, self.written)
+        self._values = attrgetter(*self.written)
+
+    def all(self, cursor: sqlite3.Cursor) -> list[R]:
+        build = self._builder(cursor.description)
+        return [build(row) for row in cursor]
+
+    def with_rows(self, cursor: sqlite3.Cursor) -> list[tuple[Sequence[Any], R]]:
+        """Each row with its record (for columns the record lacks, such as a rowid)."""
+        build = self._builder(cursor.description)
+        return [(row, build(row)) for row in cursor]
+
+    def one(self, cursor: sqlite3.Cursor) -> R | None:
+        row = cursor.fetchone()
+        return None if row is None else self._builder(cursor.description)(row)
+
+    def values(self, record: R) -> tuple[Any, ...]:
+        """The record's values for :attr:`insert_sql`, in :attr:`written` order."""
+        return tuple(self._values(record))
+
+    def insert(self, db: sqlite3.Connection, record: R) -> None:
+        db.execute(self.insert_sql, self.values(record))
+
+    def _builder(self, description: Sequence[Sequence[Any]]) -> Callable[[Sequence[Any]], R]:
+        names = tuple([d[0] for d in description])  # a list first: no generator per column
+        build = self._builders.get(names)
+        if build is None:
+            build = self._builders[names] = self._make_builder(names)
+        return build
+
+    def _make_builder(self, names: tuple[str, ...]) -> Callable[[Sequence[Any]], R]:
+        """A row-to-record function for a query with columns ``names`` (made once per
+        query shape; rows then cost what positional construction costs)."""
+        missing = [n for n in self.names if n not in names]
+        if missing:
+            raise LookupError(f"a query of {self.table} lacks column(s) {', '.join(missing)}")
+        make = self.make
+        count = len(self.names)
+        if names[:count] == self.names:  # the usual shape: the fields first, in order
+            converted = [
+                (i, self._convert[n]) for i, n in enumerate(self.names) if n in self._convert
+            ]
+            if not converted:
+                return lambda row: make(*row[:count])
+
+            def build_in_order(row: Sequence[Any]) -> R:
+                values = list(row[:count])
+                for i, conv in converted:
+                    values[i] = conv(values[i])
+                return make(*values)
+
+            return build_in_order
+        at = [names.index(n) for n in self.names]
+        converters = [self._convert.get(n) for n in self.names]
+
+        def build(row: Sequence[Any]) -> R:
+            return make(
+                *[row[i] if conv is None else conv(row[i]) for i, conv in zip(at, converters)]
+            )
+
+        return build
+
+
+def _request(text: str) -> NewPartition:
+    return NewPartition(**json.loads(text))
+
+
+PARTITIONS: Rows[PartitionRecord] = Rows(
+    PartitionRecord, "partitions", [f.name for f in fields(PartitionRecord)]
+)
+EVENTS: Rows[Event] = Rows(
+    Event,
+    "events",
+    [f.name for f in fields(Event)],
+    convert={"detail": json.loads},
+    written=[f.name for f in fields(Event) if f.name != "seq"],  # SQLite numbers them
+)
+TICKETS: Rows[Ticket] = Rows(
+    Ticket, "waiting", [f.name for f in fields(Ticket)], convert={"request": _request}
+)
+ATTACHED: Rows[Attached] = Rows(Attached, "attached", [f.name for f in fields(Attached)])
