@@ -233,6 +233,8 @@ class Ledger:
         clock: Callable[[], float] = time.time,
         owner_alive: OwnerCheck = procs.is_same_process,
         file_mode: int = 0o666,
+        *,
+        reap_owners: bool = True,
     ) -> None:
         self.path = Path(path)
         self.clock = clock
@@ -243,8 +245,8 @@ class Ledger:
         self.lingering: Callable[[str], list[tuple[float, float, int, str]]] = lambda uuid: []
         """Memory of ended partitions whose processes still run (the daemon keeps it):
         admission counts it as committed, so it never hands out memory still held."""
-        self.reap_owners = True
-        """Check owner processes on every reap (the daemon turns this off: it has pidfds)."""
+        self.reap_owners = reap_owners
+        """Check owner processes on every reap (the daemon does not: it has pidfds)."""
         self.fairshare_half_life: Callable[[], float] = lambda: 7 * 86400.0
         """Half-life of fair-share usage; the service applies the policy in force."""
         self._waiting: dict[str, Ticket] = {}
