@@ -461,11 +461,6 @@ class Partitioner:
         report: dict[str, Any] = self._transport.send(StatsRequest())
         return report
 
-    @property
-    def local_service(self) -> Service | None:
-        """The in-process service where there is no daemon (embedded mode), else None."""
-        return self._transport.local_service
-
     def close(self) -> None:
         self._transport.close()
 
