@@ -8,7 +8,6 @@ typed requests of :mod:`chronos.messages` and read typed replies.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import signal
 import threading
@@ -387,7 +386,7 @@ class Partitioner:
         after = None
         while True:
             try:
-                page = self._transport.send(dataclasses.replace(request, limit=PAGE, after=after))
+                page = self._transport.send(request._replace(limit=PAGE, after=after))
             except BadRequest as exc:
                 if after is not None or "unknown argument" not in str(exc):
                     raise

@@ -13,15 +13,17 @@ Replies stay the JSON the daemon has always sent; the one reply that is either
 of two things, a create's, is told apart here once (:func:`create_reply`)
 rather than by each caller.
 
-Dataclasses, not msgspec: the schema needs our own checks anyway (the 64 KiB
-cap before parsing, per-field ranges, the exact refusal wording clients and
-tests rely on), and dataclasses cost the full CLI no import it does not already
-pay (docs/ARCHITECTURE.md, "Typed messages", has the figures).
+Typed named tuples, not dataclasses or msgspec: defining these sixteen classes as
+frozen dataclasses cost every ``import chronos.api`` (the API, the full CLI, each
+Slurm prolog) about 10 ms more, msgspec about as much for its import and a compiled
+dependency besides, ``NamedTuple`` about 1 ms; and the schema needs our own checks
+anyway (the 64 KiB cap before parsing, per-field ranges, the exact refusal
+wording clients and tests rely on). docs/ARCHITECTURE.md, "Typed messages", has
+the figures. Build them with keywords only: their fields are many and in no
+order a caller should rely on.
 """
 
-import dataclasses
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from chronos.models import PartitionRecord
@@ -33,31 +35,13 @@ Spec = str | int | float
 """A memory or duration as given: text (``"10GiB"``, ``"1h30m"``) or a number."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Request:
-    """One request; subclasses name their operation (``op``) and declare its arguments."""
-
-    op: ClassVar[str] = ""
-
-    def wire_args(self) -> dict[str, Any]:
-        """The arguments as sent: those left unset (None) are not sent at all."""
-        return {
-            f.name: value
-            for f in dataclasses.fields(self)
-            if (value := getattr(self, f.name)) is not None
-        }
+class PingRequest(NamedTuple):
+    """Who the daemon sees (uid, user, administrator) and its version."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PingRequest(Request):
-    op: ClassVar[str] = "ping"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CreateRequest(Request):
+class CreateRequest(NamedTuple):
     """A new partition (``start``: a booking ahead; ``wait``: queue it if it does not fit)."""
 
-    op: ClassVar[str] = "create"
     device: int
     memory: Spec
     duration: Spec
@@ -72,110 +56,121 @@ class CreateRequest(Request):
     timeout: float | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WaitRequest(Request):
+class WaitRequest(NamedTuple):
     """Where a queued ticket stands; the daemon holds it up to ``max_wait`` (a long poll)."""
 
-    op: ClassVar[str] = "wait"
     id: str
     max_wait: float = 0.0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CancelRequest(Request):
-    op: ClassVar[str] = "cancel"
+class CancelRequest(NamedTuple):
     id: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class QueueRequest(Request):
-    op: ClassVar[str] = "queue"
+class QueueRequest(NamedTuple):
     limit: int | None = None
     after: int | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class UsageRequest(Request):
-    op: ClassVar[str] = "usage"
+class UsageRequest(NamedTuple):
     since: float | None = None
     user: str | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ReleaseRequest(Request):
-    op: ClassVar[str] = "release"
+class ReleaseRequest(NamedTuple):
     id: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class GetRequest(Request):
-    op: ClassVar[str] = "get"
+class GetRequest(NamedTuple):
     id: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ListRequest(Request):
-    op: ClassVar[str] = "list"
+class ListRequest(NamedTuple):
     all: bool = False
     limit: int | None = None
     after: int | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StatsRequest(Request):
-    op: ClassVar[str] = "stats"
+class StatsRequest(NamedTuple):
     processes: bool = True
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AttachRequest(Request):
-    op: ClassVar[str] = "attach"
+class AttachRequest(NamedTuple):
     id: str
     pid: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AttachedPidsRequest(Request):
-    op: ClassVar[str] = "attached_pids"
+class AttachedPidsRequest(NamedTuple):
     id: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ExtendRequest(Request):
-    op: ClassVar[str] = "extend"
+class ExtendRequest(NamedTuple):
     id: str
     duration: Spec
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EventsRequest(Request):
-    op: ClassVar[str] = "events"
+class EventsRequest(NamedTuple):
     since: float | None = None
     id: str | None = None
     limit: int | None = None
     after: int | None = None
 
 
+Request = (
+    PingRequest
+    | CreateRequest
+    | WaitRequest
+    | CancelRequest
+    | QueueRequest
+    | UsageRequest
+    | ReleaseRequest
+    | GetRequest
+    | ListRequest
+    | StatsRequest
+    | AttachRequest
+    | AttachedPidsRequest
+    | ExtendRequest
+    | EventsRequest
+)
+"""Any request."""
+
 REQUESTS: dict[str, type[Request]] = {
-    cls.op: cls
-    for cls in (
-        PingRequest,
-        CreateRequest,
-        WaitRequest,
-        CancelRequest,
-        QueueRequest,
-        UsageRequest,
-        ReleaseRequest,
-        GetRequest,
-        ListRequest,
-        StatsRequest,
-        AttachRequest,
-        AttachedPidsRequest,
-        ExtendRequest,
-        EventsRequest,
-    )
+    "ping": PingRequest,
+    "create": CreateRequest,
+    "wait": WaitRequest,
+    "cancel": CancelRequest,
+    "queue": QueueRequest,
+    "usage": UsageRequest,
+    "release": ReleaseRequest,
+    "get": GetRequest,
+    "list": ListRequest,
+    "stats": StatsRequest,
+    "attach": AttachRequest,
+    "attached_pids": AttachedPidsRequest,
+    "extend": ExtendRequest,
+    "events": EventsRequest,
 }
 """Every operation the daemon answers, by name."""
+
+_OP_OF: dict[type[Request], str] = {cls: op for op, cls in REQUESTS.items()}
+
+
+def op_of(request: Request) -> str:
+    """The name of the operation ``request`` asks for."""
+    return _OP_OF[type(request)]
+
+
+def wire_args(request: Request) -> dict[str, Any]:
+    """The arguments as sent: those left unset (None) are not sent at all."""
+    return {name: value for name, value in request._asdict().items() if value is not None}
+
+
+def schema_of(cls: type[Request]) -> dict[str, tuple[tuple[type, ...], bool]]:
+    """``{argument: (accepted JSON types, required)}``: required where it has no default."""
+    return {
+        name: (accepted_types(cls.__annotations__[name]), name not in cls._field_defaults)
+        for name in cls._fields
+    }
 
 
 def accepted_types(annotation: Any) -> tuple[type, ...]:
@@ -191,8 +186,7 @@ def accepted_types(annotation: Any) -> tuple[type, ...]:
 # ---------------------------------------------------------------------- replies
 
 
-@dataclass(frozen=True, slots=True)
-class Granted:
+class Granted(NamedTuple):
     """A create that was admitted: the partition, and the environment that shows its GPU."""
 
     record: "PartitionRecord"
@@ -202,14 +196,15 @@ class Granted:
     def from_wire(cls, data: dict[str, Any]) -> "Granted":
         from chronos.models import PartitionRecord
 
-        return cls(PartitionRecord.from_wire(data), dict(data.get("visible_env") or {}))
+        return cls(
+            record=PartitionRecord.from_wire(data), visible_env=dict(data.get("visible_env") or {})
+        )
 
     def to_wire(self) -> dict[str, Any]:
         return {**self.record.to_wire(), "visible_env": dict(self.visible_env)}
 
 
-@dataclass(frozen=True, slots=True)
-class TicketStatus:
+class TicketStatus(NamedTuple):
     """A queued request's standing (a create with ``wait`` that did not fit, ``wait``,
     ``cancel``). ``status`` is the whole reply: position, estimate and what it waits for
     while ``waiting``; the granted partition once ``granted``."""
@@ -221,7 +216,12 @@ class TicketStatus:
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> "TicketStatus":
-        return cls(str(data["ticket"]), str(data["state"]), data.get("reason"), data)
+        return cls(
+            ticket=str(data["ticket"]),
+            state=str(data["state"]),
+            reason=data.get("reason"),
+            status=data,
+        )
 
     @property
     def granted(self) -> "Granted | None":

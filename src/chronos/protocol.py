@@ -20,7 +20,6 @@ parsers of memory and duration strings see it. Replies may be larger
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import struct
@@ -48,15 +47,8 @@ MAX_SECONDS = 1e11
 """Bound of any time or span in seconds (epoch seconds of the year 5138): finite and sane."""
 
 
-def _schema(cls: type[messages.Request]) -> dict[str, tuple[tuple[type, ...], bool]]:
-    return {
-        f.name: (messages.accepted_types(f.type), f.default is dataclasses.MISSING)
-        for f in dataclasses.fields(cls)
-    }
-
-
 OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
-    op: _schema(cls) for op, cls in messages.REQUESTS.items()
+    op: messages.schema_of(cls) for op, cls in messages.REQUESTS.items()
 }
 """op -> {arg: (accepted types, required)}, read off the request classes of
 :mod:`chronos.messages` (the one place each operation's arguments are written)."""
@@ -69,7 +61,7 @@ def request(op: str, **args: Any) -> dict[str, Any]:
 
 def message_of(req: messages.Request) -> dict[str, Any]:
     """The wire message of a typed request."""
-    return {"v": VERSION, "op": req.op, "args": req.wire_args()}
+    return {"v": VERSION, "op": messages.op_of(req), "args": messages.wire_args(req)}
 
 
 def parse_request(message: Any) -> messages.Request:

@@ -41,6 +41,7 @@ from chronos.messages import (
     StatsRequest,
     UsageRequest,
     WaitRequest,
+    op_of,
 )
 from chronos.models import ACTIVE, BOOKED, DeviceStats, PartitionRecord, ProcessUse
 from chronos.policy import Ask, check_limits, needs_history, priority
@@ -128,7 +129,7 @@ class Service:
     def serve(self, caller: Caller, request: Request) -> dict[str, Any]:
         """Run one checked request; always returns a reply, never raises a ChronosError."""
         try:
-            return protocol.ok(getattr(self, f"op_{request.op}")(caller, request))
+            return protocol.ok(getattr(self, f"op_{op_of(request)}")(caller, request))
         except ChronosError as exc:
             return protocol.error(exc)
 
@@ -202,7 +203,7 @@ class Service:
         if alloccap.wanted_for(dev.vendor):
             alloccap.on_create(record.id, record.memory_bytes, record.uid, self.mode)
         alloccap.sweep(self._is_open, self.mode)
-        return Granted(record, dict(dev.visible_env)).to_wire()
+        return Granted(record=record, visible_env=dict(dev.visible_env)).to_wire()
 
     # ----------------------------------------------------------------- queue
 
@@ -342,7 +343,8 @@ class Service:
         if ticket.state == "granted" and ticket.partition_id:
             record = self.ledger.get(ticket.partition_id)
             dev = self.machine.by_uuid(record.device_uuid)
-            status["partition"] = Granted(record, dict(dev.visible_env) if dev else {}).to_wire()
+            env = dict(dev.visible_env) if dev else {}
+            status["partition"] = Granted(record=record, visible_env=env).to_wire()
         elif ticket.state == "waiting":
             mine = next(iter(self.queue_statuses(only=ticket.id)), None)
             if mine is not None:

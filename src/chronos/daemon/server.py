@@ -50,7 +50,7 @@ from chronos import protocol
 from chronos.daemon.log import log
 from chronos.errors import ChronosError, ProtocolError
 from chronos.identity import Caller
-from chronos.messages import WaitRequest
+from chronos.messages import WaitRequest, op_of
 
 READ_TIMEOUT_S = 5.0
 """Longest a started frame may take to arrive in full."""
@@ -328,7 +328,7 @@ class Server:
         op = "invalid"
         try:
             message = protocol.CheckedMessage.of(protocol.decode_body(body))
-            op = message.request.op
+            op = op_of(message.request)
             reply = self._timed(caller, message)
             if isinstance(message.request, WaitRequest) and reply.get("ok"):
                 reply = await self._long_poll(caller, message, message.request.max_wait, reply)
@@ -338,7 +338,7 @@ class Server:
 
     def _timed(self, caller: Caller, message: protocol.CheckedMessage) -> dict[str, Any]:
         """One handler call, timed; a slow one is logged, a crashing one still answered."""
-        op = message.request.op
+        op = op_of(message.request)
         started = time.perf_counter()
         try:
             reply = self._handle(caller, message)
