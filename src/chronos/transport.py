@@ -1,7 +1,8 @@
 """How a client reaches the ledger: through the daemon, or in-process.
 
-:class:`Transport` has one method, ``send(request)``, for a typed request of
-:mod:`chronos.messages` (``call(op, **args)`` builds one from an operation's name).
+:class:`Transport` sends a typed request of :mod:`chronos.messages`
+(``send(request)``; ``call(op, **args)`` sends the same message by an operation's
+name, for tests and tools); each transport implements ``exchange(message)``.
 :class:`SocketTransport` talks to ``chronosd``; :class:`EmbeddedTransport` runs the
 same :class:`~chronos.service.Service` in the caller's process over the shared
 SQLite ledger, and hands it the same wire message, so both modes check a request
