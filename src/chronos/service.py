@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from chronos import alloccap, procs, protocol
+from chronos import alloccap, messages, procs, protocol
 from chronos.attribution import attribute_processes
 from chronos.cgroups import PartitionCgroups
 from chronos.cgroups import cgroup_of as cgroups_of
@@ -24,25 +24,6 @@ from chronos.devices import DeviceUsage, Machine, open_machine
 from chronos.errors import BadRequest, CapacityRefused, ChronosError, PermissionDenied
 from chronos.identity import Caller, resolve_user
 from chronos.ledger import Ledger, NewPartition, QuotaCheck
-from chronos.messages import (
-    AttachedPidsRequest,
-    AttachRequest,
-    CancelRequest,
-    CreateRequest,
-    EventsRequest,
-    ExtendRequest,
-    GetRequest,
-    Granted,
-    ListRequest,
-    PingRequest,
-    QueueRequest,
-    ReleaseRequest,
-    Request,
-    StatsRequest,
-    UsageRequest,
-    WaitRequest,
-    op_of,
-)
 from chronos.models import ACTIVE, BOOKED, DeviceStats, PartitionRecord, ProcessUse
 from chronos.policy import Ask, check_limits, needs_history, priority
 from chronos.slurm import policy as slurm_policy
@@ -126,16 +107,16 @@ class Service:
             return protocol.error(exc)
         return self.serve(caller, request)
 
-    def serve(self, caller: Caller, request: Request) -> dict[str, Any]:
+    def serve(self, caller: Caller, request: messages.Request) -> dict[str, Any]:
         """Run one checked request; always returns a reply, never raises a ChronosError."""
         try:
-            return protocol.ok(getattr(self, f"op_{op_of(request)}")(caller, request))
+            return protocol.ok(getattr(self, f"op_{messages.op_of(request)}")(caller, request))
         except ChronosError as exc:
             return protocol.error(exc)
 
     # ----------------------------------------------------------------------- ops
 
-    def op_ping(self, caller: Caller, request: PingRequest) -> dict[str, Any]:
+    def op_ping(self, caller: Caller, request: messages.PingRequest) -> dict[str, Any]:
         from chronos import __version__
 
         return {
@@ -146,7 +127,7 @@ class Service:
             "admin": caller.is_admin,
         }
 
-    def op_create(self, caller: Caller, ask: CreateRequest) -> dict[str, Any]:
+    def op_create(self, caller: Caller, ask: messages.CreateRequest) -> dict[str, Any]:
         device, memory, duration, kind = ask.device, ask.memory, ask.duration, ask.kind
         start, wait, timeout, warn = ask.start, ask.wait, ask.timeout, ask.warn
         if kind not in KINDS and not slurm_policy.may_use_kind(caller, kind):
@@ -203,11 +184,11 @@ class Service:
         if alloccap.wanted_for(dev.vendor):
             alloccap.on_create(record.id, record.memory_bytes, record.uid, self.mode)
         alloccap.sweep(self._is_open, self.mode)
-        return Granted(record=record, visible_env=dict(dev.visible_env)).to_wire()
+        return messages.Granted(record=record, visible_env=dict(dev.visible_env)).to_wire()
 
     # ----------------------------------------------------------------- queue
 
-    def op_wait(self, caller: Caller, request: WaitRequest) -> dict[str, Any]:
+    def op_wait(self, caller: Caller, request: messages.WaitRequest) -> dict[str, Any]:
         """Where ticket ``id`` stands; embedded mode polls up to ``max_wait`` seconds."""
         id, max_wait = request.id, request.max_wait
         self._authorize_ticket(caller, id)
@@ -221,7 +202,7 @@ class Service:
                 return status
             time.sleep(EMBEDDED_POLL_S)
 
-    def op_cancel(self, caller: Caller, request: CancelRequest) -> dict[str, Any]:
+    def op_cancel(self, caller: Caller, request: messages.CancelRequest) -> dict[str, Any]:
         id = request.id
         self._authorize_ticket(caller, id)
         self.ledger.cancel(id)
@@ -229,7 +210,7 @@ class Service:
         return self._ticket_status(id)
 
     def op_queue(
-        self, caller: Caller, request: QueueRequest
+        self, caller: Caller, request: messages.QueueRequest
     ) -> list[dict[str, Any]] | dict[str, Any]:
         """The queue in serving order; with ``limit``/``after`` one page of it (``after`` is
         the position already seen), as ``{"items", "next"}``."""
@@ -344,7 +325,7 @@ class Service:
             record = self.ledger.get(ticket.partition_id)
             dev = self.machine.by_uuid(record.device_uuid)
             env = dict(dev.visible_env) if dev else {}
-            status["partition"] = Granted(record=record, visible_env=env).to_wire()
+            status["partition"] = messages.Granted(record=record, visible_env=env).to_wire()
         elif ticket.state == "waiting":
             mine = next(iter(self.queue_statuses(only=ticket.id)), None)
             if mine is not None:
@@ -358,7 +339,7 @@ class Service:
         if caller.uid != ticket.request.uid and not caller.is_admin:
             raise PermissionDenied(f"queued request {ticket_id} belongs to {ticket.request.user}")
 
-    def op_release(self, caller: Caller, request: ReleaseRequest) -> dict[str, Any]:
+    def op_release(self, caller: Caller, request: messages.ReleaseRequest) -> dict[str, Any]:
         id = request.id
         self._authorize(caller, self.ledger.get(id), "release")
         record = self.ledger.release(id, caller.uid, caller.user)
@@ -366,12 +347,12 @@ class Service:
         alloccap.on_release(id, self.mode)
         return record.to_wire()
 
-    def op_get(self, caller: Caller, request: GetRequest) -> dict[str, Any]:
+    def op_get(self, caller: Caller, request: messages.GetRequest) -> dict[str, Any]:
         self.ledger.reap()
         return self.ledger.get(request.id).to_wire()
 
     def op_list(
-        self, caller: Caller, request: ListRequest
+        self, caller: Caller, request: messages.ListRequest
     ) -> list[dict[str, Any]] | dict[str, Any]:
         """Partitions, oldest first; with ``limit``/``after`` one page, as ``{"items", "next"}``
         (``next`` is the cursor for the following page, None after the last)."""
@@ -386,7 +367,7 @@ class Service:
         items = [r.to_wire() for r in records if all or r.state_at(now) in (ACTIVE, BOOKED)]
         return {"items": items, "next": cursor}
 
-    def op_stats(self, caller: Caller, request: StatsRequest) -> dict[str, Any]:
+    def op_stats(self, caller: Caller, request: messages.StatsRequest) -> dict[str, Any]:
         processes = request.processes
         self._reap()
         machine = self.machine
@@ -438,7 +419,7 @@ class Service:
             )
         return out
 
-    def op_attach(self, caller: Caller, request: AttachRequest) -> dict[str, Any]:
+    def op_attach(self, caller: Caller, request: messages.AttachRequest) -> dict[str, Any]:
         id, pid = request.id, request.pid
         record = self.ledger.get(id)
         self._authorize(caller, record, "attach to")
@@ -514,14 +495,14 @@ class Service:
         )
 
     def op_attached_pids(
-        self, caller: Caller, request: AttachedPidsRequest
+        self, caller: Caller, request: messages.AttachedPidsRequest
     ) -> list[dict[str, Any]]:
         return [
             {"pid": a.pid, "start_ticks": a.start_ticks, "uid": a.uid}
             for a in self.ledger.attached(request.id)
         ]
 
-    def op_extend(self, caller: Caller, request: ExtendRequest) -> dict[str, Any]:
+    def op_extend(self, caller: Caller, request: messages.ExtendRequest) -> dict[str, Any]:
         id, duration = request.id, request.duration
         record = self.ledger.get(id)
         self._authorize(caller, record, "extend")
@@ -539,7 +520,7 @@ class Service:
         return updated.to_wire()
 
     def op_events(
-        self, caller: Caller, request: EventsRequest
+        self, caller: Caller, request: messages.EventsRequest
     ) -> list[dict[str, Any]] | dict[str, Any]:
         """Events in order; with ``limit``/``after`` (a ``seq``) one page: ``{"items", "next"}``."""
         since, id, limit, after = request.since, request.id, request.limit, request.after
@@ -575,7 +556,7 @@ class Service:
         ask = Ask(record.user, record.device, record.memory_fraction, record.starts_at, new_end)
         check_limits(limits, ask, mine, now)
 
-    def op_usage(self, caller: Caller, request: UsageRequest) -> list[dict[str, Any]]:
+    def op_usage(self, caller: Caller, request: messages.UsageRequest) -> list[dict[str, Any]]:
         from chronos.accounting import usage_rows
 
         since, user = request.since, request.user
