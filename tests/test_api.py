@@ -154,16 +154,30 @@ def test_timeout_is_a_timeout_error() -> None:
         raise err
 
 
-def documented_surface() -> set[str]:
-    """The names the README's "Use it from Python" section says the package exports."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    match = re.search(r"<!-- exports -->(.*?)<!-- /exports -->", readme, re.S)
-    assert match, "README has no exports list"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def documented_surface(doc: str = "README.md") -> set[str]:
+    """The names a document's exports list (README's "Use it from Python", docs/API.md)
+    says the package exports."""
+    text = (ROOT / doc).read_text()
+    match = re.search(r"<!-- exports -->(.*?)<!-- /exports -->", text, re.S)
+    assert match, f"{doc} has no exports list"
     return set(re.findall(r"`([A-Za-z_]+)`", match.group(1)))
+
+
+def documented_members(cls: type) -> set[str]:
+    """The members docs/API.md lists for ``cls`` (first column of its table)."""
+    text = (ROOT / "docs" / "API.md").read_text()
+    match = re.search(rf"<!-- members {cls.__name__} -->(.*?)<!-- /members -->", text, re.S)
+    assert match, f"docs/API.md has no member table for {cls.__name__}"
+    first_cells = re.findall(r"^\| (.*?) \|", match.group(1), re.M)
+    return {name for cell in first_cells for name in re.findall(r"`([a-z_]+)[`(]", cell)}
 
 
 def test_all_is_the_documented_surface() -> None:
     assert set(chronos.__all__) == documented_surface()
+    assert set(chronos.__all__) == documented_surface("docs/API.md")
     assert len(chronos.__all__) == len(set(chronos.__all__))
     for name in chronos.__all__:
         assert getattr(chronos, name) is not None
@@ -172,6 +186,23 @@ def test_all_is_the_documented_surface() -> None:
     assert set(chronos.__all__) <= set(namespace)
     with pytest.raises(AttributeError):
         _ = chronos.NoSuchThing  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("cls", [Partitioner, Partition])
+def test_public_members_are_the_documented_ones(cls: type) -> None:
+    """Every public method and property is in docs/API.md, and nothing more is."""
+    public = {name for name in vars(cls) if not name.startswith("_")}
+    assert public == documented_members(cls)
+
+
+def test_every_module_is_in_the_architecture_table() -> None:
+    """The module table of docs/ARCHITECTURE.md names every module and package of chronos."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    table = text.split("## Modules", 1)[1].split("\n## ", 1)[0]
+    package = ROOT / "src" / "chronos"
+    names = {p.name for p in package.glob("*.py") if p.name != "__init__.py"}
+    names |= {f"{p.name}/" for p in package.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert {name for name in names if f"`{name}" not in table} == set()
 
 
 def test_start_takes_datetime_text_or_epoch(client: Partitioner) -> None:

@@ -7,6 +7,10 @@
 The names below load on first use (PEP 562), so that ``chronos list`` and the
 other commands, which import ``chronos.cli`` through this package, do not pay
 for the API, the transport and the models before they need them.
+
+They are the public surface, with the members of ``Partitioner`` and ``Partition``
+that docs/API.md lists; every submodule is internal and may change in any release
+(docs/ARCHITECTURE.md, "Public surface").
 """
 
 from __future__ import annotations

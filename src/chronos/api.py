@@ -1,4 +1,9 @@
-"""The Python API: ``Partitioner`` and the ``Partition`` handles it returns."""
+"""The Python API: ``Partitioner`` and the ``Partition`` handles it returns.
+
+This is the one client of the transport: the CLI, ``chronos run``, the Slurm hooks
+and the dashboard all go through ``Partitioner`` and ``Partition``, which send the
+typed requests of :mod:`chronos.messages` and read typed replies.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chronos.errors import (
     AdmissionRefused,
@@ -20,8 +25,29 @@ from chronos.errors import (
     PartitionEnded,
     Timeout,
 )
+from chronos.messages import (
+    AttachRequest,
+    CancelRequest,
+    CreateRequest,
+    EventsRequest,
+    ExtendRequest,
+    GetRequest,
+    Granted,
+    ListRequest,
+    QueueRequest,
+    ReleaseRequest,
+    Request,
+    StatsRequest,
+    TicketStatus,
+    UsageRequest,
+    WaitRequest,
+    create_reply,
+)
 from chronos.models import ACTIVE, BOOKED, EXPIRED, DeviceStats, PartitionRecord
 from chronos.transport import Transport, connect
+
+if TYPE_CHECKING:
+    from chronos.service import Service
 
 PAGE = 500
 """Records asked for per page of a listing (the daemon sends at most its own maximum)."""
@@ -148,13 +174,14 @@ class Partition:
 
     # ---------------------------------------------------------------- actions
     def refresh(self) -> Partition:
-        self._record = PartitionRecord.from_wire(self._transport.call("get", id=self.id))
+        self._record = PartitionRecord.from_wire(self._transport.send(GetRequest(id=self.id)))
         return self
 
     def release(self) -> None:
         """End the partition now; harmless if it already ended (released or expired)."""
         try:
-            self._record = PartitionRecord.from_wire(self._transport.call("release", id=self.id))
+            reply = self._transport.send(ReleaseRequest(id=self.id))
+            self._record = PartitionRecord.from_wire(reply)
         except PartitionEnded:
             self.refresh()  # released elsewhere or expired: the goal is met
         if self._monitor is not None:
@@ -163,12 +190,22 @@ class Partition:
     def extend(self, duration: float | str) -> None:
         """Move the end later by ``duration`` (seconds or ``30m``) if capacity allows."""
         self._record = PartitionRecord.from_wire(
-            self._transport.call("extend", id=self.id, duration=duration)
+            self._transport.send(ExtendRequest(id=self.id, duration=duration))
         )
 
     def attach(self, pid: int) -> None:
         """Count process ``pid`` (and its children) toward this partition."""
-        self._transport.call("attach", id=self.id, pid=pid)
+        self._transport.send(AttachRequest(id=self.id, pid=pid))
+
+    def events(self) -> list[dict[str, Any]]:
+        """This partition's events in the ledger (``chronos events --id``), oldest first."""
+        events: list[dict[str, Any]] = self._transport.send(EventsRequest(id=self.id))
+        return events
+
+    @property
+    def local_service(self) -> Service | None:
+        """The in-process service where there is no daemon (embedded mode), else None."""
+        return self._transport.local_service
 
     def limits_env(self) -> dict[str, str]:
         """Environment for a child process: this GPU only, and every framework capped."""
@@ -275,8 +312,7 @@ class Partitioner:
         ``"30m"``; ``on_wait(status)`` is called as it waits) instead of failing.
         """
         starts_at = None if start is None else start_timestamp(start, time.time())
-        result = self._transport.call(
-            "create",
+        request = CreateRequest(
             device=device,
             memory=memory,
             duration=duration,
@@ -287,14 +323,13 @@ class Partitioner:
             warn=warn,
             warn_signal=warn_signal,
             start=starts_at,
-            wait=wait or None,
+            wait=wait,
             timeout=timeout_seconds(timeout),
         )
-        if "ticket" in result:
-            result = self._wait_for(result, on_wait, timeout_seconds(timeout))
-        partition = Partition(
-            PartitionRecord.from_wire(result), self._transport, result.get("visible_env")
-        )
+        reply = create_reply(self._transport.send(request))
+        if isinstance(reply, TicketStatus):
+            reply = self._wait_for(reply, on_wait, request.timeout)
+        partition = Partition(reply.record, self._transport, reply.visible_env)
         if self.mode == "embedded" and partition.record.owner_pid == os.getpid() and kind != "run":
             # No daemon will end it on time: this process keeps the deadline itself.
             # (Not for ``chronos run``: its supervisor keeps the deadline, and a
@@ -304,59 +339,58 @@ class Partitioner:
 
     def _wait_for(
         self,
-        status: dict[str, Any],
+        status: TicketStatus,
         on_wait: Callable[[dict[str, Any]], Any] | None,
         timeout: float | None = None,
-    ) -> dict[str, Any]:
+    ) -> Granted:
         """Poll a queued request until it is granted; leave the queue if interrupted."""
-        ticket = status["ticket"]
+        ticket = status.ticket
         try:
-            while status["state"] == "waiting":
+            while status.state == "waiting":
                 if on_wait is not None:
-                    on_wait(status)
-                status = self._transport.call("wait", id=ticket, max_wait=1.0)
+                    on_wait(status.status)
+                reply = self._transport.send(WaitRequest(id=ticket, max_wait=1.0))
+                status = TicketStatus.from_wire(reply)
         except BaseException:
             with contextlib.suppress(ChronosError):
-                self._transport.call("cancel", id=ticket)
+                self._transport.send(CancelRequest(id=ticket))
             raise
-        if status["state"] == "timeout":
+        if status.state == "timeout":
             from chronos.units import format_duration
 
             after = "" if timeout is None else f" after {format_duration(timeout)}"
             raise Timeout(f"gave up waiting for GPU capacity{after}; left the queue")
-        if status["state"] != "granted":
-            raise AdmissionRefused(
-                f"queued request {ticket} {status['state']}: {status.get('reason')}"
-            )
-        partition: dict[str, Any] = status["partition"]
-        return partition
+        granted = status.granted
+        if status.state != "granted" or granted is None:
+            raise AdmissionRefused(f"queued request {ticket} {status.state}: {status.reason}")
+        return granted
 
     def queue(self) -> list[dict[str, Any]]:
         """Requests waiting for capacity, in the order they will be served."""
-        return self._pages("queue")
+        return self._pages(QueueRequest())
 
     def events(
         self, since: float | None = None, partition_id: str | None = None
     ) -> list[dict[str, Any]]:
         """The ledger's events (newer than ``since``; of ``partition_id`` only), oldest first."""
-        return self._pages("events", since=since, id=partition_id)
+        return self._pages(EventsRequest(since=since, id=partition_id))
 
     def usage(self, since: float | None = None, user: str | None = None) -> list[dict[str, Any]]:
         """GPU-hours reserved and used per user since ``since`` (default: the last 7 days)."""
-        result: list[dict[str, Any]] = self._transport.call("usage", since=since, user=user)
+        result: list[dict[str, Any]] = self._transport.send(UsageRequest(since=since, user=user))
         return result
 
-    def _pages(self, op: str, **args: Any) -> list[dict[str, Any]]:
+    def _pages(self, request: QueueRequest | EventsRequest | ListRequest) -> list[dict[str, Any]]:
         """Every record of a listing, fetched page by page (each reply stays small)."""
         items: list[dict[str, Any]] = []
         after = None
         while True:
             try:
-                page = self._transport.call(op, limit=PAGE, after=after, **args)
+                page = self._transport.send(request._replace(limit=PAGE, after=after))
             except BadRequest as exc:
                 if after is not None or "unknown argument" not in str(exc):
                     raise
-                legacy: list[dict[str, Any]] = self._transport.call(op, **args)
+                legacy: list[dict[str, Any]] = self._transport.send(request)
                 return legacy  # a daemon older than this client: it does not page
             items.extend(page["items"])
             after = page["next"]
@@ -365,34 +399,33 @@ class Partitioner:
 
     def get(self, partition_id: str) -> Partition:
         """The partition ``partition_id`` (or a unique prefix of it)."""
-        return Partition(
-            PartitionRecord.from_wire(self.call_with_id("get", partition_id)), self._transport
-        )
+        record = self._send_with_id(GetRequest, partition_id)
+        return Partition(PartitionRecord.from_wire(record), self._transport)
 
     def release(self, partition_id: str) -> None:
         """End ``partition_id`` (or a unique prefix) now; PartitionEnded if it already ended."""
-        self.call_with_id("release", partition_id)
+        self._send_with_id(ReleaseRequest, partition_id)
 
     def cancel(self, ticket: str) -> dict[str, Any]:
         """Take queued request ``ticket`` (or a unique prefix) out of the queue."""
-        result: dict[str, Any] = self.call_with_id("cancel", ticket, tickets=True)
+        result: dict[str, Any] = self._send_with_id(CancelRequest, ticket, tickets=True)
         return result
 
-    def call_with_id(self, op: str, text: str, *, tickets: bool = False, **args: Any) -> Any:
-        """Call ``op`` on the id ``text`` names: itself, or the one id it is a prefix of.
-
-        A full id costs one round trip; only a miss looks the prefix up.
-        """
+    def _send_with_id(
+        self, request: Callable[..., Request], text: str, *, tickets: bool = False
+    ) -> Any:
+        """Send ``request(id=...)`` for the id ``text`` names: itself, or the one id it is a
+        prefix of. A full id costs one round trip; only a miss looks the prefix up."""
         text = text.strip()
         if not text:
             raise BadRequest("an id must not be empty")
         try:
-            return self._transport.call(op, id=text, **args)
+            return self._transport.send(request(id=text))
         except NotFound:
             full = self.resolve(text, tickets=tickets)
             if full == text:
                 raise
-        return self._transport.call(op, id=full, **args)
+        return self._transport.send(request(id=full))
 
     def resolve(self, text: str, *, tickets: bool = False) -> str:
         """The full id that ``text`` names: itself, or the one id it is a prefix of.
@@ -404,7 +437,7 @@ class Partitioner:
         text = text.strip()
         known: set[str]
         if tickets:
-            known = {q["ticket"] for q in self._pages("queue")}
+            known = {q["ticket"] for q in self._pages(QueueRequest())}
         else:
             known = {r["id"] for r in self.records(all=True)}
         if text in known:
@@ -418,7 +451,14 @@ class Partitioner:
         raise BadRequest(f"ambiguous id {text!r}: it is a prefix of {', '.join(matches)}")
 
     def stats(self) -> list[DeviceStats]:
-        return [DeviceStats.from_wire(d) for d in self._transport.call("stats")["devices"]]
+        return [DeviceStats.from_wire(d) for d in self.stats_report()["devices"]]
+
+    def stats_report(self) -> dict[str, Any]:
+        """The machine's report as ``chronos stats --json`` is made from: ``mode``,
+        ``backends``, ``per_process_memory``, ``devices`` (each GPU with its partitions and
+        processes) and ``alloc_cap``, as plain JSON values."""
+        report: dict[str, Any] = self._transport.send(StatsRequest())
+        return report
 
     def close(self) -> None:
         self._transport.close()
@@ -431,7 +471,7 @@ class Partitioner:
 
     def records(self, all: bool = False) -> list[dict[str, Any]]:
         """The partitions as the daemon sends them (``all``: ended ones too), every page."""
-        return self._pages("list", all=all)
+        return self._pages(ListRequest(all=all))
 
     def list(self, all: bool = False) -> list[Partition]:
         return [Partition(PartitionRecord.from_wire(r), self._transport) for r in self.records(all)]

@@ -536,7 +536,7 @@ def usage(since: str, user: str | None, as_json: bool) -> None:
     from chronos.units import parse_duration
 
     cutoff = time.time() - parse_duration(since, float("inf"))
-    rows = _client().transport.call("usage", since=cutoff, user=user)
+    rows = _client().usage(since=cutoff, user=user)
     if as_json:
         emit_json(rows)
         return
@@ -861,7 +861,7 @@ def stats(devices: tuple[int, ...], watch: bool, interval: float, as_json: bool)
     if watch:
         watch_stats(client, interval, list(devices), as_json)
         return
-    data = client.transport.call("stats")
+    data = client.stats_report()
     if as_json:
         emit_json(stats_json(data, list(devices)))
     else:

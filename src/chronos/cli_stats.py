@@ -178,7 +178,7 @@ def watch_stats(
     tty = sys.stdout.isatty() and not as_json
     try:
         while True:
-            data = client.transport.call("stats")
+            data = client.stats_report()
             if as_json:
                 from chronos.units import iso
 

@@ -86,11 +86,11 @@ def apply_in_process(partition_bytes: int, total_bytes: int) -> dict[str, str]:
     hooks = _startup_hooks()
     for name in ("torch", "tensorflow"):
         if name in sys.modules:
-            hooks._HOOKS[name](sys.modules[name])
+            hooks.cap_imported(name, sys.modules[name])
             applied[name] = f"capped at {soft} bytes"
         else:
             applied[name] = "capped at import"
-    hooks._install()
+    hooks.install()
     return applied
 
 

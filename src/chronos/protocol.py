@@ -3,7 +3,8 @@
 A frame is a 4-byte big-endian length then that many bytes of UTF-8 JSON.
 A request is ``{"v": 1, "op": NAME, "args": {...}}``; a reply is
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": {"code", "message"}}``.
-Every request is checked against ``OPS`` before anything acts on it; the
+Every request is checked against ``OPS`` (derived from the request classes of
+:mod:`chronos.messages`) and made its typed request before anything acts on it; the
 caller's identity never travels in a message (the daemon reads it from the
 kernel).
 
@@ -24,6 +25,7 @@ import math
 import struct
 from typing import Any
 
+from chronos import messages
 from chronos.errors import BadRequest, ChronosError, ProtocolError
 
 VERSION = 1
@@ -44,47 +46,55 @@ MAX_DEVICE = 1023
 MAX_SECONDS = 1e11
 """Bound of any time or span in seconds (epoch seconds of the year 5138): finite and sane."""
 
-_NUM = (int, float)
-_SPEC = (str, int, float)
-# op -> {arg: (accepted types, required)}
+
 OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
-    "ping": {},
-    "create": {
-        "device": ((int,), True),
-        "memory": (_SPEC, True),
-        "duration": (_SPEC, True),
-        "user": ((str,), False),
-        "persist": ((bool,), False),
-        "kind": ((str,), False),
-        "grace": (_SPEC, False),
-        "warn": (_SPEC, False),
-        "warn_signal": ((str,), False),
-        "start": (_NUM, False),
-        "wait": ((bool,), False),
-        "timeout": (_NUM, False),
-    },
-    "wait": {"id": ((str,), True), "max_wait": (_NUM, False)},
-    "cancel": {"id": ((str,), True)},
-    "queue": {"limit": ((int,), False), "after": ((int,), False)},
-    "usage": {"since": (_NUM, False), "user": ((str,), False)},
-    "release": {"id": ((str,), True)},
-    "get": {"id": ((str,), True)},
-    "list": {"all": ((bool,), False), "limit": ((int,), False), "after": ((int,), False)},
-    "stats": {"processes": ((bool,), False)},
-    "attach": {"id": ((str,), True), "pid": ((int,), True)},
-    "attached_pids": {"id": ((str,), True)},
-    "extend": {"id": ((str,), True), "duration": (_SPEC, True)},
-    "events": {
-        "since": (_NUM, False),
-        "id": ((str,), False),
-        "limit": ((int,), False),
-        "after": ((int,), False),
-    },
+    op: messages.schema_of(cls) for op, cls in messages.REQUESTS.items()
 }
+"""op -> {arg: (accepted types, required)}, read off the request classes of
+:mod:`chronos.messages` (the one place each operation's arguments are written)."""
 
 
 def request(op: str, **args: Any) -> dict[str, Any]:
+    """A request message from an operation's name and arguments (unset ones left out)."""
     return {"v": VERSION, "op": op, "args": {k: v for k, v in args.items() if v is not None}}
+
+
+def message_of(req: messages.Request) -> dict[str, Any]:
+    """The wire message of a typed request."""
+    return {"v": VERSION, "op": messages.op_of(req), "args": messages.wire_args(req)}
+
+
+def parse_request(message: Any) -> messages.Request:
+    """A decoded request, checked (:func:`validate`) and made its operation's type.
+
+    The daemon's server and the embedded transport both come through here, so a
+    request is checked the same way in both modes; a :class:`CheckedMessage` was
+    checked already and is not checked again.
+    """
+    if isinstance(message, CheckedMessage):
+        return message.request
+    op, args = validate(message)
+    return messages.REQUESTS[op](**args)
+
+
+class CheckedMessage(dict[str, Any]):
+    """A request message that passed the schema, with its typed request (``request``).
+
+    The daemon's server checks each message once, at the edge, and hands on this:
+    still the message (a handler may read it as one), and :func:`parse_request`
+    returns its request without checking it again.
+    """
+
+    __slots__ = ("request",)
+
+    def __init__(self, message: dict[str, Any], request: messages.Request) -> None:
+        super().__init__(message)
+        self.request = request
+
+    @classmethod
+    def of(cls, message: Any) -> CheckedMessage:
+        """Check ``message`` (raises as :func:`validate` does)."""
+        return cls(message, parse_request(message))
 
 
 def validate(message: Any) -> tuple[str, dict[str, Any]]:

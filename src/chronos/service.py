@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from chronos import alloccap, procs, protocol
+from chronos import alloccap, messages, procs, protocol
 from chronos.attribution import attribute_processes
 from chronos.cgroups import PartitionCgroups
 from chronos.cgroups import cgroup_of as cgroups_of
@@ -50,21 +50,28 @@ class Service:
         config: Config,
         mode: str,
         machine_factory: Callable[[], Machine] = open_machine,
+        *,
+        cgroups: PartitionCgroups | None = None,
+        on_change: Callable[[], None] = lambda: None,
+        on_supervised: Callable[[str, int, int | None], None] = lambda i, pid, start: None,
     ) -> None:
+        """``cgroups``: where the daemon can place attached processes in cgroups.
+        ``on_change``: called after any change to the set of open partitions (the daemon
+        re-arms its timers). ``on_supervised``: called when a ``chronos run`` supervisor
+        attached its gated child (the daemon spares that process, and only it, when it
+        stops the partition)."""
         self.ledger = ledger
         self._config = config
         self.mode = mode
         self._machine_factory = machine_factory
         self._machine: Machine | None = None
-        self.on_change: Callable[[], None] = lambda: None
-        """Called after any change to the set of open partitions (the daemon re-arms timers)."""
+        self.on_change = on_change
+        # The policy in force decides capacity and fair share, also for requests that
+        # wait: the ledger asks the service, whose config a reload replaces.
         ledger.capacity_of = self._capacity_of
         ledger.fairshare_half_life = lambda: self.config.fairshare_half_life_s
-        self.cgroups: PartitionCgroups | None = None
-        """Set by the daemon where it can place attached processes in cgroups."""
-        self.on_supervised: Callable[[str, int, int | None], None] = lambda i, pid, start: None
-        """Called when a ``chronos run`` supervisor attached its gated child (the daemon
-        spares that process, and only it, when it stops the partition)."""
+        self.cgroups = cgroups
+        self.on_supervised = on_supervised
 
     @property
     def config(self) -> Config:
@@ -90,16 +97,26 @@ class Service:
     # ----------------------------------------------------------------- dispatch
 
     def handle(self, caller: Caller, message: Any) -> dict[str, Any]:
-        """Run one request; always returns a reply, never raises a ChronosError."""
+        """Check and run one request message; always returns a reply, never raises a
+        ChronosError. Both modes come here: the embedded transport with the message
+        it built, the daemon's server with the one it read and checked already
+        (``protocol.CheckedMessage``, not checked twice)."""
         try:
-            op, args = protocol.validate(message)
-            return protocol.ok(getattr(self, f"op_{op}")(caller, **args))
+            request = protocol.parse_request(message)
+        except ChronosError as exc:
+            return protocol.error(exc)
+        return self.serve(caller, request)
+
+    def serve(self, caller: Caller, request: messages.Request) -> dict[str, Any]:
+        """Run one checked request; always returns a reply, never raises a ChronosError."""
+        try:
+            return protocol.ok(getattr(self, f"op_{messages.op_of(request)}")(caller, request))
         except ChronosError as exc:
             return protocol.error(exc)
 
     # ----------------------------------------------------------------------- ops
 
-    def op_ping(self, caller: Caller) -> dict[str, Any]:
+    def op_ping(self, caller: Caller, request: messages.PingRequest) -> dict[str, Any]:
         from chronos import __version__
 
         return {
@@ -110,25 +127,12 @@ class Service:
             "admin": caller.is_admin,
         }
 
-    def op_create(
-        self,
-        caller: Caller,
-        device: int,
-        memory: Any,
-        duration: Any,
-        user: str | None = None,
-        persist: bool = False,
-        kind: str = "api",
-        grace: Any = None,
-        warn: Any = None,
-        warn_signal: str | None = None,
-        start: float | None = None,
-        wait: bool = False,
-        timeout: float | None = None,
-    ) -> dict[str, Any]:
+    def op_create(self, caller: Caller, ask: messages.CreateRequest) -> dict[str, Any]:
+        device, memory, duration, kind = ask.device, ask.memory, ask.duration, ask.kind
+        start, wait, timeout, warn = ask.start, ask.wait, ask.timeout, ask.warn
         if kind not in KINDS and not slurm_policy.may_use_kind(caller, kind):
             raise BadRequest(f"unknown partition kind {kind!r}")
-        uid, name = self._owner(caller, user)
+        uid, name = self._owner(caller, ask.user)
         dev = self.machine.device(device)
         slurm_policy.check_create(self.config.slurm, caller, dev.index)
         nbytes = parse_memory(memory, dev.total_bytes)
@@ -137,7 +141,7 @@ class Service:
             math.isfinite(start) and start <= self.ledger.clock() + MAX_BOOK_AHEAD_S
         ):  # NaN broke the insert; 1e300 was stored and then crashed every `chronos list`
             raise BadRequest("start must be a time (epoch seconds) at most a year from now")
-        owner_pid = None if persist or caller.pid is None else caller.pid
+        owner_pid = None if ask.persist or caller.pid is None else caller.pid
         request = NewPartition(
             device=dev.index,
             device_uuid=dev.uuid,
@@ -153,16 +157,16 @@ class Service:
             # ``run`` is only what the client asks for: the daemon spares a supervisor only
             # once it has seen it attach its gated child (op_attach), never on the client's word.
             kind=kind,
-            grace_s=self._grace_of(grace),  # keeps its terms
+            grace_s=self._grace_of(ask.grace),  # keeps its terms
             warn_s=self.config.warn_s if warn is None else parse_duration(warn),
-            warn_signal=_signal_name(warn_signal or self.config.warn_signal),
+            warn_signal=_signal_name(ask.warn_signal or self.config.warn_signal),
             exempt=caller.is_admin,
         )
         try:
             record = self.ledger.create(
                 request,
                 self._quota_check(request),
-                self._priority,
+                self.priority,
                 will_queue=wait and start is None,
             )
         except CapacityRefused as refusal:
@@ -180,12 +184,13 @@ class Service:
         if alloccap.wanted_for(dev.vendor):
             alloccap.on_create(record.id, record.memory_bytes, record.uid, self.mode)
         alloccap.sweep(self._is_open, self.mode)
-        return {**record.to_wire(), "visible_env": dict(dev.visible_env)}
+        return messages.Granted(record=record, visible_env=dict(dev.visible_env)).to_wire()
 
     # ----------------------------------------------------------------- queue
 
-    def op_wait(self, caller: Caller, id: str, max_wait: float = 0.0) -> dict[str, Any]:
+    def op_wait(self, caller: Caller, request: messages.WaitRequest) -> dict[str, Any]:
         """Where ticket ``id`` stands; embedded mode polls up to ``max_wait`` seconds."""
+        id, max_wait = request.id, request.max_wait
         self._authorize_ticket(caller, id)
         deadline = time.monotonic() + min(max(0.0, max_wait), MAX_POLL_S)
         while True:
@@ -197,29 +202,31 @@ class Service:
                 return status
             time.sleep(EMBEDDED_POLL_S)
 
-    def op_cancel(self, caller: Caller, id: str) -> dict[str, Any]:
+    def op_cancel(self, caller: Caller, request: messages.CancelRequest) -> dict[str, Any]:
+        id = request.id
         self._authorize_ticket(caller, id)
         self.ledger.cancel(id)
         self.on_change()
         return self._ticket_status(id)
 
     def op_queue(
-        self, caller: Caller, limit: int | None = None, after: int | None = None
+        self, caller: Caller, request: messages.QueueRequest
     ) -> list[dict[str, Any]] | dict[str, Any]:
         """The queue in serving order; with ``limit``/``after`` one page of it (``after`` is
         the position already seen), as ``{"items", "next"}``."""
+        limit, after = request.limit, request.after
         self.grant_waiting()
         if limit is None and after is None:
-            return self._queue_statuses()
+            return self.queue_statuses()
         start = _cursor(after)
-        items = self._queue_statuses(start, _page_size(limit))
+        items = self.queue_statuses(start, _page_size(limit))
         page, cut = _fill_page(items)
         more = cut < len(items) or len(items) == _page_size(limit)
         return {"items": page, "next": start + cut if more and page else None}
 
     def grant_waiting(self) -> list[str]:
         """Admit queued requests that now fit; return their partition ids."""
-        granted = self.ledger.grant_waiting(self._priority, self._quota_check)
+        granted = self.ledger.grant_waiting(self.priority, self._quota_check)
         ids = [self.ledger.ticket(t.id).partition_id or "" for t in granted]
         if granted:
             self.on_change()
@@ -251,7 +258,8 @@ class Service:
         """What admission may hand out on the request's device under the policy in force now."""
         return self.config.reservable_bytes(request.device, request.device_total_bytes)
 
-    def _priority(self, user: str, waited_s: float, usage_gpu_hours: float) -> float:
+    def priority(self, user: str, waited_s: float, usage_gpu_hours: float) -> float:
+        """A waiter's fair-share priority under the policy in force (higher is served first)."""
         return priority(usage_gpu_hours, waited_s, self.config.fairshare_age_weight)
 
     def _quota_check(self, request: NewPartition) -> QuotaCheck | None:
@@ -266,7 +274,7 @@ class Service:
         """How many waiting requests the user may have (administrators: no limit)."""
         return None if request.exempt else self.config.limits_for(request.user).max_waiting
 
-    def _queue_statuses(
+    def queue_statuses(
         self, start: int = 0, count: int | None = None, only: str | None = None
     ) -> list[dict[str, Any]]:
         """Waiters in serving order (``count`` of them from position ``start``, or just the
@@ -275,7 +283,7 @@ class Service:
         out = []
         per_device: dict[str, int] = {}
         stop = None if count is None else start + count
-        for n, (ticket, estimate) in enumerate(self.ledger.queue(self._priority)):
+        for n, (ticket, estimate) in enumerate(self.ledger.queue(self.priority)):
             req = ticket.request
             per_device[req.device_uuid] = per_device.get(req.device_uuid, 0) + 1
             if n < start or (only is not None and ticket.id != only):
@@ -316,12 +324,10 @@ class Service:
         if ticket.state == "granted" and ticket.partition_id:
             record = self.ledger.get(ticket.partition_id)
             dev = self.machine.by_uuid(record.device_uuid)
-            status["partition"] = {
-                **record.to_wire(),
-                "visible_env": dict(dev.visible_env) if dev else {},
-            }
+            env = dict(dev.visible_env) if dev else {}
+            status["partition"] = messages.Granted(record=record, visible_env=env).to_wire()
         elif ticket.state == "waiting":
-            mine = next(iter(self._queue_statuses(only=ticket.id)), None)
+            mine = next(iter(self.queue_statuses(only=ticket.id)), None)
             if mine is not None:
                 status.update(
                     {k: mine[k] for k in ("position", "estimated_start", "waiting_for", "waited_s")}
@@ -333,22 +339,24 @@ class Service:
         if caller.uid != ticket.request.uid and not caller.is_admin:
             raise PermissionDenied(f"queued request {ticket_id} belongs to {ticket.request.user}")
 
-    def op_release(self, caller: Caller, id: str) -> dict[str, Any]:
+    def op_release(self, caller: Caller, request: messages.ReleaseRequest) -> dict[str, Any]:
+        id = request.id
         self._authorize(caller, self.ledger.get(id), "release")
         record = self.ledger.release(id, caller.uid, caller.user)
         self.on_change()
         alloccap.on_release(id, self.mode)
         return record.to_wire()
 
-    def op_get(self, caller: Caller, id: str) -> dict[str, Any]:
+    def op_get(self, caller: Caller, request: messages.GetRequest) -> dict[str, Any]:
         self.ledger.reap()
-        return self.ledger.get(id).to_wire()
+        return self.ledger.get(request.id).to_wire()
 
     def op_list(
-        self, caller: Caller, all: bool = False, limit: int | None = None, after: int | None = None
+        self, caller: Caller, request: messages.ListRequest
     ) -> list[dict[str, Any]] | dict[str, Any]:
         """Partitions, oldest first; with ``limit``/``after`` one page, as ``{"items", "next"}``
         (``next`` is the cursor for the following page, None after the last)."""
+        all, limit, after = request.all, request.limit, request.after
         self._reap()
         now = self.ledger.clock()
         if limit is None and after is None:  # the unpaged form of older clients: one page
@@ -359,7 +367,8 @@ class Service:
         items = [r.to_wire() for r in records if all or r.state_at(now) in (ACTIVE, BOOKED)]
         return {"items": items, "next": cursor}
 
-    def op_stats(self, caller: Caller, processes: bool = True) -> dict[str, Any]:
+    def op_stats(self, caller: Caller, request: messages.StatsRequest) -> dict[str, Any]:
+        processes = request.processes
         self._reap()
         machine = self.machine
         now = self.ledger.clock()
@@ -410,7 +419,8 @@ class Service:
             )
         return out
 
-    def op_attach(self, caller: Caller, id: str, pid: int) -> dict[str, Any]:
+    def op_attach(self, caller: Caller, request: messages.AttachRequest) -> dict[str, Any]:
+        id, pid = request.id, request.pid
         record = self.ledger.get(id)
         self._authorize(caller, record, "attach to")
         with procs.Pinned(pid) as pinned:
@@ -484,13 +494,16 @@ class Service:
             and procs.executable(pid) == procs.executable(caller.pid)
         )
 
-    def op_attached_pids(self, caller: Caller, id: str) -> list[dict[str, Any]]:
+    def op_attached_pids(
+        self, caller: Caller, request: messages.AttachedPidsRequest
+    ) -> list[dict[str, Any]]:
         return [
             {"pid": a.pid, "start_ticks": a.start_ticks, "uid": a.uid}
-            for a in self.ledger.attached(id)
+            for a in self.ledger.attached(request.id)
         ]
 
-    def op_extend(self, caller: Caller, id: str, duration: Any) -> dict[str, Any]:
+    def op_extend(self, caller: Caller, request: messages.ExtendRequest) -> dict[str, Any]:
+        id, duration = request.id, request.duration
         record = self.ledger.get(id)
         self._authorize(caller, record, "extend")
         slurm_policy.check_extend(caller, record)
@@ -501,20 +514,16 @@ class Service:
             self._check_extension(record, new_end)
         capacity = self.config.reservable_bytes(record.device, record.device_total_bytes)
         updated = self.ledger.extend_expiry(
-            id, new_end, capacity, caller.uid, caller.user, self._priority
+            id, new_end, capacity, caller.uid, caller.user, self.priority
         )
         self.on_change()
         return updated.to_wire()
 
     def op_events(
-        self,
-        caller: Caller,
-        since: float | None = None,
-        id: str | None = None,
-        limit: int | None = None,
-        after: int | None = None,
+        self, caller: Caller, request: messages.EventsRequest
     ) -> list[dict[str, Any]] | dict[str, Any]:
         """Events in order; with ``limit``/``after`` (a ``seq``) one page: ``{"items", "next"}``."""
+        since, id, limit, after = request.since, request.id, request.limit, request.after
         if limit is None and after is None:  # the unpaged form of older clients: one page
             events, more = self.ledger.events_page(since, id, 0, MAX_PAGE)
             _refuse_if_more("events", more)
@@ -547,10 +556,10 @@ class Service:
         ask = Ask(record.user, record.device, record.memory_fraction, record.starts_at, new_end)
         check_limits(limits, ask, mine, now)
 
-    def op_usage(
-        self, caller: Caller, since: float | None = None, user: str | None = None
-    ) -> list[dict[str, Any]]:
+    def op_usage(self, caller: Caller, request: messages.UsageRequest) -> list[dict[str, Any]]:
         from chronos.accounting import usage_rows
+
+        since, user = request.since, request.user
 
         now = self.ledger.clock()
         try:

@@ -283,7 +283,7 @@ class Supervisor:
 
     def _report_daemon_actions(self) -> None:
         try:
-            events = self.partition._transport.call("events", id=self.partition.id)
+            events = self.partition.events()
         except ChronosError:
             return
         for event in events:
@@ -364,7 +364,7 @@ class EmbeddedMemoryCap:
 
     @classmethod
     def for_partition(cls, partition: Partition) -> EmbeddedMemoryCap | None:
-        service = getattr(partition._transport, "service", None)
+        service = partition.local_service
         if service is None:
             return None
         try:

@@ -1,10 +1,16 @@
 """How a client reaches the ledger: through the daemon, or in-process.
 
-:class:`Transport` has one method, ``call(op, **args)``. :class:`SocketTransport`
-talks to ``chronosd``; :class:`EmbeddedTransport` runs the same
-:class:`~chronos.service.Service` in the caller's process over the shared
-SQLite ledger. :func:`connect` picks the daemon whenever one answers, so a
-machine with a daemon never has a second writer.
+:class:`Transport` sends a typed request of :mod:`chronos.messages`
+(``send(request)``; ``call(op, **args)`` sends the same message by an operation's
+name, for tests and tools); each transport implements ``exchange(message)``.
+:class:`SocketTransport` talks to ``chronosd``; :class:`EmbeddedTransport` runs the
+same :class:`~chronos.service.Service` in the caller's process over the shared
+SQLite ledger, and hands it the same wire message, so both modes check a request
+the one same way (``protocol.parse_request``). :func:`connect` picks the daemon
+whenever one answers, so a machine with a daemon never has a second writer.
+
+This is the API's layer: code outside :mod:`chronos.api` goes through
+:class:`~chronos.api.Partitioner` (tests and benchmarks may speak it directly).
 
 Once a daemon is configured, a client never falls back to an embedded ledger, even
 while that daemon is down: a second ledger would fork the state (two ledgers each
@@ -24,11 +30,12 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chronos import protocol
 from chronos.errors import DaemonUnavailable, ProtocolError, error_from_code
 from chronos.lean import connect_daemon, recv_exact
+from chronos.messages import Request
 from chronos.paths import (
     LEDGER_FILE,
     LEDGER_ID_FILE,
@@ -41,6 +48,9 @@ from chronos.paths import (
     state_dir,
 )
 
+if TYPE_CHECKING:
+    from chronos.service import Service
+
 #: How long a client waits for a configured daemon to come back (a restart) before failing.
 DAEMON_WAIT_S = 3.0
 _RETRY_S = 0.1
@@ -52,9 +62,22 @@ IDEMPOTENT = frozenset({"ping", "get", "list", "stats", "events"})
 class Transport(ABC):
     mode: str = "?"
 
-    @abstractmethod
+    def send(self, request: Request) -> Any:
+        """Run ``request``; return its result or raise the matching ChronosError."""
+        return self.exchange(protocol.message_of(request))
+
     def call(self, op: str, **args: Any) -> Any:
-        """Run ``op``; return its result or raise the matching ChronosError."""
+        """Run operation ``op`` with ``args`` (unset ones left out), checked as any request."""
+        return self.exchange(protocol.request(op, **args))
+
+    @abstractmethod
+    def exchange(self, message: dict[str, Any]) -> Any:
+        """Send one request message; return its result or raise the matching ChronosError."""
+
+    @property
+    def local_service(self) -> Service | None:
+        """The in-process service of an embedded ledger; None through the daemon."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
@@ -98,10 +121,14 @@ class EmbeddedTransport(Transport):
         # One SQLite connection; an API ExpiryMonitor thread may call beside the main thread.
         self._lock = threading.Lock()
 
-    def call(self, op: str, **args: Any) -> Any:
+    def exchange(self, message: dict[str, Any]) -> Any:
         with self._lock:
-            reply = self.service.handle(self.caller, protocol.request(op, **args))
+            reply = self.service.handle(self.caller, message)  # checked as chronosd checks it
         return _unwrap(reply)
+
+    @property
+    def local_service(self) -> Service:
+        return self.service
 
     def close(self) -> None:
         self.service.close()
@@ -125,13 +152,13 @@ class SocketTransport(Transport):
                 f"cannot reach chronosd at {self.path}: {exc.strerror}"
             ) from None
 
-    def call(self, op: str, **args: Any) -> Any:
-        frame = protocol.encode(protocol.request(op, **args))
+    def exchange(self, message: dict[str, Any]) -> Any:
+        frame = protocol.encode(message)
         self._reconnect_if_closed()
         try:
             reply = self._exchange(frame)
         except DaemonUnavailable:
-            if op not in IDEMPOTENT:
+            if message["op"] not in IDEMPOTENT:
                 raise
             self._sock.close()
             self._sock = self._connect()

@@ -87,7 +87,7 @@ class Harness:
         return reply["error"]  # type: ignore[no-any-return]
 
     def queue(self) -> list[dict[str, Any]]:
-        return self.service._queue_statuses()
+        return self.service.queue_statuses()
 
     def close(self) -> None:
         self.service.close()

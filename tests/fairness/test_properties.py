@@ -136,7 +136,7 @@ class Schedule(RuleBasedStateMachine):
     def estimates(self) -> dict[str, float | None]:
         """Every waiting ticket's estimated start, in the order the queue serves them."""
         self.drop_stale()
-        return {t.id: est for t, est in self.h.ledger.queue(self.h.service._priority)}
+        return {t.id: est for t, est in self.h.ledger.queue(self.h.service.priority)}
 
     def drop_stale(self) -> None:
         """Close timed-out tickets first, as every grant does, so plans compare like for like."""

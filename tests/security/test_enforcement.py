@@ -30,6 +30,7 @@ from chronos.daemon.deadlines import Deadlines
 from chronos.errors import BadRequest
 from chronos.identity import Caller
 from chronos.ledger import Ledger, NewPartition
+from chronos.messages import AttachRequest
 from chronos.service import Service
 
 from .conftest import Users
@@ -471,7 +472,7 @@ def test_attach_is_undone_when_the_process_is_not_the_one_checked_after_placing(
     service.cgroups = fake  # type: ignore[assignment]
     caller = Caller(uid=os.getuid(), gid=os.getgid(), pid=None, user="root", is_admin=True)
     with pytest.raises(BadRequest, match="exited while it was being attached"):
-        service.op_attach(caller, partition_id, victim.pid)
+        service.op_attach(caller, AttachRequest(id=partition_id, pid=victim.pid))
     assert fake.unplaced == [victim.pid], "the placement was not undone"
     assert service.ledger.attached(partition_id) == []
     service.close()

@@ -112,7 +112,16 @@ class _AfterImport:
         return spec
 
 
-def _install() -> None:
+def cap_imported(name: str, module: ModuleType) -> None:
+    """Cap framework ``name`` (``torch``, ``tensorflow``), imported already, now.
+
+    The door for ``chronos.frameworks.apply_in_process``, which loads this file by path.
+    """
+    _HOOKS[name](module)
+
+
+def install() -> None:
+    """Cap each framework when it is imported, if a limit is set (once per process)."""
     if _limit() is not None and not any(isinstance(f, _AfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImport())
 
@@ -133,7 +142,7 @@ def _chain() -> None:
 
 
 if __name__ == "sitecustomize":
-    _install()
+    install()
     try:
         _chain()
     except Exception as exc:

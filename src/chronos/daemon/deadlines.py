@@ -68,7 +68,15 @@ class Deadlines:
         default_grace_s: Callable[[], float],
         max_grace_s: Callable[[], float] = lambda: DEFAULT_MAX_GRACE_S,
         clock: SteadyClock | None = None,
+        *,
+        on_ended: Callable[[list[Ended]], None] = lambda ended: None,
+        after_time: Callable[[], None] = lambda: None,
+        holds_gpu: Callable[[int], bool] = lambda pid: False,
     ) -> None:
+        """``on_ended(ended)``: told of partitions that ended (the sampler closes their
+        usage). ``after_time()``: called after a timer or an owner's exit acted (the
+        daemon grants waiters). ``holds_gpu(pid)``: whether a process holds GPU memory
+        now (the sampler's last look; a supervisor that does is not spared)."""
         self.ledger = ledger
         self.default_grace_s = default_grace_s
         self.max_grace_s = max_grace_s
@@ -94,10 +102,9 @@ class Deadlines:
         self._supervisors = self._supervised_of_open()
         self._seq = ledger.last_seq()
         """The newest event seen, to notice partitions ended by someone else."""
-        self.on_ended: Callable[[list[Ended]], None] = lambda ended: None
-        self.after_time: Callable[[], None] = lambda: None
-        self.holds_gpu: Callable[[int], bool] = lambda pid: False
-        """Whether a process holds GPU memory now (the sampler's last look)."""
+        self.on_ended = on_ended
+        self.after_time = after_time
+        self.holds_gpu = holds_gpu
         if not procs.pidfd_usable():
             log(
                 "pidfds_unavailable",

@@ -31,7 +31,7 @@ from chronos.daemon.sampler import Sampler
 from chronos.daemon.server import FD_RESERVE, Broadcast, Listener, RateLimitedLog, Server
 from chronos.daemon.user_sockets import UserSockets
 from chronos.errors import ChronosError
-from chronos.ledger import Ledger
+from chronos.ledger import Ended, Ledger
 from chronos.paths import (
     LEDGER_FILE,
     LEDGER_ID_FILE,
@@ -171,29 +171,12 @@ class Daemon:
         asyncio.get_running_loop().set_exception_handler(self._loop_error)
         self._prepare_state_dir()
         self._take_lock()
-        ledger = self._open_ledger()
-        ledger.reap_owners = False  # owner deaths come from pidfds (Deadlines), not /proc scans
-        service = Service(ledger, self.config, "daemon")
-        service.cgroups = PartitionCgroups.detect()
-        service.machine  # noqa: B018 - open the GPU backends now, not on the first request
-        deadlines = Deadlines(
-            ledger, lambda: self.config.grace_s, max_grace_s=lambda: self.config.max_grace_s
-        )
-        self.service, self.deadlines = service, deadlines
-        service.on_change = self._changed
-        service.on_supervised = deadlines.supervised
-        deadlines.after_time = self._changed
+        service, deadlines, sampler = self._build()
+        # Everything is wired: now act on what happened while no daemon ran.
         deadlines.resume_kills()  # SIGKILLs a previous daemon scheduled but did not send
         self._changed()  # expiries that fell due while no daemon ran
 
-        following = start_slurm(service, lambda: self.config, self._changed)  # docs/SLURM.md
-        sampler = Sampler(
-            service,
-            deadlines,
-            lambda: self.config,
-            on_new_unpartitioned=following.kick if following is not None else None,
-        )
-        deadlines.on_ended = sampler.on_ended
+        following = self.following
         sampling = asyncio.create_task(sampler.run())
         compacting = asyncio.create_task(self._compact(service))
         server = Server(
@@ -201,8 +184,8 @@ class Daemon:
             lambda: self.config.admin_group,
             self.broadcast,
             max_connections=max_client_connections(),
+            quiet_log=self.quiet_log,
         )
-        server.quiet_log = self.quiet_log
         listener = await self._listen(server)
         endpoints = self._start_http(service, sampler, server)
         loop = asyncio.get_running_loop()
@@ -215,7 +198,7 @@ class Daemon:
             socket=str(self.sock_path),
             state_dir=str(self.state_dir),
             backends=service.machine.backend_names,
-            cgroups=str(service.cgroups.base) if service.cgroups.available else "unavailable",
+            cgroups=_cgroups_shown(service.cgroups),
             devices=len(service.machine.devices),
             max_connections=server.max_connections,
         )
@@ -237,6 +220,51 @@ class Daemon:
             self._remove_socket()
             log("stopped")
         return 0
+
+    def _build(self) -> tuple[Service, Deadlines, Sampler]:
+        """The ledger, service, deadline keeper and sampler, each complete when made.
+
+        Each gets its collaborators and hooks in its constructor. The deadline keeper
+        and the sampler need each other (it tells the sampler of ended partitions and
+        asks it who holds GPU memory; the sampler stops violators through it), so the
+        deadline keeper's hooks go through this daemon to the sampler built just after.
+        Nothing runs until all are built: no reap happens with a hook missing.
+        """
+        # Owner deaths come from pidfds (Deadlines), not /proc scans.
+        ledger = self._open_ledger(reap_owners=False)
+        deadlines = Deadlines(
+            ledger,
+            lambda: self.config.grace_s,
+            max_grace_s=lambda: self.config.max_grace_s,
+            on_ended=self._ended,
+            after_time=self._changed,
+            holds_gpu=self._holds_gpu,
+        )
+        service = Service(
+            ledger,
+            self.config,
+            "daemon",
+            cgroups=PartitionCgroups.detect(),
+            on_change=self._changed,
+            on_supervised=deadlines.supervised,
+        )
+        service.machine  # noqa: B018 - open the GPU backends now, not on the first request
+        # Following Slurm (docs/SLURM.md): its first pass runs once the loop turns.
+        self.following = start_slurm(service, lambda: self.config, self._changed)
+        sampler = Sampler(
+            service,
+            deadlines,
+            lambda: self.config,
+            on_new_unpartitioned=self.following.kick if self.following is not None else None,
+        )
+        self.service, self.deadlines, self.sampler = service, deadlines, sampler
+        return service, deadlines, sampler
+
+    def _ended(self, ended: list[Ended]) -> None:
+        self.sampler.on_ended(ended)
+
+    def _holds_gpu(self, pid: int) -> bool:
+        return self.sampler.holds_gpu(pid)
 
     def _changed(self) -> None:
         """After any change: act on what fell due, grant waiters, wake long polls."""
@@ -348,7 +376,7 @@ class Daemon:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
 
-    def _open_ledger(self) -> Ledger:
+    def _open_ledger(self, reap_owners: bool = True) -> Ledger:
         """The ledger this daemon had, locked down to it; refuse a vanished or swapped one.
 
         A deleted or emptied ledger would otherwise be replaced by an empty one: every
@@ -361,7 +389,7 @@ class Daemon:
         if had is not None:
             self._check_ledger_present(path, marker, had)
         self._lock_down(path)
-        ledger = Ledger(path, file_mode=0o644)
+        ledger = Ledger(path, file_mode=0o644, reap_owners=reap_owners)
         if had is None:
             self._record_ledger_id(marker, ledger.ledger_id)
         elif ledger.ledger_id != had:
@@ -500,6 +528,10 @@ class Daemon:
         service.config = self.config
         sampler.reconfigure()
         log("config_reloaded")
+
+
+def _cgroups_shown(cgroups: PartitionCgroups | None) -> str:
+    return str(cgroups.base) if cgroups is not None and cgroups.available else "unavailable"
 
 
 if __name__ == "__main__":  # python -m chronos.daemon.main

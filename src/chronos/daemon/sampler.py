@@ -40,7 +40,6 @@ class Sampler:
         self.on_new_unpartitioned = on_new_unpartitioned
         self._unpartitioned_seen: set[tuple[int, int]] = set()
         self.watch = self._new_watch()
-        deadlines.holds_gpu = self._holds_gpu
         self.last: list[ProcessUse] = []
         self.last_at: float | None = None
         self.sample_seconds: float | None = None
@@ -72,7 +71,8 @@ class Sampler:
             interval = self.config().sample_interval_s
             await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
 
-    def _holds_gpu(self, pid: int) -> bool:
+    def holds_gpu(self, pid: int) -> bool:
+        """Whether process ``pid`` held GPU memory at the last sample."""
         return any(p.pid == pid and p.used_bytes for p in self.last)
 
     async def sample_once(self) -> None:

@@ -50,6 +50,7 @@ from chronos import protocol
 from chronos.daemon.log import log
 from chronos.errors import ChronosError, ProtocolError
 from chronos.identity import Caller
+from chronos.messages import WaitRequest, op_of
 
 READ_TIMEOUT_S = 5.0
 """Longest a started frame may take to arrive in full."""
@@ -150,11 +151,17 @@ class CutOff(Exception):
 class Server:
     def __init__(
         self,
-        handle: Callable[[Caller, Any], dict[str, Any]],
+        handle: Callable[[Caller, protocol.CheckedMessage], dict[str, Any]],
         admin_group: Callable[[], str],
         changes: Broadcast | None = None,
         max_connections: int = 4096,
+        *,
+        quiet_log: RateLimitedLog | None = None,
+        on_request: Callable[[str, float], None] = lambda op, seconds: None,
     ) -> None:
+        """``handle`` runs a request that passed the schema (``Service.handle``);
+        ``quiet_log`` takes the lines a client can provoke; ``on_request(op, seconds)``
+        is told of every request answered (the metrics)."""
         self._handle = handle
         self._admin_group = admin_group
         self._changes = changes or Broadcast()
@@ -165,8 +172,8 @@ class Server:
         self.per_user: dict[int, int] = defaultdict(int)
         self.receiving: dict[int, int] = defaultdict(int)  # uid -> bytes being received
         self._admins: dict[int, tuple[bool, float]] = {}  # uid -> (is admin, when looked up)
-        self.quiet_log = RateLimitedLog()
-        self.on_request: Callable[[str, float], None] = lambda op, seconds: None
+        self.quiet_log = quiet_log or RateLimitedLog()
+        self.on_request = on_request
 
     # ------------------------------------------------------------- connections
 
@@ -316,20 +323,22 @@ class Server:
         return bytes(body)
 
     async def _answer(self, caller: Caller, body: bytes) -> tuple[str, dict[str, Any]]:
-        """``(op for the metrics, reply)``: the schema is checked before any handler runs."""
+        """``(op for the metrics, reply)``: the schema is checked, once, before any handler
+        runs; the handler gets the typed request."""
         op = "invalid"
         try:
-            message = protocol.decode_body(body)
-            op, args = protocol.validate(message)
-            reply = self._timed(caller, op, message)
-            if op == "wait" and reply.get("ok"):
-                reply = await self._long_poll(caller, message, args, reply)
+            message = protocol.CheckedMessage.of(protocol.decode_body(body))
+            op = op_of(message.request)
+            reply = self._timed(caller, message)
+            if isinstance(message.request, WaitRequest) and reply.get("ok"):
+                reply = await self._long_poll(caller, message, message.request.max_wait, reply)
         except ChronosError as exc:
             reply = protocol.error(exc)
         return op, reply
 
-    def _timed(self, caller: Caller, op: str, message: Any) -> dict[str, Any]:
+    def _timed(self, caller: Caller, message: protocol.CheckedMessage) -> dict[str, Any]:
         """One handler call, timed; a slow one is logged, a crashing one still answered."""
+        op = op_of(message.request)
         started = time.perf_counter()
         try:
             reply = self._handle(caller, message)
@@ -349,17 +358,20 @@ class Server:
         return reply
 
     async def _long_poll(
-        self, caller: Caller, message: Any, args: dict[str, Any], reply: dict[str, Any]
+        self,
+        caller: Caller,
+        message: protocol.CheckedMessage,
+        max_wait: float,
+        reply: dict[str, Any],
     ) -> dict[str, Any]:
         """Hold a ``wait`` until its ticket changes state or ``max_wait`` passes."""
-        max_wait = args.get("max_wait", 0)
         deadline = time.monotonic() + min(max(0.0, float(max_wait)), LONG_POLL_MAX_S)
         while reply.get("ok") and _state_of(reply) == "waiting":
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             await self._changes.wait(left)
-            reply = self._timed(caller, "wait", message)
+            reply = self._timed(caller, message)
         return reply
 
     @staticmethod

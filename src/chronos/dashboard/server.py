@@ -78,7 +78,7 @@ class Snapshot:
 def collect(client: Any, now: float | None = None) -> Snapshot:
     """Ask ``client`` (a Partitioner) what ``chronos list``, ``stats`` and ``queue`` show."""
     records = [p.record for p in client.list()]
-    stats: dict[str, Any] = client.transport.call("stats")
+    stats: dict[str, Any] = client.stats_report()
     queue: list[dict[str, Any]] = client.queue()
     now = time.time() if now is None else now
     used_by: dict[str, int] = {}

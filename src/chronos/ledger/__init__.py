@@ -82,8 +82,11 @@ class Ledger:
         owner_alive: OwnerCheck = procs.is_same_process,
         file_mode: int = 0o666,
         durable: bool = True,
+        *,
+        reap_owners: bool = True,
     ) -> None:
-        """``durable=False``: no fsync (a throwaway ledger: tests, benchmark seeds)."""
+        """``durable=False``: no fsync (a throwaway ledger: tests, benchmark seeds).
+        ``reap_owners=False``: reaps do not check owner processes (the daemon has pidfds)."""
         self.path = Path(path)
         self.clock = clock
         self.capacity_of: Callable[[NewPartition], int] = lambda req: req.capacity_bytes
@@ -92,8 +95,8 @@ class Ledger:
         self.lingering: Lingering = lambda uuid: []
         """Memory of ended partitions whose processes still run (the daemon keeps it):
         admission counts it as committed, so it never hands out memory still held."""
-        self.reap_owners = True
-        """Check owner processes on every reap (the daemon turns this off: it has pidfds)."""
+        self.reap_owners = reap_owners
+        """Check owner processes on every reap (the daemon does not: it has pidfds)."""
         self.fairshare_half_life: Callable[[], float] = lambda: 7 * 86400.0
         """Half-life of fair-share usage; the service applies the policy in force."""
         self._db, self.ledger_id = schema.open_ledger(self.path, file_mode, durable)

@@ -58,9 +58,11 @@ def _settings(env: dict[str, str]) -> Any:
 
 
 def _connect(env: dict[str, str], retry_s: float = RETRY_S) -> Any:
-    """A connection to this node's chronosd, retried for ``retry_s`` if it is down."""
+    """A client of this node's chronosd (a Partitioner), retried for ``retry_s`` if it is
+    down."""
     from pathlib import Path
 
+    from chronos.api import Partitioner
     from chronos.errors import DaemonUnavailable
     from chronos.paths import socket_path
     from chronos.transport import SocketTransport
@@ -70,18 +72,18 @@ def _connect(env: dict[str, str], retry_s: float = RETRY_S) -> Any:
     deadline = time.monotonic() + retry_s
     while True:
         try:
-            return SocketTransport(path, timeout=10.0)
+            return Partitioner(SocketTransport(path, timeout=10.0))
         except DaemonUnavailable:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
 
 
-def job_partitions(transport: Any, job_id: str) -> list[dict[str, Any]]:
+def job_partitions(client: Any, job_id: str) -> list[dict[str, Any]]:
     """The open partitions of this node that belong to Slurm job ``job_id`` (any run)."""
     from chronos.slurm.settings import job_of
 
-    return [r for r in transport.call("list") if job_of(str(r.get("kind", ""))) == job_id]
+    return [r for r in client.records() if job_of(str(r.get("kind", ""))) == job_id]
 
 
 def restart_count(env: dict[str, str]) -> int | None:
@@ -119,23 +121,22 @@ def prolog(env: dict[str, str]) -> int:
     end = (info.end_time or now + config.max_duration_s) + config.slurm.end_margin_s
     duration = max(1.0, min(end - now, config.max_duration_s))
     run = restart_count(env) or 0
-    transport = _connect(env)
+    client = _connect(env)
     try:
         existing = set()
-        for r in job_partitions(transport, job_id):
+        for r in job_partitions(client, job_id):
             if run_of(r["kind"]) == run:
                 existing.add(r["device"])
                 log(f"prolog: job {job_id} run {run}: partition {r['id']} already there")
                 continue
             try:  # a requeued job: the previous run's partition, whose epilog came late
-                transport.call("release", id=r["id"])
+                client.release(r["id"])
             except PartitionEnded:
                 pass
         for share in shards:
             if share.device in existing:
                 continue  # a retried prolog or a requeued job: keep its one partition
-            record = transport.call(
-                "create",
+            made = client.create(
                 device=share.device,
                 memory=f"{share.count * config.slurm.shard_bytes}B",
                 duration=duration,
@@ -144,11 +145,11 @@ def prolog(env: dict[str, str]) -> int:
                 kind=job_kind(job_id, run),
             )
             log(
-                f"prolog: job {job_id} on {node}: partition {record['id']} of {share.count} "
+                f"prolog: job {job_id} on {node}: partition {made.id} of {share.count} "
                 f"shards on GPU {share.device} for {user}"
             )
     finally:
-        transport.close()
+        client.close()
     return 0
 
 
@@ -172,11 +173,11 @@ def taskprolog(env: dict[str, str], out: Any = None) -> int:
         env.get("SLURM_JOB_GPUS") or env.get("SLURM_SHARDS_ON_NODE")
     ):
         return 0
-    transport = _connect(env, retry_s=0.0)  # per task: no daemon, no caps, no delay
+    client = _connect(env, retry_s=0.0)  # per task: no daemon, no caps, no delay
     try:
-        mine = job_partitions(transport, job_id)
+        mine = job_partitions(client, job_id)
     finally:
-        transport.close()
+        client.close()
     if not mine:
         return 0
     first = max(mine, key=lambda r: run_of(r["kind"]))  # this run's, if a requeue raced
@@ -197,9 +198,9 @@ def epilog(env: dict[str, str]) -> int:
     if not valid_job_id(job_id):
         return 0
     run = restart_count(env)
-    transport = _connect(env)
+    client = _connect(env)
     try:
-        mine = job_partitions(transport, job_id)
+        mine = job_partitions(client, job_id)
         if mine and _running_here_again(job_id, env.get("SLURMD_NODENAME", "")):
             log(f"epilog: job {job_id} runs here again (requeued): its partition stays")
             return 0  # a requeued job's previous run: its next run (and prolog) came first
@@ -207,12 +208,12 @@ def epilog(env: dict[str, str]) -> int:
             if run is not None and run_of(record["kind"]) > run:
                 continue  # the next run's (a requeue raced this epilog): not ours to end
             try:
-                transport.call("release", id=record["id"])
+                client.release(record["id"])
                 log(f"epilog: job {job_id} run {run}: released {record['id']}")
             except PartitionEnded:
                 pass  # ended meanwhile (expiry, memory stop): nothing to release
     finally:
-        transport.close()
+        client.close()
     return 0
 
 
@@ -256,7 +257,7 @@ def _bootstrap_package() -> None:
     """Make ``chronos.*`` importable without running the package's ``__init__``.
 
     That ``__init__`` imports the whole client API (~100 ms); the hook needs only
-    stdlib-only modules (config, transport, protocol, units, frameworks).
+    stdlib-only modules (config, the API's Partitioner and its transport, units, frameworks).
     """
     import types
     from pathlib import Path

@@ -30,6 +30,7 @@ from chronos.config import Config
 from chronos.daemon.log import log
 from chronos.errors import ChronosError
 from chronos.identity import Caller
+from chronos.messages import CreateRequest
 from chronos.models import PartitionRecord
 from chronos.service import Service
 from chronos.slurm import membership
@@ -188,12 +189,14 @@ class Reconciler:
             try:
                 record = self.service.op_create(
                     ADMIN,
-                    device=share.device,
-                    memory=f"{share.count * config.slurm.shard_bytes}B",
-                    duration=min(end - now, config.max_duration_s),
-                    user=info.user,
-                    persist=True,
-                    kind=job_kind(info.job_id, info.restarts),
+                    CreateRequest(
+                        device=share.device,
+                        memory=f"{share.count * config.slurm.shard_bytes}B",
+                        duration=min(end - now, config.max_duration_s),
+                        user=info.user,
+                        persist=True,
+                        kind=job_kind(info.job_id, info.restarts),
+                    ),
                 )
             except ChronosError as exc:
                 log("slurm_adopt_refused", level="warning", job=info.job_id, error=str(exc))
