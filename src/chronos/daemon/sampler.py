@@ -32,7 +32,7 @@ class Sampler:
         self.deadlines = deadlines
         self.config = config
         self.watch = self._new_watch()
-        deadlines.holds_gpu = self._holds_gpu
+        deadlines.stopper.holds_gpu = self._holds_gpu
         self.last: list[ProcessUse] = []
         self.last_at: float | None = None
         self.sample_seconds: float | None = None
@@ -70,7 +70,7 @@ class Sampler:
     async def sample_once(self) -> None:
         ledger = self.service.ledger
         self.deadlines.check_clock()
-        if self.deadlines.prune_lingering():
+        if self.deadlines.stopper.prune_lingering():
             self.deadlines.after_time()  # memory held past an end is free now: grant waiters
         records = ledger.running(ledger.clock())
         attached = ledger.attached()
@@ -149,11 +149,11 @@ class Sampler:
                 overuse.report(
                     record, list(v.pids), v.used_bytes, v.allowed_bytes, self.config().slurm
                 )
-            self.deadlines.stop(record, "memory", grace=self.config().memory_grace_s)
+            self.deadlines.stopper.stop(record, "memory", grace=self.config().memory_grace_s)
         else:
             log("unpartitioned_stopped", level="warning", **detail)
             ledger.log("unpartitioned", detail={**detail, "action": "enforce"})
-            self.deadlines.stop_pids(
+            self.deadlines.stopper.stop_pids(
                 dict.fromkeys(v.pids), "unpartitioned", grace=self.config().memory_grace_s
             )
 
