@@ -192,17 +192,20 @@ GENTLE_SCRIPT = """
 import os, sys, time
 from chronos import Partitioner, PartitionEnded
 from chronos.devices.simulated import declare_process
-hold = sys.argv[1] == "hold"
-p = Partitioner().create(device=0, memory="2GiB", duration=2, grace={grace}, on_expiry="raise")
+hold = sys.argv[1] != "free"
+p = Partitioner().create(device=0, memory="70GiB", duration=2, grace={grace}, on_expiry="raise")
 if hold:
-    declare_process(os.getpid(), 0, 1 << 30)
+    declare_process(os.getpid(), 0, 60 << 30)
 print("created", p.id, flush=True)
 try:
     time.sleep(2 + {grace} + 2)
     print("slept through", flush=True)
 except PartitionEnded as exc:
     print("caught", exc, flush=True)
-    time.sleep(30)  # keeps the memory
+    if sys.argv[1] == "hold-then-free":
+        declare_process(os.getpid(), 0, 0)
+        print("freed", flush=True)
+    time.sleep(30)  # keeps the memory, or lives on without it
 """
 
 
@@ -212,10 +215,10 @@ def daemon(daemon_factory: Any) -> Daemon:
     return d
 
 
-def gentle_client(daemon: Daemon, hold: bool) -> subprocess.Popen[str]:
+def gentle_client(daemon: Daemon, how: str) -> subprocess.Popen[str]:
     code = textwrap.dedent(GENTLE_SCRIPT).format(grace=GRACE_S)
     return subprocess.Popen(
-        [PY, "-c", code, "hold" if hold else "free"],
+        [PY, "-c", code, how],
         env={**daemon.env, "CHRONOS_HOME": str(daemon.home)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -224,7 +227,7 @@ def gentle_client(daemon: Daemon, hold: bool) -> subprocess.Popen[str]:
 
 
 def test_chronosd_does_not_signal_an_api_process_that_holds_no_memory(daemon: Daemon) -> None:
-    client = gentle_client(daemon, hold=False)
+    client = gentle_client(daemon, "free")
     out, err = client.communicate(timeout=60)
     assert client.returncode == 0, (out, err)
     assert "slept through" in out
@@ -234,7 +237,7 @@ def test_chronosd_does_not_signal_an_api_process_that_holds_no_memory(daemon: Da
 def test_chronosd_signals_an_api_process_only_after_it_kept_the_memory_past_the_grace(
     daemon: Daemon,
 ) -> None:
-    client = gentle_client(daemon, hold=True)
+    client = gentle_client(daemon, "hold")
     try:
         assert client.stdout is not None
         partition_id = client.stdout.readline().split()[1]
@@ -249,3 +252,34 @@ def test_chronosd_signals_an_api_process_only_after_it_kept_the_memory_past_the_
         if client.poll() is None:
             os.kill(client.pid, signal.SIGKILL)
         client.communicate(timeout=10)
+
+
+def test_an_api_process_that_frees_the_memory_lives_on_and_the_memory_is_granted_again(
+    daemon: Daemon,
+) -> None:
+    client = gentle_client(daemon, "hold-then-free")
+    try:
+        assert client.stdout is not None
+        partition_id = client.stdout.readline().split()[1]
+        expires_at = daemon.call("get", id=partition_id)["expires_at"]
+        assert "caught partition" in client.stdout.readline()
+        assert client.stdout.readline().strip() == "freed"
+        granted = wait_for(
+            lambda: _create(daemon, "40GiB"), GRACE_S + 10, "the freed memory to be granted"
+        )
+        assert client.poll() is None  # never signalled: it let go of the GPU
+        assert time.time() >= expires_at
+        daemon.call("release", id=granted)
+    finally:
+        if client.poll() is None:
+            os.kill(client.pid, signal.SIGKILL)
+        client.communicate(timeout=10)
+
+
+def _create(daemon: Daemon, memory: str) -> str | None:
+    from chronos.errors import ChronosError
+
+    try:
+        return str(daemon.call("create", device=0, memory=memory, duration=5, persist=True)["id"])
+    except ChronosError:
+        return None

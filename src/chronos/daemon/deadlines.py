@@ -78,7 +78,13 @@ class Deadlines:
         self._seq = ledger.last_seq()
         """The newest event seen, to notice partitions ended by someone else."""
         self.stopper = ProcessStopper(
-            ledger, self.clock, self._guarded, default_grace_s, max_grace_s, lambda: self._seq
+            ledger,
+            self.clock,
+            self._guarded,
+            default_grace_s,
+            max_grace_s,
+            seen_seq=lambda: self._seq,
+            freed=lambda: self.after_time(),  # after_time is the daemon's, set after this
         )
         ledger.lingering = self.stopper.lingering_on
         self.on_ended: Callable[[list[Ended]], None] = lambda ended: None

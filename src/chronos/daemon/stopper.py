@@ -65,6 +65,7 @@ class ProcessStopper:
         default_grace_s: Callable[[], float],
         max_grace_s: Callable[[], float],
         seen_seq: Callable[[], int],
+        freed: Callable[[], None] = lambda: None,
     ) -> None:
         self.ledger = ledger
         self.clock = clock
@@ -74,6 +75,8 @@ class ProcessStopper:
         self.max_grace_s = max_grace_s
         self._seen_seq = seen_seq
         """The newest event the deadlines saw: later ends are not yet lingering here."""
+        self._freed = freed
+        """Memory held past an end is free now (outside the sampler's pruning): grant waiters."""
         self._kills: dict[str, asyncio.TimerHandle] = {}
         self._lingering: dict[str, Lingering] = {}
         self._supervisors = self._supervised_of_open()
@@ -263,7 +266,11 @@ class ProcessStopper:
         holding = self._holding(self.members(record))
         if not holding:
             plan.finish()
+            # They live on without the GPU (a notebook that freed its tensors): its memory
+            # is free for admission now, not when those processes exit hours later.
             log("processes_let_go", partition=record.id)
+            if self._lingering.pop(record.id, None) is not None:
+                self._freed()
             return
         plan.advance(max(self.clock.now(), self._due(plan)))
         sent = procs.signal_all(holding, signal.SIGTERM)
