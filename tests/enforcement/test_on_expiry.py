@@ -283,3 +283,22 @@ def _create(daemon: Daemon, memory: str) -> str | None:
         return str(daemon.call("create", device=0, memory=memory, duration=5, persist=True)["id"])
     except ChronosError:
         return None
+
+
+def test_the_sigterm_after_a_gentle_end_survives_a_daemon_restart(daemon: Daemon) -> None:
+    client = gentle_client(daemon, "hold")
+    try:
+        assert client.stdout is not None
+        partition_id = client.stdout.readline().split()[1]
+        expires_at = daemon.call("get", id=partition_id)["expires_at"]
+        assert "caught partition" in client.stdout.readline()  # the end came: warned
+        wait_for(lambda: daemon.events("expiry_warned"), 5, "the warning to be logged")
+        daemon.kill(signal.SIGKILL)  # in the grace, before the SIGTERM
+        daemon.start()
+        client.wait(timeout=GRACE_S + 15)
+        assert client.returncode == -signal.SIGTERM  # sent by the restarted daemon
+        assert time.time() >= expires_at + GRACE_S
+    finally:
+        if client.poll() is None:
+            os.kill(client.pid, signal.SIGKILL)
+        client.communicate(timeout=10)

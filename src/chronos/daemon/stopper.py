@@ -30,7 +30,7 @@ from chronos.attribution import Attributor
 from chronos.daemon.clock import SteadyClock
 from chronos.daemon.log import log
 from chronos.ledger import Ledger
-from chronos.models import ACTIVE, BOOKED, EXPIRED, PartitionRecord
+from chronos.models import ACTIVE, BOOKED, EXPIRED, Event, PartitionRecord
 from chronos.stopping import Escalation, Stage
 
 LINGER_MARGIN_S = 1.0
@@ -40,6 +40,8 @@ SUPERVISOR_LEFTOVER_S = 10.0
 long after its partition's last SIGKILL was an imitation, and is stopped like a member."""
 GENTLE_KINDS = frozenset({"api-raise", "api-notify"})
 """Partitions whose processes are warned at the end and signalled only if they keep the GPU."""
+FIRST_LOOKS_S = 1.0
+"""After a restart, the sampler's first looks come before deciding who still holds memory."""
 
 Guard = Callable[[str, Callable[[], None]], None]
 """Runs a timer callback so that a failure is logged and the due-check retried."""
@@ -243,6 +245,7 @@ class ProcessStopper:
         """At the end: signal nothing; SIGTERM after the grace what still holds GPU memory."""
         plan.warn_first = True
         plan.begin(self.clock.now())
+        grace = plan.grace_s
         holding = self._holding(members)
         log(
             "expiry_warned",
@@ -253,8 +256,14 @@ class ProcessStopper:
         )
         if holding:
             self._linger(record, holding, self._due(plan) + plan.grace_s)
+        self._schedule_gentle(record, plan, self._due(plan))
+        # So that a restarted daemon still sends the SIGTERM after the grace.
+        detail = {"members": sorted(members.items()), "term_at": plan.due_at, "grace_s": grace}
+        self._record([("expiry_warned", record.id, detail)])
+
+    def _schedule_gentle(self, record: PartitionRecord, plan: Escalation, at: float) -> None:
         self._kills[record.id] = self.loop.call_later(
-            plan.grace_s,
+            max(0.0, at - self.clock.now()),
             self._guarded,
             "kill",
             lambda: self._terminate_holders(record, plan),
@@ -274,9 +283,14 @@ class ProcessStopper:
             return
         plan.advance(max(self.clock.now(), self._due(plan)))
         sent = procs.signal_all(holding, signal.SIGTERM)
-        why = "kept GPU memory after its end"
+        why = "expired"  # as metrics count it; the log says that the GPU was kept
         log(
-            "sigterm", partition=record.id, why=why, processes=sorted(holding), grace_s=plan.grace_s
+            "sigterm",
+            partition=record.id,
+            why=why,
+            kept_gpu_past_grace=True,
+            processes=sorted(holding),
+            grace_s=plan.grace_s,
         )
         self._linger(record, holding, self._due(plan))
         self._schedule_kill(record, holding, why, plan)
@@ -318,7 +332,11 @@ class ProcessStopper:
         """
         now = self.clock.now()
         horizon = horizon_s if horizon_s is not None else self.max_grace_s() + 60.0
-        for event in self.ledger.events(now - horizon, kinds=("terminated",)):
+        events = self.ledger.events(now - horizon, kinds=("terminated", "expiry_warned"))
+        self._resume_gentle(events, now)
+        for event in events:
+            if event.kind != "terminated":
+                continue
             detail = event.detail
             if "kill_at" not in detail or not event.partition_id:
                 continue
@@ -340,6 +358,24 @@ class ProcessStopper:
                 "kill",
                 lambda r=record, a=alive, w=why, p=plan: self._kill(r, a, w, p),
             )
+
+    def _resume_gentle(self, events: list[Event], now: float) -> None:
+        """Gentle ends whose SIGTERM-after-the-grace a previous daemon had not yet sent."""
+        signalled = {e.partition_id for e in events if e.kind == "terminated"}
+        for event in events:
+            if event.kind != "expiry_warned" or not event.partition_id:
+                continue
+            if event.partition_id in signalled:
+                continue  # sent: the SIGKILL is resumed like any other
+            members = {int(pid): int(ticks) for pid, ticks in event.detail.get("members", [])}
+            if not any(procs.is_same_process(pid, ticks) for pid, ticks in members.items()):
+                continue
+            record = self.ledger.get(event.partition_id)
+            grace = float(event.detail.get("grace_s", 0.0))
+            term_at = float(event.detail["term_at"])
+            plan = Escalation(grace, stage=Stage.WARNED, due_at=term_at)
+            self._linger(record, members, max(term_at, now) + grace)
+            self._schedule_gentle(record, plan, max(term_at, now + FIRST_LOOKS_S))
 
     # -------------------------------------------------------- lingering memory
 
