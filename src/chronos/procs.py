@@ -91,6 +91,26 @@ def process_uid(pid: int) -> int | None:
         return None
 
 
+def catches(pid: int, sig: int) -> bool:
+    """Whether ``pid`` has a handler for ``sig`` (``SigCgt`` of /proc/<pid>/status).
+
+    For a signal whose default action ends the process (SIGUSR1): a warning sent to a
+    process that does not catch it would kill it.
+    """
+    try:
+        with open(f"{PROC}/{pid}/status", "rb") as f:
+            text = f.read()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith(b"SigCgt:"):
+            try:
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+            except (IndexError, ValueError):
+                return False
+    return False
+
+
 def user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name

@@ -302,3 +302,30 @@ def test_the_sigterm_after_a_gentle_end_survives_a_daemon_restart(daemon: Daemon
         if client.poll() is None:
             os.kill(client.pid, signal.SIGKILL)
         client.communicate(timeout=10)
+
+
+WARNED_SCRIPT = """
+import signal, sys, time
+from chronos import Partitioner
+if sys.argv[1] == "catch":
+    signal.signal(signal.SIGUSR1, lambda *_: print("SIGUSR1 caught", flush=True))
+p = Partitioner().create(device=0, memory="1GiB", duration=2, warn=1, on_expiry="raise")
+time.sleep(3.5)
+print("slept through", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["catch", "ignore"])
+def test_the_warning_signal_reaches_only_gentle_processes_that_catch_it(
+    daemon: Daemon, how: str
+) -> None:
+    proc = subprocess.run(
+        [PY, "-c", textwrap.dedent(WARNED_SCRIPT), how],
+        env={**daemon.env, "CHRONOS_HOME": str(daemon.home)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr  # a SIGUSR1 it does not catch would kill it
+    assert "slept through" in proc.stdout
+    assert ("SIGUSR1 caught" in proc.stdout) == (how == "catch")

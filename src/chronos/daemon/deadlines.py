@@ -34,7 +34,7 @@ from chronos import procs
 from chronos.config import DEFAULT_MAX_GRACE_S
 from chronos.daemon.clock import SteadyClock
 from chronos.daemon.log import log
-from chronos.daemon.stopper import ProcessStopper
+from chronos.daemon.stopper import GENTLE_KINDS, ProcessStopper
 from chronos.ledger import Ended, Ledger
 from chronos.models import ACTIVE, EXPIRED, PartitionRecord
 
@@ -260,6 +260,8 @@ class Deadlines:
             self._warned.add(r.id)
             sig = getattr(signal, r.warn_signal or "SIGUSR1")
             members = self.stopper.members(r)
+            if r.kind in GENTLE_KINDS:  # a Jupyter kernel dies of a SIGUSR1 it does not catch
+                members = {p: t for p, t in members.items() if procs.catches(p, sig)}
             sent = procs.signal_all(members, sig)
             log("warned", partition=r.id, signal=r.warn_signal, processes=sent)
             self.ledger.log(
