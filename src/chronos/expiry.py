@@ -55,8 +55,12 @@ DEFAULT_GRACE_S = 30.0
 
 
 def interactive() -> bool:
-    """Whether this is an interactive interpreter: the REPL, ``python -i``, or a Jupyter kernel."""
-    return hasattr(sys, "ps1") or bool(sys.flags.interactive) or "ipykernel" in sys.modules
+    """Whether this is an interactive interpreter: the REPL, ``python -i``, IPython, Jupyter.
+
+    An IPython shell is asked for (``get_ipython()``), not just ipykernel being imported:
+    a script or a test run that merely imports it stays a script.
+    """
+    return hasattr(sys, "ps1") or bool(sys.flags.interactive) or _ipython() is not None
 
 
 def choose(on_expiry: str | None) -> str:

@@ -7,6 +7,7 @@ cell printed, that its ``finally:`` ran, and whether the kernel is still alive.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -20,8 +21,12 @@ import pytest
 
 from .support import PY, Daemon, wait_for
 
-jupyter_client = pytest.importorskip("jupyter_client")
-pytest.importorskip("ipykernel")
+# Only looked up, not imported: this test process must stay a script (chronos.expiry).
+needs_kernel = pytest.mark.skipif(
+    importlib.util.find_spec("ipykernel") is None
+    or importlib.util.find_spec("jupyter_client") is None,
+    reason="needs ipykernel and jupyter_client (the test extra)",
+)
 
 GRACE_S = 3.0
 
@@ -95,6 +100,7 @@ def cell(body: str) -> str:
     return CREATE + textwrap.dedent(body)
 
 
+@needs_kernel
 def test_a_kernel_holding_memory_gets_the_exception_in_its_cell_and_lives(
     kernel: Kernel,
 ) -> None:
@@ -126,6 +132,7 @@ def test_a_kernel_holding_memory_gets_the_exception_in_its_cell_and_lives(
     assert kernel.run("print(6 * 7)")[0].strip() == "42"
 
 
+@needs_kernel
 def test_a_kernel_holding_no_memory_is_neither_interrupted_nor_signalled(
     kernel: Kernel,
 ) -> None:
@@ -149,6 +156,7 @@ def test_a_kernel_holding_no_memory_is_neither_interrupted_nor_signalled(
     assert kernel.run("print(p.state)")[0].strip() == "expired"
 
 
+@needs_kernel
 def test_a_kernel_that_keeps_the_memory_gets_sigterm_after_the_grace(kernel: Kernel) -> None:
     out, reply = kernel.run(
         cell(
@@ -329,3 +337,26 @@ def test_the_warning_signal_reaches_only_gentle_processes_that_catch_it(
     assert proc.returncode == 0, proc.stderr  # a SIGUSR1 it does not catch would kill it
     assert "slept through" in proc.stdout
     assert ("SIGUSR1 caught" in proc.stdout) == (how == "catch")
+
+
+@needs_kernel
+def test_a_script_that_imports_ipykernel_is_still_a_script() -> None:
+    proc = subprocess.run(
+        [
+            PY,
+            "-c",
+            "import ipykernel.kernelapp\nfrom chronos import expiry\nprint(expiry.choose(None))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.stdout.strip() == "terminate", proc.stderr
+    interactive = subprocess.run(
+        [PY, "-i", "-c", "from chronos import expiry\nprint(expiry.choose(None))"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        input="",
+    )
+    assert interactive.stdout.strip() == "raise", interactive.stderr
