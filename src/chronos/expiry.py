@@ -52,6 +52,9 @@ KIND_OF = {TERMINATE: "api", RAISE: "api-raise", NOTIFY: "api-notify"}
 WAKE_SIGNAL = signal.SIGURG
 """Wakes the main thread to run queued calls (its default action is to ignore it)."""
 DEFAULT_GRACE_S = 30.0
+WARN_AHEAD_S = 60.0
+"""With ``raise``/``notify``, a process that holds GPU memory is told this long before the
+end (a tenth of the partition's duration if that is shorter)."""
 
 
 def interactive() -> bool:
@@ -179,6 +182,10 @@ class ExpiryMonitor:
         self._wake = threading.Event()
         self._stopped = False
         self._main = MainThreadCalls.install() if self._in_main_thread_context() else None
+        if on_expiry != TERMINATE:
+            r = partition.record
+            ahead = min(WARN_AHEAD_S, (r.expires_at - r.starts_at) / 10)
+            self._warnings.append((ahead, self._warn_ahead))
         self._thread = threading.Thread(
             target=self._run, name=f"chronos-{partition.id}", daemon=True
         )
@@ -280,6 +287,24 @@ class ExpiryMonitor:
                 procs.signal_process(a["pid"], a["start_ticks"], signal.SIGTERM)
         if held_now.get(os.getpid()):
             os.kill(os.getpid(), signal.SIGTERM)
+
+    def _warn_ahead(self, partition: Partition) -> None:
+        """Before the end: a process that holds GPU memory is told what is coming."""
+        from chronos.units import format_bytes, format_duration, local_clock
+
+        held = self._held_bytes()
+        if not held:
+            return
+        r = partition.record
+        left = format_duration(max(0.0, r.expires_at - time.time()))
+        then = "PartitionEnded is raised" if self.on_expiry == RAISE else "you are told"
+        print(
+            f"chronos: partition {r.id} ends at {local_clock(r.expires_at)} (in {left}); this "
+            f"process holds {format_bytes(held)} on GPU {r.device}: save your work ({then} "
+            "then, and the process gets SIGTERM if it still holds the memory after the grace)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _tell(self, message: str, raising: bool) -> None:
         """In the main thread: the warning (on stderr, each time), then (``raise``) the error."""

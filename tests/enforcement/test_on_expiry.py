@@ -123,6 +123,7 @@ def test_a_kernel_holding_memory_gets_the_exception_in_its_cell_and_lives(
     assert reply["status"] == "ok", out
     assert "on_expiry raise" in out
     assert "expiring soon:" in out  # on_expiring printed into the cell (main thread)
+    assert "ends at" in out and "save your work" in out  # the warning before the end
     assert "caught: partition" in out and "still holds 1.0 GiB on GPU 0" in out
     assert "chronos: partition" in out  # the warning, on the cell's stderr
     assert "finally ran" in out
