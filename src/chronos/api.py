@@ -199,7 +199,10 @@ class Partition:
         """Call ``callback(partition)`` ``seconds_before`` the end.
 
         In a background thread; in an interactive interpreter (Jupyter, the REPL)
-        in the main thread, so that what it prints shows in the running cell.
+        in the main thread, so that what it prints shows in the running cell. There
+        it runs as a signal handler between two steps of whatever the main thread
+        was doing: keep it short (print, save a checkpoint), and do not call this
+        client from it (the main thread may be in the middle of a call).
         """
         self._ensure_monitor().add_warning(float(seconds_before), callback)
 

@@ -214,7 +214,10 @@ class ExpiryMonitor:
             due = [(s, cb) for s, cb in self._warnings if now >= record.expires_at - s]
             for item in due:
                 self._warnings.remove(item)
-                self._in_main(functools.partial(self._callback, item[1]))
+                if item[1] == self._warn_ahead:
+                    self._warn_ahead(self.partition)  # asks for memory here, prints in main
+                else:
+                    self._in_main(functools.partial(self._callback, item[1]))
             times = [record.expires_at - s for s, _ in self._warnings] + [record.expires_at]
             self._wake.wait(max(0.0, min(times) - time.time()))
             self._wake.clear()
@@ -289,7 +292,11 @@ class ExpiryMonitor:
             os.kill(os.getpid(), signal.SIGTERM)
 
     def _warn_ahead(self, partition: Partition) -> None:
-        """Before the end: a process that holds GPU memory is told what is coming."""
+        """Before the end: a process that holds GPU memory is told what is coming.
+
+        Runs in the expiry thread (it asks the backends or the daemon, which must not
+        happen inside a signal handler of a main thread that may be mid-call itself).
+        """
         from chronos.units import format_bytes, format_duration, local_clock
 
         held = self._held_bytes()
@@ -298,13 +305,12 @@ class ExpiryMonitor:
         r = partition.record
         left = format_duration(max(0.0, r.expires_at - time.time()))
         then = "PartitionEnded is raised" if self.on_expiry == RAISE else "you are told"
-        print(
+        message = (
             f"chronos: partition {r.id} ends at {local_clock(r.expires_at)} (in {left}); this "
             f"process holds {format_bytes(held)} on GPU {r.device}: save your work ({then} "
-            "then, and the process gets SIGTERM if it still holds the memory after the grace)",
-            file=sys.stderr,
-            flush=True,
+            "then, and the process gets SIGTERM if it still holds the memory after the grace)"
         )
+        self._in_main(functools.partial(print, message, file=sys.stderr, flush=True))
 
     def _tell(self, message: str, raising: bool) -> None:
         """In the main thread: the warning (on stderr, each time), then (``raise``) the error."""
