@@ -211,7 +211,8 @@ try:
     print("slept through", flush=True)
 except PartitionEnded as exc:
     print("caught", exc, flush=True)
-    if sys.argv[1] == "hold-then-free":
+    if sys.argv[1] in ("hold-then-free", "hold-a-while"):
+        time.sleep(1.0 if sys.argv[1] == "hold-a-while" else 0.0)  # saves a checkpoint first
         declare_process(os.getpid(), 0, 0)
         print("freed", flush=True)
     time.sleep(30)  # keeps the memory, or lives on without it
@@ -361,3 +362,23 @@ def test_a_script_that_imports_ipykernel_is_still_a_script() -> None:
         input="",
     )
     assert interactive.stdout.strip() == "raise", interactive.stderr
+
+
+def test_unpartitioned_enforce_leaves_a_gentle_end_its_grace(daemon_factory: Any) -> None:
+    from .conftest import CAP_CONFIG
+
+    daemon: Daemon = daemon_factory(CAP_CONFIG.replace('"warn"', '"enforce"'))
+    client = gentle_client(daemon, "hold-a-while")  # 1 s with the memory after the end
+    try:
+        assert client.stdout is not None
+        partition_id = client.stdout.readline().split()[1]
+        expires_at = daemon.call("get", id=partition_id)["expires_at"]
+        assert "caught partition" in client.stdout.readline()
+        assert client.stdout.readline().strip() == "freed"  # not stopped after 0.3 s
+        wait_for(lambda: time.time() > expires_at + GRACE_S + 1, GRACE_S + 5, "the grace")
+        assert client.poll() is None
+        assert not daemon.events("unpartitioned_stopped")
+    finally:
+        if client.poll() is None:
+            os.kill(client.pid, signal.SIGKILL)
+        client.communicate(timeout=10)

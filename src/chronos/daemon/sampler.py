@@ -151,10 +151,14 @@ class Sampler:
                 )
             self.deadlines.stopper.stop(record, "memory", grace=self.config().memory_grace_s)
         else:
+            pids = self.deadlines.stopper.outside_gentle_grace(v.pids)
+            if not pids:
+                return  # an on_expiry=raise/notify process in its grace: the stopper decides
+            detail["pids"] = pids
             log("unpartitioned_stopped", level="warning", **detail)
             ledger.log("unpartitioned", detail={**detail, "action": "enforce"})
             self.deadlines.stopper.stop_pids(
-                dict.fromkeys(v.pids), "unpartitioned", grace=self.config().memory_grace_s
+                dict.fromkeys(pids), "unpartitioned", grace=self.config().memory_grace_s
             )
 
     def on_ended(self, ended: list[Ended]) -> None:

@@ -82,6 +82,8 @@ class ProcessStopper:
         self._kills: dict[str, asyncio.TimerHandle] = {}
         self._lingering: dict[str, Lingering] = {}
         self._supervisors = self._supervised_of_open()
+        self._gentle: dict[str, dict[int, int]] = {}
+        """Gentle ends in their grace: the processes warned, not yet signalled."""
         self.holds_gpu: Callable[[int], bool] = lambda pid: False
         """Whether a process holds GPU memory now (the sampler's last look)."""
 
@@ -256,6 +258,7 @@ class ProcessStopper:
         )
         if holding:
             self._linger(record, holding, self._due(plan) + plan.grace_s)
+        self._gentle[record.id] = dict(members)
         self._schedule_gentle(record, plan, self._due(plan))
         # So that a restarted daemon still sends the SIGTERM after the grace.
         detail = {"members": sorted(members.items()), "term_at": plan.due_at, "grace_s": grace}
@@ -272,6 +275,7 @@ class ProcessStopper:
     def _terminate_holders(self, record: PartitionRecord, plan: Escalation) -> None:
         """The grace after a gentle end: SIGTERM (then SIGKILL) what still holds the GPU."""
         self._kills.pop(record.id, None)
+        self._gentle.pop(record.id, None)
         holding = self._holding(self.members(record))
         if not holding:
             plan.finish()
@@ -296,6 +300,16 @@ class ProcessStopper:
         self._schedule_kill(record, holding, why, plan)
         if sent:
             self._record([("terminated", record.id, _terminated(why, holding, plan))])
+
+    def outside_gentle_grace(self, pids: tuple[int, ...]) -> list[int]:
+        """Those of ``pids`` not in a gentle end's grace (with their start time checked).
+
+        After a gentle end its processes' memory is unpartitioned; under
+        ``unpartitioned = "enforce"`` the sampler would stop them within its memory
+        grace, long before theirs. This stopper SIGTERMs them itself if they keep it.
+        """
+        warned = {pid: ticks for members in self._gentle.values() for pid, ticks in members.items()}
+        return [p for p in pids if p not in warned or not procs.is_same_process(p, warned[p])]
 
     # ---------------------------------------------------- leftovers, unowned pids
 
@@ -375,6 +389,7 @@ class ProcessStopper:
             term_at = float(event.detail["term_at"])
             plan = Escalation(grace, stage=Stage.WARNED, due_at=term_at)
             self._linger(record, members, max(term_at, now) + grace)
+            self._gentle[record.id] = members
             self._schedule_gentle(record, plan, max(term_at, now + FIRST_LOOKS_S))
 
     # -------------------------------------------------------- lingering memory
