@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -25,7 +23,9 @@ from chronos.errors import (
     PartitionEnded,
     Timeout,
 )
+from chronos.expiry import KIND_OF, TERMINATE, ExpiryMonitor, choose
 from chronos.messages import (
+    AttachedPidsRequest,
     AttachRequest,
     CancelRequest,
     CreateRequest,
@@ -43,7 +43,7 @@ from chronos.messages import (
     WaitRequest,
     create_reply,
 )
-from chronos.models import ACTIVE, BOOKED, EXPIRED, DeviceStats, PartitionRecord
+from chronos.models import ACTIVE, BOOKED, DeviceStats, PartitionRecord
 from chronos.transport import Transport, connect
 
 if TYPE_CHECKING:
@@ -115,6 +115,8 @@ class Partition:
         self._transport = transport
         self._visible_env = dict(visible_env or {})
         self._monitor: ExpiryMonitor | None = None
+        self.on_expiry = TERMINATE
+        """What its end does to this process (see :meth:`Partitioner.create`)."""
 
     # ----------------------------------------------------------------- fields
     @property
@@ -203,6 +205,21 @@ class Partition:
         return events
 
     @property
+    def mode(self) -> str:
+        """``"daemon"`` or ``"embedded"``: who keeps this partition's deadlines."""
+        return self._transport.mode
+
+    def attached_pids(self) -> list[dict[str, Any]]:
+        """The processes attached to this partition (embedded mode: what its end signals)."""
+        attached: list[dict[str, Any]] = self._transport.send(AttachedPidsRequest(id=self.id))
+        return attached
+
+    def device_stats(self) -> dict[str, Any]:
+        """``stats`` with processes, as the service answers it (the devices and who holds what)."""
+        report: dict[str, Any] = self._transport.send(StatsRequest(processes=True))
+        return report
+
+    @property
     def local_service(self) -> Service | None:
         """The in-process service where there is no daemon (embedded mode), else None."""
         return self._transport.local_service
@@ -232,12 +249,19 @@ class Partition:
         return apply_in_process(self.memory_bytes, self._record.device_total_bytes)
 
     def on_expiring(self, seconds_before: float, callback: Callable[[Partition], Any]) -> None:
-        """Call ``callback(partition)`` in a background thread ``seconds_before`` the end."""
+        """Call ``callback(partition)`` ``seconds_before`` the end.
+
+        In a background thread; in an interactive interpreter (Jupyter, the REPL)
+        in the main thread, so that what it prints shows in the running cell. There
+        it runs as a signal handler between two steps of whatever the main thread
+        was doing: keep it short (print, save a checkpoint), and do not call this
+        client from it (the main thread may be in the middle of a call).
+        """
         self._ensure_monitor().add_warning(float(seconds_before), callback)
 
     def _ensure_monitor(self) -> ExpiryMonitor:
         if self._monitor is None:
-            self._monitor = ExpiryMonitor(self)
+            self._monitor = ExpiryMonitor(self, self.on_expiry)
         return self._monitor
 
     def to_json(self) -> dict[str, Any]:
@@ -299,6 +323,7 @@ class Partitioner:
         timeout: float | str | None = None,
         on_wait: Callable[[dict[str, Any]], Any] | None = None,
         kind: str = "api",
+        on_expiry: str | None = None,
     ) -> Partition:
         """Reserve ``memory`` (fraction, ``50%`` or ``40GiB``) of GPU ``device`` for ``duration``.
 
@@ -310,7 +335,17 @@ class Partitioner:
         start in the past is refused. With ``wait=True`` a request that does
         not fit now waits in the fair queue (at most ``timeout``: seconds or
         ``"30m"``; ``on_wait(status)`` is called as it waits) instead of failing.
+
+        ``on_expiry`` says what the end does to this process (docs/API.md):
+        ``"terminate"`` (SIGTERM at the end; the default in scripts), ``"raise"``
+        (the default in Jupyter and the REPL: a process that holds no memory on the
+        GPU is left alone; one that does is warned and gets ``PartitionEnded``
+        raised in its main thread, and SIGTERM only if it still holds the memory
+        after the grace) or ``"notify"`` (as ``"raise"``, without the exception).
         """
+        on_expiry = choose(on_expiry)
+        if kind == "api":
+            kind = KIND_OF[on_expiry]  # the daemon reads the choice from the kind
         starts_at = None if start is None else start_timestamp(start, time.time())
         request = CreateRequest(
             device=device,
@@ -330,10 +365,12 @@ class Partitioner:
         if isinstance(reply, TicketStatus):
             reply = self._wait_for(reply, on_wait, request.timeout)
         partition = Partition(reply.record, self._transport, reply.visible_env)
-        if self.mode == "embedded" and partition.record.owner_pid == os.getpid() and kind != "run":
-            # No daemon will end it on time: this process keeps the deadline itself.
-            # (Not for ``chronos run``: its supervisor keeps the deadline, and a
-            # thread here would take the SIGTERM it blocks and forwards.)
+        partition.on_expiry = on_expiry
+        owned_here = partition.record.owner_pid == os.getpid() and kind != "run"
+        if owned_here and (self.mode == "embedded" or on_expiry != TERMINATE):
+            # No daemon will end it on time, or this process warns and raises itself:
+            # it keeps the deadline. (Not for ``chronos run``: its supervisor keeps the
+            # deadline, and a thread here would take the SIGTERM it blocks and forwards.)
             partition._ensure_monitor()
         return partition
 
@@ -475,74 +512,3 @@ class Partitioner:
 
     def list(self, all: bool = False) -> list[Partition]:
         return [Partition(PartitionRecord.from_wire(r), self._transport) for r in self.records(all)]
-
-
-class ExpiryMonitor:
-    """A background thread that keeps a partition's deadlines in this process.
-
-    It runs ``on_expiring`` callbacks, and where no daemon runs (embedded mode)
-    it ends an owner-bound partition at its expiry the way the daemon would:
-    the ledger records the expiry, then this process and the processes
-    attached to it get SIGTERM.
-    """
-
-    def __init__(self, partition: Partition) -> None:
-        self.partition = partition
-        self._warnings: list[tuple[float, Callable[[Partition], Any]]] = []
-        self._wake = threading.Event()
-        self._stopped = False
-        self._thread = threading.Thread(
-            target=self._run, name=f"chronos-{partition.id}", daemon=True
-        )
-        self._thread.start()
-
-    def add_warning(self, seconds_before: float, callback: Callable[[Partition], Any]) -> None:
-        self._warnings.append((seconds_before, callback))
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stopped = True
-        self._wake.set()
-
-    def _run(self) -> None:
-        while not self._stopped:
-            now = time.time()
-            record = self.partition.record
-            if record.state_at(now) not in (ACTIVE, BOOKED):
-                if self._expire():
-                    return
-                continue  # extended by another process: keep the new deadline
-            due = [(s, cb) for s, cb in self._warnings if now >= record.expires_at - s]
-            for item in due:
-                self._warnings.remove(item)
-                try:
-                    item[1](self.partition)
-                except Exception:  # a failing callback must not stop the deadline keeping
-                    import traceback
-
-                    traceback.print_exc()
-            times = [record.expires_at - s for s, _ in self._warnings] + [record.expires_at]
-            self._wake.wait(max(0.0, min(times) - time.time()))
-            self._wake.clear()
-
-    def _expire(self) -> bool:
-        """The end as last known has passed: act on it; False if it lives on (extended)."""
-        p = self.partition
-        if self._stopped or p._transport.mode != "embedded" or p.record.owner_pid != os.getpid():
-            return True
-        attached: list[dict[str, Any]] = []
-        try:
-            p.refresh()  # reaps it: the ledger records the expiry
-            attached = p._transport.call("attached_pids", id=p.id)
-        except Exception:  # noqa: BLE001 - e.g. the client was closed: the clock still rules
-            pass
-        if p.record.state_at(time.time()) in (ACTIVE, BOOKED):
-            return False
-        if p.record.state_at(time.time()) != EXPIRED:
-            return True  # released meanwhile
-        from chronos import procs
-
-        for a in attached:
-            procs.signal_process(a["pid"], a["start_ticks"], signal.SIGTERM)
-        os.kill(os.getpid(), signal.SIGTERM)
-        return True

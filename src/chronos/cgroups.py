@@ -21,7 +21,7 @@ import functools
 import os
 from pathlib import Path
 
-from chronos.procs import parent_pid
+from chronos import procs
 
 GROUP = "chronos"
 
@@ -82,7 +82,7 @@ class PartitionCgroups:
         root = self.base.parent
         target = origin
         if target is None:
-            parent = parent_pid(pid)
+            parent = procs.parent_pid(pid)
             target = cgroup_of(parent) if parent else None
         if target is None or _under(target, GROUP):
             target = "/"  # never into another partition: the root is the safe place
@@ -134,7 +134,7 @@ def members(partition_id: str) -> set[int]:
 def _v2_path(pid: int) -> str | None:
     """The raw cgroup v2 entry (after ``0::``) of /proc/<pid>/cgroup; None if unreadable."""
     try:
-        with open(f"/proc/{pid}/cgroup") as f:
+        with open(f"{procs.PROC}/{pid}/cgroup") as f:
             lines = f.read().splitlines()
     except OSError:
         return None

@@ -13,14 +13,40 @@ import os
 import pwd
 import signal
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 from chronos.errors import BadRequest
 
 PROC = "/proc"
+"""The one /proc root every reader here (and cgroups, Slurm membership, DRM) uses.
+
+Read at each call, so tests point it at a fixture tree (``mock.patch.object``)."""
 
 
-def start_ticks(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot, or None if it is gone."""
+@dataclass(frozen=True)
+class ProcStat:
+    """The fields of ``/proc/<pid>/stat`` Chronos uses, from one read of the file."""
+
+    state: str
+    """Field 3: ``R``, ``S``, ``Z`` (zombie), ``X`` (dead), …"""
+    ppid: int
+    """Field 4."""
+    start_ticks: int
+    """Field 22: start time in clock ticks since boot; with the pid, the identity."""
+
+    @property
+    def exited(self) -> bool:
+        return self.state in ("Z", "X")
+
+
+def read_stat(pid: int) -> ProcStat | None:
+    """``/proc/<pid>/stat`` parsed, or None if the process is gone or unreadable.
+
+    The only parser of that file: the identity ``(pid, start_ticks)`` is always
+    read from the kernel the same way. Only "no such process" (or no right to
+    look) means None; any other failure (EMFILE) raises, so it never reads as
+    a death: the daemon's guarded callers retry instead of skipping a signal.
+    """
     try:
         with open(f"{PROC}/{pid}/stat", "rb") as f:
             raw = f.read()
@@ -29,41 +55,33 @@ def start_ticks(pid: int) -> int | None:
     # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
     rest = raw[raw.rfind(b")") + 2 :].split()
     try:
-        return int(rest[19])
-    except (IndexError, ValueError):
+        return ProcStat(rest[0].decode(), int(rest[1]), int(rest[19]))
+    except (IndexError, ValueError, UnicodeDecodeError):
         return None
+
+
+def start_ticks(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot, or None if it is gone."""
+    stat = read_stat(pid)
+    return None if stat is None else stat.start_ticks
 
 
 def parent_pid(pid: int) -> int | None:
     try:
-        with open(f"{PROC}/{pid}/stat", "rb") as f:
-            raw = f.read()
+        stat = read_stat(pid)
     except OSError:
-        return None
-    rest = raw[raw.rfind(b")") + 2 :].split()
-    return int(rest[1]) if len(rest) > 1 else None
+        return None  # an unknown parent: ancestry stops here, as for a gone process
+    return None if stat is None else stat.ppid
 
 
 def is_same_process(pid: int, ticks: int | None) -> bool:
     """True if ``pid`` is alive and is the process that started at ``ticks``."""
-    current = start_ticks(pid)
-    if current is None:
+    stat = read_stat(pid)
+    if stat is None:
         return False
     if ticks is None:
         return True
-    if current != ticks:
-        return False
-    return not _is_zombie(pid)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"{PROC}/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return True
-    state = raw[raw.rfind(b")") + 2 : raw.rfind(b")") + 3]
-    return state in (b"Z", b"X")
+    return stat.start_ticks == ticks and not stat.exited
 
 
 def process_uid(pid: int) -> int | None:
@@ -71,6 +89,26 @@ def process_uid(pid: int) -> int | None:
         return os.stat(f"{PROC}/{pid}").st_uid
     except OSError:
         return None
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Whether ``pid`` has a handler for ``sig`` (``SigCgt`` of /proc/<pid>/status).
+
+    For a signal whose default action ends the process (SIGUSR1): a warning sent to a
+    process that does not catch it would kill it.
+    """
+    try:
+        with open(f"{PROC}/{pid}/status", "rb") as f:
+            text = f.read()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith(b"SigCgt:"):
+            try:
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+            except (IndexError, ValueError):
+                return False
+    return False
 
 
 def user_name(uid: int) -> str:
@@ -110,20 +148,16 @@ def environ_value(pid: int, name: str) -> str | None:
     return None
 
 
-def all_pids() -> Iterator[int]:
-    for entry in os.listdir(PROC):
+def all_pids(root: str | None = None) -> Iterator[int]:
+    """Every process visible in ``root`` (default: :data:`PROC`)."""
+    for entry in os.listdir(PROC if root is None else root):
         if entry.isdigit():
             yield int(entry)
 
 
 def children_map() -> dict[int, list[int]]:
     """Parent PID -> child PIDs, for every process visible now."""
-    tree: dict[int, list[int]] = {}
-    for pid in all_pids():
-        ppid = parent_pid(pid)
-        if ppid is not None:
-            tree.setdefault(ppid, []).append(pid)
-    return tree
+    return ProcessTable().children()
 
 
 def descendants(roots: Iterable[int], tree: dict[int, list[int]] | None = None) -> set[int]:
@@ -328,19 +362,31 @@ def pids_with_marker(name: str, value: str, uid: int | None) -> set[int]:
 
 
 class ProcessTable:
-    """One look at the process table, read lazily and cached, for many questions at once."""
+    """One look at the process table, read lazily and cached, for many questions at once.
+
+    The one process-tree builder: each process's ``stat`` is read at most once.
+    """
 
     def __init__(self) -> None:
-        self._parents: dict[int, int | None] = {}
+        self._stats: dict[int, ProcStat | None] = {}
         self._children: dict[int, list[int]] | None = None
         self._uids: dict[int, int | None] = {}
         self._environ: dict[tuple[int, str], str | None] = {}
         self._pids: list[int] | None = None
 
+    def stat(self, pid: int) -> ProcStat | None:
+        if pid not in self._stats:
+            self._stats[pid] = read_stat(pid)
+        return self._stats[pid]
+
     def parent(self, pid: int) -> int | None:
-        if pid not in self._parents:
-            self._parents[pid] = parent_pid(pid)
-        return self._parents[pid]
+        if pid not in self._stats:
+            try:
+                self._stats[pid] = read_stat(pid)
+            except OSError:
+                return None  # as parent_pid: ancestry stops at an unreadable process
+        stat = self._stats[pid]
+        return None if stat is None else stat.ppid
 
     def children(self) -> dict[int, list[int]]:
         if self._children is None:

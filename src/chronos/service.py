@@ -29,7 +29,8 @@ from chronos.policy import Ask, check_limits, needs_history, priority
 from chronos.slurm import policy as slurm_policy
 from chronos.units import format_duration, parse_duration, parse_memory, parse_signal_name
 
-KINDS = ("api", "cli", "run")
+KINDS = ("api", "api-raise", "api-notify", "cli", "run")
+"""``api-raise``/``api-notify``: an API partition made with ``on_expiry="raise"``/``"notify"``."""
 MAX_POLL_S = 5.0
 """Longest one ``wait`` call blocks; clients call again."""
 EMBEDDED_POLL_S = 0.05

@@ -30,6 +30,7 @@ from chronos.errors import (
     PermissionDenied,
 )
 from chronos.models import ProcessUse
+from chronos.stopping import Escalation
 from chronos.units import format_bytes, format_duration, local_clock
 
 EXPIRED_EXIT = 124
@@ -156,9 +157,11 @@ class Supervisor:
             self.grace = DEFAULT_GRACE_S
         self.expired = False
         self.stopped_for_memory = False
-        self.kill_at: float | None = None
+        self.stopping: Escalation | None = None
+        """Our own SIGTERM → SIGKILL of the command, once begun (expiry or memory)."""
+        self.daemon_stops = False
+        """chronosd is stopping the command (it sends the SIGKILL): wait for the exits."""
         self.memory = EmbeddedMemoryCap.for_partition(partition) if mode == "embedded" else None
-        self.term_sent: dict[int, int] = {}
 
     def members(self) -> dict[int, int]:
         me = os.getpid()
@@ -195,15 +198,9 @@ class Supervisor:
             status, remaining = self._reap(child_pid, status)
             if not remaining:
                 break
-            wake = self.kill_at if self.kill_at is not None else deadline
-            if self.memory is not None and self.kill_at is None:
-                wake = min(wake, self.memory.next_sample)
-            info = self._next_signal(wake)
+            info = self._next_signal(self._wake_at(deadline))
             if info is None:
-                if self.kill_at is None and time.time() < deadline:
-                    self._sample_memory()
-                else:
-                    self._on_deadline(expires_at)
+                self._on_time(deadline, expires_at)
             elif info.si_signo in _FORWARDED or (
                 info.si_signo == signal.SIGINT and info.si_code <= 0  # kill(), not the tty
             ):
@@ -221,10 +218,28 @@ class Supervisor:
         code = _exit_code(status)
         return code if code or not self.stopped_for_memory else 1
 
+    def _wake_at(self, deadline: float) -> float | None:
+        """When to act next without a signal; None: only a signal (a child's exit) wakes us."""
+        if self.daemon_stops:
+            return None
+        if self.stopping is not None:
+            return self.stopping.due_at  # the SIGKILL; None once it was sent
+        if self.memory is not None:
+            return min(deadline, self.memory.next_sample)
+        return deadline
+
+    def _on_time(self, deadline: float, expires_at: float) -> None:
+        if self.stopping is not None:
+            self._escalate()
+        elif time.time() < deadline:
+            self._sample_memory()
+        else:
+            self._on_deadline(expires_at)
+
     @staticmethod
-    def _next_signal(wake: float) -> signal.struct_siginfo | None:
-        """Wait for a watched signal until ``wake`` (forever if it is infinite)."""
-        if wake == float("inf"):
+    def _next_signal(wake: float | None) -> signal.struct_siginfo | None:
+        """Wait for a watched signal until ``wake`` (for ever if None)."""
+        if wake is None:
             return signal.sigwaitinfo(_WATCHED)
         return signal.sigtimedwait(_WATCHED, max(0.0, wake - time.time()))
 
@@ -240,30 +255,37 @@ class Supervisor:
                 status = raw
 
     def _on_deadline(self, expires_at: float) -> None:
-        if self.kill_at is None and self.mode == "daemon" and self._daemon_ended_it():
+        if self.mode == "daemon" and self._daemon_ended_it():
             self.expired = True
             say(
                 f"partition {self.partition.id} expired at {local_clock(expires_at)}; "
                 "chronosd is stopping the command (SIGTERM, then SIGKILL after the grace)"
             )
-            self.kill_at = float("inf")
+            self.daemon_stops = True
             return
-        members = self.members()
-        if self.kill_at is None:
-            self.expired = True
-            self.term_sent = members
-            sent = procs.signal_all(members, signal.SIGTERM)
-            say(
-                f"partition {self.partition.id} expired at {local_clock(expires_at)}: sent "
-                f"SIGTERM to {sent} process(es); SIGKILL in {format_duration(self.grace or 0)} "
-                "if still running"
-            )
-            self.kill_at = time.time() + (self.grace or 0.0)
-        else:
-            killed = procs.signal_all(members, signal.SIGKILL)
-            if killed:
-                say(f"sent SIGKILL to {killed} process(es) still running after the grace period")
-            self.kill_at = time.time() + 3600.0
+        self.expired = True
+        sent = self._begin_stop(self.grace or 0.0)
+        say(
+            f"partition {self.partition.id} expired at {local_clock(expires_at)}: sent "
+            f"SIGTERM to {sent} process(es); SIGKILL in {format_duration(self.grace or 0)} "
+            "if still running"
+        )
+
+    def _begin_stop(self, grace_s: float) -> int:
+        """SIGTERM the command's processes now (SIGKILL after ``grace_s``); how many got it."""
+        self.stopping = Escalation(grace_s)
+        self.stopping.begin(time.time())
+        return procs.signal_all(self.members(), signal.SIGTERM)
+
+    def _escalate(self) -> None:
+        """The stop's next stage, if due: the SIGKILL of what is still running."""
+        assert self.stopping is not None
+        stage = self.stopping.advance(time.time())
+        if stage is None or self.stopping.signal is None:
+            return
+        killed = procs.signal_all(self.members(), self.stopping.signal)
+        if killed:
+            say(f"sent SIGKILL to {killed} process(es) still running after the grace period")
 
     def _sample_memory(self) -> None:
         assert self.memory is not None
@@ -276,9 +298,7 @@ class Supervisor:
             f" of GPU {violation.device}, over the partition's "
             f"{format_bytes(violation.allowed_bytes)}; stopping it"
         )
-        members = self.members()
-        procs.signal_all(members, signal.SIGTERM)
-        self.kill_at = time.time() + self.memory.grace_s
+        self._begin_stop(self.memory.grace_s)
         self.expired = False
 
     def _report_daemon_actions(self) -> None:

@@ -1,4 +1,4 @@
-"""Acting on time: expiry, warnings, owner death, and SIGTERM → SIGKILL.
+"""Acting on time: expiry, warnings, owner death; the stopping itself is the stopper's.
 
 One asyncio timer is armed for the earliest thing due (an expiry, a warning,
 a booking's start), re-armed after every change, so expiry happens at
@@ -16,7 +16,10 @@ Robustness rules, each learnt from an attack (issue "Trust"):
   expiry whose reap cannot be written is signalled all the same.
 * Time is the daemon's :class:`SteadyClock`, which a wall-clock step does not move.
 * Processes of an expired partition still alive in their grace keep its
-  memory committed (``lingering_on``) until they are gone.
+  memory committed (the stopper's ``lingering_on``) until they are gone.
+
+Which processes get SIGTERM and SIGKILL, and when, is :mod:`chronos.daemon.stopper`'s
+job (``self.stopper``), which the sampler's memory violations use too.
 """
 
 from __future__ import annotations
@@ -26,39 +29,23 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 from chronos import procs
-from chronos.attribution import Attributor
 from chronos.config import DEFAULT_MAX_GRACE_S
 from chronos.daemon.clock import SteadyClock
 from chronos.daemon.log import log
+from chronos.daemon.stopper import GENTLE_KINDS, ProcessStopper
 from chronos.ledger import Ended, Ledger
-from chronos.models import ACTIVE, BOOKED, EXPIRED, PartitionRecord
+from chronos.models import ACTIVE, EXPIRED, PartitionRecord
 
 OWNER_POLL_S = 0.5
 """Owner check where pidfds cannot be used (old kernels, seccomp, no descriptors left)."""
 RETRY_S = 0.5
 """Delay before a failed timer callback runs again."""
-LINGER_MARGIN_S = 1.0
-"""Lingering memory counts until this long after the SIGKILL (or the last look)."""
-SUPERVISOR_LEFTOVER_S = 10.0
-"""A real ``chronos run`` supervisor exits once its command is gone; one still alive this
-long after its partition's last SIGKILL was an imitation, and is stopped like a member."""
 WARNED_SLACK_S = 86400.0
+"""How far before an open partition's start its ``warned`` event may lie (clock re-bases)."""
 FAILURE_LOG_S = 10.0
 """At most one ``deadline_failed`` log line this often (with how many failures since)."""
-"""How far before an open partition's start its ``warned`` event may lie (clock re-bases)."""
-
-
-@dataclass
-class Lingering:
-    """An ended partition whose processes are still alive (in their SIGTERM grace)."""
-
-    record: PartitionRecord
-    members: dict[int, int]
-    until: float
 
 
 class Deadlines:
@@ -82,7 +69,6 @@ class Deadlines:
         self.max_grace_s = max_grace_s
         self.clock = clock or SteadyClock()
         ledger.clock = self.clock.now  # admission and reaping too: never on a stepping clock
-        ledger.lingering = self.lingering_on
         self.loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._retry: asyncio.TimerHandle | None = None
@@ -91,20 +77,27 @@ class Deadlines:
         self._owner_fds: dict[str, int] = {}
         self._polled: set[str] = set()
         """Owner-bound partitions whose owner has no pidfd: checked every OWNER_POLL_S."""
-        self._kills: dict[str, asyncio.TimerHandle] = {}
         self._pending: dict[str, tuple[PartitionRecord, str]] = {}
         """Ended partitions whose processes are still to be signalled."""
         self._signalled_early: set[str] = set()
         """Expired partitions signalled while their reap could not be written."""
-        self._lingering: dict[str, Lingering] = {}
         self._poller: asyncio.TimerHandle | None = None
         self._warned = self._warned_of_open()
-        self._supervisors = self._supervised_of_open()
         self._seq = ledger.last_seq()
         """The newest event seen, to notice partitions ended by someone else."""
         self.on_ended = on_ended
         self.after_time = after_time
-        self.holds_gpu = holds_gpu
+        self.stopper = ProcessStopper(
+            ledger,
+            self.clock,
+            self._guarded,
+            default_grace_s,
+            max_grace_s,
+            seen_seq=lambda: self._seq,
+            freed=lambda: self.after_time(),
+            holds_gpu=holds_gpu,
+        )
+        ledger.lingering = self.stopper.lingering_on
         if not procs.pidfd_usable():
             log(
                 "pidfds_unavailable",
@@ -132,22 +125,13 @@ class Deadlines:
             if e.partition_id in ids
         }
 
-    def _supervised_of_open(self) -> dict[str, tuple[int, int | None]]:
-        """``chronos run`` supervisors the daemon recognised, for partitions still open."""
-        runs = {r.id: r for r in self.ledger.watched() if r.kind == "run" and r.owner_pid}
-        if not runs:
-            return {}
-        since = min(r.created_at for r in runs.values())
-        out: dict[str, tuple[int, int | None]] = {}
-        for e in self.ledger.events(since, kinds=("supervised",)):
-            if e.partition_id in runs:
-                r = runs[e.partition_id]
-                out[r.id] = (int(e.detail["pid"]), r.owner_start)
-        return out
-
     def supervised(self, partition_id: str, pid: int, start: int | None) -> None:
         """The daemon saw ``pid`` attach the child it forked at the ``chronos run`` gate."""
-        self._supervisors[partition_id] = (pid, start)
+        self.stopper.supervised(partition_id, pid, start)
+
+    def resume_kills(self, horizon_s: float | None = None) -> None:
+        """After a restart: send the SIGKILLs a previous daemon had scheduled but not sent."""
+        self.stopper.resume_kills(horizon_s)
 
     # ------------------------------------------------------------------ guards
 
@@ -284,7 +268,9 @@ class Deadlines:
                 continue
             self._warned.add(r.id)
             sig = getattr(signal, r.warn_signal or "SIGUSR1")
-            members = self.members(r)
+            members = self.stopper.members(r)
+            if r.kind in GENTLE_KINDS:  # a Jupyter kernel dies of a SIGUSR1 it does not catch
+                members = {p: t for p, t in members.items() if procs.catches(p, sig)}
             sent = procs.signal_all(members, sig)
             log("warned", partition=r.id, signal=r.warn_signal, processes=sent)
             self.ledger.log(
@@ -299,28 +285,6 @@ class Deadlines:
 
     # ----------------------------------------------------------------- endings
 
-    def members(
-        self, record: PartitionRecord, attributor: Attributor | None = None
-    ) -> dict[int, int]:
-        """Processes of ``record`` to signal.
-
-        Only the partition's user's processes (or what an administrator attached):
-        a process of someone else that got into its cgroup is never signalled.
-        The recognised ``chronos run`` supervisor is spared (it reports the end),
-        unless it holds GPU memory itself: then it is no supervisor.
-        """
-        if attributor is None:
-            attributor = Attributor([record], self.ledger.attached(record.id))
-        pids = attributor.members(record.id)
-        supervisor = self._supervisors.get(record.id)
-        if (
-            supervisor is not None
-            and supervisor[0] == record.owner_pid
-            and not self.holds_gpu(supervisor[0])
-        ):
-            pids.discard(supervisor[0])
-        return procs.snapshot(attributor.signallable(record.id, pids))
-
     def _on_ended(self, ended: list[Ended]) -> None:
         for item in ended:
             record = item.record
@@ -333,7 +297,7 @@ class Deadlines:
                 # The `chronos run` supervisor died: its command must not run on unreserved.
                 self._pending[record.id] = (record, "supervisor exited")
             if record.id not in self._pending:
-                self._supervisors.pop(record.id, None)
+                self.stopper.forget_supervisor(record.id)
         self._stop_pending()
         for item in ended:  # after the signals: logging must not delay them
             record = item.record
@@ -351,7 +315,7 @@ class Deadlines:
         if not self._pending:
             return
         items = list(self._pending.values())
-        self.stop_many(items, ending=True)
+        self.stopper.stop_many(items, ending=True)
         for record, _ in items:
             self._pending.pop(record.id, None)
 
@@ -364,179 +328,8 @@ class Deadlines:
             if r.expires_at <= now and r.id not in self._signalled_early
         ]
         if due:
-            self.stop_many(due, ending=True)
+            self.stopper.stop_many(due, ending=True)
             self._signalled_early.update(r.id for r, _ in due)
-
-    def resume_kills(self, horizon_s: float | None = None) -> None:
-        """After a restart: send the SIGKILLs a previous daemon had scheduled but not sent.
-
-        A SIGKILL falls due at most the longest grace after its SIGTERM, so only
-        that much history is read (not the whole ledger).
-        """
-        now = self.clock.now()
-        horizon = horizon_s if horizon_s is not None else self.max_grace_s() + 60.0
-        for event in self.ledger.events(now - horizon, kinds=("terminated",)):
-            detail = event.detail
-            if "kill_at" not in detail or not event.partition_id:
-                continue
-            members = {int(pid): int(ticks) for pid, ticks in detail.get("members", [])}
-            alive = {
-                pid: ticks for pid, ticks in members.items() if procs.is_same_process(pid, ticks)
-            }
-            if not alive:
-                continue
-            record = self.ledger.get(event.partition_id)
-            delay = max(0.0, float(detail["kill_at"]) - now)
-            why = str(detail.get("why", "expired"))
-            if record.state == EXPIRED:
-                self._linger(record, alive, now + delay)
-            self._kills[record.id] = self.loop.call_later(
-                delay, self._guarded, "kill", lambda r=record, a=alive, w=why: self._kill(r, a, w)
-            )
-
-    def stop(self, record: PartitionRecord, why: str, grace: float | None = None) -> int:
-        """SIGTERM the partition's processes now, SIGKILL what is left after the grace."""
-        return self.stop_many([(record, why)], grace)
-
-    def stop_many(
-        self,
-        items: list[tuple[PartitionRecord, str]],
-        grace: float | None = None,
-        ending: bool = False,
-    ) -> int:
-        """Stop several partitions' processes from one look at the process table.
-
-        All SIGTERMs go out first and every SIGKILL is scheduled; the events that
-        record them (so a restarted daemon sends the SIGKILLs) are written
-        afterwards in one transaction, and a failing write changes none of it.
-        ``ending``: the partitions have ended, so what survives the SIGTERM keeps
-        their memory committed until it is gone.
-        """
-        if not items:
-            return 0
-        records = [r for r, _ in items]
-        attached = [a for a in self.ledger.attached() if a.partition_id in {r.id for r in records}]
-        attributor = Attributor(records, attached)
-        sent_total = 0
-        events: list[tuple[str, str | None, dict[str, Any]]] = []
-        for record, why in items:
-            members = self.members(record, attributor)
-            sent_total += procs.signal_all(members, signal.SIGTERM)
-            wait = grace
-            if wait is None:
-                wait = record.grace_s if record.grace_s is not None else self.default_grace_s()
-            wait = min(wait, self.max_grace_s())  # a grace set before max_grace existed
-            if record.id in self._kills:
-                self._kills[record.id].cancel()
-            self._kills[record.id] = self.loop.call_later(
-                wait,
-                self._guarded,
-                "kill",
-                lambda r=record, m=members, w=why: self._kill(r, m, w),
-            )
-            if members:
-                if ending:
-                    self._linger(record, members, self.clock.now() + wait)
-                log(
-                    "sigterm", partition=record.id, why=why, processes=sorted(members), grace_s=wait
-                )
-                events.append(
-                    (
-                        "terminated",
-                        record.id,
-                        {
-                            "why": why,
-                            "signal": "SIGTERM",
-                            "processes": sorted(members),
-                            "members": sorted(members.items()),
-                            "kill_at": self.clock.now() + wait,
-                        },
-                    )
-                )
-        try:
-            self.ledger.log_many(events)
-        except Exception as exc:  # noqa: BLE001 - the signals went out; the record is best-effort
-            log("event_write_failed", level="error", what="terminated", error=repr(exc))
-        return sent_total
-
-    def _kill(self, record: PartitionRecord, first: dict[int, int], why: str) -> None:
-        self._kills.pop(record.id, None)
-        members = {**first, **self.members(record)}
-        if record.state not in (ACTIVE, BOOKED):  # its last signal: forget the supervisor
-            supervisor = self._supervisors.pop(record.id, None)
-            if supervisor is not None:
-                self.loop.call_later(
-                    SUPERVISOR_LEFTOVER_S,
-                    self._guarded,
-                    "supervisor",
-                    lambda: self._stop_leftover(record, supervisor),
-                )
-        killed = procs.signal_all(members, signal.SIGKILL)
-        if record.id in self._lingering:
-            self._lingering[record.id].until = self.clock.now() + LINGER_MARGIN_S
-        if killed:
-            log("sigkill", partition=record.id, why=why, processes=killed)
-            self.ledger.log(
-                "killed", record.id, detail={"why": why, "signal": "SIGKILL", "processes": killed}
-            )
-
-    def _stop_leftover(self, record: PartitionRecord, supervisor: tuple[int, int | None]) -> None:
-        pid, start = supervisor
-        if not procs.is_same_process(pid, start) or procs.process_uid(pid) != record.uid:
-            return
-        log("supervisor_stayed", level="warning", partition=record.id, pid=pid)
-        self.stop_pids({pid: None}, "supervisor stayed after its partition", grace=1.0)
-
-    def stop_pids(self, pids: dict[int, None], why: str, grace: float) -> None:
-        """SIGTERM processes that belong to no partition, SIGKILL them after ``grace``."""
-        members = procs.snapshot(pids)
-        procs.signal_all(members, signal.SIGTERM)
-        log("sigterm", why=why, processes=sorted(members), grace_s=grace)
-
-        def kill() -> None:
-            killed = procs.signal_all(members, signal.SIGKILL)
-            if killed:
-                log("sigkill", why=why, processes=killed)
-
-        self.loop.call_later(grace, self._guarded, "kill", kill)
-
-    # -------------------------------------------------------- lingering memory
-
-    def _linger(self, record: PartitionRecord, members: dict[int, int], until: float) -> None:
-        self._lingering[record.id] = Lingering(record, dict(members), until + LINGER_MARGIN_S)
-
-    def lingering_on(self, device_uuid: str) -> list[tuple[float, float, int, str]]:
-        """Memory of ended partitions whose processes still run, as admission intervals.
-
-        Also partitions that expired since this daemon last looked (a request's own
-        reap can end one just before the fit, before anyone signalled its processes).
-        """
-        now = self.clock.now()
-        out = [
-            (entry.record.expires_at, max(entry.until, now + LINGER_MARGIN_S), b, r_id)
-            for r_id, entry in self._lingering.items()
-            if entry.record.device_uuid == device_uuid and (b := entry.record.memory_bytes) > 0
-        ]
-        ids, _ = self.ledger.ended_since(self._seq)
-        for r_id in dict.fromkeys(ids):
-            if r_id in self._lingering:
-                continue
-            r = self.ledger.get(r_id)
-            if r.state == EXPIRED and r.device_uuid == device_uuid and r.memory_bytes > 0:
-                out.append((r.expires_at, now + LINGER_MARGIN_S, r.memory_bytes, r.id))
-        return out
-
-    def prune_lingering(self) -> bool:
-        """Forget ended partitions whose processes are all gone; True if any was forgotten."""
-        gone = []
-        for r_id, entry in self._lingering.items():
-            entry.members = {p: t for p, t in entry.members.items() if procs.is_same_process(p, t)}
-            if not entry.members:
-                gone.append(r_id)
-        for r_id in gone:
-            del self._lingering[r_id]
-            log("processes_gone", partition=r_id)
-        return bool(gone)
 
     # ------------------------------------------------------------ owner death
 
@@ -587,9 +380,10 @@ class Deadlines:
             self._poller = self.loop.call_later(OWNER_POLL_S, tick)
 
     def close(self) -> None:
-        for handle in (self._timer, self._retry, self._poller, *self._kills.values()):
+        for handle in (self._timer, self._retry, self._poller):
             if handle is not None:
                 handle.cancel()
+        self.stopper.close()
         for pid_id in list(self._owner_fds):
             self._unwatch(pid_id)
 

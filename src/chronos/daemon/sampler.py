@@ -78,7 +78,7 @@ class Sampler:
     async def sample_once(self) -> None:
         ledger = self.service.ledger
         self.deadlines.check_clock()
-        if self.deadlines.prune_lingering():
+        if self.deadlines.stopper.prune_lingering():
             self.deadlines.after_time()  # memory held past an end is free now: grant waiters
         records = ledger.open_at(ledger.clock(), started=True)
         attached = ledger.attached()
@@ -165,12 +165,16 @@ class Sampler:
                 overuse.report(
                     record, list(v.pids), v.used_bytes, v.allowed_bytes, self.config().slurm
                 )
-            self.deadlines.stop(record, "memory", grace=self.config().memory_grace_s)
+            self.deadlines.stopper.stop(record, "memory", grace=self.config().memory_grace_s)
         else:
+            pids = self.deadlines.stopper.outside_gentle_grace(v.pids)
+            if not pids:
+                return  # an on_expiry=raise/notify process in its grace: the stopper decides
+            detail["pids"] = pids
             log("unpartitioned_stopped", level="warning", **detail)
             ledger.log("unpartitioned", detail={**detail, "action": "enforce"})
-            self.deadlines.stop_pids(
-                dict.fromkeys(v.pids), "unpartitioned", grace=self.config().memory_grace_s
+            self.deadlines.stopper.stop_pids(
+                dict.fromkeys(pids), "unpartitioned", grace=self.config().memory_grace_s
             )
 
     def on_ended(self, ended: list[Ended]) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from chronos import procs
 from chronos.devices.base import Backend, Device, DeviceUsage, ProcessMemory
 from chronos.devices.drm import (
     DrmCard,
@@ -114,12 +115,12 @@ class AmdBackend(Backend):
     def __init__(
         self,
         sysfs_root: Path | str = "/sys",
-        proc_root: Path | str = "/proc",
+        proc_root: Path | str | None = None,
         amdsmi: Any = None,
         use_amdsmi: bool = True,
     ) -> None:
         self._sysfs = Path(sysfs_root)
-        self._proc = Path(proc_root)
+        self._proc = Path(procs.PROC if proc_root is None else proc_root)
         self._amdsmi = amdsmi
         self._use_amdsmi = use_amdsmi
         self._cards: list[tuple[Device, DrmCard]] | None = None

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from chronos import procs
+
 _UNITS = {"": 1, "KiB": 1024, "MiB": 1024**2}
 _MEMORY_STATS = ("resident", "memory", "total")
 """Stats that measure a client's memory, most precise first (``memory`` aliases ``resident``)."""
@@ -119,12 +121,16 @@ def _memory_key(key: str) -> tuple[str, str] | None:
     return stat, region
 
 
+def _proc(proc_root: Path | str | None) -> Path:
+    """The /proc to read: the one given (a fixture), else the process layer's root."""
+    return Path(procs.PROC if proc_root is None else proc_root)
+
+
 def _pids(proc_root: Path) -> list[int]:
     try:
-        names = os.listdir(proc_root)
+        return sorted(procs.all_pids(str(proc_root)))
     except OSError:
         return []
-    return sorted(int(n) for n in names if n.isdigit())
 
 
 def _drm_fds(proc_root: Path, pid: int) -> Iterator[str]:
@@ -142,9 +148,9 @@ def _drm_fds(proc_root: Path, pid: int) -> Iterator[str]:
             yield fd
 
 
-def process_clients(pid: int, proc_root: Path | str = "/proc") -> list[DrmClient]:
+def process_clients(pid: int, proc_root: Path | str | None = None) -> list[DrmClient]:
     """DRM clients open in one process (may repeat a client seen through several fds)."""
-    root = Path(proc_root)
+    root = _proc(proc_root)
     clients = []
     for fd in _drm_fds(root, pid):
         try:
@@ -157,12 +163,13 @@ def process_clients(pid: int, proc_root: Path | str = "/proc") -> list[DrmClient
     return clients
 
 
-def scan_clients(drivers: Collection[str], proc_root: Path | str = "/proc") -> list[DrmClient]:
+def scan_clients(drivers: Collection[str], proc_root: Path | str | None = None) -> list[DrmClient]:
     """Every DRM client of ``drivers`` on the machine, each client once."""
     seen: set[tuple[str, str, str]] = set()
     out: list[DrmClient] = []
-    for pid in _pids(Path(proc_root)):
-        for client in process_clients(pid, proc_root):
+    root = _proc(proc_root)
+    for pid in _pids(root):
+        for client in process_clients(pid, root):
             if client.driver not in drivers:
                 continue
             key = client.key
@@ -177,7 +184,7 @@ def scan_clients(drivers: Collection[str], proc_root: Path | str = "/proc") -> l
 def memory_by_process(
     drivers: Collection[str],
     counts: Callable[[DrmClient, str], bool],
-    proc_root: Path | str = "/proc",
+    proc_root: Path | str | None = None,
 ) -> dict[tuple[int, str], int | None]:
     """Bytes per ``(pid, pdev)`` over the regions where ``counts(client, region)``.
 
@@ -286,9 +293,9 @@ def pci_bus_number(slot: str) -> int | None:
         return None
 
 
-def system_memory_bytes(proc_root: Path | str = "/proc") -> int | None:
+def system_memory_bytes(proc_root: Path | str | None = None) -> int | None:
     """``MemTotal`` of ``/proc/meminfo`` in bytes."""
-    text = read_text(Path(proc_root) / "meminfo") or ""
+    text = read_text(_proc(proc_root) / "meminfo") or ""
     for line in text.splitlines():
         if line.startswith("MemTotal:"):
             parts = line.split()

@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from chronos import procs
 from chronos.devices.base import Backend, Device, DeviceUsage, ProcessMemory
 from chronos.devices.drm import (
     DrmCard,
@@ -81,9 +82,11 @@ def is_local_region(driver: str, region: str) -> bool:
 class IntelBackend(Backend):
     name = "intel"
 
-    def __init__(self, sysfs_root: Path | str = "/sys", proc_root: Path | str = "/proc") -> None:
+    def __init__(
+        self, sysfs_root: Path | str = "/sys", proc_root: Path | str | None = None
+    ) -> None:
         self._sysfs = Path(sysfs_root)
-        self._proc = Path(proc_root)
+        self._proc = Path(procs.PROC if proc_root is None else proc_root)
         self._cards: list[_Card] | None = None
         self.notes: list[str] = []
 
