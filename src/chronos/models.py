@@ -22,6 +22,20 @@ STATES = (BOOKED, ACTIVE, RELEASED, EXPIRED)
 
 
 @dataclass(frozen=True)
+class Share:
+    """One GPU's part of a partition: a partition of several GPUs (a group) has one per GPU."""
+
+    device: int
+    device_uuid: str
+    memory_bytes: int
+    device_total_bytes: int
+
+    @property
+    def memory_fraction(self) -> float:
+        return self.memory_bytes / self.device_total_bytes
+
+
+@dataclass(frozen=True)
 class PartitionRecord:
     """One partition as stored in the ledger."""
 
@@ -50,6 +64,15 @@ class PartitionRecord:
     @property
     def memory_fraction(self) -> float:
         return self.memory_bytes / self.device_total_bytes
+
+    @property
+    def shares(self) -> tuple[Share, ...]:
+        """Every GPU's share, the primary (``device``, ``memory_bytes``, …) first."""
+        return (Share(self.device, self.device_uuid, self.memory_bytes, self.device_total_bytes),)
+
+    @property
+    def devices(self) -> tuple[int, ...]:
+        return tuple(share.device for share in self.shares)
 
     @property
     def is_open(self) -> bool:
