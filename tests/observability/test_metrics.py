@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from chronos.dashboard.net import is_loopback, parse_address
 from chronos.errors import BadRequest
+from chronos.httpserve import is_loopback, parse_address
 from chronos.ledger import Ledger
 from chronos.metrics import EventCounts, refusal_reason
 
