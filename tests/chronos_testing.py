@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from helpers import UNSET
 
 from chronos.api import Partitioner
 from chronos.errors import ChronosError
@@ -42,15 +43,13 @@ SRC = ROOT / "src"
 SITE_PACKAGES = Path(sysconfig.get_paths()["purelib"])
 PY = sys.executable
 
-#: Variables of the surrounding shell that could point a test at another Chronos.
+#: Variables of the surrounding shell that could point a test at another Chronos: the
+#: embedded tests' list (helpers.UNSET) and what a daemon test sets itself.
 SCRUBBED = (
-    "CHRONOS_CONFIG",
-    "CHRONOS_SOCKET",
+    *UNSET,
     "CHRONOS_HOME",
     "CHRONOS_MODE",
     "CHRONOS_BACKEND",
-    "CHRONOS_SIMULATED_GPUS",
-    "CHRONOS_SIMULATED_PROCESSES",
     "CHRONOS_PARTITION_ID",
     "CHRONOS_SOFT_LIMIT_BYTES",
     "CHRONOS_DEVICE_TOTAL_BYTES",

@@ -1,4 +1,10 @@
-"""Shared helpers for the Chronos test suite (simulated backend, isolated state)."""
+"""Shared helpers for the Chronos test suite: sizes, a fake clock, isolated environments,
+the CLI as a process, and what a user error must look like.
+
+One place for each: every test folder imports these (``from helpers import ...``; the
+rootdir conftest puts ``tests/`` on ``sys.path``) instead of keeping its own copy. The
+real daemon, accounts and polling live in ``chronos_testing``.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-#: Variables that could point a test at a real machine's Chronos.
+#: Variables that could point a test at a real machine's Chronos (removed from the
+#: test process by the ``chronos_env`` fixture, and from its subprocesses' environment).
 UNSET = (
     "CHRONOS_SOCKET",
     "CHRONOS_CONFIG",
@@ -19,10 +26,26 @@ UNSET = (
     "CHRONOS_SIMULATED_PROCESSES",
 )
 
-GIB = 1024**3
-MIB = 1024**2
+GIB = 1 << 30
+MIB = 1 << 20
 #: Size of each default simulated GPU (CHRONOS_SIMULATED_GPUS unset).
 SIM_GPU_BYTES = 80 * GIB
+T0 = 1_800_000_000.0
+"""Where a FakeClock starts unless told (nothing depends on the date)."""
+
+
+class FakeClock:
+    """A clock that moves only when a test says so (``Ledger(clock=)``, services)."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        assert seconds >= 0, "a FakeClock only moves forward; set .now to go back"
+        self.now += seconds
 
 
 def chronos_settings(home: Path) -> dict[str, str]:
@@ -84,22 +107,35 @@ def ledger_rows(env: dict[str, str]) -> tuple[list[tuple[Any, ...]], list[tuple[
     return partitions, events
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    """A user error: non-zero exit, one 'chronos: error:' line on stderr, no traceback.
+def assert_one_line_error(
+    proc: subprocess.CompletedProcess[str],
+    code: int | None = None,
+    *,
+    prefix: str = "chronos: error:",
+    among_other_lines: bool = False,
+) -> str:
+    """A user error: non-zero exit (``code`` if given), one error line on stderr starting
+    with ``prefix``, no traceback anywhere; returns that line.
 
-    Under ``--json`` the one line is ``{"error": {"code", "message", "exit_code"}}``;
-    then the message is returned in the plain form, so callers check it alike.
+    ``among_other_lines``: stderr may hold other lines too (a ``--wait`` status line),
+    but exactly one of them is the error. Under ``--json`` the one line is
+    ``{"error": {"code", "message", "exit_code"}}``; then the message is returned in the
+    plain form, so callers check it alike.
     """
     assert proc.returncode != 0, f"expected failure, got success: {proc.stdout!r}"
+    if code is not None:
+        assert proc.returncode == code, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stdout, proc.stdout
     lines = proc.stderr.splitlines()
+    if among_other_lines:
+        lines = [line for line in lines if line.startswith(prefix)]
     assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
     if lines[0].startswith("{"):
         error = json.loads(lines[0])["error"]
         assert error["exit_code"] == proc.returncode, lines[0]
         return f"chronos: error: {error['message']}"
-    assert lines[0].startswith("chronos: error:"), lines[0]
+    assert lines[0].startswith(prefix), lines[0]
     return lines[0]
 
 
