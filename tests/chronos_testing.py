@@ -156,7 +156,7 @@ class DaemonProcess:
 
     def start(self, wait: bool = True, extra_env: dict[str, str] | None = None) -> DaemonProcess:
         assert self.proc is None or self.proc.poll() is not None, "daemon already running"
-        log_path = self.base / f"chronosd.{len(self.logs)}.log"
+        log_path = self.new_log_path()
         self.logs.append(log_path)
         with open(log_path, "wb") as err:
             self.proc = subprocess.Popen(
@@ -170,6 +170,10 @@ class DaemonProcess:
         if wait:
             self.wait_ready()
         return self
+
+    def new_log_path(self) -> Path:
+        """Where the next start logs: one file per start."""
+        return self.base / f"chronosd.{len(self.logs)}.log"
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
