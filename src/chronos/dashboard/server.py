@@ -45,6 +45,7 @@ from chronos.httpserve import (
     parse_address,
     text_response,
 )
+from chronos.units import iso
 
 DEFAULT_BIND = "127.0.0.1:8080"
 POLL_MS = 1500
@@ -89,20 +90,14 @@ TIME_FIELDS = ("created_at", "starts_at", "expires_at", "estimated_start", "enqu
 def wire_state(state: dict[str, Any]) -> dict[str, Any]:
     """The state as ``/api/state`` sends it: every time ISO-8601 with its offset, as
     every ``chronos … --json`` writes them (``static/app.js`` reads them back)."""
-    out = {**state, "now": iso_time(state["now"])}
+    out = {**state, "now": iso(state["now"])}
     for key in ("partitions", "queue"):
         if key in state:
             out[key] = [
-                {k: iso_time(v) if k in TIME_FIELDS else v for k, v in item.items()}
+                {k: iso(v) if k in TIME_FIELDS else v for k, v in item.items()}
                 for item in state[key]
             ]
     return out
-
-
-def iso_time(ts: float | None) -> str | None:
-    from chronos.units import iso
-
-    return iso(ts)
 
 
 def collect(client: Any, now: float | None = None) -> Snapshot:
@@ -282,9 +277,7 @@ def fallback_text(snapshot: Snapshot) -> str:
 
 def render_page(snapshot: Snapshot | None, error: str | None) -> bytes:
     template = Template(_static("index.html").decode())
-    state = (
-        snapshot.wire() if snapshot is not None else {"error": error, "now": iso_time(time.time())}
-    )
+    state = snapshot.wire() if snapshot is not None else {"error": error, "now": iso(time.time())}
     if snapshot is not None:
         try:
             fallback = fallback_text(snapshot)
@@ -342,7 +335,7 @@ class DashboardServer(LocalHTTPServer):
         if path == "/api/state":
             snapshot, error = self.snapshot()
             if snapshot is None:
-                body = json.dumps({"error": error, "now": iso_time(time.time())})
+                body = json.dumps({"error": error, "now": iso(time.time())})
                 return Response(503, body.encode(), "application/json")
             return Response(200, json.dumps(snapshot.wire()).encode(), "application/json")
         name = path.removeprefix("/static/")
