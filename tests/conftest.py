@@ -8,6 +8,7 @@ twice on one machine runs on one worker (``pytest_xdist_make_scheduler`` below).
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,17 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import UNSET, chronos_settings, make_env  # noqa: E402
+
+
+def _undo_an_inherited_sigint_ignore() -> None:
+    """A suite started as a background job (``nohup pytest &``, a CI step's ``&``) inherits
+    SIGINT ignored, and every CLI it starts would too: the tests that press Ctrl-C on one
+    would wait out their timeouts and fail. Python's own handler, as on a terminal."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+_undo_an_inherited_sigint_ignore()
 
 
 @pytest.fixture
