@@ -15,7 +15,6 @@ import math
 import os
 import platform
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -26,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # one chronosd runner for tests and benchmarks
+
+from chronos_testing import DaemonProcess as TestDaemonProcess  # noqa: E402
+
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 BIN = Path(sys.executable).parent
 PYTHON = sys.executable
@@ -369,110 +372,68 @@ def time_command(cmd: Sequence[str], env: dict[str, str]) -> tuple[float, str]:
 
 # ------------------------------------------------------------------------- daemon
 
-_LAUNCHER = "import sys; from chronos.daemon.main import main; sys.exit(main())"
 
-
-class DaemonProcess:
-    """A real ``chronosd`` on a temporary state directory, logging to a file.
-
-    Started as ``python -m chronos.daemon.main --state-dir D --socket S``; if that
-    exits at once without listening (the module has no ``__main__`` block), the
-    same ``main()`` is started through ``python -c`` instead, and ``how`` says so.
+class DaemonProcess(TestDaemonProcess):
+    """The tests' ``chronosd`` runner (``chronos_testing.DaemonProcess``), on a benchmark's
+    environment: ``env`` exactly as given (``.pyc`` files allowed, as an installed Chronos
+    runs), optionally under cProfile, each start logging to a file of its own; and a
+    context manager that shows the log of a daemon that died.
     """
 
     def __init__(self, home: Path, env: dict[str, str], profile: Path | None = None) -> None:
-        self.home = home
+        super().__init__(base=home)
+        self.sock = Path(env.get("CHRONOS_SOCKET") or home / "chronosd.sock")
+        self.env = dict(env)
+        self.daemon_env = {k: v for k, v in env.items() if k != "CHRONOS_MODE"}
         self.profile = profile
-        self.socket = Path(env.get("CHRONOS_SOCKET") or home / "chronosd.sock")
-        self.env = {k: v for k, v in env.items() if k != "CHRONOS_MODE"}
-        self.log_path = home / "chronosd.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.how = ""
-
-    def start(self, timeout: float = 30.0) -> DaemonProcess:
-        args = ["--state-dir", str(self.home), "--socket", str(self.socket)]
-        if self.profile is not None:
-            code = (
-                f"import cProfile, sys; from chronos.daemon.main import main; "
-                f"cProfile.run('main()', {str(self.profile)!r})"
-            )
-            if self._try([PYTHON, "-c", code, *args], timeout):
-                self.how = "`python -c 'main()'` under cProfile"
-                return self
-            raise RuntimeError(f"chronosd did not start; log:\n{self.log_tail()}")
-        for how, cmd in (
-            ("`python -m chronos.daemon.main`", [PYTHON, "-m", "chronos.daemon.main", *args]),
-            (
-                "`python -c 'from chronos.daemon.main import main; main()'` (fallback: "
-                "the `-m` form exited without serving)",
-                [PYTHON, "-c", _LAUNCHER, *args],
-            ),
-        ):
-            if self._try(cmd, timeout):
-                self.how = how
-                return self
-        raise RuntimeError(f"chronosd did not start; log:\n{self.log_tail()}")
-
-    def _try(self, cmd: list[str], timeout: float) -> bool:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the daemon's life
-        self.proc = subprocess.Popen(
-            cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL
+        self.how = (
+            "`python -m chronos.daemon.main`"
+            if profile is None
+            else "`python -c 'main()'` under cProfile"
         )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            if self.socket.exists() and self._pings():
-                return True
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"chronosd did not answer within {timeout}s; log:\n{self.log_tail()}")
 
-    def _pings(self) -> bool:
-        from chronos.errors import ChronosError
-        from chronos.transport import SocketTransport
+    @property
+    def socket(self) -> Path:
+        return self.sock
 
+    def argv(self, sock: Path | None = None) -> list[str]:
+        argv = super().argv(sock)
+        if self.profile is None:
+            return argv
+        code = (
+            "import cProfile, sys; from chronos.daemon.main import main; "
+            f"cProfile.run('main()', {str(self.profile)!r})"
+        )
+        return [PYTHON, "-c", code, *argv[3:]]  # argv[:3]: python -m chronos.daemon.main
+
+    def new_log_path(self) -> Path:
+        """A log file no earlier daemon on this state directory wrote (restarts keep theirs)."""
+        path = super().new_log_path()
+        while path.exists():
+            self.logs.append(path)
+            path = super().new_log_path()
+        return path
+
+    def start(self, timeout: float = 30.0) -> DaemonProcess:  # type: ignore[override]
+        super().start(wait=False)
         try:
-            t = SocketTransport(self.socket, timeout=2.0)
-        except ChronosError:
-            return False
-        try:
-            t.call("ping")
-            return True
-        except (ChronosError, OSError):
-            return False
-        finally:
-            t.close()
+            self.wait_ready(timeout)
+        except AssertionError as exc:
+            self.stop()
+            raise RuntimeError(str(exc)) from None
+        return self
 
     @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
 
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return "\n".join(self.log_text().splitlines()[-lines:]) or "(no log)"
 
     def errors(self) -> list[str]:
         """Lines of the daemon's log at level error (there should be none)."""
-        try:
-            lines = self.log_path.read_text().splitlines()
-        except OSError:
-            return []
-        return [line for line in lines if '"level": "error"' in line]
+        return [line for line in self.log_text().splitlines() if '"level": "error"' in line]
 
     def report_errors(self) -> None:
         errors = self.errors()

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from helpers import UNSET
 
 from chronos.api import Partitioner
 from chronos.errors import ChronosError
@@ -42,15 +43,13 @@ SRC = ROOT / "src"
 SITE_PACKAGES = Path(sysconfig.get_paths()["purelib"])
 PY = sys.executable
 
-#: Variables of the surrounding shell that could point a test at another Chronos.
+#: Variables of the surrounding shell that could point a test at another Chronos: the
+#: embedded tests' list (helpers.UNSET) and what a daemon test sets itself.
 SCRUBBED = (
-    "CHRONOS_CONFIG",
-    "CHRONOS_SOCKET",
+    *UNSET,
     "CHRONOS_HOME",
     "CHRONOS_MODE",
     "CHRONOS_BACKEND",
-    "CHRONOS_SIMULATED_GPUS",
-    "CHRONOS_SIMULATED_PROCESSES",
     "CHRONOS_PARTITION_ID",
     "CHRONOS_SOFT_LIMIT_BYTES",
     "CHRONOS_DEVICE_TOTAL_BYTES",
@@ -157,7 +156,7 @@ class DaemonProcess:
 
     def start(self, wait: bool = True, extra_env: dict[str, str] | None = None) -> DaemonProcess:
         assert self.proc is None or self.proc.poll() is not None, "daemon already running"
-        log_path = self.base / f"chronosd.{len(self.logs)}.log"
+        log_path = self.new_log_path()
         self.logs.append(log_path)
         with open(log_path, "wb") as err:
             self.proc = subprocess.Popen(
@@ -171,6 +170,10 @@ class DaemonProcess:
         if wait:
             self.wait_ready()
         return self
+
+    def new_log_path(self) -> Path:
+        """Where the next start logs: one file per start."""
+        return self.base / f"chronosd.{len(self.logs)}.log"
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout

@@ -1,4 +1,10 @@
-"""Shared helpers for the Chronos test suite (simulated backend, isolated state)."""
+"""Shared helpers for the Chronos test suite: sizes, a fake clock, isolated environments,
+the CLI as a process, and what a user error must look like.
+
+One place for each: every test folder imports these (``from helpers import ...``; the
+rootdir conftest puts ``tests/`` on ``sys.path``) instead of keeping its own copy. The
+real daemon, accounts and polling live in ``chronos_testing``.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,12 @@ import select
 import sqlite3
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from typing import IO, Any
 
-#: Variables that could point a test at a real machine's Chronos.
+#: Variables that could point a test at a real machine's Chronos (removed from the
+#: test process by the ``chronos_env`` fixture, and from its subprocesses' environment).
 UNSET = (
     "CHRONOS_SOCKET",
     "CHRONOS_CONFIG",
@@ -19,10 +27,26 @@ UNSET = (
     "CHRONOS_SIMULATED_PROCESSES",
 )
 
-GIB = 1024**3
-MIB = 1024**2
+GIB = 1 << 30
+MIB = 1 << 20
 #: Size of each default simulated GPU (CHRONOS_SIMULATED_GPUS unset).
 SIM_GPU_BYTES = 80 * GIB
+T0 = 1_800_000_000.0
+"""Where a FakeClock starts unless told (nothing depends on the date)."""
+
+
+class FakeClock:
+    """A clock that moves only when a test says so (``Ledger(clock=)``, services)."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        assert seconds >= 0, "a FakeClock only moves forward; set .now to go back"
+        self.now += seconds
 
 
 def chronos_settings(home: Path) -> dict[str, str]:
@@ -59,9 +83,56 @@ def run_cli(
     )
 
 
-def cli_json(*args: str, env: dict[str, str]) -> Any:
+def cli_in_process(
+    *args: str, env: dict[str, str], input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``chronos ARGS`` run in this process (``chronos.cli.main`` under click's CliRunner
+    isolation), with exactly ``env`` as its environment; the result as ``run_cli``'s.
+
+    For tests of what the CLI says and does, not of a process: it saves an interpreter
+    start (a few hundred ms on a loaded machine) per call. An exception that escapes
+    ``main`` is written to stderr as a traceback, exactly as the process would, so
+    "no traceback" checks still hold.
+    """
+    from click.testing import CliRunner
+
+    from chronos.cli import main
+
+    overrides: dict[str, str | None] = {k: None for k in os.environ if k not in env}
+    overrides.update(env)
+    argv, sys.argv = sys.argv, ["chronos", *args]  # messages look at sys.argv (--json)
+    try:
+        with CliRunner().isolation(input=input, env=overrides) as (out, err, _):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:
+                code = _exit_status(exc.code)
+            except Exception:  # noqa: BLE001 - what the interpreter would print, and exit 1
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            stdout = out.getvalue().decode()
+            stderr = err.getvalue().decode(errors="backslashreplace")
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(["chronos", *args], code, stdout, stderr)
+
+
+def _exit_status(code: object) -> int:
+    """The status ``sys.exit(code)`` gives a process (a message: printed, then 1)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def cli_json(*args: str, env: dict[str, str], in_process: bool = False) -> Any:
     """Run a ``--json`` command that must succeed, and parse its output."""
-    proc = run_cli(*args, "--json", env=env)
+    run = cli_in_process if in_process else run_cli
+    proc = run(*args, "--json", env=env)
     assert proc.returncode == 0, f"chronos {' '.join(args)} failed: {proc.stderr}"
     return json.loads(proc.stdout)
 
@@ -84,22 +155,35 @@ def ledger_rows(env: dict[str, str]) -> tuple[list[tuple[Any, ...]], list[tuple[
     return partitions, events
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    """A user error: non-zero exit, one 'chronos: error:' line on stderr, no traceback.
+def assert_one_line_error(
+    proc: subprocess.CompletedProcess[str],
+    code: int | None = None,
+    *,
+    prefix: str = "chronos: error:",
+    among_other_lines: bool = False,
+) -> str:
+    """A user error: non-zero exit (``code`` if given), one error line on stderr starting
+    with ``prefix``, no traceback anywhere; returns that line.
 
-    Under ``--json`` the one line is ``{"error": {"code", "message", "exit_code"}}``;
-    then the message is returned in the plain form, so callers check it alike.
+    ``among_other_lines``: stderr may hold other lines too (a ``--wait`` status line),
+    but exactly one of them is the error. Under ``--json`` the one line is
+    ``{"error": {"code", "message", "exit_code"}}``; then the message is returned in the
+    plain form, so callers check it alike.
     """
     assert proc.returncode != 0, f"expected failure, got success: {proc.stdout!r}"
+    if code is not None:
+        assert proc.returncode == code, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stdout, proc.stdout
     lines = proc.stderr.splitlines()
+    if among_other_lines:
+        lines = [line for line in lines if line.startswith(prefix)]
     assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
     if lines[0].startswith("{"):
         error = json.loads(lines[0])["error"]
         assert error["exit_code"] == proc.returncode, lines[0]
         return f"chronos: error: {error['message']}"
-    assert lines[0].startswith("chronos: error:"), lines[0]
+    assert lines[0].startswith(prefix), lines[0]
     return lines[0]
 
 

@@ -226,6 +226,7 @@ def test_start_takes_datetime_text_or_epoch(client: Partitioner) -> None:
         "2020-01-01T09:00",
         time.time() - 3600,
     ],
+    ids=["datetime", "text", "epoch"],  # the same on every xdist worker (not the clock's)
 )
 def test_start_in_the_past_is_refused(client: Partitioner, start: object) -> None:
     with pytest.raises(BadRequest, match="in the past"):

@@ -25,6 +25,7 @@ from helpers import (
     MIB,
     SIM_GPU_BYTES,
     assert_one_line_error,
+    cli_in_process,
     cli_json,
     ledger_rows,
     make_env,
@@ -44,8 +45,13 @@ STATS_FIELDS = {
 }
 
 
+def cli_json_here(*args: str, env: dict[str, str]) -> Any:
+    """``cli_json`` in this process: for tests of what the CLI answers, not of a process."""
+    return cli_json(*args, env=env, in_process=True)
+
+
 def create(env: dict[str, str], *args: str) -> dict[str, Any]:
-    return cli_json("create", *args, env=env)
+    return cli_json_here("create", *args, env=env)
 
 
 def parse_iso(text: str) -> datetime:
@@ -104,7 +110,7 @@ def kill_partition_processes(env: dict[str, str]) -> None:
 
 def test_stats_table_and_json(chronos_env: dict[str, str]) -> None:
     p = create(chronos_env, "1", "0.25", "1h")
-    proc = run_cli("stats", env=chronos_env)
+    proc = cli_in_process("stats", env=chronos_env)
     assert proc.returncode == 0, proc.stderr
     for index in (0, 1):
         assert f"GPU {index}" in proc.stdout
@@ -113,7 +119,7 @@ def test_stats_table_and_json(chronos_env: dict[str, str]) -> None:
     assert "80.0 GiB" in proc.stdout
     assert "20.0 GiB" in proc.stdout  # committed on GPU 1
 
-    data = cli_json("stats", env=chronos_env)
+    data = cli_json_here("stats", env=chronos_env)
     assert isinstance(data, list) and len(data) == 2
     for index, dev in enumerate(data):
         assert set(dev) >= STATS_FIELDS
@@ -144,10 +150,10 @@ def test_stats_without_gpu_explains_simulated_backend(chronos_env: dict[str, str
 
 def test_simulated_gpu_sizes_from_env(chronos_env: dict[str, str]) -> None:
     env = {**chronos_env, "CHRONOS_SIMULATED_GPUS": "80GiB,24GiB"}
-    data = cli_json("stats", env=env)
+    data = cli_json_here("stats", env=env)
     assert [d["total_bytes"] for d in data] == [80 * GIB, 24 * GIB]
     assert create(env, "1", "24GiB", "1m")["memory_bytes"] == 24 * GIB
-    line = assert_one_line_error(run_cli("create", "1", "25GiB", "1m", env=env))
+    line = assert_one_line_error(cli_in_process("create", "1", "25GiB", "1m", env=env))
     assert "24.0 GiB" in line
 
 
@@ -225,28 +231,28 @@ def test_duration_forms(chronos_env: dict[str, str], duration: str, seconds: int
 
 def test_every_command_takes_json(chronos_env: dict[str, str]) -> None:
     p = create(chronos_env, "0", "0.1", "1h")
-    extended = cli_json("extend", p["id"], "10m", env=chronos_env)
+    extended = cli_json_here("extend", p["id"], "10m", env=chronos_env)
     assert parse_iso(extended["expires_at"]) > parse_iso(p["expires_at"])
-    attached = cli_json("attach", p["id"], str(os.getpid()), env=chronos_env)
+    attached = cli_json_here("attach", p["id"], str(os.getpid()), env=chronos_env)
     assert attached == {"id": p["id"], "pid": os.getpid()}
-    released = cli_json("release", p["id"], env=chronos_env)
+    released = cli_json_here("release", p["id"], env=chronos_env)
     assert released["state"] == "released" and released["time_remaining"] == 0
     parse_iso(released["ended_at"])
-    for item in cli_json("events", env=chronos_env):
+    for item in cli_json_here("events", env=chronos_env):
         parse_iso(item["at"])
-    assert isinstance(cli_json("list", "--all", env=chronos_env), list)
+    assert isinstance(cli_json_here("list", "--all", env=chronos_env), list)
 
 
 def test_refusal_says_what_is_free_and_when(chronos_env: dict[str, str]) -> None:
     first = create(chronos_env, "0", "0.75", "1h")
-    proc = run_cli("create", "0", "0.5", "1h", env=chronos_env)
+    proc = cli_in_process("create", "0", "0.5", "1h", env=chronos_env)
     line = assert_one_line_error(proc)
     assert "20.0 GiB free" in line
     local = parse_iso(first["expires_at"]).astimezone().strftime("%Y-%m-%d %H:%M:%S")
     assert local in line
-    events = cli_json("events", env=chronos_env)
+    events = cli_json_here("events", env=chronos_env)
     assert events[-1]["kind"] == "refused"
-    assert cli_json("list", env=chronos_env)[0]["id"] == first["id"]
+    assert cli_json_here("list", env=chronos_env)[0]["id"] == first["id"]
 
 
 def test_expiry_after_short_duration(chronos_env: dict[str, str]) -> None:
@@ -294,10 +300,10 @@ def populated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     env = make_env(tmp_path_factory.mktemp("bad") / "home")
     active = create(env, "0", "0.25", "2h")
     ended = create(env, "1", "0.25", "2h")
-    cli_json("release", ended["id"], env=env)
+    cli_json_here("release", ended["id"], env=env)
     view = (
-        without_remaining(cli_json("list", "--all", env=env)),
-        cli_json("events", env=env),
+        without_remaining(cli_json_here("list", "--all", env=env)),
+        cli_json_here("events", env=env),
     )
     return {"env": env, "active": active["id"], "released": ended["id"], "view": view}
 
@@ -373,7 +379,7 @@ def test_bad_input_is_one_line_and_changes_nothing(
     env = populated["env"]
     argv = [a.format(**populated) if a.startswith("{") else a for a in args]
     before = ledger_rows(env)
-    proc = run_cli(*argv, env=env)
+    proc = cli_in_process(*argv, env=env)
     if "--json" in argv:
         assert_json_error(proc)
     else:
@@ -396,17 +402,17 @@ def assert_json_error(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 
 def test_second_release_and_unknown_id_messages(populated: dict[str, Any]) -> None:
     env = populated["env"]
-    again = assert_one_line_error(run_cli("release", populated["released"], env=env))
+    again = assert_one_line_error(cli_in_process("release", populated["released"], env=env))
     assert populated["released"] in again and "released" in again
-    unknown = assert_one_line_error(run_cli("release", "deadbeef", env=env))
+    unknown = assert_one_line_error(cli_in_process("release", "deadbeef", env=env))
     assert "deadbeef" in unknown
 
 
 def test_bad_inputs_left_the_ledger_view_unchanged(populated: dict[str, Any]) -> None:
     env = populated["env"]
     view = (
-        without_remaining(cli_json("list", "--all", env=env)),
-        cli_json("events", env=env),
+        without_remaining(cli_json_here("list", "--all", env=env)),
+        cli_json_here("events", env=env),
     )
     assert view == populated["view"]
 
@@ -890,30 +896,30 @@ def test_any_unique_prefix_works_everywhere(chronos_env: dict[str, str]) -> None
     made = [create(chronos_env, "1", "0.05", "1h")["id"] for _ in range(6)]
     a, b, c = made[:3]
     pa, pb, pc = (_prefix(i, made) for i in (a, b, c))
-    assert cli_json("get", pa, env=chronos_env)["id"] == a
-    extended = cli_json("extend", pa, "30m", env=chronos_env)
+    assert cli_json_here("get", pa, env=chronos_env)["id"] == a
+    extended = cli_json_here("extend", pa, "30m", env=chronos_env)
     assert extended["id"] == a
-    attached = cli_json("attach", pa, str(os.getpid()), env=chronos_env)
+    attached = cli_json_here("attach", pa, str(os.getpid()), env=chronos_env)
     assert attached == {"id": a, "pid": os.getpid()}
-    kinds = [e["kind"] for e in cli_json("events", "--id", pa, env=chronos_env)]
+    kinds = [e["kind"] for e in cli_json_here("events", "--id", pa, env=chronos_env)]
     assert kinds == ["created", "extended", "attached"] or kinds[:2] == ["created", "extended"]
-    both = cli_json("release", pb, pc, env=chronos_env)
+    both = cli_json_here("release", pb, pc, env=chronos_env)
     assert [r["id"] for r in both] == [b, c] and {r["state"] for r in both} == {"released"}
     firsts = [i[0] for i in made]
     shared = next((ch for ch in firsts if firsts.count(ch) > 1), None)
     if shared is not None:
-        line = assert_one_line_error(run_cli("get", shared, env=chronos_env))
+        line = assert_one_line_error(cli_in_process("get", shared, env=chronos_env))
         assert "ambiguous id" in line
 
 
 def test_release_several_ids_reports_each_failure(chronos_env: dict[str, str]) -> None:
     good = create(chronos_env, "0", "0.1", "1h")["id"]
-    proc = run_cli("release", "deadbeef", good, "feedface", env=chronos_env)
+    proc = cli_in_process("release", "deadbeef", good, "feedface", env=chronos_env)
     assert proc.returncode == 4  # the first failure's code
     assert f"released partition {good}" in proc.stdout
     errors = proc.stderr.splitlines()
     assert len(errors) == 2 and "deadbeef" in errors[0] and "feedface" in errors[1]
-    assert cli_json("list", env=chronos_env) == []
+    assert cli_json_here("list", env=chronos_env) == []
 
 
 def test_cancel_a_queued_request_from_another_shell(chronos_env: dict[str, str]) -> None:
@@ -947,9 +953,9 @@ def test_list_shows_start_state_and_filters(chronos_env: dict[str, str]) -> None
     now = create(chronos_env, "0", "0.25", "1h")["id"]
     later = create(chronos_env, "1", "0.25", "1h", "--start", "+1d")["id"]
     ended = create(chronos_env, "1", "0.1", "1h")["id"]
-    cli_json("release", ended, env=chronos_env)
+    cli_json_here("release", ended, env=chronos_env)
 
-    lines = run_cli("list", env=chronos_env).stdout.splitlines()
+    lines = cli_in_process("list", env=chronos_env).stdout.splitlines()
     header = lines[0].split()
     assert header[:4] == ["ID", "GPU", "USER", "STATE"] and "START" in header
     rows = {line.split()[0]: line.split() for line in lines[1:]}
@@ -957,7 +963,7 @@ def test_list_shows_start_state_and_filters(chronos_env: dict[str, str]) -> None
     assert rows[now][3] == "active" and rows[later][3] == "booked"
 
     def ids(*args: str) -> set[str]:
-        out = run_cli("list", "--format", "id", "--no-header", *args, env=chronos_env)
+        out = cli_in_process("list", "--format", "id", "--no-header", *args, env=chronos_env)
         assert out.returncode == 0, out.stderr
         return set(out.stdout.split())
 
@@ -968,16 +974,18 @@ def test_list_shows_start_state_and_filters(chronos_env: dict[str, str]) -> None
     assert ids("--me") == {now, later}
     assert ids("--user", "nobody") == set()
     assert ids("--all") == {now, later, ended}
-    empty = run_cli("list", "--user", "nobody", env=chronos_env)
+    empty = cli_in_process("list", "--user", "nobody", env=chronos_env)
     assert empty.stdout.strip() == "no active partitions match"
-    quiet = run_cli("list", "--user", "nobody", "--no-header", env=chronos_env)
+    quiet = cli_in_process("list", "--user", "nobody", "--no-header", env=chronos_env)
     assert quiet.stdout == ""
 
 
 def test_ended_partitions_show_their_end(chronos_env: dict[str, str]) -> None:
     ended = create(chronos_env, "0", "0.1", "1h")
-    gone = cli_json("release", ended["id"], env=chronos_env)
-    out = run_cli("list", "--all", "--format", "end,remaining", "--no-header", env=chronos_env)
+    gone = cli_json_here("release", ended["id"], env=chronos_env)
+    out = cli_in_process(
+        "list", "--all", "--format", "end,remaining", "--no-header", env=chronos_env
+    )
     end_clock = datetime.fromisoformat(gone["ended_at"]).strftime("%m-%d %H:%M")
     assert out.stdout.split() == [*end_clock.split(), "-"]
 
@@ -1061,7 +1069,7 @@ def test_colour_on_a_terminal_only_and_never_with_no_color(chronos_env: dict[str
 
 def test_json_times_are_iso_everywhere(chronos_env: dict[str, str]) -> None:
     p = create(chronos_env, "0", "1.0", "1h")
-    cli_json("extend", p["id"], "10m", env=chronos_env)
+    cli_json_here("extend", p["id"], "10m", env=chronos_env)
     waiter = subprocess.Popen(
         [sys.executable, "-m", "chronos.cli", "create", "0", "0.5", "1h", "--wait"],
         env=chronos_env,
@@ -1071,24 +1079,24 @@ def test_json_times_are_iso_everywhere(chronos_env: dict[str, str]) -> None:
     )
     try:
         readline_within(waiter.stderr, 15)  # type: ignore[arg-type]
-        (entry,) = cli_json("queue", env=chronos_env)
+        (entry,) = cli_json_here("queue", env=chronos_env)
         parse_iso(entry["enqueued_at"])
         parse_iso(entry["estimated_start"])
-        cal = cli_json("calendar", env=chronos_env)
+        cal = cli_json_here("calendar", env=chronos_env)
         parse_iso(cal["queue"][0]["enqueued_at"])
     finally:
         waiter.kill()
         waiter.wait()
-    (extended,) = [e for e in cli_json("events", env=chronos_env) if e["kind"] == "extended"]
+    (extended,) = [e for e in cli_json_here("events", env=chronos_env) if e["kind"] == "extended"]
     parse_iso(extended["at"])
     parse_iso(extended["detail"]["from"])
     parse_iso(extended["detail"]["to"])
 
 
 def test_stats_json_names_mode_and_backend(chronos_env: dict[str, str]) -> None:
-    data = cli_json("stats", env=chronos_env)
+    data = cli_json_here("stats", env=chronos_env)
     assert {(d["mode"], d["backend"]) for d in data} == {("embedded", "simulated")}
-    (one,) = cli_json("stats", "--device", "1", env=chronos_env)
+    (one,) = cli_json_here("stats", "--device", "1", env=chronos_env)
     assert one["index"] == 1
 
 
@@ -1117,23 +1125,23 @@ def test_stats_watch_json_is_one_object_per_refresh(chronos_env: dict[str, str])
 
 def test_limit_refusals_name_the_maximum_and_share_one_code(chronos_env: dict[str, str]) -> None:
     p = create(chronos_env, "0", "0.1", "1h")
-    extend = run_cli("extend", p["id"], "7d", env=chronos_env)
+    extend = cli_in_process("extend", p["id"], "7d", env=chronos_env)
     line = assert_one_line_error(extend)
     assert "over the max_duration limit" in line and "7d1h asked, at most 7d" in line
-    too_long = run_cli("create", "0", "0.1", "8d", env=chronos_env)
+    too_long = cli_in_process("create", "0", "0.1", "8d", env=chronos_env)
     line = assert_one_line_error(too_long)
     assert "over the max_duration limit: 8d asked, at most 7d" in line
     assert extend.returncode == too_long.returncode == 3  # as every quota refusal
 
 
 def test_confirmation_echoes_how_input_was_read(chronos_env: dict[str, str]) -> None:
-    out = run_cli("create", "0", "2G", "3600", env=chronos_env)
+    out = cli_in_process("create", "0", "2G", "3600", env=chronos_env)
     assert out.returncode == 0, out.stderr
     assert "3600 → 1h (a bare number is seconds)" in out.stdout
-    (made,) = cli_json("list", env=chronos_env)
+    (made,) = cli_json_here("list", env=chronos_env)
     shown = f"{made['memory_bytes'] / GIB:.1f} GiB"  # 2.0 GiB (Slurm, Docker) or 1.9 (GB)
     assert f"2G → {shown}" in out.stdout
-    explicit = run_cli("create", "1", "512MiB", "1h", env=chronos_env)
+    explicit = cli_in_process("create", "1", "512MiB", "1h", env=chronos_env)
     assert "→" not in explicit.stdout  # nothing to explain: no bare number, a binary unit
 
 

@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from helpers import readline_within
 
 
 def test_watch_redraws_until_interrupted(chronos_env: dict[str, str]) -> None:
@@ -22,9 +23,12 @@ def test_watch_redraws_until_interrupted(chronos_env: dict[str, str]) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(2.0)
+    seen = ""  # three whole frames drawn (polled, not slept for), then Ctrl-C
+    while seen.count("Simulated GPU 1") < 3:  # a frame's last row
+        seen += readline_within(watch.stdout, 15)  # type: ignore[arg-type]
     watch.send_signal(signal.SIGINT)
-    out, err = watch.communicate(timeout=20)
+    rest, err = watch.communicate(timeout=20)
+    out = seen + rest
     assert watch.returncode == 0, err
     assert out.count("chronos stats — every 0.2s") >= 3
     assert out.count("Simulated GPU 0") >= 3

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import GIB, FakeClock
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,24 +31,10 @@ from chronos.models import (
 )
 from chronos.units import format_bytes, local_clock
 
-GIB = 1024**3
 CAP = 80 * GIB
 DEV_A = "GPU-A"
 DEV_B = "GPU-B"
 T0 = 1_800_000_000.0
-
-
-class FakeClock:
-    """A clock tests move by hand."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def req(

@@ -6,6 +6,7 @@ import math
 from datetime import datetime
 
 import pytest
+from helpers import GIB, MIB
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -20,8 +21,6 @@ from chronos.units import (
     parse_memory,
 )
 
-GIB = 1024**3
-MIB = 1024**2
 TOTAL = 80 * GIB
 
 

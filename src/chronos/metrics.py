@@ -27,7 +27,6 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
@@ -39,10 +38,18 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import make_wsgi_app
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from chronos.dashboard.net import bind_http, exposure_warning, is_loopback, parse_address
+from chronos.httpserve import (
+    IDLE_TIMEOUT_S,
+    App,
+    LocalHTTPServer,
+    Request,
+    Response,
+    Site,
+    text_response,
+)
 from chronos.models import ACTIVE, BOOKED, DeviceStats
 from chronos.slurm.settings import job_of
 
@@ -516,79 +523,75 @@ class ChronosCollector(Collector):
 # -------------------------------------------------------------------------- server
 
 
-class MetricsEndpoint:
-    """``GET /metrics`` on a local address, served from a thread of the daemon."""
+class MetricsEndpoint(LocalHTTPServer):
+    """``GET /metrics`` on a local address, served from a thread of the daemon.
+
+    The exposition is prometheus-client's own WSGI app (content negotiation,
+    OpenMetrics, gzip, ``name[]`` filters), answered through Chronos's one HTTP
+    layer (:mod:`chronos.httpserve`: bind address, read-only, idle timeout).
+    """
 
     def __init__(
-        self, address: str, registry: CollectorRegistry, on_close: Callable[[], None] = lambda: None
+        self,
+        address: str,
+        registry: CollectorRegistry,
+        on_close: Callable[[], None] = lambda: None,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
     ) -> None:
-        host, _ = parse_address(address)
         self.registry = registry
         self._on_close = on_close
-        self.httpd = bind_http(address, _handler_for(registry), "metrics")
-        self.host, self.port = host, int(self.httpd.server_address[1])
-        self.loopback = is_loopback(host)
-        self._thread = threading.Thread(target=self._serve, name="chronos-metrics", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        self.httpd.serve_forever(poll_interval=0.2)
-
-    @property
-    def warning(self) -> str | None:
-        return None if self.loopback else exposure_warning("metrics endpoint", self.host, self.port)
+        site = Site(app=metrics_app(registry), name="metrics", idle_timeout_s=idle_timeout_s)
+        super().__init__(address, site, what="metrics", exposed_as="metrics endpoint")
+        self.start()
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().close()
         self._on_close()
 
 
-def _handler_for(registry: CollectorRegistry) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "chronos-metrics"
-        sys_version = ""
+INDEX_PAGE = b'<html><body><a href="/metrics">metrics</a></body></html>'
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            self._respond(head=False)
 
-        def do_HEAD(self) -> None:  # noqa: N802
-            self._respond(head=True)
+def metrics_app(registry: CollectorRegistry) -> App:
+    """``/metrics`` from prometheus-client's exposition app, a link at ``/``, 404 elsewhere.
 
-        def _respond(self, head: bool) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/":
-                self._send(
-                    200,
-                    b'<html><body><a href="/metrics">metrics</a></body></html>',
-                    "text/html; charset=utf-8",
-                    head,
-                )
-                return
-            if path != "/metrics":
-                self._send(404, b"not found: try /metrics\n", "text/plain", head)
-                return
-            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-            try:
-                body = encoder(registry)
-            except Exception as exc:  # noqa: BLE001 - a failed scrape must say why, not hang up
-                self._send(503, f"scrape failed: {exc!r}\n".encode(), "text/plain", head)
-                return
-            self._send(200, body, content_type, head)
+    A scrape that fails (the daemon's loop did not answer in time) is a 503 saying why,
+    never a dropped connection.
+    """
+    exposition = make_wsgi_app(registry)
 
-        def _send(self, code: int, body: bytes, content_type: str, head: bool) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            if not head:
-                self.wfile.write(body)
+    def app(request: Request) -> Response:
+        if request.path == "/":
+            return Response(200, INDEX_PAGE, "text/html; charset=utf-8")
+        if request.path != "/metrics":
+            return text_response(404, "not found: try /metrics\n")
+        try:
+            return _call_wsgi(exposition, request)
+        except Exception as exc:  # noqa: BLE001 - a failed scrape must say why, not hang up
+            return text_response(503, f"scrape failed: {exc!r}\n")
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # one line per scrape would drown the daemon's log
+    return app
 
-    return Handler
+
+def _call_wsgi(wsgi_app: Callable[..., Iterable[bytes]], request: Request) -> Response:
+    """One GET through a WSGI app; its status, headers and body as a Response."""
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": request.path,
+        "QUERY_STRING": request.query,
+        "HTTP_ACCEPT": request.headers.get("Accept", ""),
+        "HTTP_ACCEPT_ENCODING": request.headers.get("Accept-Encoding", ""),
+    }
+    started: list[tuple[str, list[tuple[str, str]]]] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], *_: Any) -> None:
+        started.append((status, headers))
+
+    body = b"".join(wsgi_app(environ, start_response))
+    status, headers = started[-1]
+    found = dict(headers)
+    content_type = found.pop("Content-Type", "text/plain; charset=utf-8")
+    return Response(int(status.split(" ", 1)[0]), body, content_type, found)
 
 
 def start_metrics(

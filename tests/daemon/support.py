@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import socket
 import struct
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from chronos_testing import (
     shared_tmpdir,
     wait_for,
 )
+from helpers import assert_one_line_error as assert_one_line_error  # re-exported
 
 __all__ = [
     "DaemonProcess",
@@ -79,15 +79,3 @@ def raw_connect(path: Path, timeout: float = 5.0) -> socket.socket:
     sock.settimeout(timeout)
     sock.connect(str(path))
     return sock
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int | None = None) -> str:
-    """A user error: non-zero exit, one 'chronos: error:' line on stderr, no traceback."""
-    assert proc.returncode != 0, f"expected failure, got success: {proc.stdout!r}"
-    if code is not None:
-        assert proc.returncode == code, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
-    assert lines[0].startswith("chronos: error:"), lines[0]
-    return lines[0]

@@ -12,7 +12,6 @@ from drm_fixtures import AMD_SYSFS, RENDER, make_proc
 
 from chronos.devices.amd import AmdBackend, kfd_nodes, kfd_process_vram
 
-MIB = 1024**2
 UNIQUE_ID = 4382910258131968034
 
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 from drm_fixtures import AMD_SYSFS, EVENTFD, RENDER, fdinfo, make_proc
+from helpers import MIB
 
 from chronos.devices import drm
 
 KIB = 1024
-MIB = 1024**2
 
 
 @pytest.mark.parametrize(

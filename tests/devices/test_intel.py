@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 from drm_fixtures import intel_card, make_proc, write
+from helpers import GIB, MIB
 
 from chronos.devices.intel import IntelBackend, is_local_region
 
 KIB = 1024
-MIB = 1024**2
-GIB = 1024**3
 MEMTOTAL = 65536000 * 1024  # from make_proc's meminfo
 
 

@@ -14,12 +14,12 @@ from unittest import mock
 from chronos_testing import PY, DaemonProcess, TestUser
 from chronos_testing import chronos_argv as chronos_argv  # re-exported for the tests
 from chronos_testing import wait_for as wait_for  # re-exported for the tests
+from helpers import GIB as GIB
+from helpers import MIB as MIB
 
 from chronos.devices.simulated import declare_process
 from chronos.models import ACTIVE, PartitionRecord
 
-GIB = 1 << 30
-MIB = 1 << 20
 SIM_GPU_BYTES = 80 * GIB
 
 

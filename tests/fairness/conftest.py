@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 from chronos_testing import daemons, unix_accounts
+from helpers import UNSET
 
 from .support import Account, FairDaemon, Harness, make_service
 
@@ -17,12 +18,7 @@ BEN = "chronos_f_ben"
 @pytest.fixture(autouse=True)
 def _simulated(monkeypatch: pytest.MonkeyPatch) -> None:
     """Never touch a real machine's Chronos: simulated GPUs, no stray settings."""
-    for name in (
-        "CHRONOS_CONFIG",
-        "CHRONOS_SOCKET",
-        "CHRONOS_SIMULATED_GPUS",
-        "CHRONOS_SIMULATED_PROCESSES",
-    ):
+    for name in UNSET:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CHRONOS_BACKEND", "simulated")
 

@@ -26,6 +26,9 @@ from typing import IO, Any
 
 from chronos_testing import DaemonProcess, TestUser, chronos_argv
 from chronos_testing import wait_for as wait_for  # re-exported for the tests
+from helpers import GIB as GIB
+from helpers import FakeClock as FakeClock
+from helpers import assert_one_line_error
 
 from chronos import protocol
 from chronos.config import parse_config
@@ -35,27 +38,12 @@ from chronos.ledger import Ledger
 from chronos.service import Service
 
 ROOT = Path(__file__).resolve().parents[2]
-GIB = 1024**3
 GPU_BYTES = 80 * GIB
 """Size of each default simulated GPU."""
 T0 = 1_750_000_000.0
 """Where fake clocks start (a Sunday evening, UTC; nothing depends on the weekday)."""
 
 # --------------------------------------------------------------------------- in process
-
-
-class FakeClock:
-    """A clock that moves only when told to."""
-
-    def __init__(self, start: float = T0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        assert seconds >= 0
-        self.now += seconds
 
 
 def caller(name: str, uid: int, admin: bool = False, pid: int | None = None) -> Caller:
@@ -103,7 +91,7 @@ def make_service(
     """A fresh ledger (fsync off: it lives only for the test) behind a Service."""
     os.environ.setdefault("CHRONOS_BACKEND", "simulated")
     directory = directory or Path(tempfile.mkdtemp(prefix="chronos-fair-"))
-    clock = clock or FakeClock()
+    clock = clock or FakeClock(T0)
     ledger = Ledger(directory / "ledger.db", clock=clock, owner_alive=owner_alive, durable=False)
     config = parse_config(policy or {}, "test policy")
     service = Service(ledger, config, "embedded", machine_factory=lambda: open_machine("simulated"))
@@ -214,15 +202,10 @@ class Account:
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str] | Popen, code: int | None = None) -> str:
-    """A user error: non-zero exit, one ``chronos: error:`` line on stderr, no traceback."""
+    """A user error: non-zero exit, one ``chronos: error:`` line on stderr, no traceback
+    (other stderr lines, such as a ``--wait`` status, may come with it)."""
     if isinstance(proc, Popen):
-        rc, err, out = proc.proc.returncode, proc.err(), proc.out()
-    else:
-        rc, err, out = proc.returncode, proc.stderr, proc.stdout
-    assert rc != 0, f"expected a failure, got success: {out!r}"
-    if code is not None:
-        assert rc == code, (rc, err)
-    assert "Traceback" not in err + out, err
-    lines = [line for line in err.splitlines() if line.startswith("chronos: error:")]
-    assert len(lines) == 1, f"expected one error line, got {err!r}"
-    return lines[0]
+        proc = subprocess.CompletedProcess(
+            proc.proc.args, proc.proc.returncode, proc.out(), proc.err()
+        )
+    return assert_one_line_error(proc, code, among_other_lines=True)

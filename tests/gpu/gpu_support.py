@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-GIB = 1 << 30
+from helpers import GIB as GIB
 
 
 def nvml_ready() -> str | None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from gpu_support import nvml_ready, read_events, real_daemon, shared_tmpdir
+from helpers import GIB
 
 from chronos import alloccap
 
@@ -27,7 +28,6 @@ pytestmark = [
 ]
 PROGRAMS = str(Path(__file__).with_name("alloc_cap_programs.py"))
 USERS = ("chronos_cap_alice", "chronos_cap_bob")
-GIB = 1 << 30
 CHUNK = 256 << 20
 
 STATIC_FILL_CU = r"""

@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from helpers import GIB, MIB
 
 from chronos.devices.base import Device
 from chronos.devices.nvidia import NvidiaBackend
@@ -26,8 +27,6 @@ from chronos.errors import DeviceError
 
 pytestmark = pytest.mark.gpu
 
-GIB = 1 << 30
-MIB = 1 << 20
 ALLOC_BYTES = 10 * GIB
 CHILD = (
     "import sys, time, torch\n"

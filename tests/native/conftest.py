@@ -23,14 +23,14 @@ from daemon.conftest import (  # noqa: F401 - fixtures are found by name
     daemon_factory,
     users,
 )
+from helpers import GIB as GIB
+from helpers import MIB as MIB
 
 from chronos import alloccap
 
 HERE = Path(__file__).parent
 NATIVE_SRC = Path(alloccap.__file__).parent / "native"
 STRICT = ["-std=gnu11", "-Wall", "-Wextra", "-Werror"]
-GIB = 1 << 30
-MIB = 1 << 20
 CHUNK = 256 * MIB
 FAKE_TOTAL = 80 * GIB
 

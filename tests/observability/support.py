@@ -15,10 +15,10 @@ from pathlib import Path
 
 from chronos_testing import DaemonProcess
 from chronos_testing import wait_for as wait_for  # re-exported for the tests
+from helpers import GIB as GIB
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
-GIB = 1 << 30
 SIM_GPU_BYTES = 80 * GIB
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,11 @@ def test_state_is_what_list_stats_and_queue_show(daemon_factory: Callable[..., D
         assert by_pid[holder.pid]["partition_id"] == a
         assert by_pid[stray.pid]["partition_id"] is None
         assert s["mode"] == "daemon" and s["host"]
+        # Times are ISO-8601, exactly as `chronos list --json` and `queue --json` write them.
+        assert datetime.fromisoformat(s["now"]).tzinfo is not None
+        for key in ("created_at", "starts_at", "expires_at"):
+            assert [p[key] for p in s["partitions"]] == [p[key] for p in listed], key
+        assert [q["enqueued_at"] for q in s["queue"]] == [q["enqueued_at"] for q in queue]
 
 
 def test_read_only_local_and_self_contained(daemon_factory: Callable[..., Daemon]) -> None:

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from chronos.dashboard.net import is_loopback, parse_address
 from chronos.errors import BadRequest
+from chronos.httpserve import is_loopback, parse_address
 from chronos.ledger import Ledger
 from chronos.metrics import EventCounts, refusal_reason
 
@@ -464,3 +464,43 @@ def test_docs_and_grafana_name_only_real_metrics() -> None:
     grafana = json.loads((docs / "grafana-dashboard.json").read_text())
     used = set(re.findall(r"chronos_[a-z_]+", json.dumps(grafana["panels"])))
     assert used and used <= samples, used - samples
+
+
+# ------------------------------------------------------------ the endpoint itself
+
+
+class _Broken:
+    """A collector whose scrape fails, as one does when the daemon's loop does not answer."""
+
+    def collect(self) -> Any:
+        raise TimeoutError("the daemon's loop did not answer")
+
+    def describe(self) -> list[Any]:
+        return []
+
+
+def test_endpoint_serves_prometheus_exposition_and_says_why_a_scrape_failed() -> None:
+    from prometheus_client import Gauge
+    from prometheus_client.registry import CollectorRegistry
+
+    from chronos.metrics import MetricsEndpoint
+
+    registry = CollectorRegistry(auto_describe=False)
+    Gauge("chronos_test_value", "A value.", registry=registry).set(3)
+    endpoint = MetricsEndpoint("127.0.0.1:0", registry)
+    try:
+        base = f"http://127.0.0.1:{endpoint.port}"
+        status, headers, body = http_get(base + "/metrics", {"Accept-Encoding": "gzip"})
+        assert status == 200 and headers.get("Content-Encoding") == "gzip"  # the library's
+        status, headers, body = http_get(base + "/metrics")
+        assert status == 200 and b"chronos_test_value 3.0" in body
+        head_status, head_headers, head_body = http_get(base + "/metrics", method="HEAD")
+        assert (head_status, head_body) == (200, b"")
+        assert head_headers["Content-Length"] == headers["Content-Length"] == str(len(body))
+        status, _, body = http_get(base + "/")
+        assert status == 200 and b'href="/metrics"' in body
+        registry.register(_Broken())  # type: ignore[arg-type]
+        status, _, body = http_get(base + "/metrics")
+        assert status == 503 and body.startswith(b"scrape failed: TimeoutError(")
+    finally:
+        endpoint.close()

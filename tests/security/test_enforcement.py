@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from chronos_testing import PY, DaemonProcess, TestUser, shared_tmpdir, wait_for
+from helpers import GIB, assert_one_line_error
 
 from chronos import cgroups, procs
 from chronos.config import Config, parse_config
@@ -34,8 +35,6 @@ from chronos.messages import AttachRequest
 from chronos.service import Service
 
 from .conftest import Users
-
-GIB = 1 << 30
 
 # A client of the Python API: argv = out-dir duration memory-GiB-to-declare kind on-term grace.
 # It writes 'created' (the partition id) and, on SIGTERM, 'term'; 'exit' ends it then.
@@ -154,11 +153,7 @@ def kill(proc: subprocess.Popen[Any]) -> None:
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode != 0, proc.stdout
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    return lines[0]
+    return assert_one_line_error(proc, prefix="")  # whichever command's prefix
 
 
 CAP = 'memory_grace = "0.3s"\nsample_interval = "0.1s"\ngrace = "1s"\n'

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 from chronos_testing import PY, DaemonProcess, TestUser, clean_env, shared_tmpdir
+from helpers import assert_one_line_error
 
 from .conftest import Users
 
@@ -94,12 +95,7 @@ def sh_as(user: TestUser, script: str) -> None:
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str], prefix: str = "chronos: error:") -> str:
-    assert proc.returncode != 0, f"expected a refusal, got success: {proc.stdout!r}"
-    text = proc.stderr
-    assert "Traceback" not in text, text
-    lines = [line for line in text.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(prefix), lines
-    return lines[0]
+    return assert_one_line_error(proc, prefix=prefix)
 
 
 def root_victim(base: Path) -> Path:

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from chronos_testing import DaemonProcess, TestUser, shared_tmpdir, wait_for
+from helpers import GIB
 
 from chronos.devices.simulated import simulated_uuid
 from chronos.errors import CapacityRefused
@@ -30,7 +31,6 @@ from chronos.models import EXPIRED, RELEASED
 
 from .conftest import ALICE, Users
 
-GIB = 1024**3
 GPU_BYTES = 80 * GIB  # the simulated GPUs of the test daemons
 
 pytestmark = pytest.mark.usefixtures("users")

@@ -1,2 +1,2 @@
-"""The read-only web dashboard (``chronos dashboard``) and the address helpers it shares
-with the Prometheus endpoint. Importing this package loads nothing heavy."""
+"""The read-only web dashboard (``chronos dashboard``), served on Chronos's one HTTP
+layer (:mod:`chronos.httpserve`). Importing this package loads nothing heavy."""

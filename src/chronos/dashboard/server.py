@@ -1,6 +1,6 @@
 """``chronos dashboard``: a read-only, live web page of this machine's GPUs.
 
-One small stdlib HTTP server (``ThreadingHTTPServer``), no framework:
+Served by Chronos's one small HTTP layer (:mod:`chronos.httpserve`, stdlib), no framework:
 
 * ``GET /`` — the page, rendered here with the current state embedded (so
   the first paint needs no second request) and a text fallback for browsers
@@ -28,20 +28,24 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
 from importlib import resources
 from pathlib import Path
 from string import Template
 from typing import Any
 
-from chronos.dashboard.net import (
-    bind_http,
-    exposure_warning,
-    is_loopback,
-    parse_address,
-    url_of,
-)
 from chronos.errors import ChronosError
+from chronos.httpserve import (
+    IDLE_TIMEOUT_S,
+    LocalHTTPServer,
+    Request,
+    Response,
+    Site,
+    is_loopback,
+    loopback_host_names,
+    parse_address,
+    text_response,
+)
+from chronos.units import iso
 
 DEFAULT_BIND = "127.0.0.1:8080"
 POLL_MS = 1500
@@ -68,11 +72,32 @@ SECURITY_HEADERS = {
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The page's data (``state``) and the raw replies it was built from."""
+    """The page's data (``state``, times in epoch seconds) and the raw replies it was
+    built from. What goes out (``/api/state``, the page) is :meth:`wire`."""
 
     state: dict[str, Any]
     stats: dict[str, Any]
     queue: list[dict[str, Any]]
+
+    def wire(self) -> dict[str, Any]:
+        return wire_state(self.state)
+
+
+TIME_FIELDS = ("created_at", "starts_at", "expires_at", "estimated_start", "enqueued_at")
+"""The times in a partition or queue entry of the state."""
+
+
+def wire_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The state as ``/api/state`` sends it: every time ISO-8601 with its offset, as
+    every ``chronos … --json`` writes them (``static/app.js`` reads them back)."""
+    out = {**state, "now": iso(state["now"])}
+    for key in ("partitions", "queue"):
+        if key in state:
+            out[key] = [
+                {k: iso(v) if k in TIME_FIELDS else v for k, v in item.items()}
+                for item in state[key]
+            ]
+    return out
 
 
 def collect(client: Any, now: float | None = None) -> Snapshot:
@@ -252,7 +277,7 @@ def fallback_text(snapshot: Snapshot) -> str:
 
 def render_page(snapshot: Snapshot | None, error: str | None) -> bytes:
     template = Template(_static("index.html").decode())
-    state = snapshot.state if snapshot is not None else {"error": error, "now": time.time()}
+    state = snapshot.wire() if snapshot is not None else {"error": error, "now": iso(time.time())}
     if snapshot is not None:
         try:
             fallback = fallback_text(snapshot)
@@ -275,25 +300,26 @@ def render_page(snapshot: Snapshot | None, error: str | None) -> bytes:
 # -------------------------------------------------------------------------- server
 
 
-class DashboardServer:
-    """The HTTP server; ``serve_forever()`` in the foreground or ``start()`` a thread."""
+class DashboardServer(LocalHTTPServer):
+    """The dashboard on the one HTTP layer; ``serve_forever()`` in the foreground or
+    ``start()`` a thread."""
 
-    def __init__(self, address: str, source: Callable[[], Snapshot]) -> None:
+    def __init__(
+        self,
+        address: str,
+        source: Callable[[], Snapshot],
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+    ) -> None:
         host, _ = parse_address(address)
         self.source = source
-        self.loopback = is_loopback(host)
-        self.httpd = bind_http(address, _handler_for(self), "the dashboard")
-        self.host, self.port = host, int(self.httpd.server_address[1])
-        self.allowed_hosts = _loopback_hosts(host) if self.loopback else None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return url_of(self.host, self.port)
-
-    @property
-    def warning(self) -> str | None:
-        return None if self.loopback else exposure_warning("dashboard", self.host, self.port)
+        site = Site(
+            app=self.respond,
+            name="dashboard",
+            headers=SECURITY_HEADERS,
+            allowed_hosts=loopback_host_names(host) if is_loopback(host) else None,
+            idle_timeout_s=idle_timeout_s,
+        )
+        super().__init__(address, site, what="the dashboard", exposed_as="dashboard")
 
     def snapshot(self) -> tuple[Snapshot | None, str | None]:
         try:
@@ -301,115 +327,33 @@ class DashboardServer:
         except ChronosError as exc:
             return None, str(exc)
 
-    def serve_forever(self) -> None:
-        self.httpd.serve_forever(poll_interval=0.2)
+    def respond(self, request: Request) -> Response:
+        path = request.path
+        if path in ("/", "/index.html"):
+            snapshot, error = self.snapshot()
+            return Response(200, render_page(snapshot, error), "text/html; charset=utf-8")
+        if path == "/api/state":
+            snapshot, error = self.snapshot()
+            if snapshot is None:
+                body = json.dumps({"error": error, "now": iso(time.time())})
+                return Response(503, body.encode(), "application/json")
+            return Response(200, json.dumps(snapshot.wire()).encode(), "application/json")
+        name = path.removeprefix("/static/")
+        if path.startswith("/static/") and name in STATIC_TYPES:
+            return Response(200, _static(name), STATIC_TYPES[name])
+        if path == "/favicon.ico":
+            return Response(200, _static("favicon.svg"), STATIC_TYPES["favicon.svg"])
+        return text_response(404, "not found\n")
 
     def start(self) -> DashboardServer:
-        self._thread = threading.Thread(
-            target=self.serve_forever, name="chronos-dashboard", daemon=True
-        )
-        self._thread.start()
+        super().start()
         return self
 
     def close(self) -> None:
-        if self._thread is not None:
-            self.httpd.shutdown()
-        self.httpd.server_close()
+        super().close()
         close = getattr(self.source, "close", None)
         if close is not None:
             close()
-
-
-def _loopback_hosts(host: str) -> frozenset[str]:
-    return frozenset({"localhost", "127.0.0.1", "::1", host.lower()})
-
-
-def _host_name(header: str) -> str:
-    header = header.strip().lower()
-    if header.startswith("["):
-        return header[1 : header.find("]")] if "]" in header else header
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
-
-
-def _handler_for(server: DashboardServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "chronos-dashboard"
-        sys_version = ""
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:  # http.server's naming
-            self._respond(head=False)
-
-        def do_HEAD(self) -> None:
-            self._respond(head=True)
-
-        def _refuse(self) -> None:
-            body = b"read-only: only GET and HEAD\n"
-            self._send(405, body, "text/plain; charset=utf-8", False, {"Allow": "GET, HEAD"})
-
-        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse
-
-        def _respond(self, head: bool) -> None:
-            allowed = server.allowed_hosts
-            if (
-                allowed is not None
-                and _host_name(self.headers.get("Host", "localhost")) not in allowed
-            ):
-                self._send(
-                    421,
-                    b"this dashboard answers only to localhost\n",
-                    "text/plain; charset=utf-8",
-                    head,
-                )
-                return
-            path = self.path.split("?", 1)[0]
-            if path in ("/", "/index.html"):
-                snapshot, error = server.snapshot()
-                self._send(200, render_page(snapshot, error), "text/html; charset=utf-8", head)
-            elif path == "/api/state":
-                snapshot, error = server.snapshot()
-                if snapshot is None:
-                    body = json.dumps({"error": error, "now": time.time()}).encode()
-                    self._send(503, body, "application/json", head)
-                else:
-                    self._send(200, json.dumps(snapshot.state).encode(), "application/json", head)
-            elif path.startswith("/static/") and path[len("/static/") :] in STATIC_TYPES:
-                name = path[len("/static/") :]
-                self._send(200, _static(name), STATIC_TYPES[name], head)
-            elif path == "/favicon.ico":
-                self._send(200, _static("favicon.svg"), STATIC_TYPES["favicon.svg"], head)
-            else:
-                self._send(404, b"not found\n", "text/plain; charset=utf-8", head)
-
-        def _send(
-            self,
-            code: int,
-            body: bytes,
-            content_type: str,
-            head: bool,
-            extra: dict[str, str] | None = None,
-        ) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            for key, value in {**SECURITY_HEADERS, **(extra or {})}.items():
-                self.send_header(key, value)
-            self.end_headers()
-            if not head:
-                self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # a line per poll would bury everything else
-
-        def handle_one_request(self) -> None:
-            try:
-                super().handle_one_request()
-            except Exception as exc:  # noqa: BLE001 - one broken request must not kill the thread
-                sys.stderr.write(f"chronos dashboard: request failed: {exc!r}\n")
-                self.close_connection = True
-
-    return Handler
 
 
 # ---------------------------------------------------------------------- entry points

@@ -220,12 +220,21 @@ def list_jobs(as_json: bool) -> None:
     if not found:
         click.echo("no jobs with GPU shares")
         return
-    click.echo(f"{'JOB':>8}  {'STATE':<10} {'MEMORY':>10}  {'LEFT':>10}  NODES  NAME")
-    for j in found:
-        click.echo(
-            f"{j.job_id:>8}  {j.state:<10} {format_bytes(j.memory_bytes):>10}  "
-            f"{j.time_left:>10}  {j.nodes}  {j.name}"
-        )
+    from chronos import cli_render as render
+
+    columns = [
+        render.Column("JOB", right=True),
+        render.Column("STATE"),
+        render.Column("MEMORY", right=True),
+        render.Column("LEFT", right=True),
+        render.Column("NODES", squeeze=True),
+        render.Column("NAME", squeeze=True),
+    ]
+    rows = [
+        [j.job_id, j.state, format_bytes(j.memory_bytes), j.time_left, j.nodes, j.name]
+        for j in found
+    ]
+    click.echo(render.table(columns, rows, width=render.table_width()))
 
 
 @slurm.command("stats")

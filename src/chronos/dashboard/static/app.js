@@ -349,7 +349,21 @@
     $("status-text").textContent = text;
   }
 
-  function accept(s) {
+  // /api/state writes its times in ISO-8601 (as every --json does); the page computes with
+  // epoch seconds, so each is read back once, here.
+  const TIME_FIELDS = ["created_at", "starts_at", "expires_at", "estimated_start", "enqueued_at"];
+  const seconds = (v) => (typeof v === "string" ? Date.parse(v) / 1000 : v);
+  function epochTimes(s) {
+    const items = (list) => (list || []).map((item) => {
+      const out = { ...item };
+      for (const k of TIME_FIELDS) if (k in out) out[k] = seconds(out[k]);
+      return out;
+    });
+    return { ...s, now: seconds(s.now), partitions: items(s.partitions), queue: items(s.queue) };
+  }
+
+  function accept(wire) {
+    const s = epochTimes(wire);
     offset = s.now - Date.now() / 1000;
     state = s;
     render(s, false);
