@@ -26,6 +26,7 @@ from pathlib import Path
 
 from chronos import paths, procs
 from chronos.models import PartitionRecord, ProcessUse
+from chronos.vocabulary import Mode
 
 NATIVE_DIR = Path(__file__).parent / "native"
 LIBRARY_NAME = "libchronos_cap.so"
@@ -123,7 +124,7 @@ def cap_dir(mode: str) -> Path:
     root-owned 0755, so no user can create, replace or remove files there. Embedded:
     a directory private to the user (0700).
     """
-    if mode == "daemon":
+    if mode == Mode.DAEMON:
         return paths.socket_path().parent / "cap"
     uid = os.getuid()
     home = os.environ.get("CHRONOS_HOME")
@@ -141,7 +142,7 @@ def cap_path(partition_id: str, mode: str) -> Path:
 
 def _ensure_dir(path: Path, mode: str) -> None:
     """Make the directory, then insist it is what we expect (not a planted one)."""
-    if mode == "daemon":
+    if mode == Mode.DAEMON:
         path.mkdir(parents=True, exist_ok=True, mode=0o755)
         if os.path.islink(path):  # cannot be planted in the daemon's root-owned directory
             raise PermissionError(f"{path} is a symbolic link")

@@ -45,6 +45,7 @@ from chronos.messages import (
 )
 from chronos.models import ACTIVE, BOOKED, DeviceStats, PartitionRecord
 from chronos.transport import Transport, connect
+from chronos.vocabulary import Mode, Origin, TicketState
 
 if TYPE_CHECKING:
     from chronos.service import Service
@@ -322,7 +323,7 @@ class Partitioner:
         wait: bool = False,
         timeout: float | str | None = None,
         on_wait: Callable[[dict[str, Any]], Any] | None = None,
-        kind: str = "api",
+        kind: str = Origin.API,
         on_expiry: str | None = None,
     ) -> Partition:
         """Reserve ``memory`` (fraction, ``50%`` or ``40GiB``) of GPU ``device`` for ``duration``.
@@ -344,7 +345,7 @@ class Partitioner:
         after the grace) or ``"notify"`` (as ``"raise"``, without the exception).
         """
         on_expiry = choose(on_expiry)
-        if kind == "api":
+        if kind == Origin.API:
             kind = KIND_OF[on_expiry]  # the daemon reads the choice from the kind
         starts_at = None if start is None else start_timestamp(start, time.time())
         request = CreateRequest(
@@ -366,8 +367,8 @@ class Partitioner:
             reply = self._wait_for(reply, on_wait, request.timeout)
         partition = Partition(reply.record, self._transport, reply.visible_env)
         partition.on_expiry = on_expiry
-        owned_here = partition.record.owner_pid == os.getpid() and kind != "run"
-        if owned_here and (self.mode == "embedded" or on_expiry != TERMINATE):
+        owned_here = partition.record.owner_pid == os.getpid() and kind != Origin.RUN
+        if owned_here and (self.mode == Mode.EMBEDDED or on_expiry != TERMINATE):
             # No daemon will end it on time, or this process warns and raises itself:
             # it keeps the deadline. (Not for ``chronos run``: its supervisor keeps the
             # deadline, and a thread here would take the SIGTERM it blocks and forwards.)
@@ -383,7 +384,7 @@ class Partitioner:
         """Poll a queued request until it is granted; leave the queue if interrupted."""
         ticket = status.ticket
         try:
-            while status.state == "waiting":
+            while status.state == TicketState.WAITING:
                 if on_wait is not None:
                     on_wait(status.status)
                 reply = self._transport.send(WaitRequest(id=ticket, max_wait=1.0))
@@ -392,13 +393,13 @@ class Partitioner:
             with contextlib.suppress(ChronosError):
                 self._transport.send(CancelRequest(id=ticket))
             raise
-        if status.state == "timeout":
+        if status.state == TicketState.TIMEOUT:
             from chronos.units import format_duration
 
             after = "" if timeout is None else f" after {format_duration(timeout)}"
             raise Timeout(f"gave up waiting for GPU capacity{after}; left the queue")
         granted = status.granted
-        if status.state != "granted" or granted is None:
+        if status.state != TicketState.GRANTED or granted is None:
             raise AdmissionRefused(f"queued request {ticket} {status.state}: {status.reason}")
         return granted
 

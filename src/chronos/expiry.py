@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from chronos.errors import BadRequest, PartitionEnded
 from chronos.models import ACTIVE, BOOKED, EXPIRED
 from chronos.stopping import Escalation, Stage
+from chronos.vocabulary import Mode, Origin
 
 if TYPE_CHECKING:
     from chronos.api import Partition
@@ -47,7 +48,7 @@ TERMINATE = "terminate"
 RAISE = "raise"
 NOTIFY = "notify"
 ON_EXPIRY = (TERMINATE, RAISE, NOTIFY)
-KIND_OF = {TERMINATE: "api", RAISE: "api-raise", NOTIFY: "api-notify"}
+KIND_OF = {TERMINATE: Origin.API, RAISE: Origin.API_RAISE, NOTIFY: Origin.API_NOTIFY}
 """The partition kind that tells the daemon the choice (stored; no schema change)."""
 WAKE_SIGNAL = signal.SIGURG
 """Wakes the main thread to run queued calls (its default action is to ignore it)."""
@@ -239,7 +240,7 @@ class ExpiryMonitor:
         p = self.partition
         if self._stopped or p.record.owner_pid != os.getpid():
             return True
-        embedded = p.mode == "embedded"
+        embedded = p.mode == Mode.EMBEDDED
         if not embedded and self.on_expiry == TERMINATE:
             return True  # the daemon stops this process
         attached: list[dict[str, Any]] = []

@@ -52,6 +52,7 @@ from chronos.httpserve import (
 )
 from chronos.models import ACTIVE, BOOKED, DeviceStats
 from chronos.slurm.settings import job_of
+from chronos.vocabulary import EventKind, RefusalKind, TicketState, ViolationKind
 
 if TYPE_CHECKING:
     from chronos.daemon.sampler import Sampler
@@ -77,24 +78,32 @@ LATENCY_BUCKETS = (
     5.0,
     10.0,
 )
-REFUSED_REASONS = ("capacity", "quota")
-TERMINATED_REASONS = ("expired", "memory", "unpartitioned")
-KILLED_REASONS = ("expired", "memory")
+REFUSED_REASONS: tuple[str, ...] = tuple(RefusalKind)
+TERMINATED_REASONS = (
+    EventKind.EXPIRED.value,
+    ViolationKind.MEMORY.value,
+    ViolationKind.UNPARTITIONED.value,
+)
+KILLED_REASONS = (EventKind.EXPIRED.value, ViolationKind.MEMORY.value)
 """SIGKILLs of unpartitioned processes are logged by the daemon, not recorded in the ledger."""
-QUEUE_DROP_REASONS = ("cancelled", "timeout", "refused")
+QUEUE_DROP_REASONS: tuple[str, ...] = (
+    TicketState.CANCELLED,
+    TicketState.TIMEOUT,
+    TicketState.REFUSED,
+)
 _COUNTED_KINDS = (
-    "created",
-    "released",
-    "expired",
-    "refused",
-    "terminated",
-    "killed",
-    "unpartitioned",
-    "memory_exceeded",
-    "queued",
-    "queue_cancelled",
-    "queue_timeout",
-    "queue_refused",
+    EventKind.CREATED,
+    EventKind.RELEASED,
+    EventKind.EXPIRED,
+    EventKind.REFUSED,
+    EventKind.TERMINATED,
+    EventKind.KILLED,
+    EventKind.UNPARTITIONED,
+    EventKind.MEMORY_EXCEEDED,
+    EventKind.QUEUED,
+    EventKind.QUEUE_CANCELLED,
+    EventKind.QUEUE_TIMEOUT,
+    EventKind.QUEUE_REFUSED,
 )
 _BATCH = 10_000
 
@@ -276,26 +285,26 @@ class EventCounts:
                     return
 
     def count(self, kind: str, detail: dict[str, Any]) -> None:
-        if kind == "created":
+        if kind == EventKind.CREATED:
             self.created += 1
-        elif kind == "released":
+        elif kind == EventKind.RELEASED:
             self.released += 1
-        elif kind == "expired":
+        elif kind == EventKind.EXPIRED:
             self.expired += 1
-        elif kind == "memory_exceeded":
+        elif kind == EventKind.MEMORY_EXCEEDED:
             self.memory_exceeded += 1
-        elif kind == "queued":
+        elif kind == EventKind.QUEUED:
             self.queued += 1
-        elif kind == "refused":
+        elif kind == EventKind.REFUSED:
             self.refused[refusal_reason(detail)] += 1
-        elif kind in ("terminated", "killed"):
-            table = self.terminated if kind == "terminated" else self.killed
+        elif kind in (EventKind.TERMINATED, EventKind.KILLED):
+            table = self.terminated if kind == EventKind.TERMINATED else self.killed
             why = detail.get("why")
             if isinstance(why, str) and why in table:
                 table[why] += _count(detail.get("processes"))
-        elif kind == "unpartitioned":
+        elif kind == EventKind.UNPARTITIONED:
             if detail.get("action") == "enforce":
-                self.terminated["unpartitioned"] += _count(detail.get("pids"))
+                self.terminated[ViolationKind.UNPARTITIONED] += _count(detail.get("pids"))
         elif kind.startswith("queue_"):
             reason = kind.removeprefix("queue_")
             if reason in self.queue_dropped:

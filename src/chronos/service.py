@@ -28,8 +28,9 @@ from chronos.models import ACTIVE, BOOKED, DeviceStats, PartitionRecord, Process
 from chronos.policy import Ask, check_limits, needs_history, priority
 from chronos.slurm import policy as slurm_policy
 from chronos.units import format_duration, parse_duration, parse_memory, parse_signal_name
+from chronos.vocabulary import EventKind, Mode, Origin, TicketState
 
-KINDS = ("api", "api-raise", "api-notify", "cli", "run")
+KINDS = tuple(Origin)
 """``api-raise``/``api-notify``: an API partition made with ``on_expiry="raise"``/``"notify"``."""
 MAX_POLL_S = 5.0
 """Longest one ``wait`` call blocks; clients call again."""
@@ -197,7 +198,7 @@ class Service:
         while True:
             self.grant_waiting()
             status = self._ticket_status(id)
-            if status["state"] != "waiting" or self.mode == "daemon":
+            if status["state"] != TicketState.WAITING or self.mode == Mode.DAEMON:
                 return status
             if time.monotonic() >= deadline:
                 return status
@@ -322,12 +323,12 @@ class Service:
             "state": ticket.state,
             "reason": ticket.reason or note,
         }
-        if ticket.state == "granted" and ticket.partition_id:
+        if ticket.state == TicketState.GRANTED and ticket.partition_id:
             record = self.ledger.get(ticket.partition_id)
             dev = self.machine.by_uuid(record.device_uuid)
             env = dict(dev.visible_env) if dev else {}
             status["partition"] = messages.Granted(record=record, visible_env=env).to_wire()
-        elif ticket.state == "waiting":
+        elif ticket.state == TicketState.WAITING:
             mine = next(iter(self.queue_statuses(only=ticket.id)), None)
             if mine is not None:
                 status.update(
@@ -437,7 +438,7 @@ class Service:
                     self.cgroups.unplace(pid, None)
                 raise
         if self._is_gate(caller, record, pid):
-            self.ledger.log("supervised", id, detail={"pid": caller.pid, "child": pid})
+            self.ledger.log(EventKind.SUPERVISED, id, detail={"pid": caller.pid, "child": pid})
             self.on_supervised(id, record.owner_pid or 0, record.owner_start)
         self.on_change()
         return {"id": id, "pid": pid, "cgroup": placed}
@@ -486,8 +487,8 @@ class Service:
         (Deadlines.members), which is all a real supervisor needs.
         """
         return (
-            self.mode == "daemon"
-            and record.kind == "run"
+            self.mode == Mode.DAEMON
+            and record.kind == Origin.RUN
             and caller.pid is not None
             and caller.pid == record.owner_pid
             and procs.parent_pid(pid) == caller.pid

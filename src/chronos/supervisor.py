@@ -32,6 +32,7 @@ from chronos.errors import (
 from chronos.models import ProcessUse
 from chronos.stopping import Escalation
 from chronos.units import format_bytes, format_duration, local_clock
+from chronos.vocabulary import EventKind, Mode, Origin, PartitionState
 
 EXPIRED_EXIT = 124
 """Exit status of ``chronos run`` when the partition's end stopped the command."""
@@ -84,7 +85,7 @@ def reuse_partition(outer: str | None, program: str, command: Sequence[str]) -> 
     finally:
         client.close()
     state = record.state_at(time.time())
-    if state != "active":
+    if state != PartitionState.ACTIVE:
         raise PartitionEnded(f"--reuse: partition {record.id} is {state}, not active")
     if record.uid != os.getuid() and os.getuid() != 0:
         # The variable is the caller's to set: it names a partition, it does not grant one.
@@ -120,7 +121,7 @@ def run_in_partition(
             device=device,
             memory=memory,
             duration=duration,
-            kind="run",
+            kind=Origin.RUN,
             grace=grace,
             wait=wait,
             timeout=timeout,
@@ -161,7 +162,7 @@ class Supervisor:
         """Our own SIGTERM → SIGKILL of the command, once begun (expiry or memory)."""
         self.daemon_stops = False
         """chronosd is stopping the command (it sends the SIGKILL): wait for the exits."""
-        self.memory = EmbeddedMemoryCap.for_partition(partition) if mode == "embedded" else None
+        self.memory = EmbeddedMemoryCap.for_partition(partition) if mode == Mode.EMBEDDED else None
 
     def members(self) -> dict[int, int]:
         me = os.getpid()
@@ -179,7 +180,7 @@ class Supervisor:
         # it in the partition's cgroup) before the command can run or fork anything.
         try:
             child = Gated(command, env, argv0)
-            if self.mode == "daemon":
+            if self.mode == Mode.DAEMON:
                 self.partition.attach(child.pid)
             error = child.release()
             if error is not None:  # checked before reserving; it changed since
@@ -193,7 +194,7 @@ class Supervisor:
     def _wait(self, child_pid: int) -> int:
         status: int | None = None
         expires_at = self.partition.record.expires_at
-        deadline = expires_at + (DAEMON_FALLBACK_S if self.mode == "daemon" else 0.0)
+        deadline = expires_at + (DAEMON_FALLBACK_S if self.mode == Mode.DAEMON else 0.0)
         while True:
             status, remaining = self._reap(child_pid, status)
             if not remaining:
@@ -205,7 +206,7 @@ class Supervisor:
                 info.si_signo == signal.SIGINT and info.si_code <= 0  # kill(), not the tty
             ):
                 procs.signal_all(self.members(), info.si_signo)
-        if self.mode == "daemon":
+        if self.mode == Mode.DAEMON:
             self._report_daemon_actions()
         if not self.expired and time.time() >= expires_at and not self.stopped_for_memory:
             self.expired = True
@@ -255,7 +256,7 @@ class Supervisor:
                 status = raw
 
     def _on_deadline(self, expires_at: float) -> None:
-        if self.mode == "daemon" and self._daemon_ended_it():
+        if self.mode == Mode.DAEMON and self._daemon_ended_it():
             self.expired = True
             say(
                 f"partition {self.partition.id} expired at {local_clock(expires_at)}; "
@@ -307,7 +308,7 @@ class Supervisor:
         except ChronosError:
             return
         for event in events:
-            if event["kind"] == "memory_exceeded":
+            if event["kind"] == EventKind.MEMORY_EXCEEDED:
                 d = event["detail"]
                 self.stopped_for_memory = True
                 say(
@@ -318,7 +319,7 @@ class Supervisor:
 
     def _daemon_ended_it(self) -> bool:
         try:
-            return self.partition.state != "active"
+            return self.partition.state != PartitionState.ACTIVE
         except ChronosError:
             return False
 

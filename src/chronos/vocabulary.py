@@ -57,6 +57,9 @@ class EventKind(StrEnum):
     QUEUE_CANCELLED = "queue_cancelled"
     QUEUE_TIMEOUT = "queue_timeout"
     QUEUE_REFUSED = "queue_refused"
+    EXPIRY_WARNED = "expiry_warned"
+    """A gentle end (``on_expiry`` raise/notify): the processes were warned, the SIGTERM
+    comes after the grace to those still holding memory."""
 
     @classmethod
     def queue_closed(cls, state: TicketState) -> EventKind:
@@ -91,6 +94,10 @@ class Origin(StrEnum):
     """Who made a partition (stored as its ``kind``); Slurm jobs' kinds are ``slurm:<job>``."""
 
     API = "api"
+    API_RAISE = "api-raise"
+    """An API partition made with ``on_expiry="raise"``: a gentle end (chronos.expiry)."""
+    API_NOTIFY = "api-notify"
+    """``on_expiry="notify"``: a gentle end without the exception."""
     CLI = "cli"
     RUN = "run"
     """``chronos run`` (only a label until the daemon sees its supervisor attach)."""

@@ -37,6 +37,7 @@ from chronos.daemon.log import log
 from chronos.daemon.stopper import GENTLE_KINDS, ProcessStopper
 from chronos.ledger import Ended, Ledger
 from chronos.models import ACTIVE, EXPIRED, PartitionRecord
+from chronos.vocabulary import EventKind, Origin
 
 OWNER_POLL_S = 0.5
 """Owner check where pidfds cannot be used (old kernels, seccomp, no descriptors left)."""
@@ -121,7 +122,7 @@ class Deadlines:
         since = min(r.starts_at for r in due) - WARNED_SLACK_S
         return {
             e.partition_id
-            for e in self.ledger.events(since, kinds=("warned",))
+            for e in self.ledger.events(since, kinds=(EventKind.WARNED,))
             if e.partition_id in ids
         }
 
@@ -274,7 +275,7 @@ class Deadlines:
             sent = procs.signal_all(members, sig)
             log("warned", partition=r.id, signal=r.warn_signal, processes=sent)
             self.ledger.log(
-                "warned",
+                EventKind.WARNED,
                 r.id,
                 detail={
                     "signal": r.warn_signal,
@@ -293,7 +294,7 @@ class Deadlines:
                 self._signalled_early.discard(record.id)  # signalled before the reap was written
             elif record.state == EXPIRED:
                 self._pending[record.id] = (record, "expired")
-            elif record.kind == "run" and item.reason.startswith("owner process"):
+            elif record.kind == Origin.RUN and item.reason.startswith("owner process"):
                 # The `chronos run` supervisor died: its command must not run on unreserved.
                 self._pending[record.id] = (record, "supervisor exited")
             if record.id not in self._pending:

@@ -22,6 +22,7 @@ from chronos.service import Service
 from chronos.slurm import overuse
 from chronos.slurm.settings import job_of
 from chronos.units import format_bytes
+from chronos.vocabulary import EventKind, ViolationKind
 
 
 class Sampler:
@@ -149,7 +150,7 @@ class Sampler:
             "pids": list(v.pids),
             "over_for_s": round(time.monotonic() - v.over_since, 3),
         }
-        if v.kind == "memory" and v.partition_id is not None:
+        if v.kind == ViolationKind.MEMORY and v.partition_id is not None:
             record = ledger.get(v.partition_id)
             log(
                 "memory_exceeded",
@@ -160,7 +161,7 @@ class Sampler:
                 allowed=format_bytes(v.allowed_bytes),
                 **detail,
             )
-            ledger.log("memory_exceeded", record.id, record.uid, record.user, detail)
+            ledger.log(EventKind.MEMORY_EXCEEDED, record.id, record.uid, record.user, detail)
             if job_of(record.kind) is not None:  # a Slurm job: its stderr, maybe scancel
                 overuse.report(
                     record, list(v.pids), v.used_bytes, v.allowed_bytes, self.config().slurm
@@ -172,7 +173,7 @@ class Sampler:
                 return  # an on_expiry=raise/notify process in its grace: the stopper decides
             detail["pids"] = pids
             log("unpartitioned_stopped", level="warning", **detail)
-            ledger.log("unpartitioned", detail={**detail, "action": "enforce"})
+            ledger.log(EventKind.UNPARTITIONED, detail={**detail, "action": "enforce"})
             self.deadlines.stopper.stop_pids(
                 dict.fromkeys(pids), "unpartitioned", grace=self.config().memory_grace_s
             )

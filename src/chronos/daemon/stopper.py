@@ -32,13 +32,14 @@ from chronos.daemon.log import log
 from chronos.ledger import Ledger
 from chronos.models import ACTIVE, BOOKED, EXPIRED, Event, PartitionRecord
 from chronos.stopping import Escalation, Stage
+from chronos.vocabulary import EventKind, Origin
 
 LINGER_MARGIN_S = 1.0
 """Lingering memory counts until this long after the SIGKILL (or the last look)."""
 SUPERVISOR_LEFTOVER_S = 10.0
 """A real ``chronos run`` supervisor exits once its command is gone; one still alive this
 long after its partition's last SIGKILL was an imitation, and is stopped like a member."""
-GENTLE_KINDS = frozenset({"api-raise", "api-notify"})
+GENTLE_KINDS = frozenset({Origin.API_RAISE, Origin.API_NOTIFY})
 """Partitions whose processes are warned at the end and signalled only if they keep the GPU."""
 FIRST_LOOKS_S = 1.0
 """After a restart, the sampler's first looks come before deciding who still holds memory."""
@@ -92,12 +93,12 @@ class ProcessStopper:
 
     def _supervised_of_open(self) -> dict[str, tuple[int, int | None]]:
         """``chronos run`` supervisors the daemon recognised, for partitions still open."""
-        runs = {r.id: r for r in self.ledger.watched() if r.kind == "run" and r.owner_pid}
+        runs = {r.id: r for r in self.ledger.watched() if r.kind == Origin.RUN and r.owner_pid}
         if not runs:
             return {}
         since = min(r.created_at for r in runs.values())
         out: dict[str, tuple[int, int | None]] = {}
-        for e in self.ledger.events(since, kinds=("supervised",)):
+        for e in self.ledger.events(since, kinds=(EventKind.SUPERVISED,)):
             if e.partition_id in runs:
                 r = runs[e.partition_id]
                 out[r.id] = (int(e.detail["pid"]), r.owner_start)
@@ -183,7 +184,7 @@ class ProcessStopper:
                     processes=sorted(members),
                     grace_s=plan.grace_s,
                 )
-                events.append(("terminated", record.id, _terminated(why, members, plan)))
+                events.append((EventKind.TERMINATED, record.id, _terminated(why, members, plan)))
         self._record(events)
         return sent_total
 
@@ -237,7 +238,9 @@ class ProcessStopper:
         if killed:
             log("sigkill", partition=record.id, why=why, processes=killed)
             self.ledger.log(
-                "killed", record.id, detail={"why": why, "signal": "SIGKILL", "processes": killed}
+                EventKind.KILLED,
+                record.id,
+                detail={"why": why, "signal": "SIGKILL", "processes": killed},
             )
 
     # ---------------------------------------------- gentle end (on_expiry=raise/notify)
@@ -263,7 +266,7 @@ class ProcessStopper:
         self._schedule_gentle(record, plan, self._due(plan))
         # So that a restarted daemon still sends the SIGTERM after the grace.
         detail = {"members": sorted(members.items()), "term_at": plan.due_at, "grace_s": grace}
-        self._record([("expiry_warned", record.id, detail)])
+        self._record([(EventKind.EXPIRY_WARNED, record.id, detail)])
 
     def _schedule_gentle(self, record: PartitionRecord, plan: Escalation, at: float) -> None:
         self._kills[record.id] = self.loop.call_later(
@@ -300,7 +303,7 @@ class ProcessStopper:
         self._linger(record, holding, self._due(plan))
         self._schedule_kill(record, holding, why, plan)
         if sent:
-            self._record([("terminated", record.id, _terminated(why, holding, plan))])
+            self._record([(EventKind.TERMINATED, record.id, _terminated(why, holding, plan))])
 
     def outside_gentle_grace(self, pids: tuple[int, ...]) -> list[int]:
         """Those of ``pids`` not in a gentle end's grace (with their start time checked).
@@ -347,10 +350,12 @@ class ProcessStopper:
         """
         now = self.clock.now()
         horizon = horizon_s if horizon_s is not None else self.max_grace_s() + 60.0
-        events = self.ledger.events(now - horizon, kinds=("terminated", "expiry_warned"))
+        events = self.ledger.events(
+            now - horizon, kinds=(EventKind.TERMINATED, EventKind.EXPIRY_WARNED)
+        )
         self._resume_gentle(events, now)
         for event in events:
-            if event.kind != "terminated":
+            if event.kind != EventKind.TERMINATED:
                 continue
             detail = event.detail
             if "kill_at" not in detail or not event.partition_id:
@@ -376,9 +381,9 @@ class ProcessStopper:
 
     def _resume_gentle(self, events: list[Event], now: float) -> None:
         """Gentle ends whose SIGTERM-after-the-grace a previous daemon had not yet sent."""
-        signalled = {e.partition_id for e in events if e.kind == "terminated"}
+        signalled = {e.partition_id for e in events if e.kind == EventKind.TERMINATED}
         for event in events:
-            if event.kind != "expiry_warned" or not event.partition_id:
+            if event.kind != EventKind.EXPIRY_WARNED or not event.partition_id:
                 continue
             if event.partition_id in signalled:
                 continue  # sent: the SIGKILL is resumed like any other
