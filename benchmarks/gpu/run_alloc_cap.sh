@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The allocation-time cap on the GPU machine, in one call (as root, from a checkout):
 #   OUT=/some/dir bash benchmarks/gpu/run_alloc_cap.sh [all|tests|bench]
+# (GPU_TESTS=tests/gpu runs the whole GPU suite in the tests step, not only the cap's.)
 # Installs the checkout (pip install -e ., which builds libchronos_cap.so; no network
 # needed), runs tests/gpu/test_allocation_cap_real.py and the overhead benchmark, and
 # writes every step's log under $OUT. A failing step is reported and the next one runs.
@@ -12,6 +13,7 @@ set -u
 what=${1:-all}
 out=${OUT:-/tmp/chronos-alloc-cap-out}
 tests_s=${TESTS_S:-260}
+gpu_tests=${GPU_TESTS:-tests/gpu/test_allocation_cap_real.py}
 bench_s=${BENCH_S:-240}
 mkdir -p "$out"
 cd "$(dirname "$0")/../.."
@@ -57,7 +59,7 @@ print("ok")
 PY
 if [ "$what" != bench ]; then
     step gpu-tests timeout -k 10 "$tests_s" python3 -m pytest -m gpu \
-        tests/gpu/test_allocation_cap_real.py -s -rA -p no:cacheprovider \
+        $gpu_tests -s -rA -p no:cacheprovider \
         --junitxml="$out/junit.xml"
     grep -h "\[alloc-cap\]" "$out/gpu-tests.log" > "$out/gpu-tests-figures.txt" 2>/dev/null
 fi
