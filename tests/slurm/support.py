@@ -15,6 +15,7 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -35,8 +36,21 @@ from chronos.slurm.settings import job_of
 
 NODES = ("ci0", "ci1")
 SHARDS_PER_GPU = 80
-CTLD_PORT = 16817
-NODE_PORTS = {"ci0": 16818, "ci1": 16819}
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now (chosen by the kernel), so that two clusters (two
+    developers' runs on one machine) do not take each other's."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 HOOK = SRC / "chronos" / "slurm" / "hook.py"
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol")
 LUA_PLUGIN = Path("/usr/lib/x86_64-linux-gnu/slurm-wlm/job_submit_lua.so")
@@ -84,6 +98,8 @@ class SlurmCluster:
             proctrack or ("cgroup" if cgroup_v1_available() else "linuxproc")
         ) == "cgroup"
         self.conf = self.base / "slurm.conf"
+        ctld, ci0, ci1 = free_ports(3)
+        self.ctld_port, self.node_ports = ctld, {"ci0": ci0, "ci1": ci1}
         self.out = self.base / "out"
         self.daemons: dict[str, DaemonProcess] = {}
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -190,7 +206,7 @@ class SlurmCluster:
 
     def _write_conf(self, hooks: bool = True) -> None:
         nodes = "".join(
-            f"NodeName={n} NodeAddr=127.0.0.1 Port={NODE_PORTS[n]} CPUs=8 RealMemory=1000 "
+            f"NodeName={n} NodeAddr=127.0.0.1 Port={self.node_ports[n]} CPUs=8 RealMemory=1000 "
             f"Gres=gpu:g0:1,gpu:g1:1,shard:g0:{SHARDS_PER_GPU},shard:g1:{SHARDS_PER_GPU} "
             "State=UNKNOWN\n"
             for n in NODES
@@ -213,7 +229,7 @@ class SlurmCluster:
             "ConstrainDevices=yes\n"
         )
         self.conf.write_text(
-            f"ClusterName=chronosci\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort={CTLD_PORT}\n"
+            f"ClusterName=chronosci\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort={self.ctld_port}\n"
             f"SlurmUser=root\nAuthType=auth/munge\nAuthInfo=socket={self.munge_socket}\n"
             f"StateSaveLocation={self.base}/state\nSlurmdSpoolDir={self.base}/spool/%n\n"
             f"SlurmctldPidFile={self.base}/slurmctld.pid\nSlurmdPidFile={self.base}/slurmd-%n.pid\n"
