@@ -24,7 +24,14 @@ from chronos.devices import DeviceUsage, Machine, open_machine
 from chronos.errors import BadRequest, CapacityRefused, ChronosError, PermissionDenied
 from chronos.identity import Caller, resolve_user
 from chronos.ledger import Ledger, NewPartition, QuotaCheck
-from chronos.models import ACTIVE, BOOKED, DeviceStats, PartitionRecord, ProcessUse
+from chronos.models import (
+    ACTIVE,
+    BOOKED,
+    DeviceStats,
+    PartitionRecord,
+    ProcessUse,
+    is_series_id,
+)
 from chronos.policy import Ask, check_limits, needs_history, priority
 from chronos.slurm import policy as slurm_policy
 from chronos.units import format_duration, parse_duration, parse_memory, parse_signal_name
@@ -134,6 +141,7 @@ class Service:
         if kind not in KINDS and not slurm_policy.may_use_kind(caller, kind):
             raise BadRequest(f"unknown partition kind {kind!r}")
         uid, name = self._owner(caller, ask.user)
+        self._check_series(ask.series, uid)
         dev = self.machine.device(device)
         slurm_policy.check_create(self.config.slurm, caller, dev.index)
         nbytes = parse_memory(memory, dev.total_bytes)
@@ -162,6 +170,7 @@ class Service:
             warn_s=self.config.warn_s if warn is None else parse_duration(warn),
             warn_signal=_signal_name(ask.warn_signal or self.config.warn_signal),
             exempt=caller.is_admin,
+            series=ask.series,
         )
         try:
             record = self.ledger.create(
@@ -186,6 +195,16 @@ class Service:
             alloccap.on_create(record.id, record.memory_bytes, record.uid, self.mode)
         alloccap.sweep(self._is_open, self.mode)
         return messages.Granted(record=record, visible_env=dict(dev.visible_env)).to_wire()
+
+    def _check_series(self, series: str | None, uid: int) -> None:
+        """A series id is ``s`` and seven hex digits, and a series has one owner."""
+        if series is None:
+            return
+        if not is_series_id(series):
+            raise BadRequest(f"series id {series!r} is not s and seven hex digits")
+        others = {r.user for r in self.ledger.series(series) if r.uid != uid}
+        if others:
+            raise PermissionDenied(f"series {series} belongs to {', '.join(sorted(others))}")
 
     # ----------------------------------------------------------------- queue
 
