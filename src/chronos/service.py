@@ -12,18 +12,16 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from chronos import alloccap, messages, procs, protocol
-from chronos.attribution import attribute_processes
 from chronos.cgroups import PartitionCgroups
 from chronos.cgroups import cgroup_of as cgroups_of
 from chronos.config import Config, Limits
-from chronos.devices import DeviceUsage, Machine, open_machine
 from chronos.errors import BadRequest, CapacityRefused, ChronosError, PermissionDenied
 from chronos.identity import Caller, resolve_user
-from chronos.ledger import Ledger, NewPartition, QuotaCheck
+from chronos.ledger import Attached, Ledger, NewPartition, QuotaCheck
 from chronos.models import (
     ACTIVE,
     BOOKED,
@@ -35,6 +33,9 @@ from chronos.models import (
 from chronos.policy import Ask, check_limits, needs_history, priority
 from chronos.slurm import policy as slurm_policy
 from chronos.units import format_duration, parse_duration, parse_memory, parse_signal_name
+
+if TYPE_CHECKING:
+    from chronos.devices import DeviceUsage, Machine
 
 KINDS = ("api", "api-raise", "api-notify", "cli", "run")
 """``api-raise``/``api-notify``: an API partition made with ``on_expiry="raise"``/``"notify"``."""
@@ -57,7 +58,7 @@ class Service:
         ledger: Ledger,
         config: Config,
         mode: str,
-        machine_factory: Callable[[], Machine] = open_machine,
+        machine_factory: Callable[[], Machine] | None = None,
         *,
         cgroups: PartitionCgroups | None = None,
         on_change: Callable[[], None] = lambda: None,
@@ -71,7 +72,7 @@ class Service:
         self.ledger = ledger
         self._config = config
         self.mode = mode
-        self._machine_factory = machine_factory
+        self._machine_factory = machine_factory or _open_machine
         self._machine: Machine | None = None
         self.on_change = on_change
         # The policy in force decides capacity and fair share, also for requests that
@@ -394,9 +395,7 @@ class Service:
         now = self.ledger.clock()
         open_records = self.ledger.open_at(now, started=True)
         usage = machine.usage()
-        found = (
-            attribute_processes(machine, open_records, self.ledger.attached()) if processes else []
-        )
+        found = _attribute(machine, open_records, self.ledger.attached()) if processes else []
         devices = [d.to_json() for d in self.device_stats(now, open_records, usage, found)]
         return {
             "mode": self.mode,
@@ -678,3 +677,18 @@ def _grace(value: Any) -> float:
 def _signal_name(name: Any) -> str:
     """The warning signal of a request, checked as the policy file's is (``parse_signal_name``)."""
     return parse_signal_name(name)
+
+
+def _open_machine() -> Machine:
+    """The GPUs, found only when a request needs them (a list does not, nor its imports)."""
+    from chronos.devices import open_machine
+
+    return open_machine()
+
+
+def _attribute(
+    machine: Machine, records: Iterable[PartitionRecord], attached: Iterable[Attached]
+) -> list[ProcessUse]:
+    from chronos.attribution import attribute_processes
+
+    return attribute_processes(machine, records, attached)
