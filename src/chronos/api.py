@@ -43,7 +43,7 @@ from chronos.messages import (
     WaitRequest,
     create_reply,
 )
-from chronos.models import ACTIVE, BOOKED, DeviceStats, PartitionRecord
+from chronos.models import ACTIVE, BOOKED, SERIES_PREFIX, DeviceStats, PartitionRecord
 from chronos.transport import Transport, connect
 
 if TYPE_CHECKING:
@@ -488,7 +488,9 @@ class Partitioner:
         matches: list[str] = sorted(i for i in known if i.startswith(text))
         if len(matches) == 1:
             return matches[0]
-        what = "queued request" if tickets else "partition or series"
+        what = "queued request" if tickets else "partition"
+        if not tickets and text.startswith(SERIES_PREFIX):
+            what = "partition or series"
         if not matches:
             raise NotFound(f"no {what} {text!r}")
         raise BadRequest(f"ambiguous id {text!r}: it is a prefix of {', '.join(matches)}")
