@@ -403,6 +403,8 @@ def test_a_series_id_releases_or_cancels_every_booking_of_it_not_yet_ended(
     single = made_id(ok(ann.cli(d, "create", "0", "0.1", "1h")))
     mine = [r for r in d.call("list") if r.get("series") == series]
     assert len(mine) == 3 and all(r["state"] == "booked" for r in mine)
+    shown = ok(ann.cli(d, "list", "--format", "id,series", "--no-header")).splitlines()
+    assert sorted(line.split()[1] for line in shown) == sorted([series] * 3 + [other] * 3 + ["-"])
     # Someone else's series: refused, nothing released.
     line = one_line_error(ben.cli(d, "release", series))
     assert f"belongs to {ann.name}" in line
