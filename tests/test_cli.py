@@ -1177,6 +1177,12 @@ def test_shell_completion_offers_partition_ids(chronos_env: dict[str, str]) -> N
     }
     offered = run_cli(env=env)
     assert f"plain,{made}" in offered.stdout.splitlines()  # click's bash protocol: type,value
+    # A repeated booking's series id is offered too.
+    until = time.strftime("%Y-%m-%d", time.localtime(time.time() + 2 * 86400))
+    repeat = ("--start", "09:00", "--repeat", "daily", "--until", until)
+    series = cli_json_here("create", "0", "0.1", "1h", *repeat, env=chronos_env)[0]["series"]
+    offered = run_cli(env={**env, "COMP_WORDS": "chronos release s"})
+    assert offered.stdout.splitlines() == [f"plain,{series}"]
 
 
 # ------------------------------------------------- through a real daemon

@@ -181,15 +181,22 @@ def cli() -> None:
 
 
 def partition_ids(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
-    """Shell completion of partition ids (and queue tickets) from the ledger."""
+    """Shell completion of partition ids (and series ids, queue tickets) from the ledger."""
     from click.shell_completion import CompletionItem
 
     try:
         client = _client()
+        records = [p.record for p in client.list(all=True)]
         items = [
             CompletionItem(r.id, help=f"GPU {r.device} {r.user} {r.state}")
-            for r in (p.record for p in client.list(all=True))
+            for r in records
             if r.id.startswith(incomplete)
+        ]
+        series = {r.series: r.user for r in records if r.series}
+        items += [
+            CompletionItem(s, help=f"series, {user}")
+            for s, user in sorted(series.items())
+            if s.startswith(incomplete)
         ]
         items += [
             CompletionItem(q["ticket"], help=f"queued, GPU {q['device']} {q['user']}")
@@ -219,7 +226,7 @@ def partition_ids(ctx: click.Context, param: click.Parameter, incomplete: str) -
 @click.option(
     "--repeat",
     type=click.Choice(["daily", "weekdays"]),
-    help="Repeat the booking every day (or weekday) until --until.",
+    help="Repeat the booking every day (or weekday) until --until (one series id for all).",
 )
 @click.option("--until", "until", help="Last day of a --repeat (YYYY-MM-DD).")
 @click.option("--wait", is_flag=True, help="If it does not fit now, wait in the fair queue.")
@@ -482,7 +489,10 @@ def queue(as_json: bool) -> None:
 )
 @json_option
 def cancel(tickets: tuple[str, ...], as_json: bool) -> None:
-    """Take queued requests out of the queue (any unique prefix of a ticket works)."""
+    """Take queued requests out of the queue (any unique prefix of a ticket works).
+
+    A series id (from create --repeat) ends every booking of the series not yet ended.
+    """
     from chronos.models import SERIES_PREFIX
 
     client = _client()
@@ -768,7 +778,10 @@ def get_(partition_id: str, as_json: bool) -> None:
 @click.argument("ids", nargs=-1, required=True, metavar="ID...", shell_complete=partition_ids)
 @json_option
 def release(ids: tuple[str, ...], as_json: bool) -> None:
-    """End partitions now (any unique prefix of an id works)."""
+    """End partitions now (any unique prefix of an id works).
+
+    A series id (from create --repeat) ends every booking of the series not yet ended.
+    """
     from chronos.models import is_series_id
 
     client = _client()
