@@ -1177,6 +1177,12 @@ def test_shell_completion_offers_partition_ids(chronos_env: dict[str, str]) -> N
     }
     offered = run_cli(env=env)
     assert f"plain,{made}" in offered.stdout.splitlines()  # click's bash protocol: type,value
+    # A repeated booking's series id is offered too.
+    until = time.strftime("%Y-%m-%d", time.localtime(time.time() + 2 * 86400))
+    repeat = ("--start", "09:00", "--repeat", "daily", "--until", until)
+    series = cli_json_here("create", "0", "0.1", "1h", *repeat, env=chronos_env)[0]["series"]
+    offered = run_cli(env={**env, "COMP_WORDS": "chronos release s"})
+    assert offered.stdout.splitlines() == [f"plain,{series}"]
 
 
 # ------------------------------------------------- through a real daemon
@@ -1221,6 +1227,39 @@ def test_fast_path_prints_what_the_full_cli_prints(
         assert _minutes_only(fast.stdout) == _minutes_only(full.stdout)
     finally:
         run_cli("release", ids[0], env=daemon_env)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("list",), ("list", "--all"), ("list", "--no-header"), ("stats",), ("stats", "--json")],
+    ids=" ".join,
+)
+def test_embedded_fast_path_prints_what_the_full_cli_prints(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    """No daemon: the same forms go through the API in the process, never through click."""
+    env = make_env(tmp_path, CHRONOS_CONFIG=str(tmp_path / "absent.toml"))
+    ids = [cli_json("create", "0", "0.1", "1h", env=env)["id"] for _ in range(2)]
+    cli_json("release", ids[1], env=env)
+    fast = _python(FAST_CLI, *args, env=env)
+    full = _python(FULL_CLI, *args, env=env)
+    assert fast.returncode == full.returncode == 0, (fast.stderr, full.stderr)
+    assert fast.stderr.strip() == "['chronos.api', 'chronos.ledger', 'chronos.service']"
+    assert _minutes_only(fast.stdout) == _minutes_only(full.stdout)
+    assert ids[0] in fast.stdout if args[0] == "list" else "embedded" in fast.stdout
+    # Without a policy file no TOML parser is loaded for a list.
+    with_toml = FAST_CLI.replace("'click', ", "'click', 'tomllib', ")
+    loaded = _python(with_toml, "list", env=env)
+    assert loaded.returncode == 0 and "tomllib" not in loaded.stderr, loaded.stderr
+
+
+def test_embedded_fast_path_leaves_errors_to_the_full_cli(tmp_path: Path) -> None:
+    env = make_env(tmp_path / "missing" / "home")  # a state dir that cannot be used
+    (tmp_path / "missing").write_text("a file where a directory should be")
+    proc = _python(FAST_CLI, "list", env=env)
+    assert proc.returncode != 0
+    assert "'click'" in proc.stderr and "chronos: error:" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def _minutes_only(text: str) -> str:

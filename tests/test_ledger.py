@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -672,7 +673,7 @@ def test_rows_become_records_by_column_name(ledger: Ledger) -> None:
     rows = ledger.connection.execute(f"SELECT {backwards} FROM partitions")
     assert PARTITIONS.all(rows) == [a]
     short = ", ".join(PARTITIONS.names[:-1])
-    with pytest.raises(LookupError, match="warn_signal"):
+    with pytest.raises(LookupError, match="series"):
         PARTITIONS.all(ledger.connection.execute(f"SELECT {short} FROM partitions"))
 
 
@@ -680,7 +681,7 @@ def test_a_ledger_written_by_the_schema_as_stored_opens(tmp_path: Path) -> None:
     """The split changed no table: a file with rows written by plain SQL in the stored
     column order (as every earlier Chronos wrote them) reads back field by field."""
     path = tmp_path / "ledger.db"
-    Ledger(path).close()  # the schema, as any version of schema 3 made it
+    _schema_3_file(path)  # the schema, as any version of schema 3 made it
     with sqlite3.connect(path) as db:
         db.execute(
             "INSERT INTO partitions VALUES ('0abc1234', 1, 'GPU-B', 100, 25, 1000, 'alice', "
@@ -705,3 +706,57 @@ def test_a_ledger_written_by_the_schema_as_stored_opens(tmp_path: Path) -> None:
         )
     finally:
         led.close()
+
+
+# ------------------------------------------------------------ schema migration
+
+
+def _schema_3_file(path: Path) -> None:
+    """An empty ledger file as Chronos with schema 3 made it (no ``series`` column)."""
+    from chronos.ledger import schema
+
+    old = schema._SCHEMA.replace(",\n    series TEXT", "")
+    old = "\n".join(line for line in old.splitlines() if "partitions_series" not in line)
+    assert "series" not in old
+    db = sqlite3.connect(path)
+    db.executescript(f"PRAGMA journal_mode = WAL; {old} PRAGMA user_version = 3;")
+    db.close()
+
+
+def _schema_3_ledger(path: Path) -> None:
+    """A schema 3 ledger file with one partition in it."""
+    _schema_3_file(path)
+    db = sqlite3.connect(path)
+    db.execute(
+        "INSERT INTO partitions (id, device, device_uuid, device_total_bytes, memory_bytes, uid, "
+        "user, created_at, starts_at, expires_at, state, kind) "
+        "VALUES ('0123abcd', 0, ?, ?, ?, 1000, 'alice', ?, ?, ?, 'active', 'cli')",
+        (DEV_A, CAP, GIB, T0, T0, T0 + 3600),
+    )
+    db.commit()
+    db.close()
+
+
+def test_a_schema_3_ledger_gains_the_series_column_and_keeps_its_rows(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    path = tmp_path / "ledger.db"
+    _schema_3_ledger(path)
+    led = Ledger(path, clock=clock, owner_alive=lambda pid, ticks: True)
+    try:
+        old = led.get("0123abcd")
+        assert old.series is None and old.user == "alice" and old.memory_bytes == GIB
+        day = dataclasses.replace(req(GIB, 60, starts_at=T0 + 7200), series="s1234567")
+        made = led.create(day)
+        assert led.series("s1234567") == [led.get(made.id)]
+        assert led.get(made.id).series == "s1234567"
+    finally:
+        led.close()
+    version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
+    assert version == 4
+    # Opened again (already migrated): nothing to do, the rows are as they were.
+    again = Ledger(path, clock=clock, owner_alive=lambda pid, ticks: True)
+    try:
+        assert [r.series for r in again.partitions()] == [None, "s1234567"]
+    finally:
+        again.close()

@@ -29,6 +29,7 @@ WIRE_SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "start": (_NUM, False),
         "wait": ((bool,), False),
         "timeout": (_NUM, False),
+        "series": ((str,), False),
     },
     "wait": {"id": ((str,), True), "max_wait": (_NUM, False)},
     "cancel": {"id": ((str,), True)},

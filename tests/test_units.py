@@ -329,3 +329,10 @@ def test_iso_none_and_local_clock() -> None:
     assert datetime.strptime(local_clock(ts), "%Y-%m-%d %H:%M:%S") == datetime.fromtimestamp(
         ts
     ).replace(microsecond=0)
+
+
+def test_a_bad_relative_start_is_named_as_the_start() -> None:
+    from chronos.units import parse_start
+
+    with pytest.raises(BadRequest, match=r"^start '\+0s': duration must be more than zero"):
+        parse_start("+0s", 1_800_000_000.0)

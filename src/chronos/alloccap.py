@@ -15,18 +15,20 @@ falls back to the sampling hard cap alone. See docs/ALLOCATION_CAP.md.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import struct
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chronos import paths, procs
 from chronos.models import PartitionRecord, ProcessUse
 from chronos.vocabulary import Mode
+
+if TYPE_CHECKING:
+    from ctypes import CDLL
 
 NATIVE_DIR = Path(__file__).parent / "native"
 LIBRARY_NAME = "libchronos_cap.so"
@@ -133,6 +135,8 @@ def cap_dir(mode: str) -> Path:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and Path(runtime).is_dir():
         return Path(runtime) / "chronos-cap"
+    import tempfile
+
     return Path(tempfile.gettempdir()) / f"chronos-cap-{uid}"
 
 
@@ -168,6 +172,8 @@ def create_file(path: Path, limit_bytes: int, uid: int | None = None) -> Path:
     reserve = process_reserve(limit_bytes)
     margin = partition_margin(limit_bytes)
     header = HEADER.pack(MAGIC, VERSION, limit_bytes, reserve, 0, SLOTS, 0, 0, margin)
+    import tempfile
+
     fd, tmp = tempfile.mkstemp(prefix=".new-", dir=path.parent)
     try:
         os.write(fd, header + bytes(FILE_BYTES - len(header)))
@@ -302,14 +308,16 @@ def stats_rows(
 
 
 # --- the daemon's corrections from its samples ----------------------------------
-_native: ctypes.CDLL | None = None
+_native: CDLL | None = None
 
 
-def _library_functions() -> ctypes.CDLL | None:
+def _library_functions() -> CDLL | None:
     """The library loaded into this process privately (RTLD_LOCAL: its dlsym is not used)."""
     global _native
     library = library_path()
     if _native is None and library is not None:
+        import ctypes  # only to change an overhead: not for every command that imports us
+
         _native = ctypes.CDLL(str(library), mode=os.RTLD_LOCAL)
         _native.chronos_cap_raise_overhead.restype = ctypes.c_longlong
         _native.chronos_cap_raise_overhead.argtypes = [
@@ -476,6 +484,8 @@ def write_guard(floors: Mapping[str, int], path: Path | None = None) -> None:
     """Write the per-GPU floors (``uuid bytes`` lines) that unpartitioned processes keep."""
     target = path or guard_path()
     text = "".join(f"{uuid} {max(0, int(b))}\n" for uuid, b in sorted(floors.items()))
+    import tempfile
+
     fd, tmp = tempfile.mkstemp(prefix=".guard-", dir=target.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)

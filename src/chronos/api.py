@@ -43,7 +43,7 @@ from chronos.messages import (
     WaitRequest,
     create_reply,
 )
-from chronos.models import ACTIVE, BOOKED, DeviceStats, PartitionRecord
+from chronos.models import ACTIVE, BOOKED, SERIES_PREFIX, DeviceStats, PartitionRecord
 from chronos.transport import Transport, connect
 from chronos.vocabulary import Mode, Origin, TicketState
 
@@ -325,6 +325,7 @@ class Partitioner:
         on_wait: Callable[[dict[str, Any]], Any] | None = None,
         kind: str = Origin.API,
         on_expiry: str | None = None,
+        series: str | None = None,
     ) -> Partition:
         """Reserve ``memory`` (fraction, ``50%`` or ``40GiB``) of GPU ``device`` for ``duration``.
 
@@ -343,6 +344,8 @@ class Partitioner:
         GPU is left alone; one that does is warned and gets ``PartitionEnded``
         raised in its main thread, and SIGTERM only if it still holds the memory
         after the grace) or ``"notify"`` (as ``"raise"``, without the exception).
+        ``series`` (from :func:`chronos.models.new_series_id`) ties bookings of one
+        repeated series together, as ``chronos create --repeat`` does.
         """
         on_expiry = choose(on_expiry)
         if kind == Origin.API:
@@ -361,6 +364,7 @@ class Partitioner:
             start=starts_at,
             wait=wait,
             timeout=timeout_seconds(timeout),
+            series=series,
         )
         reply = create_reply(self._transport.send(request))
         if isinstance(reply, TicketStatus):
@@ -469,24 +473,45 @@ class Partitioner:
         """The full id that ``text`` names: itself, or the one id it is a prefix of.
 
         As in git and docker, any unique prefix will do. Ids are matched among
-        the ledger's partitions (ended ones too) or, with ``tickets``, the
-        waiting requests; several matches are an error that lists them.
+        the ledger's partitions (ended ones too) and their series (``create
+        --repeat``) or, with ``tickets``, the waiting requests; several matches
+        are an error that lists them.
         """
         text = text.strip()
         known: set[str]
         if tickets:
             known = {q["ticket"] for q in self._pages(QueueRequest())}
         else:
-            known = {r["id"] for r in self.records(all=True)}
+            records = self.records(all=True)
+            known = {r["id"] for r in records} | {r["series"] for r in records if r.get("series")}
         if text in known:
             return text
         matches: list[str] = sorted(i for i in known if i.startswith(text))
         if len(matches) == 1:
             return matches[0]
         what = "queued request" if tickets else "partition"
+        if not tickets and text.startswith(SERIES_PREFIX):
+            what = "partition or series"
         if not matches:
             raise NotFound(f"no {what} {text!r}")
         raise BadRequest(f"ambiguous id {text!r}: it is a prefix of {', '.join(matches)}")
+
+    def release_series(self, series: str) -> list[PartitionRecord]:
+        """End every booking of ``series`` not yet ended; return them as they are now."""
+        members = [
+            PartitionRecord.from_wire(r)
+            for r in self.records(all=True)
+            if r.get("series") == series
+        ]
+        if not members:
+            raise NotFound(f"no series {series!r}")
+        now = time.time()
+        for record in members:
+            if record.state_at(now) in (ACTIVE, BOOKED):
+                with contextlib.suppress(PartitionEnded):  # it ended meanwhile: the goal is met
+                    self._transport.send(ReleaseRequest(id=record.id))
+        wanted = {r.id for r in members}
+        return [PartitionRecord.from_wire(r) for r in self.records(all=True) if r["id"] in wanted]
 
     def stats(self) -> list[DeviceStats]:
         return [DeviceStats.from_wire(d) for d in self.stats_report()["devices"]]

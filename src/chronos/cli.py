@@ -181,15 +181,22 @@ def cli() -> None:
 
 
 def partition_ids(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
-    """Shell completion of partition ids (and queue tickets) from the ledger."""
+    """Shell completion of partition ids (and series ids, queue tickets) from the ledger."""
     from click.shell_completion import CompletionItem
 
     try:
         client = _client()
+        records = [p.record for p in client.list(all=True)]
         items = [
             CompletionItem(r.id, help=f"GPU {r.device} {r.user} {r.state}")
-            for r in (p.record for p in client.list(all=True))
+            for r in records
             if r.id.startswith(incomplete)
+        ]
+        series = {r.series: r.user for r in records if r.series}
+        items += [
+            CompletionItem(s, help=f"series, {user}")
+            for s, user in sorted(series.items())
+            if s.startswith(incomplete)
         ]
         items += [
             CompletionItem(q["ticket"], help=f"queued, GPU {q['device']} {q['user']}")
@@ -219,7 +226,7 @@ def partition_ids(ctx: click.Context, param: click.Parameter, incomplete: str) -
 @click.option(
     "--repeat",
     type=click.Choice(["daily", "weekdays"]),
-    help="Repeat the booking every day (or weekday) until --until.",
+    help="Repeat the booking every day (or weekday) until --until (one series id for all).",
 )
 @click.option("--until", "until", help="Last day of a --repeat (YYYY-MM-DD).")
 @click.option("--wait", is_flag=True, help="If it does not fit now, wait in the fair queue.")
@@ -319,6 +326,7 @@ def _create_repeated(
     """One booking per day from ``first`` to ``until``; report the days that did not fit."""
     from datetime import datetime, timedelta
 
+    from chronos.models import new_series_id
     from chronos.units import parse_date
 
     last = parse_date(until)
@@ -327,25 +335,50 @@ def _create_repeated(
     day = datetime.fromtimestamp(first)  # local wall time: 09:00 stays 09:00 across DST
     if day.astimezone() > last:
         raise BadRequest(f"--until {until} is before the first start, {render.when(first)}")
-    made, failed = [], []
+    series = new_series_id()
+    made: list[PartitionRecord] = []
+    failed: list[tuple[str, ChronosError]] = []
     while day.astimezone() <= last:
         if repeat == "daily" or day.weekday() < 5:
             start = day.astimezone()  # this day's own UTC offset
             try:
-                made.append(client.create(**options, start=start.timestamp()))
+                made.append(client.create(**options, start=start.timestamp(), series=series).record)
             except ChronosError as exc:
-                failed.append({"start": start.isoformat(), "error": str(exc)})
+                failed.append((start.isoformat(), exc))
         day += timedelta(days=1)
-    if as_json:
-        emit_json({"booked": [p.to_json() for p in made], "failed": failed})
-    else:
-        now = time.time()
-        for p in made:
-            click.echo("booked " + describe(p.record, now))
-        for item in failed:
-            click.echo(f"not booked {item['start']}: {item['error']}", err=True)
-        click.echo(f"{len(made)} booked, {len(failed)} did not fit")
+    _show_series(series, made, failed, as_json)
     return 0 if not failed else AdmissionRefused.exit_code
+
+
+class _DayNotBooked(ChronosError):
+    """One day of a series that was not booked: the day's own error, named by its day."""
+
+    def __init__(self, day: str, cause: ChronosError) -> None:
+        super().__init__(f"not booked {day}: {cause}")
+        self.code, self.exit_code = cause.code, cause.exit_code
+
+
+def _show_series(
+    series: str,
+    made: list[PartitionRecord],
+    failed: list[tuple[str, ChronosError]],
+    as_json: bool,
+) -> None:
+    """A series as a single booking is shown, once per booking; the days that did not fit
+    as errors (JSON on stderr under --json), and the series id that releases them all."""
+    now = time.time()
+    if as_json:
+        emit_json([r.to_json(now) for r in made])
+    else:
+        for record in made:
+            click.echo("booked " + describe(record, now))
+    for day, exc in failed:
+        report_error(_DayNotBooked(day, exc))
+    if not as_json:
+        click.echo(
+            f"series {series}: {len(made)} booked, {len(failed)} did not fit "
+            f"(chronos release {series} ends every booking of it)"
+        )
 
 
 class WaitDisplay:
@@ -456,14 +489,29 @@ def queue(as_json: bool) -> None:
 )
 @json_option
 def cancel(tickets: tuple[str, ...], as_json: bool) -> None:
-    """Take queued requests out of the queue (any unique prefix of a ticket works)."""
+    """Take queued requests out of the queue (any unique prefix of a ticket works).
+
+    A series id (from create --repeat) ends every booking of the series not yet ended.
+    """
+    from chronos.models import SERIES_PREFIX
+
     client = _client()
-    done, failures = _each(tickets, lambda t: client.cancel(t))
+
+    def cancel_one(text: str) -> dict[str, Any]:
+        if text.strip().startswith(SERIES_PREFIX):  # a series: its bookings not yet ended
+            records = client.release_series(client.resolve(text))
+            return {"series": records[0].series, "released": [r.to_json() for r in records]}
+        return client.cancel(text)
+
+    done, failures = _each(tickets, cancel_one)
     if as_json and done:
         emit_json(done)
     else:
         for status in done:
-            click.echo(f"cancelled queued request {status['ticket']}")
+            if "series" in status:
+                click.echo(f"released series {status['series']} ({len(status['released'])})")
+            else:
+                click.echo(f"cancelled queued request {status['ticket']}")
     _exit_for(failures)
 
 
@@ -730,18 +778,27 @@ def get_(partition_id: str, as_json: bool) -> None:
 @click.argument("ids", nargs=-1, required=True, metavar="ID...", shell_complete=partition_ids)
 @json_option
 def release(ids: tuple[str, ...], as_json: bool) -> None:
-    """End partitions now (any unique prefix of an id works)."""
+    """End partitions now (any unique prefix of an id works).
+
+    A series id (from create --repeat) ends every booking of the series not yet ended.
+    """
+    from chronos.models import is_series_id
+
     client = _client()
 
-    def end(text: str) -> PartitionRecord:
+    def end(text: str) -> list[PartitionRecord]:
         full = client.resolve(text)
+        if is_series_id(full):
+            return client.release_series(full)
         client.release(full)
-        return client.get(full).record
+        return [client.get(full).record]
 
-    done, failures = _each(ids, end)
+    ended, failures = _each(ids, end)
+    done = [record for records in ended for record in records]
     now = time.time()
     if as_json and done:
-        emit_json(done[0].to_json() if len(ids) == 1 else [r.to_json() for r in done])
+        single = len(ids) == 1 and len(done) == 1 and not is_series_id(done[0].series or "")
+        emit_json(done[0].to_json() if single else [r.to_json() for r in done])
     else:
         for record in done:
             click.echo("released " + describe(record, now))

@@ -4,9 +4,11 @@ These two run most (``watch chronos list``, prompts, scripts). With a daemon
 answering, they need a socket and a table, not click, the models, the service
 or the ledger: this module handles their plain forms (``list [--all]
 [--no-header]``, ``stats [--json]``) with a socket and cli_render alone, and
-prints exactly what the full CLI prints (tests compare the two). Anything else
-(another option, ``--help``, no daemon, an error) returns None and the full
-CLI takes over, so behaviour never depends on which path ran.
+prints exactly what the full CLI prints (tests compare the two). With no daemon
+(embedded mode) the same forms go through the API in this process, which opens
+the ledger as always, but still without click and the CLI's own modules. Anything
+else (another option, ``--help``, an error) returns None and the full CLI takes
+over, so behaviour never depends on which path ran.
 """
 
 from __future__ import annotations
@@ -85,23 +87,39 @@ def try_fast_path(argv: Sequence[str]) -> int | None:
     allowed = LIST_FLAGS if argv[0] == "list" else STATS_FLAGS
     if len(flags) != len(argv) - 1 or not flags <= allowed:
         return None
-    if os.environ.get("CHRONOS_MODE", "auto") == "embedded":
-        return None
+    mode = os.environ.get("CHRONOS_MODE", "auto")
     path = socket_path()
-    if not os.path.exists(path):
-        return None
+    if mode == "embedded" or (mode == "auto" and not os.path.exists(path)):
+        return _through_api(argv[0], flags)
     try:
         client = DaemonClient(path)
     except NotFast:
         return None
     try:
         if argv[0] == "list":
-            return _list(client, "--all" in flags, "--no-header" in flags)
-        return _stats(client, "--json" in flags)
+            records = _every_page(client, "list", all="--all" in flags)
+            return _list(records, "--all" in flags, "--no-header" in flags)
+        return _stats(client.call("stats"), "--json" in flags)
     except NotFast:
         return None
     finally:
         client.close()
+
+
+def _through_api(command: str, flags: set[str]) -> int | None:
+    """No daemon: the API's embedded ledger in this process answers, as for the full CLI
+    (the same checks and reaping), without click; an error is the full CLI's to report."""
+    from chronos.api import Partitioner
+    from chronos.errors import ChronosError
+
+    try:
+        with Partitioner() as client:
+            if command == "list":
+                records = client.records(all="--all" in flags)
+                return _list(records, "--all" in flags, "--no-header" in flags)
+            return _stats(client.stats_report(), "--json" in flags)
+    except ChronosError:
+        return None
 
 
 def _every_page(client: DaemonClient, op: str, **args: Any) -> list[dict[str, Any]]:
@@ -118,10 +136,9 @@ def _every_page(client: DaemonClient, op: str, **args: Any) -> list[dict[str, An
             return items
 
 
-def _list(client: DaemonClient, show_all: bool, no_header: bool) -> int:
+def _list(records: list[dict[str, Any]], show_all: bool, no_header: bool) -> int:
     from chronos import cli_render as render
 
-    records = _every_page(client, "list", all=show_all)
     now = time.time()
     if not records:
         if not no_header:
@@ -139,10 +156,9 @@ def _list(client: DaemonClient, show_all: bool, no_header: bool) -> int:
     return 0
 
 
-def _stats(client: DaemonClient, as_json: bool) -> int:
+def _stats(data: dict[str, Any], as_json: bool) -> int:
     from chronos.cli_stats import render_stats, stats_json
 
-    data = client.call("stats")
     _out(json.dumps(stats_json(data), indent=2) if as_json else render_stats(data))
     return 0
 

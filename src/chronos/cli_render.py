@@ -219,6 +219,7 @@ LIST_FIELDS: dict[str, Column] = {
     "remaining": Column("REMAINING", right=True),
     "created": Column("CREATED"),
     "kind": Column("KIND"),
+    "series": Column("SERIES"),
 }
 DEFAULT_LIST_FORMAT = ("id", "gpu", "user", "state", "memory", "start", "end", "remaining")
 TIME_FIELDS = ("start", "end", "created")
@@ -256,6 +257,7 @@ def list_cells(r: dict[str, Any], now: float) -> dict[str, str]:
         "remaining": remaining,
         "created": clock(r["created_at"]),
         "kind": r.get("kind") or "-",
+        "series": r.get("series") or "-",
     }
 
 

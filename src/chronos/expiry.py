@@ -31,7 +31,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -227,6 +226,8 @@ class ExpiryMonitor:
         try:
             callback(self.partition)
         except Exception:  # a failing callback must not stop the deadline keeping
+            import traceback  # only on a failing callback: not on every import
+
             traceback.print_exc()
 
     def _in_main(self, fn: Callable[[], None]) -> None:

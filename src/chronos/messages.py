@@ -54,6 +54,8 @@ class CreateRequest(NamedTuple):
     start: float | None = None
     wait: bool = False
     timeout: float | None = None
+    series: str | None = None
+    """A repeated booking's series id (``s`` and seven hex digits), the same for each day."""
 
 
 class WaitRequest(NamedTuple):

@@ -19,6 +19,23 @@ RELEASED = PartitionState.RELEASED
 EXPIRED = PartitionState.EXPIRED
 BOOKED = PartitionState.BOOKED
 STATES = (BOOKED, ACTIVE, RELEASED, EXPIRED)
+SERIES_PREFIX = "s"
+"""A series id is this and seven hex digits: never a partition's (hex) or a ticket's (``q``)."""
+
+
+def new_series_id() -> str:
+    """A fresh id for a repeated booking's series (its bookings all carry it)."""
+    import os
+
+    return SERIES_PREFIX + os.urandom(4).hex()[1:]
+
+
+def is_series_id(text: str) -> bool:
+    return (
+        len(text) == 8
+        and text.startswith(SERIES_PREFIX)
+        and all(c in "0123456789abcdef" for c in text[1:])
+    )
 
 
 @dataclass(frozen=True)
@@ -60,6 +77,8 @@ class PartitionRecord:
     grace_s: float | None = None
     warn_s: float | None = None
     warn_signal: str | None = None
+    series: str | None = None
+    """The series this booking belongs to (``create --repeat``), or None."""
 
     @property
     def memory_fraction(self) -> float:

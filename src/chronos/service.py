@@ -12,23 +12,31 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from chronos import alloccap, messages, procs, protocol
-from chronos.attribution import attribute_processes
 from chronos.cgroups import PartitionCgroups
 from chronos.cgroups import cgroup_of as cgroups_of
 from chronos.config import Config, Limits
-from chronos.devices import DeviceUsage, Machine, open_machine
 from chronos.errors import BadRequest, CapacityRefused, ChronosError, PermissionDenied
 from chronos.identity import Caller, resolve_user
-from chronos.ledger import Ledger, NewPartition, QuotaCheck
-from chronos.models import ACTIVE, BOOKED, DeviceStats, PartitionRecord, ProcessUse
+from chronos.ledger import Attached, Ledger, NewPartition, QuotaCheck
+from chronos.models import (
+    ACTIVE,
+    BOOKED,
+    DeviceStats,
+    PartitionRecord,
+    ProcessUse,
+    is_series_id,
+)
 from chronos.policy import Ask, check_limits, needs_history, priority
 from chronos.slurm import policy as slurm_policy
 from chronos.units import format_duration, parse_duration, parse_memory, parse_signal_name
 from chronos.vocabulary import EventKind, Mode, Origin, TicketState
+
+if TYPE_CHECKING:
+    from chronos.devices import DeviceUsage, Machine
 
 KINDS = tuple(Origin)
 """``api-raise``/``api-notify``: an API partition made with ``on_expiry="raise"``/``"notify"``."""
@@ -51,7 +59,7 @@ class Service:
         ledger: Ledger,
         config: Config,
         mode: str,
-        machine_factory: Callable[[], Machine] = open_machine,
+        machine_factory: Callable[[], Machine] | None = None,
         *,
         cgroups: PartitionCgroups | None = None,
         on_change: Callable[[], None] = lambda: None,
@@ -65,7 +73,7 @@ class Service:
         self.ledger = ledger
         self._config = config
         self.mode = mode
-        self._machine_factory = machine_factory
+        self._machine_factory = machine_factory or _open_machine
         self._machine: Machine | None = None
         self.on_change = on_change
         # The policy in force decides capacity and fair share, also for requests that
@@ -135,6 +143,7 @@ class Service:
         if kind not in KINDS and not slurm_policy.may_use_kind(caller, kind):
             raise BadRequest(f"unknown partition kind {kind!r}")
         uid, name = self._owner(caller, ask.user)
+        self._check_series(ask.series, uid)
         dev = self.machine.device(device)
         slurm_policy.check_create(self.config.slurm, caller, dev.index)
         nbytes = parse_memory(memory, dev.total_bytes)
@@ -163,6 +172,7 @@ class Service:
             warn_s=self.config.warn_s if warn is None else parse_duration(warn),
             warn_signal=_signal_name(ask.warn_signal or self.config.warn_signal),
             exempt=caller.is_admin,
+            series=ask.series,
         )
         try:
             record = self.ledger.create(
@@ -187,6 +197,16 @@ class Service:
             alloccap.on_create(record.id, record.memory_bytes, record.uid, self.mode)
         alloccap.sweep(self._is_open, self.mode)
         return messages.Granted(record=record, visible_env=dict(dev.visible_env)).to_wire()
+
+    def _check_series(self, series: str | None, uid: int) -> None:
+        """A series id is ``s`` and seven hex digits, and a series has one owner."""
+        if series is None:
+            return
+        if not is_series_id(series):
+            raise BadRequest(f"series id {series!r} is not s and seven hex digits")
+        others = {r.user for r in self.ledger.series(series) if r.uid != uid}
+        if others:
+            raise PermissionDenied(f"series {series} belongs to {', '.join(sorted(others))}")
 
     # ----------------------------------------------------------------- queue
 
@@ -376,9 +396,7 @@ class Service:
         now = self.ledger.clock()
         open_records = self.ledger.open_at(now, started=True)
         usage = machine.usage()
-        found = (
-            attribute_processes(machine, open_records, self.ledger.attached()) if processes else []
-        )
+        found = _attribute(machine, open_records, self.ledger.attached()) if processes else []
         devices = [d.to_json() for d in self.device_stats(now, open_records, usage, found)]
         return {
             "mode": self.mode,
@@ -660,3 +678,18 @@ def _grace(value: Any) -> float:
 def _signal_name(name: Any) -> str:
     """The warning signal of a request, checked as the policy file's is (``parse_signal_name``)."""
     return parse_signal_name(name)
+
+
+def _open_machine() -> Machine:
+    """The GPUs, found only when a request needs them (a list does not, nor its imports)."""
+    from chronos.devices import open_machine
+
+    return open_machine()
+
+
+def _attribute(
+    machine: Machine, records: Iterable[PartitionRecord], attached: Iterable[Attached]
+) -> list[ProcessUse]:
+    from chronos.attribution import attribute_processes
+
+    return attribute_processes(machine, records, attached)

@@ -355,7 +355,10 @@ def parse_start(text: str, now: float) -> float:
     raw = original.lower()
     base = datetime.fromtimestamp(now).astimezone()
     if raw.startswith("+"):
-        return now + parse_duration(raw[1:])
+        try:
+            return now + parse_duration(raw[1:])
+        except BadRequest as exc:
+            raise BadRequest(f"start {original!r}: {exc}") from None
     if raw == "now":
         return now
     day_offset = None

@@ -343,10 +343,14 @@ def test_repeat_weekdays_books_each_day_and_reports_the_ones_that_did_not_fit(
         until.isoformat(),
     )
     assert proc.returncode == REFUSED, proc.stderr
-    assert f"{len(days) - 1} booked, 1 did not fit" in proc.stdout
-    (failed,) = [line for line in proc.stderr.splitlines() if line.startswith("not booked")]
-    assert failed.startswith(f"not booked {blocked.isoformat()}T09:00")
+    assert re.search(
+        rf"^series s[0-9a-f]{{7}}: {len(days) - 1} booked, 1 did not fit", proc.stdout, re.M
+    )
+    (failed,) = proc.stderr.splitlines()
+    assert failed.startswith(f"chronos: error: not booked {blocked.isoformat()}T09:00")
     assert "GPU 0 has" in failed
+    # Each day as a single booking shows it: the series output is the same lines.
+    assert proc.stdout.count("booked partition ") == len(days) - 1
     booked = [r for r in d.call("list") if r["memory_bytes"] == 40 * 1024**3]
     starts = sorted(datetime.fromtimestamp(r["starts_at"]) for r in booked)
     assert [s.date() for s in starts] == [day for day in days if day != blocked]
@@ -366,15 +370,62 @@ def test_repeat_weekdays_books_each_day_and_reports_the_ones_that_did_not_fit(
         until.isoformat(),
         "--json",
     )
-    result = json.loads(proc.stdout)
+    booked = json.loads(proc.stdout)  # a list of bookings, each as create --json shows one
     assert proc.returncode == REFUSED
-    weekend = [datetime.fromisoformat(b["starts_at"]).date() for b in result["booked"]]
+    weekend = [datetime.fromisoformat(b["starts_at"]).date() for b in booked]
     assert weekend == [
         tomorrow + timedelta(days=i)
         for i in range(14)
         if (tomorrow + timedelta(days=i)).weekday() >= 5
     ]
-    assert [f["start"][:10] for f in result["failed"]] == [day.isoformat() for day in days]
+    assert len({b["series"] for b in booked}) == 1
+    assert set(booked[0]) == set(json.loads(ok(d.cli("get", booked[0]["id"], "--json"))))
+    errors = [json.loads(line)["error"] for line in proc.stderr.splitlines()]  # JSON on stderr
+    assert [e["message"][11:21] for e in errors] == [day.isoformat() for day in days]
+    assert {(e["code"], e["exit_code"]) for e in errors} == {("refused", REFUSED)}
+
+
+def _series(stdout: str) -> str:
+    match = re.search(r"^series (s[0-9a-f]{7}):", stdout, re.M)
+    assert match, f"no series id in {stdout!r}"
+    return match.group(1)
+
+
+def test_a_series_id_releases_or_cancels_every_booking_of_it_not_yet_ended(
+    daemon_factory: Any, accounts: Any
+) -> None:
+    d = daemon_factory()
+    ann, ben = accounts.ann, accounts.ben
+    until = (date.today() + timedelta(days=3)).isoformat()
+    repeat = ("--start", "tomorrow 09:00", "--repeat", "daily", "--until", until)
+    series = _series(ok(ann.cli(d, "create", "0", "0.2", "1h", *repeat)))
+    other = _series(ok(ann.cli(d, "create", "1", "0.2", "1h", *repeat)))
+    single = made_id(ok(ann.cli(d, "create", "0", "0.1", "1h")))
+    mine = [r for r in d.call("list") if r.get("series") == series]
+    assert len(mine) == 3 and all(r["state"] == "booked" for r in mine)
+    shown = ok(ann.cli(d, "list", "--format", "id,series", "--no-header")).splitlines()
+    assert sorted(line.split()[1] for line in shown) == sorted([series] * 3 + [other] * 3 + ["-"])
+    # Someone else's series: refused, nothing released.
+    line = one_line_error(ben.cli(d, "release", series))
+    assert f"belongs to {ann.name}" in line
+    # A unique prefix of the series id releases all its bookings, and nothing else.
+    out = ok(ann.cli(d, "release", series[:5] if series[:5] != other[:5] else series))
+    assert out.count("released partition ") == 3
+    states = {r["id"]: (r.get("series"), r["state"]) for r in d.call("list", all=True)}
+    assert sorted(s for (ser, s) in states.values() if ser == series) == ["released"] * 3
+    assert [s for (ser, s) in states.values() if ser == other] == ["booked"] * 3
+    assert states[single][1] == "active"
+    # "s" names two series: ambiguous, one line, both named.
+    line = one_line_error(ann.cli(d, "release", "s"), BadRequest.exit_code)
+    assert series in line and other in line
+    # cancel takes a series id too (as it takes a queued request's ticket).
+    assert f"released series {other} (3)" in ok(ann.cli(d, "cancel", other))
+    assert {r["state"] for r in d.call("list", all=True) if r.get("series") == other} == {
+        "released"
+    }
+    # A made-up series id for a create is checked by the service.
+    with pytest.raises(BadRequest, match="series id 'x1' is not s and seven hex digits"):
+        d.call("create", device=0, memory=0.1, duration=60, series="x1")
 
 
 def _next_dst_change(zone: Any) -> date:

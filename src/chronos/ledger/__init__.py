@@ -354,6 +354,10 @@ class Ledger:
     def get(self, partition_id: str) -> PartitionRecord:
         return self._partitions.get(partition_id)
 
+    def series(self, series: str) -> list[PartitionRecord]:
+        """The bookings of a repeated series (``create --repeat``), first start first."""
+        return self._partitions.in_series(series)
+
     def partitions(
         self, include_ended: bool = False, limit: int | None = None
     ) -> list[PartitionRecord]:

@@ -73,6 +73,7 @@ class Partitions:
             grace_s=req.grace_s,
             warn_s=req.warn_s,
             warn_signal=req.warn_signal,
+            series=req.series,
         )
         self.insert(record)
         self._history.bump(now, req.user, created=1)
@@ -309,6 +310,12 @@ class Partitions:
         if record is None:
             raise NotFound(f"no partition {partition_id!r}")
         return record
+
+    def in_series(self, series: str) -> list[PartitionRecord]:
+        """Every booking of repeated series ``series``, first start first."""
+        return PARTITIONS.all(
+            self._db.execute(f"{_SELECT} WHERE series = ? ORDER BY starts_at", (series,))
+        )
 
     def get_open(self, partition_id: str) -> PartitionRecord:
         """The partition, which must still be open (else :class:`PartitionEnded`)."""

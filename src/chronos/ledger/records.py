@@ -56,6 +56,8 @@ class NewPartition:
     warn_signal: str | None = None
     exempt: bool = False
     """Made by an administrator: quotas do not apply (capacity still does)."""
+    series: str | None = None
+    """The series of a repeated booking this one belongs to."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 from chronos.errors import ChronosError
 from chronos.paths import LEDGER_SUFFIXES, open_file
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS partitions (
@@ -46,8 +45,10 @@ CREATE TABLE IF NOT EXISTS partitions (
     kind TEXT NOT NULL,
     grace_s REAL,
     warn_s REAL,
-    warn_signal TEXT
+    warn_signal TEXT,
+    series TEXT
 );
+CREATE INDEX IF NOT EXISTS partitions_series ON partitions (series) WHERE series IS NOT NULL;
 CREATE INDEX IF NOT EXISTS partitions_open
     ON partitions (device_uuid, expires_at) WHERE state IN ('active', 'booked');
 CREATE TABLE IF NOT EXISTS events (
@@ -162,15 +163,40 @@ def _connect(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA foreign_keys = ON")
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version < SCHEMA_VERSION:
-        # executescript commits any open transaction first, so the script brings its own.
-        db.executescript(
-            f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-        )
+        _migrate(db)
     elif version > SCHEMA_VERSION:
         raise ChronosError(
             f"ledger {path} has schema {version}; this Chronos knows {SCHEMA_VERSION}"
         )
     return db
+
+
+#: Columns added to existing tables since schema 3 (``CREATE TABLE IF NOT EXISTS`` adds none):
+#: schema 4 gave partitions ``series``, the id of a repeated booking's series.
+_ADDED_COLUMNS = (("partitions", "series", "TEXT"),)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a new or older ledger to :data:`SCHEMA_VERSION`, in one transaction.
+
+    The version is read again under the write lock: of two processes opening the same
+    old file at once, the second finds it migrated and does nothing.
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            for table, column, kind in _ADDED_COLUMNS:
+                have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                if have and column not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 
 def _identity(db: sqlite3.Connection) -> str:
@@ -181,7 +207,7 @@ def _identity(db: sqlite3.Connection) -> str:
     with transaction(db):
         db.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('ledger_id', ?)",
-            (uuid.uuid4().hex,),
+            (os.urandom(16).hex(),),  # (uuid4's randomness; uuid costs ms to import)
         )
     return str(db.execute("SELECT value FROM meta WHERE key = 'ledger_id'").fetchone()[0])
 
