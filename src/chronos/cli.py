@@ -463,7 +463,10 @@ def cancel(tickets: tuple[str, ...], as_json: bool) -> None:
         emit_json(done)
     else:
         for status in done:
-            click.echo(f"cancelled queued request {status['ticket']}")
+            if "ticket" in status:
+                click.echo(f"cancelled queued request {status['ticket']}")
+            else:
+                click.echo(f"cancelled job {status['id']}")
     _exit_for(failures)
 
 
@@ -992,10 +995,13 @@ def man(output: str | None) -> None:
         click.echo(line)
 
 
+from chronos import cli_jobs as _jobs  # noqa: E402
 from chronos.slurm.cli import slurm as _slurm  # noqa: E402 - its commands import lazily
 
 cli.add_command(_slurm)  # chronos slurm …: docs/SLURM.md
-cli.add_command(_slurm.commands["submit"])  # chronos submit: sbatch (local jobs: issue 15)
+cli.add_command(_slurm.commands["submit"])  # chronos submit: sbatch, or chronosd's queue
+cli.add_command(_jobs.jobs)  # chronos jobs, chronos log: batch jobs (issue 15)
+cli.add_command(_jobs.log)
 for _name in ("create", "list", "stats", "run"):
     _command = cli.commands[_name]
     assert isinstance(_command, ClusterAware)
