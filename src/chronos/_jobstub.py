@@ -1,6 +1,6 @@
 """The parent of a batch job's command: started by chronosd, already as the job's user.
 
-chronosd starts ``python3 -I -S _jobstub.py GATE STATUS CWD OUTPUT ERROR -- ARGV...``
+chronosd starts ``python3 -I -S -c <this source> GATE STATUS CWD OUTPUT ERROR -- ARGV...``
 with the user's uid, gids, supplementary groups and umask already set (by
 ``subprocess``, before exec) and in a new session; this stub, stdlib only:
 

@@ -41,7 +41,11 @@ if TYPE_CHECKING:
     from chronos.daemon.stopper import ProcessStopper
     from chronos.service import Service
 
-STUB = Path(__file__).resolve().parent.parent / "_jobstub.py"
+STUB_SOURCE = (Path(__file__).resolve().parent.parent / "_jobstub.py").read_text()
+"""Passed with ``-c``: the user need not be able to read the installed package."""
+STUB_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+"""The stub is stdlib only: the system interpreter, which every user may run (a venv's
+may live where only root can enter)."""
 STATUS_MAX = 4096
 AS_ROOT = os.geteuid() == 0
 """chronosd runs as root and drops to each job's user; a daemon run as one user (tests
@@ -164,7 +168,7 @@ class JobRunner:
     @staticmethod
     def _argv(job: Job, gate: int, status: int) -> list[str]:
         error = job.error or ""
-        head = [sys.executable, "-I", "-S", str(STUB), str(gate), str(status)]
+        head = [STUB_PYTHON, "-I", "-S", "-c", STUB_SOURCE, str(gate), str(status)]
         return [*head, job.cwd, job.output, error, "--", *job.argv]
 
     def _env(self, job: Job, record: PartitionRecord) -> dict[str, str]:
