@@ -48,6 +48,8 @@ def submit(service: Service, caller: Caller, ask: messages.SubmitRequest) -> dic
         raise JobsUnavailable()
     _check_fields(ask)
     create = _create_request(ask.partition)
+    if create.user is not None:
+        raise BadRequest("a job runs as the user who submits it: leave out user")
     after = _after(service, caller, ask.after) if ask.after else None
     account = pwd.getpwuid(caller.uid)
     job = Job(
