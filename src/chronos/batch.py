@@ -40,7 +40,10 @@ class JobsUnavailable(ChronosError):
     exit_code = 125
 
     def __init__(self) -> None:
-        super().__init__("batch jobs need chronosd (no daemon here): use chronos run")
+        super().__init__(
+            "local batch jobs need chronosd and no daemon runs here (and no Slurm cluster): "
+            "use chronos run"
+        )
 
 
 def submit(service: Service, caller: Caller, ask: messages.SubmitRequest) -> dict[str, Any]:

@@ -37,8 +37,12 @@ SLURM_ONLY = ("time_limit", "nodes", "partition", "gpu_type", "extra")
 def submit_local(options: dict[str, Any], command: Sequence[str]) -> None:
     """Queue COMMAND in chronosd's fair queue; print the job id and return."""
     from chronos.api import Partitioner
+    from chronos.batch import JobsUnavailable
     from chronos.supervisor import check_program
 
+    client = Partitioner()
+    if client.mode != "daemon":
+        raise JobsUnavailable()
     for name in SLURM_ONLY:
         if options.get(name):
             flag = "--time" if name == "time_limit" else "--" + name.replace("_", "-")
@@ -57,7 +61,7 @@ def submit_local(options: dict[str, Any], command: Sequence[str]) -> None:
         check_writable(path)
     if len(options.get("after") or ()) > 1:
         raise BadRequest("--after: one job on one machine (give the latest)")
-    job = Partitioner().submit(
+    job = client.submit(
         command,
         partition=_partition_args(options),
         output=output,
