@@ -163,3 +163,40 @@ def test_daemon_sigkill_restart_readopts_and_still_enforces(
     listed = as_user(alice, d, "jobs", "--json", cwd=cwd)
     assert [j["state"] for j in json.loads(listed.stdout)] == ["expired"]
     wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10, "the stub to be gone")
+
+
+def test_after_waits_for_the_job_to_end_whatever_its_end(
+    users: Users, daemon: DaemonProcess
+) -> None:
+    d, alice = daemon, users.alice
+    cwd = home_of(alice)
+    gate = cwd / "go"
+    first = submit(alice, d, cwd, f"while [ ! -e {gate} ]; do sleep 0.05; done; exit 3",
+                   "--output", str(cwd / "1"))  # fmt: skip
+    second = submit(alice, d, cwd, "echo second", "--after", first[:5],
+                    "--output", str(cwd / "2"))  # fmt: skip
+    held = job(d, second)
+    assert held["state"] == "waiting" and held["after"] == first and held["ticket_id"] is None
+    assert held["partition_id"] is None  # asks for nothing while it waits for `first`
+    gate.touch()
+    assert ended(d, first)["exit_code"] == 3
+    assert ended(d, second)["state"] == "done"
+    assert (cwd / "2").read_text() == "second\n"
+
+
+def test_a_start_that_fails_releases_the_partition_at_once(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    d = daemon
+    with d.partitioner() as client:  # past the CLI's checks: the daemon's own start fails
+        sent = client.submit(
+            ["/no/such/program"],
+            partition={"device": 0, "memory": 0.25, "duration": 60},
+            output=str(tmp_path / "o"),
+            cwd=str(tmp_path),
+        )
+    failed = ended(d, sent["id"])
+    assert failed["state"] == "failed" and "No such file" in failed["reason"], failed
+    assert d.record(failed["partition_id"])["state"] == "released"
+    listed = d.cli("jobs")
+    assert "failed to start" in listed.stdout and sent["id"] in listed.stdout
