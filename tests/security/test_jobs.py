@@ -80,9 +80,7 @@ def test_a_job_runs_as_its_submitter_whatever_the_request_says(
     assert int(uid) == bob.uid and "0" not in groups
 
 
-def test_another_users_job_cannot_be_cancelled_or_read(
-    users: Users, daemon: DaemonProcess
-) -> None:
+def test_another_users_job_cannot_be_cancelled_or_read(users: Users, daemon: DaemonProcess) -> None:
     d, alice, bob = daemon, users.alice, users.bob
     cwd = home_of(alice)
     job_id = submit(alice, d, cwd, "echo secret; exec sleep 600", "--output", str(cwd / "o"))
