@@ -146,10 +146,9 @@ def _after_ended(service: Service, job_id: str) -> bool:
 def listing(service: Service, caller: Caller, ask: messages.JobsRequest) -> list[dict[str, Any]]:
     if ask.id is not None:
         return [describe(service, find(service, caller, ask.id))]
-    uid = None if ask.all else caller.uid
-    if ask.all and not caller.is_admin:
-        uid = None  # everyone's jobs are visible, as `chronos list --all`; argv and env stay hidden
-    jobs = service.ledger.jobs.listing(uid)
+    # Everyone's jobs are visible with ``all``, as ``chronos list --all``; another user's
+    # command and paths are not (nor anyone's environment).
+    jobs = service.ledger.jobs.listing(None if ask.all else caller.uid)
     return [
         describe(service, job, private=job.uid != caller.uid and not caller.is_admin)
         for job in jobs

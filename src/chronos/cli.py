@@ -452,11 +452,13 @@ def queue(as_json: bool) -> None:
 
 @cli.command()
 @click.argument(
-    "tickets", nargs=-1, required=True, metavar="TICKET...", shell_complete=partition_ids
+    "tickets", nargs=-1, required=True, metavar="TICKET|JOB...", shell_complete=partition_ids
 )
 @json_option
 def cancel(tickets: tuple[str, ...], as_json: bool) -> None:
-    """Take queued requests out of the queue (any unique prefix of a ticket works)."""
+    """Take queued requests out of the queue, or cancel batch jobs (waiting or running).
+
+    Any unique prefix of a ticket or a job id works."""
     client = _client()
     done, failures = _each(tickets, lambda t: client.cancel(t))
     if as_json and done:
