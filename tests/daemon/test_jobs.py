@@ -10,6 +10,8 @@ import json
 import os
 import signal
 import subprocess
+import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -200,3 +202,30 @@ def test_a_start_that_fails_releases_the_partition_at_once(
     assert d.record(failed["partition_id"])["state"] == "released"
     listed = d.cli("jobs")
     assert "failed to start" in listed.stdout and sent["id"] in listed.stdout
+
+
+def test_start_books_the_partition_and_the_job_starts_with_it(
+    users: Users, daemon: DaemonProcess
+) -> None:
+    d, alice = daemon, users.alice
+    cwd = home_of(alice)
+    start = datetime.now() + timedelta(seconds=2)
+    job_id = submit(alice, d, cwd, "date +%s.%N", "--start", start.isoformat(),
+                    "--output", str(cwd / "o"))  # fmt: skip
+    booked = job(d, job_id)
+    assert booked["state"] == "waiting" and d.record(booked["partition_id"])["state"] == "booked"
+    done = ended(d, job_id)
+    assert done["state"] == "done", done
+    assert float((cwd / "o").read_text()) >= start.timestamp() - 0.05
+
+
+def test_a_job_over_its_memory_is_stopped_and_says_so(users: Users, daemon: DaemonProcess) -> None:
+    d, alice = daemon, users.alice
+    cwd = home_of(alice)
+    job_id = submit(alice, d, cwd, "echo up; exec sleep 600", "--output", str(cwd / "o"))
+    wait_for(lambda: "up" in (cwd / "o").read_text(), 10, "the job to start")
+    pid = job(d, job_id)["pid"]
+    declare = f"from chronos.devices.simulated import declare_process as d; d({pid}, 0, 60 << 30)"
+    subprocess.run([sys.executable, "-c", declare], env=d.env, check=True)  # 60 of its 40 GiB
+    done = ended(d, job_id)
+    assert done["state"] == "memory" and done["exit_code"] == 128 + signal.SIGTERM, done
