@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from datetime import datetime, timedelta
@@ -229,3 +230,21 @@ def test_a_job_over_its_memory_is_stopped_and_says_so(users: Users, daemon: Daem
     subprocess.run([sys.executable, "-c", declare], env=d.env, check=True)  # 60 of its 40 GiB
     done = ended(d, job_id)
     assert done["state"] == "memory" and done["exit_code"] == 128 + signal.SIGTERM, done
+
+
+def test_a_job_found_starting_after_a_crash_is_failed_never_started_twice(
+    users: Users, daemon: DaemonProcess
+) -> None:
+    d, alice = daemon, users.alice
+    cwd = home_of(alice)
+    job_id = submit(alice, d, cwd, "echo ran", "--start", "+1h", "--output", str(cwd / "o"))
+    partition = job(d, job_id)["partition_id"]
+    d.kill(signal.SIGKILL)
+    # As a daemon that died after writing `starting` and before recording the process.
+    with sqlite3.connect(d.home / "ledger.db") as db:
+        db.execute("UPDATE jobs SET state = 'starting' WHERE id = ?", (job_id,))
+    d.start()
+    failed = ended(d, job_id)
+    assert failed["state"] == "failed" and "not started again" in failed["reason"], failed
+    assert d.record(partition)["state"] == "released"
+    assert (cwd / "o").read_text() == ""  # the command never ran
