@@ -21,6 +21,8 @@ import os
 import signal
 import sys
 
+STAYS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""Ignored by the stub, which must outlive its command to record how it ended."""
 NOFOLLOW = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -58,6 +60,8 @@ def _prepare(cwd: str, output: str, error: str) -> tuple[int, int]:
 
 
 def _child(out: int, err: int, argv: list[str], report: int) -> None:
+    for sig in STAYS:  # the command gets the default actions back (SIG_IGN survives exec)
+        signal.signal(sig, signal.SIG_DFL)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.dup2(out, 1)
@@ -87,11 +91,11 @@ def main() -> int:
         _say(status, f"failed {exc}")
         return 1
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
+    for sig in STAYS:  # before the fork: a SIGTERM right after it must not end the stub
+        signal.signal(sig, signal.SIG_IGN)
     pid = os.fork()
     if pid == 0:
         _child(out, err, argv, report_w)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
     os.close(report_w)
     exec_error = os.read(report_r, 4000).decode(errors="replace")
     _, code = os.waitpid(pid, 0)
