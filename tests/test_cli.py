@@ -706,7 +706,7 @@ def test_submit_without_a_cluster_is_one_line(
     proc = run_cli(*args, env=env)
     message = assert_one_line_error(proc)
     assert proc.returncode == 125
-    assert "local batch jobs are not available yet" in message and "chronos run" in message
+    assert "local batch jobs need chronosd" in message and "chronos run" in message
     error = assert_json_error(run_cli(*args[:-2], "--json", *args[-2:], env=env))
     assert error["code"] == "not_available" and error["exit_code"] == 125
 

@@ -48,6 +48,18 @@ WIRE_SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "limit": ((int,), False),
         "after": ((int,), False),
     },
+    "submit": {
+        "partition": ((dict,), True),
+        "argv": ((list,), True),
+        "env": ((dict,), True),
+        "cwd": ((str,), True),
+        "umask": ((int,), True),
+        "output": ((str,), True),
+        "error": ((str,), False),
+        "name": ((str,), False),
+        "after": ((str,), False),
+    },
+    "jobs": {"all": ((bool,), False), "id": ((str,), False)},
 }
 
 
@@ -78,6 +90,20 @@ def test_a_request_is_parsed_into_its_type_with_the_defaults_of_its_class() -> N
         (protocol.request("attach", id="x", pid=True), BadRequest, "pid has the wrong type"),
         (protocol.request("get", id="x" * 257), BadRequest, "longer than 256"),
         (protocol.request("nope"), ProtocolError, "unknown operation"),
+        (
+            protocol.request(
+                "submit", partition={}, argv=["x", 1], env={}, cwd="/", umask=0, output="/o"
+            ),
+            BadRequest,
+            "argv must hold only strings",
+        ),
+        (
+            protocol.request(
+                "submit", partition={}, argv=["x"], env={"A": 1}, cwd="/", umask=0, output="/o"
+            ),
+            BadRequest,
+            "env must hold only strings",
+        ),
         ({"v": 2, "op": "ping", "args": {}}, ProtocolError, "unsupported protocol version"),
     ],
 )
@@ -116,7 +142,7 @@ def test_a_request_sends_only_what_is_set() -> None:
 
 def test_every_operation_has_one_request_class() -> None:
     assert sorted(messages.REQUESTS) == sorted(WIRE_SCHEMA)
-    samples = {int: 1, str: "x", bool: True}
+    samples: dict[type, Any] = {int: 1, str: "x", bool: True, list: [], dict: {}}
     for op, cls in messages.REQUESTS.items():
         required = {
             name: samples.get(types[0], 1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -33,11 +33,13 @@ from chronos.messages import (
     ExtendRequest,
     GetRequest,
     Granted,
+    JobsRequest,
     ListRequest,
     QueueRequest,
     ReleaseRequest,
     Request,
     StatsRequest,
+    SubmitRequest,
     TicketStatus,
     UsageRequest,
     WaitRequest,
@@ -449,9 +451,51 @@ class Partitioner:
         self._send_with_id(ReleaseRequest, partition_id)
 
     def cancel(self, ticket: str) -> dict[str, Any]:
-        """Take queued request ``ticket`` (or a unique prefix) out of the queue."""
+        """Take queued request ``ticket`` (or a unique prefix) out of the queue; a batch
+        job's id (``j…``, or a prefix) leaves the queue or is stopped if it runs."""
+        if ticket.strip().startswith("j"):  # the daemon resolves a job's prefix itself
+            job: dict[str, Any] = self._transport.send(CancelRequest(id=ticket.strip()))
+            return job
         result: dict[str, Any] = self._send_with_id(CancelRequest, ticket, tickets=True)
         return result
+
+    def submit(
+        self,
+        argv: Sequence[str],
+        *,
+        partition: dict[str, Any],
+        output: str,
+        error: str | None = None,
+        name: str | None = None,
+        after: str | None = None,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        umask: int | None = None,
+    ) -> dict[str, Any]:
+        """A batch job (chronosd starts ``argv`` as this user once ``partition`` — a
+        create request's arguments — is granted); returns the job. The working
+        directory, environment and umask are this process's unless given."""
+        if umask is None:
+            umask = os.umask(0o22)
+            os.umask(umask)
+        request = SubmitRequest(
+            partition=partition,
+            argv=list(argv),
+            env=dict(os.environ if env is None else env),
+            cwd=cwd or os.getcwd(),
+            umask=umask,
+            output=output,
+            error=error,
+            name=name,
+            after=after,
+        )
+        job: dict[str, Any] = self._transport.send(request)
+        return job
+
+    def jobs(self, all: bool = False, id: str | None = None) -> list[dict[str, Any]]:
+        """Batch jobs: this user's (``all``: everyone's; ``id``: one, by a unique prefix)."""
+        jobs: list[dict[str, Any]] = self._transport.send(JobsRequest(all=all, id=id))
+        return jobs
 
     def _send_with_id(
         self, request: Callable[..., Request], text: str, *, tickets: bool = False

@@ -485,13 +485,14 @@ def queue(as_json: bool) -> None:
 
 @cli.command()
 @click.argument(
-    "tickets", nargs=-1, required=True, metavar="TICKET...", shell_complete=partition_ids
+    "tickets", nargs=-1, required=True, metavar="TICKET|JOB...", shell_complete=partition_ids
 )
 @json_option
 def cancel(tickets: tuple[str, ...], as_json: bool) -> None:
-    """Take queued requests out of the queue (any unique prefix of a ticket works).
+    """Take queued requests out of the queue, or cancel batch jobs (waiting or running).
 
-    A series id (from create --repeat) ends every booking of the series not yet ended.
+    Any unique prefix of a ticket or a job id works. A series id (from create --repeat)
+    ends every booking of the series not yet ended.
     """
     from chronos.models import SERIES_PREFIX
 
@@ -510,8 +511,10 @@ def cancel(tickets: tuple[str, ...], as_json: bool) -> None:
         for status in done:
             if "series" in status:
                 click.echo(f"released series {status['series']} ({len(status['released'])})")
-            else:
+            elif "ticket" in status:
                 click.echo(f"cancelled queued request {status['ticket']}")
+            else:
+                click.echo(f"cancelled job {status['id']}")
     _exit_for(failures)
 
 
@@ -1049,10 +1052,13 @@ def man(output: str | None) -> None:
         click.echo(line)
 
 
+from chronos import cli_jobs as _jobs  # noqa: E402
 from chronos.slurm.cli import slurm as _slurm  # noqa: E402 - its commands import lazily
 
 cli.add_command(_slurm)  # chronos slurm …: docs/SLURM.md
-cli.add_command(_slurm.commands["submit"])  # chronos submit: sbatch (local jobs: issue 15)
+cli.add_command(_slurm.commands["submit"])  # chronos submit: sbatch, or chronosd's queue
+cli.add_command(_jobs.jobs)  # chronos jobs, chronos log: batch jobs (issue 15)
+cli.add_command(_jobs.log)
 for _name in ("create", "list", "stats", "run"):
     _command = cli.commands[_name]
     assert isinstance(_command, ClusterAware)

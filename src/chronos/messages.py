@@ -23,7 +23,7 @@ the figures. Build them with keywords only: their fields are many and in no
 order a caller should rely on.
 """
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, get_origin
 
 if TYPE_CHECKING:
     from chronos.models import PartitionRecord
@@ -118,6 +118,29 @@ class EventsRequest(NamedTuple):
     after: int | None = None
 
 
+class SubmitRequest(NamedTuple):
+    """A batch job: ``partition`` is a create request's arguments (the same options,
+    checked as a create), the rest what chronosd starts when it is granted. The user
+    and groups are never sent: they come from ``SO_PEERCRED`` and the account database."""
+
+    partition: dict[str, Any]
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    umask: int
+    output: str
+    error: str | None = None
+    name: str | None = None
+    after: str | None = None
+
+
+class JobsRequest(NamedTuple):
+    """Jobs: the caller's, or everyone's with ``all``; ``id`` one job (a prefix)."""
+
+    all: bool = False
+    id: str | None = None
+
+
 Request = (
     PingRequest
     | CreateRequest
@@ -133,6 +156,8 @@ Request = (
     | AttachedPidsRequest
     | ExtendRequest
     | EventsRequest
+    | SubmitRequest
+    | JobsRequest
 )
 """Any request."""
 
@@ -151,6 +176,8 @@ REQUESTS: dict[str, type[Request]] = {
     "attached_pids": AttachedPidsRequest,
     "extend": ExtendRequest,
     "events": EventsRequest,
+    "submit": SubmitRequest,
+    "jobs": JobsRequest,
 }
 """Every operation the daemon answers, by name."""
 
@@ -180,8 +207,10 @@ def accepted_types(annotation: Any) -> tuple[type, ...]:
 
     A ``float`` field takes an integer too (JSON has one kind of number).
     """
+    if get_origin(annotation) in (list, dict):  # list[str]: a JSON array (items: check_bounds)
+        return (get_origin(annotation),)
     members = getattr(annotation, "__args__", (annotation,))
-    types = tuple(t for t in members if t is not type(None))
+    types = tuple(get_origin(t) or t for t in members if t is not type(None))
     return (int, *types) if float in types and int not in types else types
 
 

@@ -144,6 +144,9 @@ def check_bounds(op: str, name: str, value: Any) -> None:
     """Refuse a string too long or a number out of its field's range (or not finite)."""
     if isinstance(value, bool):
         return
+    if isinstance(value, (list, dict)):
+        _check_container(op, name, value)
+        return
     if isinstance(value, str):
         limit = MAX_SPEC if name in SPEC_ARGS else MAX_STRING
         if len(value) > limit:
@@ -155,6 +158,17 @@ def check_bounds(op: str, name: str, value: Any) -> None:
         low, high = RANGES.get(name, (SQLITE_INT_MIN, SQLITE_INT_MAX))
         if not low <= value <= high:  # int vs float compare exactly in Python: no overflow
             raise BadRequest(f"{op}: {name} is out of range ({low:g} to {high:g})")
+
+
+def _check_container(op: str, name: str, value: list[Any] | dict[str, Any]) -> None:
+    """An array of strings (``argv``) or an object of strings (``env``); a nested object
+    (``partition``) is checked as the request it is, by the service. The frame's 64 KiB
+    bounds their size."""
+    if name == "partition":
+        return
+    items = list(value.items()) if isinstance(value, dict) else [("", v) for v in value]
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in items):
+        raise BadRequest(f"{op}: {name} must hold only strings")
 
 
 def ok(result: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from chronos import alloccap, messages, procs, protocol
+from chronos import alloccap, batch, messages, procs, protocol
 from chronos.cgroups import PartitionCgroups
 from chronos.cgroups import cgroup_of as cgroups_of
 from chronos.config import Config, Limits
@@ -64,6 +64,7 @@ class Service:
         cgroups: PartitionCgroups | None = None,
         on_change: Callable[[], None] = lambda: None,
         on_supervised: Callable[[str, int, int | None], None] = lambda i, pid, start: None,
+        stop_job: batch.StopJob = lambda job: None,
     ) -> None:
         """``cgroups``: where the daemon can place attached processes in cgroups.
         ``on_change``: called after any change to the set of open partitions (the daemon
@@ -82,6 +83,8 @@ class Service:
         ledger.fairshare_half_life = lambda: self.config.fairshare_half_life_s
         self.cgroups = cgroups
         self.on_supervised = on_supervised
+        self.stop_job = stop_job
+        """Stops a running batch job's processes (the daemon's job runner)."""
 
     @property
     def config(self) -> Config:
@@ -226,10 +229,18 @@ class Service:
 
     def op_cancel(self, caller: Caller, request: messages.CancelRequest) -> dict[str, Any]:
         id = request.id
+        if id.startswith("j"):  # a batch job (chronos submit): leave the queue, or stop it
+            return batch.cancel(self, caller, batch.find(self, caller, id), self.stop_job)
         self._authorize_ticket(caller, id)
         self.ledger.cancel(id)
         self.on_change()
         return self._ticket_status(id)
+
+    def op_submit(self, caller: Caller, request: messages.SubmitRequest) -> dict[str, Any]:
+        return batch.submit(self, caller, request)
+
+    def op_jobs(self, caller: Caller, request: messages.JobsRequest) -> list[dict[str, Any]]:
+        return batch.listing(self, caller, request)
 
     def op_queue(
         self, caller: Caller, request: messages.QueueRequest

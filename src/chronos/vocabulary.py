@@ -101,6 +101,8 @@ class Origin(StrEnum):
     CLI = "cli"
     RUN = "run"
     """``chronos run`` (only a label until the daemon sees its supervisor attach)."""
+    JOB = "job"
+    """A batch job's partition (``chronos submit``; a label: jobs are the ``jobs`` table)."""
 
 
 class ViolationKind(StrEnum):
@@ -145,3 +147,32 @@ class RefusalCause(NamedTuple):
         if self.limit is None:
             return {"cause": self.kind}
         return {"cause": self.kind, "limit": self.limit}
+
+
+class JobState(StrEnum):
+    """A batch job's stored state (``chronos submit``; docs/DAEMON.md, "Batch jobs")."""
+
+    WAITING = "waiting"
+    """In the fair queue (or after ``--after`` jobs, or before ``--start``)."""
+    STARTING = "starting"
+    """Written before the fork: a restarted daemon that finds it never starts it again."""
+    RUNNING = "running"
+    DONE = "done"
+    """The command exited (``exit_code``; None when its end was not seen)."""
+    EXPIRED = "expired"
+    """Stopped at its partition's expiry."""
+    MEMORY = "memory"
+    """Stopped for using more GPU memory than its partition."""
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    """Failed to start (``reason`` says why); its partition was released at once."""
+
+
+JOB_ENDED = (
+    JobState.DONE,
+    JobState.EXPIRED,
+    JobState.MEMORY,
+    JobState.CANCELLED,
+    JobState.FAILED,
+)
+"""States of a job that has ended (``--after`` waits for any of them)."""

@@ -165,6 +165,10 @@ def valid_args(op: str) -> dict[str, Any]:
             out[name] = 0 if name == "device" else 1
         elif bool in types:
             out[name] = False
+        elif list in types:
+            out[name] = []
+        elif dict in types:
+            out[name] = {}
         else:
             out[name] = 1.0
     return out

@@ -25,6 +25,7 @@ from typing import Any
 from chronos.cgroups import PartitionCgroups
 from chronos.config import Config, load_config
 from chronos.daemon.deadlines import Deadlines
+from chronos.daemon.jobs import JobRunner
 from chronos.daemon.log import log
 from chronos.daemon.notify import sd_notify
 from chronos.daemon.sampler import Sampler
@@ -32,6 +33,7 @@ from chronos.daemon.server import FD_RESERVE, Broadcast, Listener, RateLimitedLo
 from chronos.daemon.user_sockets import UserSockets
 from chronos.errors import ChronosError
 from chronos.ledger import Ended, Ledger
+from chronos.ledger.jobs import Job
 from chronos.paths import (
     LEDGER_FILE,
     LEDGER_ID_FILE,
@@ -216,6 +218,7 @@ class Daemon:
             listener.close()
             self.user_sockets.close()
             deadlines.close()
+            self.jobs.close()
             service.close()
             self._remove_socket()
             log("stopped")
@@ -247,6 +250,7 @@ class Daemon:
             cgroups=PartitionCgroups.detect(),
             on_change=self._changed,
             on_supervised=deadlines.supervised,
+            stop_job=self._stop_job,
         )
         service.machine  # noqa: B018 - open the GPU backends now, not on the first request
         # Following Slurm (docs/SLURM.md): its first pass runs once the loop turns.
@@ -257,11 +261,15 @@ class Daemon:
             lambda: self.config,
             on_new_unpartitioned=self.following.kick if self.following is not None else None,
         )
+        self.jobs = JobRunner(service, deadlines.stopper, self.state_dir)
         self.service, self.deadlines, self.sampler = service, deadlines, sampler
         return service, deadlines, sampler
 
     def _ended(self, ended: list[Ended]) -> None:
         self.sampler.on_ended(ended)
+
+    def _stop_job(self, job: Job) -> None:
+        self.jobs.stop(job)
 
     def _holds_gpu(self, pid: int) -> bool:
         return self.sampler.holds_gpu(pid)
@@ -281,6 +289,7 @@ class Daemon:
                     self.service.grant_waiting()
                 except Exception as exc:  # noqa: BLE001 - a failed grant must not end the chain
                     log("grant_failed", level="error", error=repr(exc))
+                self.jobs.changed()  # guarded per job: start, adopt or fail batch jobs
         finally:
             self._busy = False
         self.broadcast.notify()

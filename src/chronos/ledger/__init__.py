@@ -11,6 +11,7 @@ state save, and rq each lifecycle its own registry):
 * :mod:`~chronos.ledger.queue`: waiting tickets, planning, granting;
 * :mod:`~chronos.ledger.events`: the event log;
 * :mod:`~chronos.ledger.history`: usage and fair-share aggregates, compaction;
+* :mod:`~chronos.ledger.jobs`: batch jobs (``chronos submit``);
 * :mod:`~chronos.ledger.records`: the records, and rows to records by column name.
 
 Each public write of the facade is one ``BEGIN IMMEDIATE`` transaction that reaps
@@ -34,6 +35,7 @@ from chronos.errors import AdmissionRefused, CapacityRefused
 from chronos.ledger import schema
 from chronos.ledger.events import EventLog
 from chronos.ledger.history import MIN_RETENTION_S, History
+from chronos.ledger.jobs import Job, Jobs
 from chronos.ledger.partitions import Lingering, OwnerCheck, Partitions
 from chronos.ledger.queue import PLAN_REUSE_S, PriorityOf, Queue, QuotaCheck
 from chronos.ledger.records import Attached, Ended, Interval, NewPartition, Ticket
@@ -50,6 +52,7 @@ __all__ = [
     "Attached",
     "Ended",
     "Interval",
+    "Job",
     "Ledger",
     "LedgerParts",
     "NewPartition",
@@ -112,6 +115,7 @@ class Ledger:
         )
         self.parts = LedgerParts(partitions, queue, events, history)
         self._partitions, self._queue, self._events, self._history = self.parts
+        self.jobs = Jobs(self._db)
         history.ensure()
 
     def close(self) -> None:
@@ -129,6 +133,21 @@ class Ledger:
         """The SQLite connection, for diagnostics only (a progress handler counting a
         query's work); every write goes through the facade or :attr:`parts`."""
         return self._db
+
+    # ------------------------------------------------------------------ jobs
+
+    def add_job(self, job: Job) -> None:
+        """Record a submitted job (one transaction)."""
+        with schema.transaction(self._db):
+            self.jobs.add(job)
+
+    def update_job(self, job: Job, **changes: Any) -> Job:
+        """One step of a job's life (state, pid, exit code…), one transaction."""
+        with schema.transaction(self._db):
+            return self.jobs.update(job, **changes)
+
+    def job(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id)
 
     # ------------------------------------------------------------------ writes
 

@@ -24,6 +24,8 @@ from chronos.errors import ChronosError
 from chronos.paths import LEDGER_SUFFIXES, open_file
 
 SCHEMA_VERSION = 4
+"""3 → 4: ``partitions.series`` (booking series) and the ``jobs`` table (batch jobs,
+``chronos submit``; ledger/jobs.py), one step."""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS partitions (
@@ -85,6 +87,34 @@ CREATE TABLE IF NOT EXISTS attached (
     attached_by INTEGER NOT NULL,
     PRIMARY KEY (partition_id, pid)
 );
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    uid INTEGER NOT NULL,
+    user TEXT NOT NULL,
+    gid INTEGER NOT NULL,
+    groups TEXT NOT NULL,
+    name TEXT,
+    argv TEXT NOT NULL,
+    env TEXT NOT NULL,
+    cwd TEXT NOT NULL,
+    umask INTEGER NOT NULL,
+    output TEXT NOT NULL,
+    error TEXT,
+    after TEXT,
+    ticket_id TEXT,
+    partition_id TEXT,
+    state TEXT NOT NULL,
+    request TEXT NOT NULL,
+    pid INTEGER,
+    start_ticks INTEGER,
+    exit_code INTEGER,
+    reason TEXT,
+    started_at REAL,
+    ended_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_open ON jobs (state)
+    WHERE state IN ('waiting', 'starting', 'running');
 """
 OPEN = "state IN ('active', 'booked')"
 """SQL: a partition still open (the partial indexes' own condition, spelled the same)."""

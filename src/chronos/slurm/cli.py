@@ -130,7 +130,7 @@ def _shard_bytes() -> int:
 @click.option("--error", help="File for the job's stderr (sbatch --error).")
 @click.option("--after", multiple=True, metavar="JOB", help="Start once JOB has ended.")
 @click.option("--start", help="Not before this time: +2h, 09:00, 'tomorrow 09:00', ISO.")
-@click.option("--device", type=int, help="A GPU index (local jobs; on a cluster Slurm picks).")
+@click.option("--device", help="A GPU index or auto (local jobs; on a cluster Slurm picks).")
 @click.option("--gpus", type=int, help="GPUs (on a cluster: 1, shards share one GPU per node).")
 @click.option(
     "--cluster", is_flag=True, help="Submit to the Slurm cluster (the default on a login node)."
@@ -142,11 +142,11 @@ def submit(ctx: click.Context, /, command: tuple[str, ...], **options: Any) -> N
     """Submit COMMAND as a batch job and return at once; print its job id.
 
     On a Slurm login node this is sbatch, with the shards for --memory
-    (rounded up to whole shards). Local batch jobs (without Slurm) are not available yet.
+    (rounded up to whole shards). Elsewhere chronosd queues it in its fair queue and
+    starts it as you when its share is granted (chronos jobs, chronos log, chronos cancel).
     Example: chronos submit --memory 40GiB --duration 2h -- python train.py
     """
     from chronos.slurm.frontend import (
-        NoBatchQueue,
         cluster_configured,
         run_slurm,
         sbatch_argv,
@@ -154,7 +154,10 @@ def submit(ctx: click.Context, /, command: tuple[str, ...], **options: Any) -> N
 
     explicit = options["cluster"] or (ctx.parent is not None and ctx.parent.info_name == "slurm")
     if not explicit and not cluster_configured():
-        raise NoBatchQueue()
+        from chronos.cli_jobs import submit_local
+
+        submit_local(options, command)  # one machine: chronosd's fair queue (issue 15)
+        return
     if options["device"] is not None:
         raise BadRequest("--device: on a cluster Slurm picks the GPU; leave it out")
     if options["gpus"] not in (None, 1):
