@@ -128,14 +128,17 @@ class MemoryWatch:
     def _check_partition(
         self, now: float, record: PartitionRecord, held: dict[ShareKey, list[ProcessUse]]
     ) -> list[Violation]:
-        """Each GPU of the partition against its own share; at most one violation."""
-        for share in record.shares:
-            procs = held[(record.id, share.device)]
-            violation = self._check_share(now, record.id, share, procs)
-            if violation is not None:
-                # One is enough: stopping the partition ends the whole group.
-                return [violation]
-        return []
+        """Each GPU of the partition against its own share; at most one violation.
+
+        Every GPU is checked (each keeps its window), but one violation is reported:
+        stopping the partition ends the whole group, whichever GPU was over.
+        """
+        found = [
+            v
+            for share in record.shares
+            if (v := self._check_share(now, record.id, share, held[(record.id, share.device)]))
+        ]
+        return found[:1]
 
     def _check_share(
         self, now: float, partition_id: str, share: Share, procs: list[ProcessUse]

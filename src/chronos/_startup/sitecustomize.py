@@ -32,8 +32,12 @@ def _limits() -> list[tuple[int, int]]:
 
     ``CHRONOS_SOFT_LIMITS`` (``soft:total,...``, one per GPU of a group, in
     ``CUDA_VISIBLE_DEVICES`` order) first; else the one-GPU pair of variables.
+    Without ``CHRONOS_SOFT_LIMIT_BYTES`` nothing is capped: unsetting it is how a
+    program undoes the soft cap (the GPU suite does, to reach the library's cap).
     """
     listed = os.environ.get("CHRONOS_SOFT_LIMITS")
+    if "CHRONOS_SOFT_LIMIT_BYTES" not in os.environ:
+        return []
     try:
         if listed:
             pairs = [item.split(":") for item in listed.split(",")]
