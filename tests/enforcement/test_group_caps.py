@@ -7,6 +7,7 @@ more GPUs), which is all the enforcement code reads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,15 +18,18 @@ import pytest
 from chronos_testing import PY
 from helpers import group_of
 
-from chronos import alloccap
+from chronos import alloccap, procs
 from chronos.api import Partition
+from chronos.attribution import attribute_processes
+from chronos.devices import open_machine
 from chronos.devices.base import Device, visible_env_for
+from chronos.devices.simulated import declare_process, simulated_uuid
 from chronos.enforcement import MemoryWatch
 from chronos.frameworks import STARTUP_DIR, limits_env, soft_limit_bytes
 from chronos.models import ProcessUse, Share
 from chronos.transport import Transport
 
-from .support import GIB, SIM_GPU_BYTES, record
+from .support import GIB, MIB, SIM_GPU_BYTES, record
 from .test_soft_caps import fakes as fakes  # noqa: F401 - fixtures are found by name
 from .test_soft_caps import framework_log as framework_log  # noqa: F401
 from .test_soft_caps import recorded
@@ -90,6 +94,26 @@ def test_a_gpu_back_under_its_share_starts_a_fresh_grace_on_that_gpu_only() -> N
     assert watch.observe(0.0, [GROUP], over_both) == []
     assert watch.observe(0.3, [GROUP], over_zero) == []  # GPU 1 forgiven, GPU 0 still over
     assert [v.device for v in watch.observe(0.6, [GROUP], over_zero)] == [0]
+
+
+def test_memory_on_each_gpu_of_the_group_is_the_groups_and_elsewhere_unpartitioned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHRONOS_HOME", str(tmp_path))
+    monkeypatch.delenv("CHRONOS_SIMULATED_PROCESSES", raising=False)
+    monkeypatch.setenv("CHRONOS_SIMULATED_GPUS", "80GiB,80GiB,80GiB")
+    me = os.getpid()
+    primary = dataclasses.replace(
+        record("g2", memory=GIB, uid=os.getuid()),
+        device_uuid=simulated_uuid(0),
+        owner_pid=me,
+        owner_start=procs.start_ticks(me),
+    )
+    group = group_of(primary, Share(1, simulated_uuid(1), GIB, SIM_GPU_BYTES))
+    for device in (0, 1, 2):
+        declare_process(me, device, (device + 1) * MIB)
+    found = attribute_processes(open_machine("simulated"), [group], [])
+    assert {p.device: p.partition_id for p in found if p.pid == me} == {0: "g2", 1: "g2", 2: None}
 
 
 # ---------------------------------------------------------------- what a process sees
