@@ -233,3 +233,14 @@ def test_a_group_partitions_child_env_lists_its_gpus_caps_and_files(
     files = env[alloccap.ENV_FILE].split(":")
     assert [Path(f).name for f in files] == ["g1.cap", "g1.1.cap"]
     assert json.dumps(env)  # all strings
+
+
+def test_a_stopped_groups_lingering_memory_counts_on_each_of_its_gpus() -> None:
+    """Until its processes are gone, a stopped group still holds each GPU's share there."""
+    from chronos.daemon.stopper import _share_on
+
+    assert [_share_on(GROUP, uuid) for uuid in ("GPU-0", "GPU-1", "GPU-2")] == [
+        10 * GIB,
+        4 * GIB,
+        0,
+    ]
