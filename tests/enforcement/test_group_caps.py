@@ -244,3 +244,22 @@ def test_a_stopped_groups_lingering_memory_counts_on_each_of_its_gpus() -> None:
         4 * GIB,
         0,
     ]
+
+
+def test_the_service_shows_a_group_exactly_its_gpus_in_share_order(tmp_path: Path) -> None:
+    from chronos.config import Config
+    from chronos.ledger import Ledger
+    from chronos.service import Service
+
+    service = Service(
+        Ledger(tmp_path / "ledger.db", durable=False),
+        Config(),
+        "embedded",
+        machine_factory=lambda: open_machine("simulated"),
+    )
+    one = dataclasses.replace(record("g3", memory=GIB), device=1, device_uuid=simulated_uuid(1))
+    group = group_of(one, Share(0, simulated_uuid(0), GIB, SIM_GPU_BYTES))
+    assert service._visible_env(one) == {"CUDA_VISIBLE_DEVICES": "1"}  # as before
+    assert service._visible_env(group) == {"CUDA_VISIBLE_DEVICES": "1,0"}
+    gone = group_of(one, Share(5, "SIM-gone", GIB, SIM_GPU_BYTES))
+    assert service._visible_env(gone) == {}  # a GPU no longer there: nothing half-right
