@@ -128,11 +128,16 @@ def ddp(out: str, steps: str = "50", over_rank: str = "-1", over_gib: str = "0")
     )
     step_s = _train(torch, int(steps), ordinal)
     emit(out, event="trained", rank=rank, step_s=step_s)
-    if rank == int(over_rank):
-        extra = torch.empty(int(float(over_gib) * GIB), dtype=torch.uint8, device=f"cuda:{ordinal}")
-        torch.cuda.synchronize(ordinal)
-        emit(out, event="over", rank=rank, bytes=extra.numel())
-        time.sleep(120)  # the hard cap's stop must come first
+    if int(over_rank) >= 0:
+        if rank == int(over_rank):
+            extra = torch.empty(
+                int(float(over_gib) * GIB), dtype=torch.uint8, device=f"cuda:{ordinal}"
+            )
+            torch.cuda.synchronize(ordinal)
+            emit(out, event="over", rank=rank, bytes=extra.numel())
+        # Every rank waits in Python (not in a collective, which would hold off the
+        # SIGTERM handler): the hard cap's stop of the group must come first.
+        time.sleep(120)
         emit(out, event="not_stopped", rank=rank)
     dist.barrier()
     dist.destroy_process_group()

@@ -134,7 +134,7 @@ def _fill_each(files: list[Path], visible: str, out: Path) -> list[dict[str, obj
 def test_a_process_seeing_two_gpus_gets_each_gpus_own_share(out: Path, form: str) -> None:
     """4 GiB on GPU 0 and 8 GiB on GPU 1, whatever form CUDA_VISIBLE_DEVICES takes."""
     (uuid0, _), (uuid1, _) = GPUS[:2]
-    files = _cap_files(shares := out.parent, [(uuid0, 4 * GIB), (uuid1, 8 * GIB)])
+    files = _cap_files(out.parent, [(uuid0, 4 * GIB), (uuid1, 8 * GIB)])
     visible = {"index": "0,1", "uuid": f"{uuid0},{uuid1}", "reordered": "1,0"}[form]
     filled = _fill_each(files, visible, out)
     got = {str(e["uuid"]).removeprefix("GPU-"): int(e["bytes"]) for e in filled}  # type: ignore[call-overload]
@@ -142,7 +142,6 @@ def test_a_process_seeing_two_gpus_gets_each_gpus_own_share(out: Path, form: str
     assert within_share(got[uuid0.removeprefix("GPU-")], 4 * GIB)
     assert within_share(got[uuid1.removeprefix("GPU-")], 8 * GIB)
     assert all(e["error"] == "OutOfMemoryError" for e in filled)
-    assert shares.exists()
 
 
 @two_gpus
@@ -185,8 +184,9 @@ def test_torchrun_nccl_in_a_two_gpu_group_sees_exactly_its_gpus(
 def test_a_rank_over_its_gpus_share_stops_the_whole_group(
     daemon: dict[str, str], out: Path
 ) -> None:
-    """Rank 1 takes 4 GiB past GPU 1's 10 % share (caps that refuse it are off): the
-    sampler stops the partition, and with it rank 0 on GPU 0, which is within its share."""
+    """Rank 1 takes 16 GiB more on GPU 1, past its 10 % share (about 14 GiB on an H200;
+    the caps that would refuse it are off): the sampler stops the partition, and with it
+    rank 0 on GPU 0, which is within its share; every rank waits in Python meanwhile."""
     env = {**daemon, "CHRONOS_ALLOC_CAP": "off"}
     started = time.time()
     result = chronos_run(env, ["--gpus", "2"], "0.1", torchrun(2, "ddp", out, "20", "1", "16"))
