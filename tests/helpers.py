@@ -15,8 +15,11 @@ import sqlite3
 import subprocess
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+from chronos.models import PartitionRecord, Share
 
 #: Variables that could point a test at a real machine's Chronos (removed from the
 #: test process by the ``chronos_env`` fixture, and from its subprocesses' environment).
@@ -33,6 +36,28 @@ MIB = 1 << 20
 SIM_GPU_BYTES = 80 * GIB
 T0 = 1_800_000_000.0
 """Where a FakeClock starts unless told (nothing depends on the date)."""
+
+
+@dataclass(frozen=True)
+class GroupRecord(PartitionRecord):
+    """A partition of several GPUs, for tests written before groups are stored.
+
+    The test seam of the multi-GPU contract: ``shares`` is the primary share (from the
+    record's own fields) followed by ``others``; everything that reads ``record.shares``
+    sees a group. Build one with :func:`group_of`.
+    """
+
+    others: tuple[Share, ...] = ()
+
+    @property
+    def shares(self) -> tuple[Share, ...]:
+        return (*super().shares, *self.others)
+
+
+def group_of(record: PartitionRecord, *others: Share) -> GroupRecord:
+    """``record`` with more GPUs after its primary one."""
+    fields = {name: getattr(record, name) for name in record.__dataclass_fields__}
+    return GroupRecord(**fields, others=tuple(others))
 
 
 class FakeClock:

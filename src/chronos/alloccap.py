@@ -1,8 +1,10 @@
 """The allocation-time cap: locate the preload library, and keep its accounting files.
 
 ``native/chronos_cap.c`` (built at install into ``native/libchronos_cap.so``) is
-preloaded into a partition's processes; they share one counter per partition in
-a small memory-mapped file whose layout is ``native/chronos_cap.h``. This module
+preloaded into a partition's processes; they share one counter per (partition, GPU)
+in a small memory-mapped file whose layout is ``native/chronos_cap.h`` and which names
+its GPU by UUID (the library charges an allocation to the file of the device it lands
+on, and refuses one on a GPU outside the partition). This module
 creates those files (the daemon as root in a root-owned 0755 directory, owned by
 the partition's user with mode 0600; in embedded mode in a private per-user
 directory), reads them for ``chronos stats``, lets the daemon correct a process's
@@ -18,7 +20,7 @@ import contextlib
 import os
 import struct
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,10 +43,12 @@ GUARD_FILE = "unpartitioned"
 
 # --- the file layout (native/chronos_cap.h) ---------------------------------------
 MAGIC = 0x43415043
-VERSION = 2
+VERSION = 3
 SLOTS = 256
-# magic version limit reserve used slots flags refused margin
-HEADER = struct.Struct("<IIqqqIIqq8x")
+MAX_SHARES = 16
+"""GPUs of one partition the library can cap (``CAP_MAX_SHARES``)."""
+# magic version limit reserve used slots flags refused margin pad device_uuid
+HEADER = struct.Struct("<IIqqqIIqq8x64s")
 SLOT = struct.Struct("<QQqqQ")  # pid start_ticks bytes overhead changes
 FILE_BYTES = HEADER.size + SLOTS * SLOT.size
 RECLAIMING = (1 << 64) - 1
@@ -140,8 +144,35 @@ def cap_dir(mode: str) -> Path:
     return Path(tempfile.gettempdir()) / f"chronos-cap-{uid}"
 
 
-def cap_path(partition_id: str, mode: str) -> Path:
-    return cap_dir(mode) / f"{partition_id}.cap"
+def cap_path(partition_id: str, mode: str, share: int = 0) -> Path:
+    """The file of the partition's ``share``-th GPU: ``<id>.cap`` for the primary (as a
+    one-GPU partition's always was), ``<id>.<k>.cap`` for the others of a group."""
+    suffix = "" if share == 0 else f".{share}"
+    return cap_dir(mode) / f"{partition_id}{suffix}.cap"
+
+
+def cap_paths(record: PartitionRecord, mode: str) -> list[Path]:
+    """One accounting file per GPU of the partition, in share order."""
+    return [cap_path(record.id, mode, k) for k in range(len(record.shares))]
+
+
+def partition_of(file_name: str) -> str | None:
+    """The partition id an accounting file's name belongs to (None: not one of ours)."""
+    if not file_name.endswith(".cap"):
+        return None
+    stem = file_name[: -len(".cap")]
+    head, dot, share = stem.rpartition(".")
+    return head if dot and share.isdigit() else stem
+
+
+def cuda_uuid(uuid: str) -> str:
+    """The UUID the library matches a device by: CUDA's (``GPU-``/``MIG-`` and 32 hex
+    digits), else ``""`` (the simulated backend's made-up UUIDs: the file then counts the
+    CUDA ordinal of its position, which is right under the CUDA_VISIBLE_DEVICES we set)."""
+    prefix, _, digits = uuid.partition("-")
+    digits = digits.replace("-", "").lower()
+    is_cuda = prefix in ("GPU", "MIG") and len(digits) == 32
+    return uuid if is_cuda and all(c in "0123456789abcdef" for c in digits) else ""
 
 
 def _ensure_dir(path: Path, mode: str) -> None:
@@ -167,11 +198,18 @@ def _ensure_dir(path: Path, mode: str) -> None:
 
 
 # --- the accounting file -----------------------------------------------------------
-def create_file(path: Path, limit_bytes: int, uid: int | None = None) -> Path:
-    """Write a fresh accounting file for a partition of ``limit_bytes`` (atomically)."""
+def create_file(
+    path: Path, limit_bytes: int, uid: int | None = None, device_uuid: str = ""
+) -> Path:
+    """Write a fresh accounting file for one GPU's share of ``limit_bytes`` (atomically).
+
+    ``device_uuid`` names the GPU the file counts (a ``GPU-``/``MIG-`` UUID); empty, the
+    file counts the CUDA ordinal of its position among the partition's files.
+    """
     reserve = process_reserve(limit_bytes)
     margin = partition_margin(limit_bytes)
-    header = HEADER.pack(MAGIC, VERSION, limit_bytes, reserve, 0, SLOTS, 0, 0, margin)
+    name = device_uuid.encode()[: HEADER.size - 65]  # leave the NUL the library relies on
+    header = HEADER.pack(MAGIC, VERSION, limit_bytes, reserve, 0, SLOTS, 0, 0, margin, name)
     import tempfile
 
     fd, tmp = tempfile.mkstemp(prefix=".new-", dir=path.parent)
@@ -200,7 +238,9 @@ def read_file(path: Path) -> CapState | None:
         return None
     if len(raw) < FILE_BYTES:
         return None
-    magic, version, limit, reserve, used, slots, _flags, refused, margin = HEADER.unpack_from(raw)
+    magic, version, limit, reserve, used, slots, _flags, refused, margin, _uuid = (
+        HEADER.unpack_from(raw)
+    )
     if magic != MAGIC or version != VERSION or slots != SLOTS:
         return None
     found = []
@@ -239,23 +279,33 @@ def wanted_for(vendor: str) -> bool:
     return switch == "on" or (switch != "off" and vendor == "nvidia")
 
 
-def on_create(partition_id: str, memory_bytes: int, uid: int, mode: str) -> Path | None:
-    """Make the partition's accounting file; None (said once) if that is impossible."""
+def on_create(record: PartitionRecord, mode: str) -> list[Path] | None:
+    """Make the partition's accounting files, one per GPU; None (said once) if impossible."""
     if library_path() is None:
         _say_once(_NOT_BUILT)
+        return None
+    if len(record.shares) > MAX_SHARES:
+        _say_once(f"allocation-time cap covers at most {MAX_SHARES} GPUs of one partition")
         return None
     try:
         directory = cap_dir(mode)
         _ensure_dir(directory, mode)
-        return create_file(directory / f"{partition_id}.cap", memory_bytes, uid)
+        return [
+            create_file(path, share.memory_bytes, record.uid, cuda_uuid(share.device_uuid))
+            for path, share in zip(cap_paths(record, mode), record.shares, strict=True)
+        ]
     except OSError as exc:
         _say_once(f"allocation-time cap unavailable ({exc}); the sampling hard cap applies")
         return None
 
 
 def on_release(partition_id: str, mode: str) -> None:
+    """Remove every accounting file of the partition (the primary's and a group's others)."""
     with contextlib.suppress(OSError):
-        cap_path(partition_id, mode).unlink()
+        for entry in cap_dir(mode).iterdir():
+            if partition_of(entry.name) == partition_id:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
 
 
 def sweep(is_open: Callable[[str], bool], mode: str) -> None:
@@ -265,45 +315,51 @@ def sweep(is_open: Callable[[str], bool], mode: str) -> None:
     """
     with contextlib.suppress(OSError):
         for entry in cap_dir(mode).iterdir():
-            if entry.name.endswith(".cap") and not is_open(entry.name[: -len(".cap")]):
+            owner = partition_of(entry.name)
+            if owner is not None and not is_open(owner):
                 with contextlib.suppress(OSError):
                     entry.unlink()
 
 
 def counted_bytes(partition_id: str, mode: str) -> int | None:
-    """Bytes the library counts for a partition now (None: no library file)."""
+    """Bytes the library counts for a partition's primary GPU now (None: no library file)."""
     state = read_file(cap_path(partition_id, mode))
     return None if state is None else live_bytes(state)
 
 
-def _bytes_by_partition(found: Iterable[ProcessUse]) -> dict[str, int]:
-    """What the backends (NVML) see each partition's processes hold."""
-    seen: dict[str, int] = {}
+def _bytes_by_share(found: Iterable[ProcessUse]) -> dict[tuple[str, int], int]:
+    """What the backends (NVML) see each partition's processes hold, per GPU."""
+    seen: dict[tuple[str, int], int] = {}
     for proc in found:
         if proc.partition_id is not None:
-            seen[proc.partition_id] = seen.get(proc.partition_id, 0) + (proc.used_bytes or 0)
+            key = (proc.partition_id, proc.device)
+            seen[key] = seen.get(key, 0) + (proc.used_bytes or 0)
     return seen
 
 
 def stats_rows(
     records: Iterable[PartitionRecord], found: Iterable[ProcessUse], mode: str
 ) -> list[dict[str, object]]:
-    """Per open partition: bytes the library counts and bytes NVML sees (``chronos stats``)."""
-    seen = _bytes_by_partition(found)
+    """Per open partition and GPU: bytes the library counts, bytes NVML sees (``stats``).
+
+    One row per share, so a group shows each GPU's count against that GPU's share.
+    """
+    seen = _bytes_by_share(found)
     rows: list[dict[str, object]] = []
     for r in records:
-        state = read_file(cap_path(r.id, mode))
-        rows.append(
-            {
-                "partition_id": r.id,
-                "user": r.user,
-                "device": r.device,
-                "memory_bytes": r.memory_bytes,
-                "counted_bytes": None if state is None else live_bytes(state),
-                "refused": None if state is None else state.refused,
-                "nvml_bytes": seen.get(r.id, 0),
-            }
-        )
+        for k, share in enumerate(r.shares):
+            state = read_file(cap_path(r.id, mode, k))
+            rows.append(
+                {
+                    "partition_id": r.id,
+                    "user": r.user,
+                    "device": share.device,
+                    "memory_bytes": share.memory_bytes,
+                    "counted_bytes": None if state is None else live_bytes(state),
+                    "refused": None if state is None else state.refused,
+                    "nvml_bytes": seen.get((r.id, share.device), 0),
+                }
+            )
     return rows
 
 
@@ -351,8 +407,8 @@ def raise_overhead(path: Path, pid: int, seen_bytes: int, changes: int) -> int:
     )
 
 
-Snapshot = dict[str, dict[int, int]]
-"""Per capped partition: pid -> its slot's change counter, read before an NVML sample."""
+Snapshot = dict[tuple[str, int], dict[int, int]]
+"""Per capped (partition, GPU): pid -> its slot's change counter, read before an NVML sample."""
 
 
 def before_sample(records: Iterable[PartitionRecord], mode: str = "daemon") -> Snapshot:
@@ -363,9 +419,10 @@ def before_sample(records: Iterable[PartitionRecord], mode: str = "daemon") -> S
     snapshot: Snapshot = {}
     try:
         for r in records:
-            state = read_file(cap_path(r.id, mode))
-            if state is not None:
-                snapshot[r.id] = {s.pid: s.changes for s in state.slots}
+            for k, share in enumerate(r.shares):
+                state = read_file(cap_path(r.id, mode, k))
+                if state is not None:
+                    snapshot[(r.id, share.device)] = {s.pid: s.changes for s in state.slots}
     except Exception as exc:  # noqa: BLE001 - a side job of the sampler, never its end
         _say_once(f"allocation-time cap bookkeeping failed: {exc!r}")
     return snapshot
@@ -379,26 +436,29 @@ def after_sample(
 ) -> list[tuple[str, int, int]]:
     """The daemon, after each sample: correct per-process overheads, keep the guard file.
 
-    Only processes in ``snapshot`` (from :func:`before_sample`) are corrected, only for
-    what they hold on the partition's own GPU (the file counts that one), and only if
-    their slot did not change around the sample. Returns the corrections made
+    Only processes in ``snapshot`` (from :func:`before_sample`) are corrected, each GPU's
+    figure in that GPU's file (memory on a GPU outside the partition is in no file), and
+    only if their slot did not change around the sample. Returns the corrections made
     (partition id, pid, bytes added), for the daemon's log. Never raises: the hard
     cap's sampling must go on whatever happens here.
     """
     raised: list[tuple[str, int, int]] = []
     try:
         records, found = list(records), list(found)
-        device_of = {r.id: r.device for r in records}
+        file_of = {
+            (r.id, share.device): cap_path(r.id, mode, k)
+            for r in records
+            for k, share in enumerate(r.shares)
+        }
         for proc in found:
             pid_id = proc.partition_id
-            seen = (snapshot or {}).get(pid_id or "", {})
+            key = (pid_id or "", proc.device)
+            seen = (snapshot or {}).get(key, {})
             if pid_id is None or proc.pid not in seen or not proc.used_bytes:
                 continue
-            if device_of.get(pid_id) != proc.device:
-                continue  # held on another GPU: not what this partition's file counts
-            added = raise_overhead(
-                cap_path(pid_id, mode), proc.pid, proc.used_bytes, seen[proc.pid]
-            )
+            if key not in file_of:
+                continue  # held on a GPU outside the partition: in none of its files
+            added = raise_overhead(file_of[key], proc.pid, proc.used_bytes, seen[proc.pid])
             if added > 0:
                 raised.append((pid_id, proc.pid, added))
         update_guard(records, found)
@@ -408,15 +468,25 @@ def after_sample(
 
 
 # --- the environment that preloads the library -------------------------------------
-def active_for(partition_id: str, mode: str) -> Path | None:
-    """The partition's accounting file if the library can cap it, else None.
+def active_files(record: PartitionRecord, mode: str) -> list[Path] | None:
+    """The partition's accounting files (one per GPU) if the library can cap it, else None.
+
+    All or nothing: a group with one file missing is not capped at allocation time.
+    """
+    paths_ = [active_for(record.id, mode, k) for k in range(len(record.shares))]
+    found = [p for p in paths_ if p is not None]
+    return found if found and len(found) == len(paths_) else None
+
+
+def active_for(partition_id: str, mode: str, share: int = 0) -> Path | None:
+    """The accounting file of the partition's ``share``-th GPU if usable, else None.
 
     No file means the partition is not capped at allocation time (not a CUDA GPU,
     ``CHRONOS_ALLOC_CAP=off``, or the library was not built, said once at creation).
     """
     if _switch() == "off":
         return None
-    path = cap_path(partition_id, mode)
+    path = cap_path(partition_id, mode, share)
     try:
         st = path.stat()
     except OSError:
@@ -430,13 +500,23 @@ def active_for(partition_id: str, mode: str) -> Path | None:
     return path
 
 
-def preload_env(file: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """LD_PRELOAD (ours first, the caller's kept) and the accounting file's path."""
+def preload_env(
+    files: Path | Sequence[Path], base: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """LD_PRELOAD (ours first, the caller's kept) and the accounting files' paths.
+
+    ``CHRONOS_CAP_FILE`` holds one path per GPU of the partition, ``:``-separated, in
+    share order (a one-GPU partition's is its one path, as before).
+    """
     library = library_path()
     assert library is not None
     current = (os.environ if base is None else base).get("LD_PRELOAD", "")
     rest = [p for p in current.replace(":", " ").split() if p and p != str(library)]
-    return {"LD_PRELOAD": " ".join([str(library), *rest]), ENV_FILE: str(file)}
+    listed = [files] if isinstance(files, Path) else list(files)
+    return {
+        "LD_PRELOAD": " ".join([str(library), *rest]),
+        ENV_FILE: ":".join(str(f) for f in listed),
+    }
 
 
 # --- machine-wide mode (administrators) --------------------------------------------
@@ -449,11 +529,12 @@ def guard_floors(records: Iterable[PartitionRecord], found: Iterable[ProcessUse]
 
     Processes outside any partition (machine-wide mode) must leave that much free.
     """
-    used = _bytes_by_partition(found)
+    used = _bytes_by_share(found)
     floors: dict[str, int] = {}
     for r in records:
-        unused = max(0, r.memory_bytes - used.get(r.id, 0))
-        floors[r.device_uuid] = floors.get(r.device_uuid, 0) + unused
+        for share in r.shares:
+            unused = max(0, share.memory_bytes - used.get((r.id, share.device), 0))
+            floors[share.device_uuid] = floors.get(share.device_uuid, 0) + unused
     return floors
 
 

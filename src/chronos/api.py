@@ -228,16 +228,25 @@ class Partition:
         return self._transport.local_service
 
     def limits_env(self) -> dict[str, str]:
-        """Environment for a child process: this GPU only, and every framework capped."""
+        """Environment for a child process: its GPUs only, and every framework capped.
+
+        A group's GPUs are ordinals 0..n-1 in share order, each capped to its own share.
+        """
         from chronos import alloccap
         from chronos.frameworks import limits_env
 
-        cap_file = alloccap.active_for(self.id, self._transport.mode)
+        cap_files = alloccap.active_files(self._record, self._transport.mode)
         total = self._record.device_total_bytes
-        env = {**self.env, **limits_env(self.memory_bytes, total, capped=cap_file is not None)}
-        if cap_file is not None:  # the allocation-time cap (docs/ALLOCATION_CAP.md)
-            env.update(alloccap.preload_env(cap_file))
+        capped = cap_files is not None
+        shares = self._share_sizes()
+        env = {**self.env, **limits_env(self.memory_bytes, total, capped=capped, shares=shares)}
+        if cap_files is not None:  # the allocation-time cap (docs/ALLOCATION_CAP.md)
+            env.update(alloccap.preload_env(cap_files))
         return env
+
+    def _share_sizes(self) -> list[tuple[int, int]]:
+        """``(bytes, GPU total)`` of each GPU's share, primary first."""
+        return [(s.memory_bytes, s.device_total_bytes) for s in self._record.shares]
 
     def apply_framework_limits(self) -> dict[str, str]:
         """Cap PyTorch, TensorFlow, JAX and CuPy in this process to the partition.
@@ -249,7 +258,9 @@ class Partition:
 
         for name, value in self._visible_env.items():
             os.environ.setdefault(name, value)
-        return apply_in_process(self.memory_bytes, self._record.device_total_bytes)
+        return apply_in_process(
+            self.memory_bytes, self._record.device_total_bytes, shares=self._share_sizes()
+        )
 
     def on_expiring(self, seconds_before: float, callback: Callable[[Partition], Any]) -> None:
         """Call ``callback(partition)`` ``seconds_before`` the end.

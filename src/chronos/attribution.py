@@ -121,7 +121,7 @@ def attribute_processes(
 ) -> list[ProcessUse]:
     records = list(records)
     attributor = Attributor(records, attached)
-    device_of = {r.id: r.device_uuid for r in records}
+    uuids_of = {r.id: {share.device_uuid for share in r.shares} for r in records}
     index = {d.uuid: d.index for d in machine.devices}
     out = []
     for proc in machine.processes():
@@ -129,8 +129,8 @@ def attribute_processes(
             continue
         uid = procs.process_uid(proc.pid)
         partition_id = attributor.partition_of(proc.pid)
-        if partition_id is not None and device_of[partition_id] != proc.device_uuid:
-            partition_id = None  # memory on a GPU its partition is not on is unpartitioned
+        if partition_id is not None and proc.device_uuid not in uuids_of[partition_id]:
+            partition_id = None  # memory on a GPU outside its partition is unpartitioned
         out.append(
             ProcessUse(
                 pid=proc.pid,

@@ -15,6 +15,11 @@ over is counted only between two consecutive samples that are both over, so
 it never exceeds the real time over: a single spike shorter than the grace is
 always allowed. Memory a partition's process holds on another GPU counts as
 unpartitioned use there.
+
+A partition of several GPUs (a group) is held to each GPU's share separately: the
+window runs per (partition, GPU), memory on one GPU never offsets another's, and
+a violation on any one GPU names the partition, whose stop ends every process of
+the group (one id for the stopper, as at expiry).
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from chronos.models import PartitionRecord, ProcessUse
+from chronos.models import PartitionRecord, ProcessUse, Share
+
+ShareKey = tuple[str, int]
+"""(partition id, device): one GPU's share of a partition, watched on its own."""
 
 
 @dataclass(frozen=True)
@@ -59,34 +67,39 @@ class MemoryWatch:
     exempt_users: frozenset[str] = frozenset()
     exempt_commands: frozenset[str] = frozenset()
     usage: dict[str, PartitionUsage] = field(default_factory=dict)
-    _over_since: dict[str, float] = field(default_factory=dict)
+    """Per partition, all its GPUs together."""
+    _over_since: dict[ShareKey, float] = field(default_factory=dict)
     _stray_since: dict[int, float] = field(default_factory=dict)
     _reported: set[str] = field(default_factory=set)
+    """``pid:N`` of strays reported."""
+    _reported_shares: set[ShareKey] = field(default_factory=set)
     _warned_pids: set[int] = field(default_factory=set)
     _strays: set[tuple[int, int]] = field(default_factory=set)
     window_s: float = WINDOW_S
-    _over_spans: dict[str, deque[tuple[float, float]]] = field(default_factory=dict)
-    """Per partition: spans between two consecutive samples that were both over."""
-    _last_sample: dict[str, tuple[float, bool]] = field(default_factory=dict)
+    _over_spans: dict[ShareKey, deque[tuple[float, float]]] = field(default_factory=dict)
+    """Per (partition, GPU): spans between two consecutive samples that were both over."""
+    _last_sample: dict[ShareKey, tuple[float, bool]] = field(default_factory=dict)
 
     def observe(
         self, now: float, records: Iterable[PartitionRecord], processes: Iterable[ProcessUse]
     ) -> list[Violation]:
         """Feed one sample; return what must be stopped now (each reported once)."""
         by_id = {r.id: r for r in records}
-        held: dict[str, list[ProcessUse]] = {pid_id: [] for pid_id in by_id}
+        held: dict[ShareKey, list[ProcessUse]] = {
+            (r.id, share.device): [] for r in by_id.values() for share in r.shares
+        }
         strays: list[ProcessUse] = []
         for proc in processes:
-            record = by_id.get(proc.partition_id or "")
-            if record is not None and proc.device == record.device:
-                held[record.id].append(proc)
+            procs = held.get((proc.partition_id or "", proc.device))
+            if procs is not None:
+                procs.append(proc)
             else:
-                strays.append(proc)
-        out = [
-            v
-            for pid_id, procs in held.items()
-            if (v := self._check_partition(now, by_id[pid_id], procs)) is not None
-        ]
+                strays.append(proc)  # no partition, or a GPU outside its partition
+        out: list[Violation] = []
+        for record in by_id.values():
+            used = sum(_held(held[(record.id, share.device)]) for share in record.shares)
+            self._account(record.id, now, used)
+            out.extend(self._check_partition(now, record, held))
         out.extend(self._check_strays(now, strays))
         self._strays = {(p.pid, p.device) for p in strays}
         # A stray that freed its memory starts a fresh grace when it takes some again.
@@ -113,32 +126,47 @@ class MemoryWatch:
         return fresh
 
     def _check_partition(
-        self, now: float, record: PartitionRecord, procs: list[ProcessUse]
+        self, now: float, record: PartitionRecord, held: dict[ShareKey, list[ProcessUse]]
+    ) -> list[Violation]:
+        """Each GPU of the partition against its own share; at most one violation.
+
+        Every GPU is checked (each keeps its window), but one violation is reported:
+        stopping the partition ends the whole group, whichever GPU was over.
+        """
+        found = [
+            v
+            for share in record.shares
+            if (v := self._check_share(now, record.id, share, held[(record.id, share.device)]))
+        ]
+        return found[:1]
+
+    def _check_share(
+        self, now: float, partition_id: str, share: Share, procs: list[ProcessUse]
     ) -> Violation | None:
-        used = sum(p.used_bytes or 0 for p in procs)
-        self._account(record.id, now, used)
-        over = used > record.memory_bytes
-        previous = self._last_sample.get(record.id)
-        self._last_sample[record.id] = (now, over)
-        spans = self._over_spans.setdefault(record.id, deque())
+        key = (partition_id, share.device)
+        used = _held(procs)
+        over = used > share.memory_bytes
+        previous = self._last_sample.get(key)
+        self._last_sample[key] = (now, over)
+        spans = self._over_spans.setdefault(key, deque())
         if over and previous is not None and previous[1] and now > previous[0]:
             spans.append((previous[0], now))
         if not over:
-            self._over_since.pop(record.id, None)
-            self._reported.discard(record.id)
+            self._over_since.pop(key, None)
+            self._reported_shares.discard(key)
             return None
-        since = self._over_since.setdefault(record.id, now)
-        if self._time_over(spans, now) < self.grace_s or record.id in self._reported:
+        since = self._over_since.setdefault(key, now)
+        if self._time_over(spans, now) < self.grace_s or key in self._reported_shares:
             return None
-        self._reported.add(record.id)
+        self._reported_shares.add(key)
         spans.clear()  # a new violation needs a new grace's worth of time over
         return Violation(
             "memory",
-            record.id,
+            partition_id,
             tuple(sorted(p.pid for p in procs)),
             used,
-            record.memory_bytes,
-            record.device,
+            share.memory_bytes,
+            share.device,
             since,
         )
 
@@ -183,18 +211,19 @@ class MemoryWatch:
 
     def _forget(self, open_ids: Iterable[str], stray_pids: set[int]) -> None:
         open_set = set(open_ids)
-        for pid_id in list(self._over_since):
-            if pid_id not in open_set:
-                del self._over_since[pid_id]
-        for table in (self._over_spans, self._last_sample):
-            for pid_id in [k for k in table if k not in open_set]:
-                del table[pid_id]
+        for table in (self._over_since, self._over_spans, self._last_sample):
+            for key in [k for k in table if k[0] not in open_set]:
+                del table[key]
         for pid in list(self._stray_since):
             if pid not in stray_pids:
                 del self._stray_since[pid]
                 self._reported.discard(f"pid:{pid}")
 
     def finish(self, partition_id: str) -> PartitionUsage | None:
-        """Stop accounting ``partition_id``; return what it used."""
-        self._reported.discard(partition_id)
+        """Stop accounting ``partition_id`` (every GPU of it); return what it used."""
+        self._reported_shares = {k for k in self._reported_shares if k[0] != partition_id}
         return self.usage.pop(partition_id, None)
+
+
+def _held(procs: Iterable[ProcessUse]) -> int:
+    return sum(p.used_bytes or 0 for p in procs)

@@ -197,9 +197,9 @@ class Service:
             return self._ticket_status(ticket.id, note=str(refusal))
         self.on_change()
         if alloccap.wanted_for(dev.vendor):
-            alloccap.on_create(record.id, record.memory_bytes, record.uid, self.mode)
+            alloccap.on_create(record, self.mode)
         alloccap.sweep(self._is_open, self.mode)
-        return messages.Granted(record=record, visible_env=dict(dev.visible_env)).to_wire()
+        return messages.Granted(record=record, visible_env=self._visible_env(record)).to_wire()
 
     def _check_series(self, series: str | None, uid: int) -> None:
         """A series id is ``s`` and seven hex digits, and a series has one owner."""
@@ -266,7 +266,7 @@ class Service:
         for record in map(self.ledger.get, filter(None, ids)):
             dev = self.machine.by_uuid(record.device_uuid)
             if dev is not None and alloccap.wanted_for(dev.vendor):
-                alloccap.on_create(record.id, record.memory_bytes, record.uid, self.mode)
+                alloccap.on_create(record, self.mode)
         return ids
 
     def _grace_of(self, grace: Any) -> float:
@@ -347,6 +347,14 @@ class Service:
             return []
         return self.ledger.ending_by(req.device_uuid, estimate + 1e-6)
 
+    def _visible_env(self, record: PartitionRecord) -> dict[str, str]:
+        """The environment that shows a process exactly the record's GPUs, in share order."""
+        from chronos.devices.base import visible_env_for  # with the backends: when used
+
+        found = [self.machine.by_uuid(share.device_uuid) for share in record.shares]
+        present = [device for device in found if device is not None]
+        return visible_env_for(present) if len(present) == len(found) else {}
+
     def _ticket_status(self, ticket_id: str, note: str | None = None) -> dict[str, Any]:
         ticket = self.ledger.ticket(ticket_id)
         status: dict[str, Any] = {
@@ -356,8 +364,7 @@ class Service:
         }
         if ticket.state == TicketState.GRANTED and ticket.partition_id:
             record = self.ledger.get(ticket.partition_id)
-            dev = self.machine.by_uuid(record.device_uuid)
-            env = dict(dev.visible_env) if dev else {}
+            env = self._visible_env(record)
             status["partition"] = messages.Granted(record=record, visible_env=env).to_wire()
         elif ticket.state == TicketState.WAITING:
             mine = next(iter(self.queue_statuses(only=ticket.id)), None)

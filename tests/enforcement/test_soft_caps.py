@@ -43,6 +43,9 @@ FAKE_TORCH = {
             while _queue:
                 _queue.pop(0)()
 
+        def device_count():
+            return int(os.environ.get("FAKE_TORCH_DEVICES", "1"))
+
         def set_per_process_memory_fraction(fraction, device=None):
             with open(os.environ["FAKE_FRAMEWORK_LOG"], "a") as f:
                 f.write(json.dumps({"framework": "torch", "fraction": fraction,
@@ -59,7 +62,8 @@ FAKE_TENSORFLOW = {
                 self.memory_limit = memory_limit
 
         def list_physical_devices(kind=None):
-            return ["/physical_device:GPU:0"] if kind == "GPU" else []
+            count = int(os.environ.get("FAKE_TF_GPUS", "1"))
+            return [f"/physical_device:GPU:{i}" for i in range(count)] if kind == "GPU" else []
 
         def set_logical_device_configuration(device, configs):
             with open(os.environ["FAKE_FRAMEWORK_LOG"], "a") as f:

@@ -10,7 +10,9 @@
  *         alloc:N fill:C async:N asyncfill:C freeasync trim pool:N poolfill:C pooldestroy
  *         vmm:N vmmfill:C vmmhost:N vmmrelease vmmunmap pitch:W:H managed:N
  *         array:W:H array3d:W:H:D mipmap:W:H:L arraydestroy freeall freeunknown
- *         info devtotal used wait hold
+ *         info devtotal used wait hold device:K vmmon:K:N
+ * "device:K" makes ordinal K's primary context current (later ops land there);
+ * "vmmon:K:N" maps N bytes of VMM memory located on ordinal K, whatever is current.
  * "fill:C" allocates C bytes at a time until refused and prints the total and the
  * error code; "wait" reads one line from stdin; "hold" waits for EOF on stdin.
  */
@@ -52,6 +54,8 @@ CUresult cuMemGetInfo_v2(size_t *, size_t *);
 CUresult cuDeviceTotalMem_v2(size_t *, int);
 CUresult cuGetProcAddress_v2(const char *, void **, int, u64, int *);
 u64 fake_device_used(void);
+CUresult cuDevicePrimaryCtxRetain(void **, int);
+CUresult cuCtxSetCurrent(void *);
 
 static struct {
     CUresult (*alloc)(u64 *, size_t);
@@ -165,7 +169,7 @@ static u64 arg(const char *op, int i)
     return strtoull(p, NULL, 0);
 }
 
-static const int DEVICE_PROP[8] = {1, 0, 1, 0}; /* pinned, device location 0 */
+static int DEVICE_PROP[8] = {1, 0, 1, 0}; /* pinned, device location 0 */
 static const int HOST_PROP[8] = {1, 0, 2, 0};   /* CU_MEM_LOCATION_TYPE_HOST */
 
 static CUresult vmm(u64 bytes, const int *prop)
@@ -283,6 +287,17 @@ static void run(const char *op)
         size_t t = 0;
         r = cu.devtotal(&t, 0);
         printf("devtotal %d %zu\n", r, t);
+    } else if (!strncmp(op, "device:", 7)) {
+        void *ctx = NULL;
+        r = cuDevicePrimaryCtxRetain(&ctx, (int)a);
+        if (!r)
+            r = cuCtxSetCurrent(ctx);
+        printf("device %d\n", r);
+    } else if (!strncmp(op, "vmmon:", 6)) {
+        DEVICE_PROP[3] = (int)a;
+        r = vmm(arg(op, 2), DEVICE_PROP);
+        DEVICE_PROP[3] = 0;
+        printf("vmmon %d\n", r);
     } else if (!strcmp(op, "used")) {
         printf("used %llu\n", fake_device_used());
     } else if (!strcmp(op, "wait") || !strcmp(op, "hold")) {

@@ -1,9 +1,12 @@
 /*
  * A pretend libcuda.so.1 for the allocation-cap tests (no GPU in CI).
  *
- * One device of FAKE_TOTAL bytes per process; it tracks the bytes really
- * "allocated" so a test can compare what the cap let through with what the
- * device holds.  Pointers are fake addresses, never dereferenced.  The
+ * FAKE_CUDA_DEVICES devices (default 1) of FAKE_TOTAL bytes each per process; it
+ * tracks the bytes really "allocated" on each, so a test can compare what the cap
+ * let through with what a device holds.  FAKE_CUDA_VISIBLE ("2,0": ordinal 0 is
+ * physical device 2, ...) reorders them the way CUDA_VISIBLE_DEVICES does; physical
+ * device p has UUID GPU-1<p>111213-1415-1617-1819-1a1b1c1d1e1f (p in hex).  The
+ * current device is the one whose primary context was made current last.  Pointers are fake addresses, never dereferenced.  The
  * stream-ordered pools behave like PyTorch's: freed blocks stay reserved
  * until cuMemPoolTrimTo.  cuGetProcAddress hands out the ABI variants the
  * real driver does ((cuMemAlloc, 3020) -> cuMemAlloc_v2, per-thread flag ->
@@ -19,12 +22,40 @@
 #define FAKE_TOTAL (80ull << 30)
 #define GRANULE (2ull << 20)
 #define MAXN 65536
+#define MAXDEV 8
 
 typedef int CUresult;
 typedef unsigned long long u64;
 enum { OK = 0, INVALID = 1, OOM = 2 };
 
-static u64 device_used; /* what the pretend device holds */
+static u64 used_on[MAXDEV]; /* what each pretend (physical) device holds */
+static int current;         /* the current context's ordinal */
+#define device_used used_on[physical(current)]
+
+static int n_devices(void)
+{
+    const char *n = getenv("FAKE_CUDA_DEVICES");
+    int v = n ? atoi(n) : 1;
+    return v < 1 ? 1 : v > MAXDEV ? MAXDEV : v;
+}
+
+/* The physical device behind ordinal `ordinal` (FAKE_CUDA_VISIBLE, else itself). */
+static int physical(int ordinal)
+{
+    const char *v = getenv("FAKE_CUDA_VISIBLE");
+    if (v == NULL)
+        return ordinal;
+    for (int i = 0; *v; i++) {
+        int p = atoi(v);
+        if (i == ordinal)
+            return p >= 0 && p < MAXDEV ? p : 0;
+        v = strchr(v, ',');
+        if (v == NULL)
+            break;
+        v++;
+    }
+    return 0;
+}
 static u64 next_addr = 1ull << 40;
 
 struct rec { u64 key, bytes, a, b; };
@@ -60,13 +91,17 @@ static int take(u64 bytes)
 
 E u64 fake_device_used(void) { return device_used; }
 E CUresult cuInit(unsigned flags) { (void)flags; return OK; }
-E CUresult cuDeviceGet(int *dev, int ordinal) { *dev = ordinal; return ordinal == 0 ? OK : INVALID; }
-E CUresult cuCtxGetDevice(int *dev) { *dev = 0; return OK; }
+E CUresult cuDeviceGet(int *dev, int ordinal)
+{
+    *dev = ordinal;
+    return ordinal >= 0 && ordinal < n_devices() ? OK : INVALID;
+}
+E CUresult cuCtxGetDevice(int *dev) { *dev = current; return OK; }
 E CUresult cuDeviceGetUuid(unsigned char *uuid, int dev)
 {
-    (void)dev;
     for (int i = 0; i < 16; i++)
         uuid[i] = (unsigned char)(0x10 + i);
+    uuid[0] = (unsigned char)(0x10 + physical(dev));
     return OK;
 }
 E CUresult cuDeviceTotalMem_v2(size_t *bytes, int dev) { (void)dev; *bytes = FAKE_TOTAL; return OK; }
@@ -360,6 +395,18 @@ E CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int version, u64 
 }
 
 /* Enough of the context API for programs written against the real driver. */
-E CUresult cuDevicePrimaryCtxRetain(void **ctx, int dev) { (void)dev; *ctx = &default_pool; return OK; }
-E CUresult cuCtxSetCurrent(void *ctx) { (void)ctx; return OK; }
+static char contexts[MAXDEV]; /* a context is the address of its ordinal's byte */
+E CUresult cuDevicePrimaryCtxRetain(void **ctx, int dev)
+{
+    if (dev < 0 || dev >= n_devices())
+        return INVALID;
+    *ctx = &contexts[dev];
+    return OK;
+}
+E CUresult cuCtxSetCurrent(void *ctx)
+{
+    if (ctx != NULL)
+        current = (int)((char *)ctx - contexts);
+    return OK;
+}
 E CUresult cuStreamSynchronize(void *stream) { (void)stream; return OK; }

@@ -82,7 +82,7 @@ def test_the_margin_is_kept_free_below_the_share_as_the_file_says(
     # The library reads the margin from the file: with none, the whole share less the reserve.
     raw = bytearray(cap_file.read_bytes())
     fields = list(alloccap.HEADER.unpack_from(raw))
-    fields[-1] = 0
+    fields[-2] = 0  # margin_bytes (the last field is the device UUID)
     alloccap.HEADER.pack_into(raw, 0, *fields)
     cap_file.write_bytes(bytes(raw))
     out = native.run(native.capped(cap_file), "dlsym", f"fill:{MIB}")
@@ -548,11 +548,12 @@ def test_the_sampler_corrects_only_processes_it_read_before_sampling(
     """before_sample / after_sample, as chronosd calls them around each NVML sample."""
     monkeypatch.setenv("CHRONOS_HOME", str(tmp_path))
     monkeypatch.setenv("CHRONOS_SOCKET", str(tmp_path / "chronosd.sock"))  # guard file here
-    path = alloccap.on_create("p1", LIMIT, os.getuid(), "embedded")
-    assert path is not None
     record = PartitionRecord(
         "p1", 0, "GPU-0", FAKE_TOTAL, LIMIT, os.getuid(), "me", 0.0, 0.0, 1e12, "active"
     )
+    created = alloccap.on_create(record, "embedded")
+    assert created is not None
+    (path,) = created
     member = subprocess.Popen(
         [str(native.client), "dlsym", f"alloc:{GIB}", "hold"],
         env=native.capped(path),
@@ -567,7 +568,7 @@ def test_the_sampler_corrects_only_processes_it_read_before_sampling(
         # No snapshot (the process was not read before NVML was): no correction.
         assert alloccap.after_sample([record], seen, None, mode="embedded") == []
         snapshot = alloccap.before_sample([record], mode="embedded")
-        assert member.pid in snapshot["p1"]
+        assert member.pid in snapshot[("p1", 0)]
         # What it holds on another GPU is not this partition's (its file counts GPU 0).
         elsewhere = [ProcessUse(member.pid, 1, GIB + 900 * MIB, "me", "cap_client", "p1")]
         assert alloccap.after_sample([record], elsewhere, snapshot, mode="embedded") == []

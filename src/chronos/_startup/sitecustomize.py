@@ -27,26 +27,46 @@ if TYPE_CHECKING:
     from types import ModuleType
 
 
-def _limit() -> tuple[int, int] | None:
+def _limits() -> list[tuple[int, int]]:
+    """``(soft, total)`` bytes per visible GPU ordinal; empty: no limit set.
+
+    ``CHRONOS_SOFT_LIMITS`` (``soft:total,...``, one per GPU of a group, in
+    ``CUDA_VISIBLE_DEVICES`` order) first; else the one-GPU pair of variables.
+    Without ``CHRONOS_SOFT_LIMIT_BYTES`` nothing is capped: unsetting it is how a
+    program undoes the soft cap (the GPU suite does, to reach the library's cap).
+    """
+    listed = os.environ.get("CHRONOS_SOFT_LIMITS")
+    if "CHRONOS_SOFT_LIMIT_BYTES" not in os.environ:
+        return []
     try:
-        soft = int(os.environ["CHRONOS_SOFT_LIMIT_BYTES"])
-        total = int(os.environ["CHRONOS_DEVICE_TOTAL_BYTES"])
+        if listed:
+            pairs = [item.split(":") for item in listed.split(",")]
+            limits = [(int(soft), int(total)) for soft, total in pairs]
+        else:
+            soft = int(os.environ["CHRONOS_SOFT_LIMIT_BYTES"])
+            total = int(os.environ["CHRONOS_DEVICE_TOTAL_BYTES"])
+            limits = [(soft, total)]
     except (KeyError, ValueError):
-        return None
-    if soft <= 0 or total <= 0:
-        return None
-    return soft, total
+        return []
+    return limits if all(soft > 0 and total > 0 for soft, total in limits) else []
+
+
+def _limit() -> tuple[int, int] | None:
+    """The primary GPU's ``(soft, total)``, or None without a limit."""
+    limits = _limits()
+    return limits[0] if limits else None
 
 
 def _cap_torch(torch: ModuleType) -> None:
-    limit = _limit()
-    if limit is None:
+    limits = _limits()
+    if not limits:
         return
-    soft, total = limit
-    fraction = min(1.0, soft / total)
 
     def apply() -> None:
-        torch.cuda.set_per_process_memory_fraction(fraction, 0)
+        # Each GPU its own share: ordinal i is the group's i-th GPU.
+        visible = torch.cuda.device_count()
+        for ordinal, (soft, total) in enumerate(limits[:visible]):
+            torch.cuda.set_per_process_memory_fraction(min(1.0, soft / total), ordinal)
 
     # Queued until CUDA initialises, so importing torch stays cheap and fork-safe.
     if torch.cuda.is_initialized():
@@ -56,15 +76,14 @@ def _cap_torch(torch: ModuleType) -> None:
 
 
 def _cap_tensorflow(tf: ModuleType) -> None:
-    limit = _limit()
-    if limit is None:
+    limits = _limits()
+    if not limits:
         return
-    soft, _ = limit
     try:
         gpus = tf.config.list_physical_devices("GPU")
-        if gpus:
+        for gpu, (soft, _) in zip(gpus, limits):
             tf.config.set_logical_device_configuration(
-                gpus[0], [tf.config.LogicalDeviceConfiguration(memory_limit=soft // (1 << 20))]
+                gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=soft // (1 << 20))]
             )
     except (RuntimeError, ValueError, AttributeError) as exc:
         sys.stderr.write(f"chronos: could not cap TensorFlow's GPU memory: {exc}\n")

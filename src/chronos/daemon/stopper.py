@@ -413,15 +413,15 @@ class ProcessStopper:
         out = [
             (entry.record.expires_at, max(entry.until, now + LINGER_MARGIN_S), b, r_id)
             for r_id, entry in self._lingering.items()
-            if entry.record.device_uuid == device_uuid and (b := entry.record.memory_bytes) > 0
+            if (b := _share_on(entry.record, device_uuid)) > 0
         ]
         ids, _ = self.ledger.ended_since(self._seen_seq())
         for r_id in dict.fromkeys(ids):
             if r_id in self._lingering:
                 continue
             r = self.ledger.get(r_id)
-            if r.state == EXPIRED and r.device_uuid == device_uuid and r.memory_bytes > 0:
-                out.append((r.expires_at, now + LINGER_MARGIN_S, r.memory_bytes, r.id))
+            if r.state == EXPIRED and (b := _share_on(r, device_uuid)) > 0:
+                out.append((r.expires_at, now + LINGER_MARGIN_S, b, r.id))
         return out
 
     def prune_lingering(self) -> bool:
@@ -450,3 +450,11 @@ def _terminated(why: str, members: dict[int, int], plan: Escalation) -> dict[str
         "members": sorted(members.items()),
         "kill_at": plan.due_at,
     }
+
+
+def _share_on(record: PartitionRecord, device_uuid: str) -> int:
+    """The bytes ``record`` holds on GPU ``device_uuid`` (0 if none of its shares is there).
+
+    A group's processes linger on every GPU of the group, each with that GPU's share.
+    """
+    return sum(s.memory_bytes for s in record.shares if s.device_uuid == device_uuid)

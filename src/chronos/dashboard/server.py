@@ -124,8 +124,12 @@ def collect(client: Any, now: float | None = None) -> Snapshot:
                 }
             )
     per_process = bool(stats.get("per_process_memory", True))
-    # Bytes the allocation-time cap library counts, per partition (docs/ALLOCATION_CAP.md).
-    counted = {row["partition_id"]: row["counted_bytes"] for row in stats.get("alloc_cap", [])}
+    # Bytes the allocation-time cap library counts, per partition (docs/ALLOCATION_CAP.md):
+    # the rows come per GPU, so a group's are summed (None only if no GPU of it is capped).
+    counted: dict[str, int | None] = {}
+    for row in stats.get("alloc_cap", []):
+        so_far, more = counted.get(row["partition_id"]), row["counted_bytes"]
+        counted[row["partition_id"]] = more if so_far is None else so_far + (more or 0)
     state = {
         "now": now,
         "host": socket.gethostname(),

@@ -9,6 +9,7 @@ which processes hold that memory. Anything a vendor cannot tell is ``None``
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -30,6 +31,34 @@ class Device:
     """Environment that restricts a child process to this device alone."""
     details: dict[str, str] = field(default_factory=dict)
     """Vendor facts worth showing (driver version, compute mode, MIG mode …)."""
+
+
+LISTED_VISIBILITY = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "ZE_AFFINITY_MASK")
+"""Variables whose value is a comma-separated list of devices, in the order given."""
+RELATIVE_VISIBILITY = ("HIP_VISIBLE_DEVICES",)
+"""Variables that count within the devices the listed ones left visible (HIP within ROCr)."""
+
+
+def visible_env_for(devices: Sequence[Device]) -> dict[str, str]:
+    """Environment that restricts a child process to exactly ``devices``, in that order.
+
+    One device: its own ``visible_env``, unchanged. Several (a group's GPUs, primary
+    first): listed variables join each device's value (``CUDA_VISIBLE_DEVICES=GPU-a,GPU-b``,
+    so ordinal k is the group's k-th GPU), relative ones count 0..n-1, and any other
+    (``ZE_ENABLE_PCI_ID_DEVICE_ORDER``) keeps the primary's value.
+    """
+    if len(devices) == 1:
+        return dict(devices[0].visible_env)
+    out: dict[str, str] = {}
+    for device in devices:
+        for name, value in device.visible_env.items():
+            if name in LISTED_VISIBILITY:
+                out[name] = f"{out[name]},{value}" if name in out else value
+            elif name in RELATIVE_VISIBILITY:
+                out[name] = ",".join(str(i) for i in range(len(devices)))
+            else:
+                out.setdefault(name, value)
+    return out
 
 
 @dataclass(frozen=True)

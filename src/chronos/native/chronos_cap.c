@@ -3,8 +3,13 @@
  * a partition over its bytes (see docs/ALLOCATION_CAP.md for the design).
  *
  * Preloaded (LD_PRELOAD) into every process of a partition by `chronos run`
- * and Partition.limits_env().  The partition's processes share one counter in
- * a memory-mapped file named by CHRONOS_CAP_FILE; an allocation adds its bytes
+ * and Partition.limits_env().  The partition's processes share one counter per
+ * GPU of the partition, each in a memory-mapped file; CHRONOS_CAP_FILE names them
+ * (colon-separated, in the partition's share order).  Each file names its GPU by
+ * UUID, and an allocation is charged to the file of the device it lands on (the
+ * current context's device, cuCtxGetDevice, mapped to its UUID once), so any
+ * CUDA_VISIBLE_DEVICES form (index, UUID, reordered) finds the right share and a
+ * device outside the partition gets nothing.  An allocation adds its bytes
  * with one atomic fetch_add and, if that went over the cap, subtracts them
  * again and fails with CUDA_ERROR_OUT_OF_MEMORY, which every framework turns
  * into its own clean out-of-memory error.  cuMemGetInfo_v2 and
@@ -121,6 +126,7 @@ typedef struct {
     X(cuDeviceGetMemPool)                                                                  \
     X(cuMemPoolGetAttribute)                                                               \
     X(cuDeviceGetUuid)                                                                     \
+    X(cuDeviceGetUuid_v2)                                                                  \
     X(cuStreamSynchronize)
 
 enum {
@@ -196,12 +202,24 @@ static void *real(int id)
     (real(ID_##fn) ? ((CUresult(*) types)real(ID_##fn))(__VA_ARGS__)                   \
                    : CUDA_ERROR_NOT_INITIALIZED)
 
-/* ------------------------------------------------ the partition's counter */
-static struct cap_header *cap;      /* NULL: not in a partition */
-static struct cap_slot *slots;
-static _Atomic int my_slot = -1;    /* index of this process's slot, -1 none yet */
-static _Atomic int my_pid;          /* the pid the slot was claimed for (fork) */
+/* ------------------------------------------------ the partition's counters */
+/* One share per GPU of the partition: its mapped file and this process's slot in it. */
+struct share {
+    struct cap_header *cap;
+    struct cap_slot *slots;
+    _Atomic int my_slot; /* index of this process's slot, -1 none yet */
+};
+static struct share shares[CAP_MAX_SHARES];
+static int n_shares;                /* 0: not in a partition (set once, in the constructor) */
+static _Atomic int my_pid;          /* the pid the slots were claimed for (fork) */
 static pthread_mutex_t tables_lock = PTHREAD_MUTEX_INITIALIZER; /* this process only */
+
+/* CUdevice ordinal -> share: 0 not looked up yet, k + 1 share k, -1 outside the
+ * partition.  Written once per device (racing threads compute the same value), so
+ * the hot path is one relaxed load. */
+#define MAX_ORDINALS 64
+#define OUTSIDE (-1)
+static _Atomic int share_of_ordinal[MAX_ORDINALS];
 
 static void say_once(const char *why)
 {
@@ -211,15 +229,12 @@ static void say_once(const char *why)
                         "the sampling hard cap still applies\n", why);
 }
 
-static void open_cap_file(void)
+static struct cap_header *map_cap_file(const char *path)
 {
-    const char *path = getenv("CHRONOS_CAP_FILE");
-    if (path == NULL || path[0] == '\0')
-        return;
     int fd = open(path, O_RDWR | O_CLOEXEC);
     if (fd < 0) {
         say_once(strerror(errno));
-        return;
+        return NULL;
     }
     struct stat st;
     void *map = MAP_FAILED;
@@ -228,16 +243,129 @@ static void open_cap_file(void)
     close(fd);
     if (map == MAP_FAILED) {
         say_once("the accounting file is too short or cannot be mapped");
-        return;
+        return NULL;
     }
     struct cap_header *h = map;
     if (h->magic != CAP_MAGIC || h->version != CAP_VERSION || h->slots != CAP_SLOTS) {
         munmap(map, CAP_FILE_BYTES);
         say_once("the accounting file has an unknown format");
-        return;
+        return NULL;
     }
-    slots = (struct cap_slot *)((char *)map + CAP_HEADER_BYTES);
-    cap = h;
+    return h;
+}
+
+/* CHRONOS_CAP_FILE: one path per GPU of the partition, ':'-separated, primary first.
+ * All or nothing: a group with one file missing is not capped at allocation time
+ * (the sampling hard cap still is), rather than capped on some GPUs only. */
+static void open_cap_files(void)
+{
+    const char *list = getenv("CHRONOS_CAP_FILE");
+    if (list == NULL || list[0] == '\0')
+        return;
+    struct share found[CAP_MAX_SHARES];
+    int n = 0;
+    for (const char *p = list; *p && n <= (int)CAP_MAX_SHARES;) {
+        const char *end = strchr(p, ':');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        char path[4096];
+        if (len > 0 && len < sizeof path && n < (int)CAP_MAX_SHARES) {
+            memcpy(path, p, len);
+            path[len] = '\0';
+            struct cap_header *h = map_cap_file(path);
+            if (h == NULL)
+                goto fail;
+            found[n].cap = h;
+            found[n].slots = (struct cap_slot *)((char *)h + CAP_HEADER_BYTES);
+            n++;
+        } else if (len > 0) {
+            say_once("too many accounting files, or a path too long");
+            goto fail;
+        }
+        p += len + (end != NULL);
+    }
+    for (int i = 0; i < n; i++) {
+        shares[i].cap = found[i].cap;
+        shares[i].slots = found[i].slots;
+        atomic_store(&shares[i].my_slot, -1);
+    }
+    n_shares = n;
+    return;
+fail:
+    for (int i = 0; i < n; i++)
+        munmap(found[i].cap, CAP_FILE_BYTES);
+}
+
+/* "GPU-1a2b...": the hex digits after the prefix, without dashes, lower case; what
+ * NVML's UUID strings (GPU- and MIG-) and cuDeviceGetUuid's bytes have in common. */
+static void uuid_digits(const char *text, char out[33])
+{
+    const char *p = strchr(text, '-');
+    p = p ? p + 1 : text;
+    int n = 0;
+    for (; *p && n < 32; p++) {
+        char c = *p;
+        if (c >= 'A' && c <= 'F')
+            c = (char)(c - 'A' + 'a');
+        if ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))
+            out[n++] = c;
+        else if (c != '-')
+            break;
+    }
+    out[n] = '\0';
+}
+
+static int device_uuid(CUdevice dev, char out[33])
+{
+    CUuuid id;
+    CUresult r = real(ID_cuDeviceGetUuid_v2)
+                     ? CALL_REAL(cuDeviceGetUuid_v2, (CUuuid *, CUdevice), &id, dev)
+                     : CALL_REAL(cuDeviceGetUuid, (CUuuid *, CUdevice), &id, dev);
+    if (r != CUDA_SUCCESS)
+        return 0;
+    for (int i = 0; i < 16; i++)
+        snprintf(out + 2 * i, 3, "%02x", id.bytes[i]);
+    return 1;
+}
+
+/* Which share counts device `dev`: the file naming its UUID; a file without a UUID
+ * (a backend that has none) counts the device at its own position. */
+static int lookup_share(CUdevice dev)
+{
+    char mine[33] = "";
+    int known = device_uuid(dev, mine);
+    for (int i = 0; i < n_shares; i++) {
+        char want[33];
+        uuid_digits(shares[i].cap->device_uuid, want);
+        if (want[0] == '\0' ? i == dev : (known && strcmp(want, mine) == 0))
+            return i;
+    }
+    return OUTSIDE;
+}
+
+static struct share *share_of(CUdevice dev)
+{
+    if (n_shares == 0 || dev < 0 || dev >= MAX_ORDINALS)
+        return NULL;
+    int v = atomic_load_explicit(&share_of_ordinal[dev], memory_order_relaxed);
+    if (v == 0) {
+        int k = lookup_share(dev);
+        v = k == OUTSIDE ? OUTSIDE : k + 1;
+        atomic_store_explicit(&share_of_ordinal[dev], v, memory_order_relaxed);
+    }
+    return v > 0 ? &shares[v - 1] : NULL;
+}
+
+/* The share an allocation now lands on: the current context's device.  Without a
+ * current context the driver refuses the allocation itself; the primary share is
+ * charged meanwhile (the charge goes back when the driver fails). */
+static struct share *current_share(void)
+{
+    CUdevice dev = 0;
+    if (n_shares == 0)
+        return NULL; /* outside a partition: no driver call added to any allocation */
+    if (CALL_REAL(cuCtxGetDevice, (CUdevice *), &dev) != CUDA_SUCCESS)
+        return &shares[0];
+    return share_of(dev);
 }
 
 static uint64_t start_ticks_of(pid_t pid)
@@ -264,11 +392,12 @@ static uint64_t start_ticks_of(pid_t pid)
     return p ? strtoull(p, NULL, 10) : 0;
 }
 
-static int64_t *used(void) { return &cap->used_bytes; }
-
-/* What the partition's allocations may reach: its bytes less the margin kept for
+/* What the share's allocations may reach: its bytes less the margin kept for
  * memory the driver takes on its own (lazily loaded kernels, pool rounding). */
-static int64_t allowed_bytes(void) { return cap->limit_bytes - cap->margin_bytes; }
+static int64_t allowed_bytes(const struct share *sh)
+{
+    return sh->cap->limit_bytes - sh->cap->margin_bytes;
+}
 
 /* Bytes of this process's slot change: say so to the daemon's overhead correction. */
 static void slot_add(struct cap_slot *s, int64_t n)
@@ -278,8 +407,9 @@ static void slot_add(struct cap_slot *s, int64_t n)
 }
 
 /* Give back a slot whose process is gone (killed by SIGKILL: no destructor ran). */
-static void reclaim_dead_slots(void)
+static void reclaim_dead_slots(struct share *sh)
 {
+    struct cap_slot *slots = sh->slots;
     for (unsigned i = 0; i < CAP_SLOTS; i++) {
         uint64_t pid = atomic_load(&slots[i].pid);
         uint64_t ticks = atomic_load(&slots[i].start_ticks);
@@ -291,103 +421,124 @@ static void reclaim_dead_slots(void)
             continue; /* someone else reclaims it */
         int64_t freed = atomic_exchange(&slots[i].bytes, 0) +
                         atomic_exchange(&slots[i].overhead, 0);
-        atomic_fetch_sub(used(), freed);
+        atomic_fetch_sub(&sh->cap->used_bytes, freed);
         atomic_store(&slots[i].start_ticks, 0);
         atomic_store(&slots[i].pid, 0);
     }
 }
 
-static int claim_slot(pid_t pid)
+static int claim_slot(struct share *sh, pid_t pid)
 {
+    struct cap_slot *slots = sh->slots;
     for (int attempt = 0; attempt < 2; attempt++) {
         for (unsigned i = 0; i < CAP_SLOTS; i++) {
             uint64_t expected = 0;
             if (atomic_compare_exchange_strong(&slots[i].pid, &expected, (uint64_t)pid)) {
                 atomic_store(&slots[i].bytes, 0);
-                int64_t reserve = cap->reserve_bytes;
+                int64_t reserve = sh->cap->reserve_bytes;
                 atomic_store(&slots[i].overhead, reserve);
-                atomic_fetch_add(used(), reserve);
+                atomic_fetch_add(&sh->cap->used_bytes, reserve);
                 atomic_store(&slots[i].start_ticks, start_ticks_of(pid));
                 return (int)i;
             }
         }
-        reclaim_dead_slots();
+        reclaim_dead_slots(sh);
     }
     return -1; /* all slots live: still counted in used, just not reclaimable */
 }
 
-/* This process's slot; claimed at its first device call (charges the reserve).
- * A fork()ed child starts with none (after_fork_in_child), so the fast path needs
- * no getpid() system call. */
-static struct cap_slot *slot(void)
+/* This process's slot on a share; claimed at its first call on that GPU (charges the
+ * reserve there only: a rank that never touches GPU 1 pays nothing on it).  A
+ * fork()ed child starts with none (after_fork_in_child), so the fast path needs no
+ * getpid() system call. */
+static struct cap_slot *slot(struct share *sh)
 {
-    int index = atomic_load_explicit(&my_slot, memory_order_acquire);
+    int index = atomic_load_explicit(&sh->my_slot, memory_order_acquire);
     if (index >= 0)
-        return index != INT32_MAX ? &slots[index] : NULL;
+        return index != INT32_MAX ? &sh->slots[index] : NULL;
     pthread_mutex_lock(&tables_lock);
-    index = atomic_load(&my_slot);
+    index = atomic_load(&sh->my_slot);
     if (index < 0) {
         pid_t pid = getpid();
-        index = claim_slot(pid);
+        index = claim_slot(sh, pid);
         atomic_store(&my_pid, pid);
         if (index < 0)
             index = INT32_MAX; /* no free slot: counted, not reclaimable; do not retry */
-        atomic_store_explicit(&my_slot, index, memory_order_release);
+        atomic_store_explicit(&sh->my_slot, index, memory_order_release);
     }
     pthread_mutex_unlock(&tables_lock);
-    return index != INT32_MAX ? &slots[index] : NULL;
+    return index != INT32_MAX ? &sh->slots[index] : NULL;
 }
 
 static int64_t guard_floor(void);
 
-/* Add n bytes to the partition, or refuse (returns 0) if that goes over. */
-static int charge(int64_t n)
+/* Count a refusal where `chronos stats` reads it: the share's file, or the primary's
+ * for an allocation on a GPU outside the partition. */
+static void count_refused(struct share *sh)
 {
-    if (cap == NULL)
+    struct share *where = sh ? sh : &shares[0];
+    atomic_fetch_add(&where->cap->refused, 1);
+}
+
+/* Add n bytes to share sh, or refuse (returns 0) if that goes over.  sh NULL in a
+ * partition: a GPU outside it, where the process may take nothing. */
+static int charge(struct share *sh, int64_t n)
+{
+    if (n_shares == 0)
         return 1;
-    struct cap_slot *s = slot();
+    if (sh == NULL) {
+        if (n <= 0)
+            return 1;
+        count_refused(NULL);
+        return 0;
+    }
+    struct cap_slot *s = slot(sh);
     if (n <= 0)
         return 1;
     for (int attempt = 0; attempt < 2; attempt++) {
         /* Add first, then look: two processes can never both pass on the same bytes. */
-        int64_t before = atomic_fetch_add(used(), n);
-        if (before + n <= allowed_bytes()) {
+        int64_t before = atomic_fetch_add(&sh->cap->used_bytes, n);
+        if (before + n <= allowed_bytes(sh)) {
             if (s)
                 slot_add(s, n);
             return 1;
         }
-        atomic_fetch_sub(used(), n);
+        atomic_fetch_sub(&sh->cap->used_bytes, n);
         if (attempt == 0)
-            reclaim_dead_slots(); /* a killed member's share may be what is missing */
+            reclaim_dead_slots(sh); /* a killed member's share may be what is missing */
     }
-    atomic_fetch_add(&cap->refused, 1);
+    count_refused(sh);
     return 0;
 }
 
 /* Add n bytes unconditionally (memory the driver already gave, e.g. pool growth). */
-static void force_charge(int64_t n)
+static void force_charge(struct share *sh, int64_t n)
 {
-    if (cap == NULL || n == 0)
+    if (sh == NULL || n == 0)
         return;
-    struct cap_slot *s = slot();
-    atomic_fetch_add(used(), n);
+    struct cap_slot *s = slot(sh);
+    atomic_fetch_add(&sh->cap->used_bytes, n);
     if (s)
         slot_add(s, n);
 }
 
-static void uncharge(int64_t n) { force_charge(-n); }
+static void uncharge(struct share *sh, int64_t n) { force_charge(sh, -n); }
 
-/* Exit: this process's memory goes with its context. */
+/* Exit: this process's memory goes with its contexts. */
 __attribute__((destructor)) static void release_slot(void)
 {
-    int index = atomic_load(&my_slot);
-    if (cap == NULL || index < 0 || index == INT32_MAX || atomic_load(&my_pid) != getpid())
+    if (atomic_load(&my_pid) != getpid())
         return;
-    struct cap_slot *s = &slots[index];
-    int64_t freed = atomic_exchange(&s->bytes, 0) + atomic_exchange(&s->overhead, 0);
-    atomic_fetch_sub(used(), freed);
-    atomic_store(&s->start_ticks, 0);
-    atomic_store(&s->pid, 0);
+    for (int k = 0; k < n_shares; k++) {
+        int index = atomic_load(&shares[k].my_slot);
+        if (index < 0 || index == INT32_MAX)
+            continue;
+        struct cap_slot *s = &shares[k].slots[index];
+        int64_t freed = atomic_exchange(&s->bytes, 0) + atomic_exchange(&s->overhead, 0);
+        atomic_fetch_sub(&shares[k].cap->used_bytes, freed);
+        atomic_store(&s->start_ticks, 0);
+        atomic_store(&s->pid, 0);
+    }
 }
 
 /* --------------------------------------------- machine-wide guard mode */
@@ -441,7 +592,7 @@ static int64_t guard_floor(void)
 /* Guard mode: refuse if the driver's free memory minus n would fall below the floor. */
 static int guard_allows(int64_t n)
 {
-    int64_t floor = cap == NULL ? guard_floor() : -1;
+    int64_t floor = n_shares == 0 ? guard_floor() : -1;
     if (floor < 0 || n <= 0)
         return 1;
     size_t free_b = 0, total_b = 0;
@@ -450,7 +601,10 @@ static int guard_allows(int64_t n)
     return (int64_t)free_b - n >= floor;
 }
 
-static int admit(int64_t n) { return cap != NULL ? charge(n) : guard_allows(n); }
+static int admit(struct share *sh, int64_t n)
+{
+    return n_shares ? charge(sh, n) : guard_allows(n);
+}
 
 /* ------------------------------------------- per-process bookkeeping tables */
 /* A small open-addressing map from a driver handle (pointer, VMM handle, array,
@@ -460,6 +614,7 @@ struct item {
     uint64_t key; /* 0 = empty */
     int64_t bytes;
     int64_t a, b; /* per table: VMM maps/released, mapping handle, ... */
+    struct share *sh; /* the GPU's share the bytes were charged to */
 };
 struct table {
     struct item *items;
@@ -533,25 +688,30 @@ static void erase(struct table *t, struct item *it)
     }
 }
 
-static void remember(struct table *t, uint64_t key, int64_t bytes)
+static void remember(struct table *t, uint64_t key, int64_t bytes, struct share *sh)
 {
     pthread_mutex_lock(&tables_lock);
     struct item *it = insert(t, key);
-    if (it)
+    if (it) {
         it->bytes = bytes;
+        it->sh = sh;
+    }
     pthread_mutex_unlock(&tables_lock);
     if (it == NULL)
-        uncharge(bytes); /* no memory for bookkeeping: rather forget than leak forever */
+        uncharge(sh, bytes); /* no memory for bookkeeping: rather forget than leak forever */
 }
 
-/* Remove key; return the bytes charged for it (0 for unknown keys). */
-static int64_t forget(struct table *t, uint64_t key)
+/* Remove key; return the bytes charged for it (0 for unknown keys) and, in *sh,
+ * the share they were charged to (NULL for unknown keys). */
+static int64_t forget(struct table *t, uint64_t key, struct share **sh)
 {
     int64_t bytes = 0;
+    *sh = NULL;
     pthread_mutex_lock(&tables_lock);
     struct item *it = find(t, key);
     if (it) {
         bytes = it->bytes;
+        *sh = it->sh;
         erase(t, it);
     }
     pthread_mutex_unlock(&tables_lock);
@@ -564,27 +724,31 @@ static int64_t forget(struct table *t, uint64_t key)
  * A macro so that key, read through the caller's out-pointer, is read only on
  * success: on failure the driver may leave it unset (or the pointer be NULL).
  */
-#define SETTLE_CHARGE(r, table, key, bytes)        \
-    do {                                           \
-        if (cap != NULL) {                         \
-            if ((r) == CUDA_SUCCESS)               \
-                remember((table), (key), (bytes)); \
-            else                                   \
-                uncharge(bytes);                   \
-        }                                          \
+#define SETTLE_CHARGE(r, table, key, bytes, sh)          \
+    do {                                                 \
+        if ((sh) != NULL) {                              \
+            if ((r) == CUDA_SUCCESS)                     \
+                remember((table), (key), (bytes), (sh)); \
+            else                                         \
+                uncharge((sh), (bytes));                 \
+        }                                                \
     } while (0)
 
 /* After a destroy the driver carried out: give back what the object was charged. */
 static void release_charge(CUresult r, struct table *t, uint64_t key)
 {
-    if (r == CUDA_SUCCESS && cap)
-        uncharge(forget(t, key));
+    if (r != CUDA_SUCCESS || n_shares == 0)
+        return;
+    struct share *sh;
+    int64_t bytes = forget(t, key, &sh);
+    uncharge(sh, bytes);
 }
 
 /* After fork() the child has no CUDA state and owns none of the parent's memory. */
 static void after_fork_in_child(void)
 {
-    atomic_store(&my_slot, -1);
+    for (int k = 0; k < n_shares; k++)
+        atomic_store(&shares[k].my_slot, -1);
     struct table *all[] = {&allocs, &vmm_handles, &vmm_maps, &arrays, &pools};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         free(all[i]->items);
@@ -596,17 +760,18 @@ static void after_fork_in_child(void)
 __attribute__((constructor)) static void start(void)
 {
     find_real_dlsym();
-    open_cap_file();
+    open_cap_files();
     pthread_atfork(NULL, NULL, after_fork_in_child);
 }
 
 /* ------------------------------------------------- synchronous allocations */
 EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytes)
 {
-    if (!admit((int64_t)bytes))
+    struct share *sh = current_share();
+    if (!admit(sh, (int64_t)bytes))
         return CUDA_ERROR_OUT_OF_MEMORY;
     CUresult r = CALL_REAL(cuMemAlloc_v2, (CUdeviceptr *, size_t), dptr, bytes);
-    SETTLE_CHARGE(r, &allocs, *dptr, (int64_t)bytes);
+    SETTLE_CHARGE(r, &allocs, *dptr, (int64_t)bytes, sh);
     return r;
 }
 
@@ -614,11 +779,12 @@ EXPORT CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t bytes, unsigned flag
 {
     /* Managed memory may migrate to the host, but counting it as device
      * memory is what keeps the partition inside its bytes when it does not. */
-    if (!admit((int64_t)bytes))
+    struct share *sh = current_share();
+    if (!admit(sh, (int64_t)bytes))
         return CUDA_ERROR_OUT_OF_MEMORY;
     CUresult r = CALL_REAL(cuMemAllocManaged, (CUdeviceptr *, size_t, unsigned), dptr, bytes,
                            flags);
-    SETTLE_CHARGE(r, &allocs, *dptr, (int64_t)bytes);
+    SETTLE_CHARGE(r, &allocs, *dptr, (int64_t)bytes, sh);
     return r;
 }
 
@@ -628,34 +794,36 @@ EXPORT CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pitch, size_t widt
     /* The pitch is known only afterwards: charge the width rounded to 512 bytes
      * (the usual alignment) first, then correct to pitch * height. */
     int64_t guess = (int64_t)(((width + 511) / 512) * 512 * height);
-    if (!admit(guess))
+    struct share *sh = current_share();
+    if (!admit(sh, guess))
         return CUDA_ERROR_OUT_OF_MEMORY;
     CUresult r = CALL_REAL(cuMemAllocPitch_v2, (CUdeviceptr *, size_t *, size_t, size_t,
                                                 unsigned),
                            dptr, pitch, width, height, elem);
-    if (cap == NULL)
+    if (sh == NULL)
         return r;
     if (r != CUDA_SUCCESS) {
-        uncharge(guess);
+        uncharge(sh, guess);
         return r;
     }
     int64_t actual = (int64_t)(*pitch * height);
-    force_charge(actual - guess);
-    remember(&allocs, *dptr, actual);
+    force_charge(sh, actual - guess);
+    remember(&allocs, *dptr, actual, sh);
     return r;
 }
 
 /* Pools the stream-ordered allocator used in this process: pool -> bytes charged. */
-static int64_t reconcile_pool(CUmemoryPool pool);
+static int64_t reconcile_pool(CUmemoryPool pool, struct share *sh);
 static void reconcile_all_pools(void);
 
 EXPORT CUresult cuMemFree_v2(CUdeviceptr dptr)
 {
     CUresult r = CALL_REAL(cuMemFree_v2, (CUdeviceptr), dptr);
-    if (r == CUDA_SUCCESS && cap) {
-        int64_t bytes = forget(&allocs, dptr); /* 0 for pointers we never saw */
+    if (r == CUDA_SUCCESS && n_shares) {
+        struct share *sh;
+        int64_t bytes = forget(&allocs, dptr, &sh); /* 0 for pointers we never saw */
         if (bytes)
-            uncharge(bytes);
+            uncharge(sh, bytes);
         else
             reconcile_all_pools(); /* cuMemFree of a stream-ordered pointer */
     }
@@ -683,22 +851,28 @@ static int pool_attr(CUmemoryPool pool, int attr, int64_t *value)
     return 1;
 }
 
-/* Charge the pool for what it reserves now; return that (-1 if unknown). */
-static int64_t reconcile_pool(CUmemoryPool pool)
+/* Charge the pool for what it reserves now; return that (-1 if unknown).  A pool is
+ * charged to the share it was first seen on (sh: the allocating context's device);
+ * afterwards to that one whatever sh says (NULL: a free, a trim). */
+static int64_t reconcile_pool(CUmemoryPool pool, struct share *sh)
 {
     int64_t reserved;
-    if (cap == NULL || pool == NULL || !pool_attr(pool, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
-                                                  &reserved))
+    if (n_shares == 0 || pool == NULL ||
+        !pool_attr(pool, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, &reserved))
         return -1;
     pthread_mutex_lock(&tables_lock);
     struct item *it = find(&pools, (uint64_t)(uintptr_t)pool);
-    if (it == NULL)
+    if (it == NULL && sh != NULL) {
         it = insert(&pools, (uint64_t)(uintptr_t)pool);
+        if (it)
+            it->sh = sh;
+    }
     int64_t delta = it ? reserved - it->bytes : 0;
+    struct share *owner = it ? it->sh : NULL;
     if (it)
         it->bytes = reserved;
     pthread_mutex_unlock(&tables_lock);
-    force_charge(delta);
+    force_charge(owner, delta);
     return reserved;
 }
 
@@ -712,7 +886,7 @@ static void reconcile_all_pools(void)
             known[n++] = (CUmemoryPool)(uintptr_t)pools.items[i].key;
     pthread_mutex_unlock(&tables_lock);
     for (size_t i = 0; i < n; i++)
-        reconcile_pool(known[i]);
+        reconcile_pool(known[i], NULL);
 }
 
 static CUmemoryPool current_pool(void)
@@ -762,7 +936,7 @@ static void undo_pool_alloc(CUdeviceptr ptr, CUmemoryPool pool, CUstream stream,
     CALL_REAL(cuStreamSynchronize, (CUstream),
               (ptsz && stream == NULL) ? CU_STREAM_PER_THREAD : stream);
     CALL_REAL(cuMemPoolTrimTo, (CUmemoryPool, size_t), pool, (size_t)reserved_before);
-    reconcile_pool(pool);
+    reconcile_pool(pool, NULL);
 }
 
 static CUresult pool_alloc(int id, CUdeviceptr *dptr, size_t bytes, CUmemoryPool pool,
@@ -771,29 +945,31 @@ static CUresult pool_alloc(int id, CUdeviceptr *dptr, size_t bytes, CUmemoryPool
     void *fn = real(id);
     if (fn == NULL)
         return CUDA_ERROR_NOT_INITIALIZED;
-    int counted = cap != NULL || guard_floor() >= 0;
+    int counted = n_shares != 0 || guard_floor() >= 0;
     if (!counted)
         return from_pool ? ((alloc_pool_fn)fn)(dptr, bytes, pool, stream)
                          : ((alloc_async_fn)fn)(dptr, bytes, stream);
     if (!from_pool)
         pool = current_pool();
+    struct share *sh = current_share();
     int64_t reserved_before;
     int64_t growth = pool_growth(pool, bytes, &reserved_before);
-    if (!admit(growth))
+    if (!admit(sh, growth))
         return CUDA_ERROR_OUT_OF_MEMORY; /* never anything else: frameworks retry on 2 */
     CUresult r = from_pool ? ((alloc_pool_fn)fn)(dptr, bytes, pool, stream)
                            : ((alloc_async_fn)fn)(dptr, bytes, stream);
-    if (cap == NULL)
+    if (sh == NULL)
         return r;
     /* The truth first, then the estimate back: the count never dips below what the
      * device holds, which the daemon's overhead correction relies on. */
-    int64_t reserved_after = reconcile_pool(pool);
-    uncharge(growth);
+    int64_t reserved_after = reconcile_pool(pool, sh);
+    uncharge(sh, growth);
     if (r == CUDA_SUCCESS && reserved_before >= 0 && reserved_after >= 0 &&
-        reserved_after - reserved_before > growth && atomic_load(used()) > allowed_bytes()) {
+        reserved_after - reserved_before > growth &&
+        atomic_load(&sh->cap->used_bytes) > allowed_bytes(sh)) {
         undo_pool_alloc(*dptr, pool, stream, ptsz, reserved_before);
         *dptr = 0;
-        atomic_fetch_add(&cap->refused, 1);
+        count_refused(sh);
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
     return r;
@@ -838,7 +1014,7 @@ EXPORT CUresult cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream stream)
 EXPORT CUresult cuMemPoolTrimTo(CUmemoryPool pool, size_t keep)
 {
     CUresult r = CALL_REAL(cuMemPoolTrimTo, (CUmemoryPool, size_t), pool, keep);
-    reconcile_pool(pool);
+    reconcile_pool(pool, NULL);
     return r;
 }
 
@@ -861,13 +1037,15 @@ EXPORT CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size,
                             const CUmemAllocationPropHead *prop, unsigned long long flags)
 {
     int device = prop != NULL && prop->location_type == CU_MEM_LOCATION_TYPE_DEVICE;
-    if (device && !admit((int64_t)size))
+    /* VMM names its device in the request, whatever the current context is. */
+    struct share *sh = device ? share_of(prop->location_id) : NULL;
+    if (device && !admit(sh, (int64_t)size))
         return CUDA_ERROR_OUT_OF_MEMORY;
     CUresult r = CALL_REAL(cuMemCreate, (CUmemGenericAllocationHandle *, size_t,
                                          const CUmemAllocationPropHead *, unsigned long long),
                            handle, size, prop, flags);
     if (device)
-        SETTLE_CHARGE(r, &vmm_handles, *handle, (int64_t)size);
+        SETTLE_CHARGE(r, &vmm_handles, *handle, (int64_t)size, sh);
     return r;
 }
 
@@ -877,7 +1055,7 @@ EXPORT CUresult cuMemMap(CUdeviceptr ptr, size_t size, size_t offset,
     CUresult r = CALL_REAL(cuMemMap, (CUdeviceptr, size_t, size_t,
                                       CUmemGenericAllocationHandle, unsigned long long),
                            ptr, size, offset, handle, flags);
-    if (r != CUDA_SUCCESS || cap == NULL)
+    if (r != CUDA_SUCCESS || n_shares == 0)
         return r;
     pthread_mutex_lock(&tables_lock);
     struct item *h = find(&vmm_handles, handle);
@@ -893,22 +1071,30 @@ EXPORT CUresult cuMemMap(CUdeviceptr ptr, size_t size, size_t offset,
     return r;
 }
 
-/* Drop one reference of handle h (under tables_lock); return bytes now free. */
-static int64_t drop_handle(struct item *h)
+/* Drop one reference of handle h (under tables_lock); add the bytes now free to
+ * freed[] at the index of the share they were charged to. */
+static void drop_handle(struct item *h, int64_t freed[CAP_MAX_SHARES])
 {
     if (h->a > 0 || !h->b)
-        return 0;
-    int64_t bytes = h->bytes;
+        return;
+    if (h->sh != NULL)
+        freed[h->sh - shares] += h->bytes;
     erase(&vmm_handles, h);
-    return bytes;
+}
+
+/* Outside tables_lock: give each share back what drop_handle freed on it. */
+static void uncharge_freed(const int64_t freed[CAP_MAX_SHARES])
+{
+    for (int k = 0; k < n_shares; k++)
+        uncharge(&shares[k], freed[k]);
 }
 
 EXPORT CUresult cuMemUnmap(CUdeviceptr ptr, size_t size)
 {
     CUresult r = CALL_REAL(cuMemUnmap, (CUdeviceptr, size_t), ptr, size);
-    if (r != CUDA_SUCCESS || cap == NULL)
+    if (r != CUDA_SUCCESS || n_shares == 0)
         return r;
-    int64_t freed = 0;
+    int64_t freed[CAP_MAX_SHARES] = {0};
     pthread_mutex_lock(&tables_lock);
     for (size_t i = 0; i < vmm_maps.cap;) {
         struct item *m = &vmm_maps.items[i];
@@ -917,31 +1103,31 @@ EXPORT CUresult cuMemUnmap(CUdeviceptr ptr, size_t size)
             erase(&vmm_maps, m); /* may shift a later item into slot i: look again */
             if (h) {
                 h->a--;
-                freed += drop_handle(h);
+                drop_handle(h, freed);
             }
             continue;
         }
         i++;
     }
     pthread_mutex_unlock(&tables_lock);
-    uncharge(freed);
+    uncharge_freed(freed);
     return r;
 }
 
 EXPORT CUresult cuMemRelease(CUmemGenericAllocationHandle handle)
 {
     CUresult r = CALL_REAL(cuMemRelease, (CUmemGenericAllocationHandle), handle);
-    if (r != CUDA_SUCCESS || cap == NULL)
+    if (r != CUDA_SUCCESS || n_shares == 0)
         return r;
-    int64_t freed = 0;
+    int64_t freed[CAP_MAX_SHARES] = {0};
     pthread_mutex_lock(&tables_lock);
     struct item *h = find(&vmm_handles, handle);
     if (h) {
         h->b = 1;
-        freed = drop_handle(h);
+        drop_handle(h, freed);
     }
     pthread_mutex_unlock(&tables_lock);
-    uncharge(freed);
+    uncharge_freed(freed);
     return r;
 }
 
@@ -974,20 +1160,22 @@ EXPORT CUresult cuArrayCreate_v2(CUarray *array, const CUarrayDesc *desc)
                                (int64_t)(desc->channels ? desc->channels : 1) *
                                element_bytes(desc->format)
                          : 0;
-    if (!admit(bytes))
+    struct share *sh = current_share();
+    if (!admit(sh, bytes))
         return CUDA_ERROR_OUT_OF_MEMORY;
     CUresult r = CALL_REAL(cuArrayCreate_v2, (CUarray *, const CUarrayDesc *), array, desc);
-    SETTLE_CHARGE(r, &arrays, (uint64_t)(uintptr_t)*array, bytes);
+    SETTLE_CHARGE(r, &arrays, (uint64_t)(uintptr_t)*array, bytes, sh);
     return r;
 }
 
 EXPORT CUresult cuArray3DCreate_v2(CUarray *array, const CUarray3DDesc *desc)
 {
     int64_t bytes = desc ? array3d_bytes(desc, 1) : 0;
-    if (!admit(bytes))
+    struct share *sh = current_share();
+    if (!admit(sh, bytes))
         return CUDA_ERROR_OUT_OF_MEMORY;
     CUresult r = CALL_REAL(cuArray3DCreate_v2, (CUarray *, const CUarray3DDesc *), array, desc);
-    SETTLE_CHARGE(r, &arrays, (uint64_t)(uintptr_t)*array, bytes);
+    SETTLE_CHARGE(r, &arrays, (uint64_t)(uintptr_t)*array, bytes, sh);
     return r;
 }
 
@@ -995,12 +1183,13 @@ EXPORT CUresult cuMipmappedArrayCreate(CUmipmappedArray *array, const CUarray3DD
                                        unsigned levels)
 {
     int64_t bytes = desc ? array3d_bytes(desc, levels) : 0;
-    if (!admit(bytes))
+    struct share *sh = current_share();
+    if (!admit(sh, bytes))
         return CUDA_ERROR_OUT_OF_MEMORY;
     CUresult r = CALL_REAL(cuMipmappedArrayCreate,
                            (CUmipmappedArray *, const CUarray3DDesc *, unsigned), array, desc,
                            levels);
-    SETTLE_CHARGE(r, &arrays, (uint64_t)(uintptr_t)*array, bytes);
+    SETTLE_CHARGE(r, &arrays, (uint64_t)(uintptr_t)*array, bytes, sh);
     return r;
 }
 
@@ -1024,11 +1213,16 @@ EXPORT CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total_bytes)
     CUresult r = CALL_REAL(cuMemGetInfo_v2, (size_t *, size_t *), free_bytes, total_bytes);
     if (r != CUDA_SUCCESS || free_bytes == NULL || total_bytes == NULL)
         return r;
-    if (cap != NULL) {
-        slot(); /* a process that looks at the device will use it: charge its reserve */
+    if (n_shares != 0) {
+        struct share *sh = current_share();
+        if (sh == NULL) { /* a GPU outside the partition: nothing of it is ours */
+            *free_bytes = 0;
+            return r;
+        }
+        slot(sh); /* a process that looks at the device will use it: charge its reserve */
         reconcile_all_pools();
-        int64_t limit = cap->limit_bytes;
-        int64_t left = allowed_bytes() - atomic_load(used());
+        int64_t limit = sh->cap->limit_bytes;
+        int64_t left = allowed_bytes(sh) - atomic_load(&sh->cap->used_bytes);
         if (left < 0)
             left = 0;
         if ((int64_t)*free_bytes > left)
@@ -1046,9 +1240,9 @@ EXPORT CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total_bytes)
 EXPORT CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev)
 {
     CUresult r = CALL_REAL(cuDeviceTotalMem_v2, (size_t *, CUdevice), bytes, dev);
-    if (r == CUDA_SUCCESS && cap != NULL && bytes != NULL &&
-        (int64_t)*bytes > cap->limit_bytes)
-        *bytes = (size_t)cap->limit_bytes;
+    struct share *sh = r == CUDA_SUCCESS && bytes != NULL ? share_of(dev) : NULL;
+    if (sh != NULL && (int64_t)*bytes > sh->cap->limit_bytes)
+        *bytes = (size_t)sh->cap->limit_bytes;
     return r;
 }
 
@@ -1089,7 +1283,7 @@ static void substitute(const char *symbol, void **pfn, int version)
     }
     /* A modern runtime was handed a variant we do not know (a newer driver ABI):
      * say so once, since those calls now reach the driver uncapped. */
-    if (named && version >= 12000 && cap != NULL) {
+    if (named && version >= 12000 && n_shares != 0) {
         static atomic_flag said = ATOMIC_FLAG_INIT;
         if (!atomic_flag_test_and_set(&said) && getenv("CHRONOS_CAP_QUIET") == NULL)
             fprintf(stderr, "chronos: the driver returned an unknown variant of %s; "

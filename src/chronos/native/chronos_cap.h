@@ -1,5 +1,5 @@
 /*
- * The accounting file shared by every process of one partition (see
+ * The accounting file shared by every process of one partition on one GPU (see
  * docs/ALLOCATION_CAP.md).  src/chronos/alloccap.py reads and writes the same
  * layout with struct offsets; change both together and bump CAP_VERSION.
  *
@@ -13,12 +13,13 @@
 #include <stdint.h>
 
 #define CAP_MAGIC 0x43415043u /* the bytes "CPAC" on disk (little-endian) */
-#define CAP_VERSION 2u
+#define CAP_VERSION 3u
 #define CAP_SLOTS 256u
-#define CAP_HEADER_BYTES 64u
+#define CAP_HEADER_BYTES 128u
 #define CAP_SLOT_BYTES 40u
 #define CAP_FILE_BYTES (CAP_HEADER_BYTES + CAP_SLOTS * CAP_SLOT_BYTES)
 #define CAP_SLOT_RECLAIMING UINT64_MAX
+#define CAP_MAX_SHARES 16u /* GPUs of one partition a process can be capped on */
 
 struct cap_slot {          /* one process that has touched the device */
     uint64_t pid;          /* 0 = free; CAS-claimed; CAP_SLOT_RECLAIMING while freed */
@@ -40,7 +41,10 @@ struct cap_header {
     int64_t refused;        /* allocations refused so far (for `chronos stats`) */
     int64_t margin_bytes;   /* kept free below the limit: memory the driver takes on its
                                own (lazily loaded kernels, pool rounding) after a fill */
-    uint8_t pad[CAP_HEADER_BYTES - 56];
+    uint8_t pad[8];
+    char device_uuid[64];   /* the GPU this file counts ("GPU-..."/"MIG-...", NUL-ended);
+                               empty: the file's position among the partition's files
+                               is the CUDA ordinal it counts (backends without UUIDs) */
 };
 
 _Static_assert(sizeof(struct cap_header) == CAP_HEADER_BYTES, "header layout");
