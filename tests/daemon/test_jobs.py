@@ -248,3 +248,26 @@ def test_a_job_found_starting_after_a_crash_is_failed_never_started_twice(
     assert failed["state"] == "failed" and "not started again" in failed["reason"], failed
     assert d.record(partition)["state"] == "released"
     assert (cwd / "o").read_text() == ""  # the command never ran
+
+
+def test_what_a_submit_cut_short_left_is_ended_at_start(
+    users: Users, daemon: DaemonProcess
+) -> None:
+    """A daemon killed inside a submit (partition or queue place made, job row not yet
+    written) must not leave that memory held, or that place taken, by nobody."""
+    d, alice = daemon, users.alice
+    cwd = home_of(alice)
+    running = submit(alice, d, cwd, "sleep 300", "--output", str(cwd / "a"))
+    wait_for(lambda: job(d, running)["state"] == "running", 20, "the first job running")
+    queued = submit(alice, d, cwd, "true", "--memory", "0.6", "--output", str(cwd / "b"))
+    booked = submit(alice, d, cwd, "true", "--start", "+2h", "--output", str(cwd / "c"))
+    ticket, partition = job(d, queued)["ticket_id"], job(d, booked)["partition_id"]
+    assert ticket and partition
+    d.kill(signal.SIGKILL)
+    with sqlite3.connect(d.home / "ledger.db") as db:  # as if their rows were never written
+        db.execute("DELETE FROM jobs WHERE id IN (?, ?)", (queued, booked))
+    d.start()
+    assert d.record(partition)["state"] == "released"
+    assert ticket not in {t["ticket"] for t in d.queue()}
+    assert job(d, running)["state"] == "running"  # a job that is recorded keeps its own
+    d.call("cancel", id=running)

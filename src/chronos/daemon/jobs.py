@@ -23,6 +23,7 @@ memory watch stop the partition's processes as for ``chronos run``; ``cancel`` c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from chronos.errors import ChronosError
 from chronos.frameworks import limits_env
 from chronos.ledger.jobs import Job
 from chronos.models import PartitionRecord
-from chronos.vocabulary import EventKind, JobState, PartitionState, TicketState
+from chronos.vocabulary import EventKind, JobState, Origin, PartitionState, TicketState
 
 if TYPE_CHECKING:
     from chronos.daemon.stopper import ProcessStopper
@@ -61,6 +62,31 @@ class JobRunner:
         self.dir.mkdir(mode=0o755, exist_ok=True)
         self._watched: dict[str, tuple[int, subprocess.Popen[bytes] | None]] = {}
         """Job id → (pidfd, our own child or None when re-adopted)."""
+        self._end_orphans()
+
+    def _end_orphans(self) -> None:
+        """End job partitions and queued requests that no open job names.
+
+        A submit asks for the partition, then writes the job (two transactions, in one
+        handler call: nothing else runs between them). A daemon that died between the
+        two left a partition, or a place in the queue, that no job will ever use; the
+        client never got a job id. At start nothing is half-submitted, so whatever of
+        kind ``job`` no open job names is such a leftover (or the rest of a job that
+        ended while the daemon was down): it is ended here, not left holding memory
+        until its end.
+        """
+        jobs = self.ledger.jobs.open()
+        named = {j.partition_id for j in jobs} | {j.ticket_id for j in jobs}
+        for record in self.ledger.partitions():
+            if record.kind == Origin.JOB and record.id not in named:
+                with contextlib.suppress(ChronosError):
+                    self.ledger.release(record.id, 0, "chronosd", reason="its job is gone")
+                    log("job_orphan_released", partition=record.id, user=record.user)
+        for ticket in self.ledger.waiting():
+            if ticket.request.kind == Origin.JOB and ticket.id not in named:
+                with contextlib.suppress(ChronosError):
+                    self.ledger.cancel(ticket.id, reason="its job is gone")
+                    log("job_orphan_cancelled", ticket=ticket.id)
 
     # -------------------------------------------------------------- the loop
 
