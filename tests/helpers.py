@@ -192,3 +192,14 @@ def readline_within(stream: IO[str], seconds: float) -> str:
     ready, _, _ = select.select([stream], [], [], seconds)
     assert ready, f"no output within {seconds}s"
     return stream.readline()
+
+
+def schema_3_ledger(path: Path) -> None:
+    """An empty ledger file as schema 3 (before groups) made it, for migration tests."""
+    from chronos.ledger import schema
+
+    old = schema._SCHEMA.replace(",\n    more_shares TEXT NOT NULL DEFAULT '[]'", "")
+    old = old[: old.index("CREATE TABLE IF NOT EXISTS group_shares")]
+    with sqlite3.connect(path) as db:
+        db.executescript(f"BEGIN; {old} PRAGMA user_version = 3; COMMIT;")
+    db.close()

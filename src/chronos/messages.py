@@ -23,7 +23,7 @@ the figures. Build them with keywords only: their fields are many and in no
 order a caller should rely on.
 """
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, get_origin
 
 if TYPE_CHECKING:
     from chronos.models import PartitionRecord
@@ -40,11 +40,16 @@ class PingRequest(NamedTuple):
 
 
 class CreateRequest(NamedTuple):
-    """A new partition (``start``: a booking ahead; ``wait``: queue it if it does not fit)."""
+    """A new partition (``start``: a booking ahead; ``wait``: queue it if it does not fit).
 
-    device: int
+    Its GPUs: ``device`` (one index, or ``"auto"``: Chronos picks one), or ``devices``
+    (a group of the GPUs named, the first the primary), or ``gpus`` (a group of that many,
+    Chronos picks them). ``memory`` is per GPU.
+    """
+
     memory: Spec
     duration: Spec
+    device: int | str = 0
     user: str | None = None
     persist: bool = False
     kind: str = "api"
@@ -54,6 +59,8 @@ class CreateRequest(NamedTuple):
     start: float | None = None
     wait: bool = False
     timeout: float | None = None
+    devices: list[int] | None = None
+    gpus: int | None = None
 
 
 class WaitRequest(NamedTuple):
@@ -179,7 +186,9 @@ def accepted_types(annotation: Any) -> tuple[type, ...]:
     A ``float`` field takes an integer too (JSON has one kind of number).
     """
     members = getattr(annotation, "__args__", (annotation,))
-    types = tuple(t for t in members if t is not type(None))
+    if get_origin(annotation) is list:  # list[int]: a JSON array (its items: check_bounds)
+        members = (list,)
+    types = tuple(get_origin(t) or t for t in members if t is not type(None))
     return (int, *types) if float in types and int not in types else types
 
 

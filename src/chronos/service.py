@@ -20,14 +20,15 @@ from chronos.attribution import attribute_processes
 from chronos.cgroups import PartitionCgroups
 from chronos.cgroups import cgroup_of as cgroups_of
 from chronos.config import Config, Limits
-from chronos.devices import DeviceUsage, Machine, open_machine
+from chronos.devices import Device, DeviceUsage, Machine, open_machine
 from chronos.errors import BadRequest, CapacityRefused, ChronosError, PermissionDenied
+from chronos.groups import Placer, gpu_choice, members
 from chronos.identity import Caller, resolve_user
-from chronos.ledger import Ledger, NewPartition, QuotaCheck
+from chronos.ledger import Ledger, Member, NewPartition, QuotaCheck
 from chronos.models import ACTIVE, BOOKED, DeviceStats, PartitionRecord, ProcessUse
 from chronos.policy import Ask, check_limits, needs_history, priority
 from chronos.slurm import policy as slurm_policy
-from chronos.units import format_duration, parse_duration, parse_memory, parse_signal_name
+from chronos.units import format_duration, parse_duration, parse_signal_name
 
 KINDS = ("api", "api-raise", "api-notify", "cli", "run")
 """``api-raise``/``api-notify``: an API partition made with ``on_expiry="raise"``/``"notify"``."""
@@ -129,26 +130,29 @@ class Service:
         }
 
     def op_create(self, caller: Caller, ask: messages.CreateRequest) -> dict[str, Any]:
-        device, memory, duration, kind = ask.device, ask.memory, ask.duration, ask.kind
+        memory, duration, kind = ask.memory, ask.duration, ask.kind
         start, wait, timeout, warn = ask.start, ask.wait, ask.timeout, ask.warn
         if kind not in KINDS and not slurm_policy.may_use_kind(caller, kind):
             raise BadRequest(f"unknown partition kind {kind!r}")
         uid, name = self._owner(caller, ask.user)
-        dev = self.machine.device(device)
-        slurm_policy.check_create(self.config.slurm, caller, dev.index)
-        nbytes = parse_memory(memory, dev.total_bytes)
+        choice = gpu_choice(ask, self.machine)
+        for dev in choice.named:
+            slurm_policy.check_create(self.config.slurm, caller, dev.index)
+        candidates = choice.named or self._creatable(caller)
+        shares = members(candidates, memory, self.config.reservable_bytes)
         seconds = self._within_max_duration(parse_duration(duration, math.inf))
         if start is not None and not (
             math.isfinite(start) and start <= self.ledger.clock() + MAX_BOOK_AHEAD_S
         ):  # NaN broke the insert; 1e300 was stored and then crashed every `chronos list`
             raise BadRequest("start must be a time (epoch seconds) at most a year from now")
         owner_pid = None if ask.persist or caller.pid is None else caller.pid
+        first = shares[0]
         request = NewPartition(
-            device=dev.index,
-            device_uuid=dev.uuid,
-            device_total_bytes=dev.total_bytes,
-            capacity_bytes=self.config.reservable_bytes(dev.index, dev.total_bytes),
-            memory_bytes=nbytes,
+            device=first.device,
+            device_uuid=first.device_uuid,
+            device_total_bytes=first.device_total_bytes,
+            capacity_bytes=first.capacity_bytes,
+            memory_bytes=first.memory_bytes,
             uid=uid,
             user=name,
             duration_s=seconds,
@@ -162,13 +166,19 @@ class Service:
             warn_s=self.config.warn_s if warn is None else parse_duration(warn),
             warn_signal=_signal_name(ask.warn_signal or self.config.warn_signal),
             exempt=caller.is_admin,
+            more=shares[1:] if choice.named else (),
         )
+        will_queue = wait and start is None
+        placer = None
+        if choice.chosen_by_chronos:
+            placer = Placer(request, shares, choice.gpus, self.machine.link_level, will_queue)
         try:
             record = self.ledger.create(
                 request,
                 self._quota_check(request),
                 self.priority,
-                will_queue=wait and start is None,
+                will_queue=will_queue,
+                place=placer,
             )
         except CapacityRefused as refusal:
             if not wait or start is not None:
@@ -176,16 +186,36 @@ class Service:
             if timeout is not None and not (math.isfinite(timeout) and timeout >= 0):
                 raise BadRequest("timeout must be a number of seconds") from None
             timeout_at = None if timeout is None else self.ledger.clock() + timeout
-            ticket = self.ledger.enqueue(
-                request, caller.pid, timeout_at, self._max_waiting(request)
-            )
+            queued = placer.placed if placer is not None and placer.placed else request
+            ticket = self.ledger.enqueue(queued, caller.pid, timeout_at, self._max_waiting(queued))
             self.on_change()
             return self._ticket_status(ticket.id, note=str(refusal))
         self.on_change()
-        if alloccap.wanted_for(dev.vendor):
-            alloccap.on_create(record.id, record.memory_bytes, record.uid, self.mode)
+        self._on_granted(record)
         alloccap.sweep(self._is_open, self.mode)
-        return messages.Granted(record=record, visible_env=dict(dev.visible_env)).to_wire()
+        return messages.Granted(record=record, visible_env=self._visible_env(record)).to_wire()
+
+    def _creatable(self, caller: Caller) -> tuple[Device, ...]:
+        """The GPUs ``caller`` may have Chronos choose among (not those Slurm schedules)."""
+        devices = self.machine.devices
+        allowed = tuple(
+            d for d in devices if slurm_policy.may_create(self.config.slurm, caller, d.index)
+        )
+        if not allowed:
+            slurm_policy.check_create(self.config.slurm, caller, devices[0].index)
+        return allowed
+
+    def _on_granted(self, record: PartitionRecord) -> None:
+        """The allocation-time cap's file of a new partition (of its primary GPU's vendor)."""
+        dev = self.machine.by_uuid(record.device_uuid)
+        if dev is not None and alloccap.wanted_for(dev.vendor):
+            alloccap.on_create(record.id, record.memory_bytes, record.uid, self.mode)
+
+    def _visible_env(self, record: PartitionRecord) -> dict[str, str]:
+        """The environment that shows the partition's GPU (a group's primary until the
+        environment of a whole group is built: that is ``gpuenv``'s part of issue #13)."""
+        dev = self.machine.by_uuid(record.device_uuid)
+        return dict(dev.visible_env) if dev is not None else {}
 
     # ----------------------------------------------------------------- queue
 
@@ -232,9 +262,7 @@ class Service:
         if granted:
             self.on_change()
         for record in map(self.ledger.get, filter(None, ids)):
-            dev = self.machine.by_uuid(record.device_uuid)
-            if dev is not None and alloccap.wanted_for(dev.vendor):
-                alloccap.on_create(record.id, record.memory_bytes, record.uid, self.mode)
+            self._on_granted(record)
         return ids
 
     def _grace_of(self, grace: Any) -> float:
@@ -255,9 +283,9 @@ class Service:
         except ChronosError:
             return False
 
-    def _capacity_of(self, request: NewPartition) -> int:
-        """What admission may hand out on the request's device under the policy in force now."""
-        return self.config.reservable_bytes(request.device, request.device_total_bytes)
+    def _capacity_of(self, member: Member) -> int:
+        """What admission may hand out on one GPU of a request under the policy in force now."""
+        return self.config.reservable_bytes(member.device, member.device_total_bytes)
 
     def priority(self, user: str, waited_s: float, usage_gpu_hours: float) -> float:
         """A waiter's fair-share priority under the policy in force (higher is served first)."""

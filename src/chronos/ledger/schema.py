@@ -24,7 +24,7 @@ from pathlib import Path
 from chronos.errors import ChronosError
 from chronos.paths import LEDGER_SUFFIXES, open_file
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS partitions (
@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS partitions (
     kind TEXT NOT NULL,
     grace_s REAL,
     warn_s REAL,
-    warn_signal TEXT
+    warn_signal TEXT,
+    more_shares TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS partitions_open
     ON partitions (device_uuid, expires_at) WHERE state IN ('active', 'booked');
@@ -84,7 +85,18 @@ CREATE TABLE IF NOT EXISTS attached (
     attached_by INTEGER NOT NULL,
     PRIMARY KEY (partition_id, pid)
 );
+CREATE TABLE IF NOT EXISTS group_shares (
+    device_uuid TEXT NOT NULL,
+    partition_id TEXT NOT NULL REFERENCES partitions(id),
+    memory_bytes INTEGER NOT NULL,
+    PRIMARY KEY (device_uuid, partition_id)
+) WITHOUT ROWID;
 """
+GROUPS_STEP = 4
+"""The schema version that brought groups: ``partitions.more_shares`` (a group's shares past
+the primary, as JSON, for reading records whole) and ``group_shares`` (one row per share past
+the primary of each *open* group, for the per-GPU room checks; deleted when the group ends).
+A ledger of an older version gains the column with every partition a one-share group."""
 OPEN = "state IN ('active', 'booked')"
 """SQL: a partition still open (the partial indexes' own condition, spelled the same)."""
 BY_OPEN = "INDEXED BY partitions_open"
@@ -160,17 +172,42 @@ def _connect(path: Path) -> sqlite3.Connection:
         raise ChronosError(f"ledger {path}: cannot use WAL mode (got {mode})")
     db.execute("PRAGMA synchronous = FULL")
     db.execute("PRAGMA foreign_keys = ON")
-    version = db.execute("PRAGMA user_version").fetchone()[0]
-    if version < SCHEMA_VERSION:
-        # executescript commits any open transaction first, so the script brings its own.
-        db.executescript(
-            f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-        )
-    elif version > SCHEMA_VERSION:
+    version = _migrate(db)
+    if version > SCHEMA_VERSION:
         raise ChronosError(
             f"ledger {path} has schema {version}; this Chronos knows {SCHEMA_VERSION}"
         )
     return db
+
+
+def _migrate(db: sqlite3.Connection) -> int:
+    """Bring the file to ``SCHEMA_VERSION`` (if older); return the version it had."""
+    for attempt in range(2):
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version >= SCHEMA_VERSION:
+            return version
+        try:
+            # executescript commits any open transaction first, so the script brings its own.
+            db.executescript(
+                f"BEGIN IMMEDIATE; {_SCHEMA} {_steps_from(db)} "
+                f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            )
+        except sqlite3.OperationalError as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            # Another opener added the column between our look and our lock: look again.
+            if "duplicate column" not in str(exc) or attempt:
+                raise
+    return SCHEMA_VERSION
+
+
+def _steps_from(db: sqlite3.Connection) -> str:
+    """SQL that brings an existing ``partitions`` table up to this version's columns (a new
+    file gets them from ``_SCHEMA``); :func:`_migrate` looks again if another opener won."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(partitions)")}
+    if not columns or "more_shares" in columns:
+        return ""
+    return "ALTER TABLE partitions ADD COLUMN more_shares TEXT NOT NULL DEFAULT '[]';"
 
 
 def _identity(db: sqlite3.Connection) -> str:
