@@ -25,7 +25,7 @@ from chronos.errors import BadRequest, CapacityRefused, ChronosError, Permission
 from chronos.groups import Placer, gpu_choice, members
 from chronos.identity import Caller, resolve_user
 from chronos.ledger import Ledger, Member, NewPartition, QuotaCheck
-from chronos.models import ACTIVE, BOOKED, DeviceStats, PartitionRecord, ProcessUse
+from chronos.models import ACTIVE, BOOKED, DeviceStats, PartitionRecord, ProcessUse, Share
 from chronos.policy import Ask, check_limits, needs_history, priority
 from chronos.slurm import policy as slurm_policy
 from chronos.units import format_duration, parse_duration, parse_signal_name
@@ -166,7 +166,9 @@ class Service:
             warn_s=self.config.warn_s if warn is None else parse_duration(warn),
             warn_signal=_signal_name(ask.warn_signal or self.config.warn_signal),
             exempt=caller.is_admin,
-            more=shares[1:] if choice.named else (),
+            # Named: the group itself. Chosen: a stand-in of as many GPUs (what quotas
+            # count), which the placer replaces by the GPUs it picks.
+            more=shares[1 : choice.gpus],
         )
         will_queue = wait and start is None
         placer = None
@@ -314,7 +316,8 @@ class Service:
         stop = None if count is None else start + count
         for n, (ticket, estimate) in enumerate(self.ledger.queue(self.priority)):
             req = ticket.request
-            per_device[req.device_uuid] = per_device.get(req.device_uuid, 0) + 1
+            for m in req.members:  # a gang's position: its place on its primary GPU
+                per_device[m.device_uuid] = per_device.get(m.device_uuid, 0) + 1
             if n < start or (only is not None and ticket.id != only):
                 continue
             if stop is not None and n >= stop:
@@ -325,6 +328,7 @@ class Service:
                     "state": ticket.state,
                     "user": req.user,
                     "device": req.device,
+                    "devices": [m.device for m in req.members],
                     "memory_bytes": req.memory_bytes,
                     "memory_fraction": round(req.memory_bytes / req.device_total_bytes, 6),
                     "duration_s": req.duration_s,
@@ -338,10 +342,15 @@ class Service:
         return out
 
     def _blockers(self, req: NewPartition, estimate: float | None) -> list[str]:
-        """Partitions on the device that end by the estimated start (what we wait for)."""
+        """Partitions on the request's GPUs that end by the estimated start (what it waits for)."""
         if estimate is None:
             return []
-        return self.ledger.ending_by(req.device_uuid, estimate + 1e-6)
+        ids: list[str] = []
+        for m in req.members:
+            ids += [
+                i for i in self.ledger.ending_by(m.device_uuid, estimate + 1e-6) if i not in ids
+            ]
+        return ids
 
     def _ticket_status(self, ticket_id: str, note: str | None = None) -> dict[str, Any]:
         ticket = self.ledger.ticket(ticket_id)
@@ -425,7 +434,12 @@ class Service:
         """Each GPU with its memory, the partitions active on it now, and its processes."""
         out = []
         for dev in self.machine.devices:
-            mine = [r for r in records if r.device_uuid == dev.uuid and r.state_at(now) == ACTIVE]
+            # A group counts on each GPU it uses, with its share of that GPU.
+            held = [
+                (r, share)
+                for r in records
+                if r.state_at(now) == ACTIVE and (share := r.share_on(dev.uuid)) is not None
+            ]
             use = usage.get(dev.uuid)
             out.append(
                 DeviceStats(
@@ -439,8 +453,8 @@ class Service:
                     free_bytes=use.free_bytes if use else None,
                     utilization_pct=use.utilization_pct if use else None,
                     reservable_bytes=self.config.reservable_bytes(dev.index, dev.total_bytes),
-                    committed_bytes=sum(r.memory_bytes for r in mine),
-                    active_partitions=len(mine),
+                    committed_bytes=sum(share.memory_bytes for _, share in held),
+                    active_partitions=len(held),
                     pci_bus_id=dev.pci_bus_id,
                     details=dict(dev.details),
                     processes=[p for p in found if p.device == dev.index],
@@ -541,7 +555,10 @@ class Service:
         self._within_max_duration(new_end - record.starts_at)
         if not caller.is_admin:
             self._check_extension(record, new_end)
-        capacity = self.config.reservable_bytes(record.device, record.device_total_bytes)
+
+        def capacity(share: Share) -> int:
+            return self.config.reservable_bytes(share.device, share.device_total_bytes)
+
         updated = self.ledger.extend_expiry(
             id, new_end, capacity, caller.uid, caller.user, self.priority
         )
@@ -582,7 +599,14 @@ class Service:
         limits = self.config.limits_for(record.user)
         now = self.ledger.clock()
         mine = [r for r in self.ledger.recent(now - 8 * 86400.0, record.uid) if r.id != record.id]
-        ask = Ask(record.user, record.device, record.memory_fraction, record.starts_at, new_end)
+        ask = Ask(
+            record.user,
+            record.device,
+            record.memory_fraction,
+            record.starts_at,
+            new_end,
+            len(record.shares),
+        )
         check_limits(limits, ask, mine, now)
 
     def op_usage(self, caller: Caller, request: messages.UsageRequest) -> list[dict[str, Any]]:
@@ -639,7 +663,8 @@ class _Quota:
 
     def __call__(self, mine: list[PartitionRecord], start: float, end: float, now: float) -> None:
         req = self.request
-        ask = Ask(req.user, req.device, req.memory_bytes / req.device_total_bytes, start, end)
+        fraction = req.memory_bytes / req.device_total_bytes
+        ask = Ask(req.user, req.device, fraction, start, end, len(req.members))
         check_limits(self.limits, ask, mine, now)
 
 
