@@ -132,8 +132,6 @@ def _reason(chosen: tuple[Candidate, ...], links: dict[tuple[int, int], int], el
         parts.insert(
             0, "link level not available" if worst == UNKNOWN_LINK else f"link level {worst}"
         )
-    if any(c.whole_free and not c.whole_request for c in chosen):
-        parts.append("no partly used GPU had room: a free GPU was taken")
-    else:
-        parts.append("free GPUs kept whole")
+    taken = sum(1 for c in chosen if c.whole_free and not c.whole_request)
+    parts.append(f"{taken} free GPU(s) taken" if taken else "free GPUs kept whole")
     return "; ".join(parts)

@@ -84,6 +84,8 @@ class Machine:
         closer), or ``None`` where nothing can tell (different backends, or one that
         cannot say)."""
         first, second = self.device(a), self.device(b)
+        if a == b:
+            return 0
         for backend, devices in self._backends:
             uuids = {d.uuid for d in devices}
             if first.uuid in uuids and second.uuid in uuids:
