@@ -82,3 +82,30 @@ def test_four_of_eight_gpus_fill_one_island_and_keep_the_other_free() -> None:
 
 def test_too_few_gpus_with_room_is_no_placement() -> None:
     assert place([gpu(0), gpu(1, 70 * GIB)], 2, no_topology) is None
+
+
+# ------------------------------------------------------------ the planner's gangs
+
+
+def test_a_gang_starts_when_every_gpu_has_room_at_once() -> None:
+    from chronos.policy import Interval, Profile, common_fit
+
+    gpu0 = Profile([Interval(0, 100, CAP, "a"), Interval(150, 200, CAP, "b")], 0)
+    gpu1 = Profile([Interval(0, 120, CAP, "c")], 0)
+    # GPU 0 is free over [100, 150) and from 200; GPU 1 from 120: 30 s fits at 120, 60 s at 200.
+    assert common_fit([(gpu0, CAP, CAP), (gpu1, CAP, CAP)], 30, 0) == 120
+    assert common_fit([(gpu0, CAP, CAP), (gpu1, CAP, CAP)], 60, 0) == 200
+    assert common_fit([(gpu0, CAP + 1, CAP)], 10, 0) is None
+
+
+def test_the_planner_reserves_a_gangs_slot_on_each_gpu_and_smaller_waiters_backfill() -> None:
+    from chronos.policy import Interval, Waiter, plan_queue
+
+    held = {"G0": [Interval(0, 100, CAP, "a")], "G1": [Interval(0, 200, CAP, "b")]}
+    gang = Waiter("gang", "G0", CAP, 300, CAP, (("G1", CAP, CAP),))
+    backfill = Waiter("short", "G0", CAP, 100, CAP)  # fits on G0 in [100, 200)
+    late = Waiter("long", "G0", CAP, 150, CAP)  # would run into the gang's slot at 200
+    plan = plan_queue([gang, backfill, late], held, 0)
+    assert plan.estimated_start["gang"] == 200
+    assert plan.estimated_start["short"] == 100
+    assert plan.estimated_start["long"] == 500  # after the gang, never before it

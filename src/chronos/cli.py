@@ -476,7 +476,7 @@ def queue(as_json: bool) -> None:
     rows = [
         [
             q["ticket"],
-            str(q["device"]),
+            render.gpus(q.get("devices") or [q["device"]]),
             str(q["position"]),
             q["user"],
             render.size(q["memory_bytes"]),
