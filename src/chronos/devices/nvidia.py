@@ -60,6 +60,7 @@ class NvidiaBackend(Backend):
         self._slots: list[_Slot] | None = None
         self._memory_v2 = True
         self._process_function: dict[str, str] = {}
+        self._links: dict[tuple[str, str], int | None] = {}
         self.notes: list[str] = []
         """Why a GPU was skipped during the last enumeration."""
 
@@ -83,7 +84,15 @@ class NvidiaBackend(Backend):
 
     def link_level(self, a: Device, b: Device) -> int | None:
         """NVML's common-ancestor level of the two GPUs (MIG instances: of their GPUs);
-        ``0`` also where an NVLink joins them. ``None`` where NVML cannot say."""
+        ``0`` also where an NVLink joins them. ``None`` where NVML cannot say. Asked once
+        per pair (the topology does not change while the driver runs): placement asks
+        inside the admission transaction."""
+        key = (a.uuid, b.uuid)
+        if key not in self._links:
+            self._links[key] = self._link_level(a, b)
+        return self._links[key]
+
+    def _link_level(self, a: Device, b: Device) -> int | None:
         handles = {s.device.uuid: s.parent or s.handle for s in self._ensure_slots()}
         first, second = handles.get(a.uuid), handles.get(b.uuid)
         if first is None or second is None:
