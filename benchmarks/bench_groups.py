@@ -138,6 +138,11 @@ def render(args: Any, info: dict[str, str], rows: list[list[Any]]) -> str:
             f"bookings 4-GPU groups); {args.iterations} create+release pairs of each kind, "
             "interleaved, one client.",
             C.md_table(HEADERS, rows),
+            "A group's create costs one more room check per further GPU (the same sweep of "
+            "that GPU's partitions and bookings, and an index lookup of its group rows), in "
+            "the same transaction; its release is the 1-GPU release (one row). What the 1-GPU "
+            "row pays with this many bookings (reaping and, in the daemon, the loop's reads "
+            "after each change) is not from groups.",
             C.machine_markdown(info),
         ]
     )
