@@ -128,6 +128,11 @@ class Partition:
         return self._record.device
 
     @property
+    def devices(self) -> tuple[int, ...]:
+        """Every GPU of the partition (a group's all, the primary ``device`` first)."""
+        return self._record.devices
+
+    @property
     def device_uuid(self) -> str:
         return self._record.device_uuid
 

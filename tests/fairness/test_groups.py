@@ -465,3 +465,30 @@ def test_run_takes_gpus_and_auto(tmp_path: Path) -> None:
     finally:
         ledger.close()
     assert ended == [(0, 1, 2), (0,), (4, 5)]
+
+
+# ----------------------------------------------------------- dashboard and metrics
+
+
+def test_the_dashboard_state_and_the_metrics_show_a_group_under_one_id(
+    h: Harness, tmp_path: Path
+) -> None:
+    from chronos.dashboard.server import collect
+    from chronos.metrics import read_state
+
+    group = h.ok(ALICE, "create", devices=[1, 3], memory=0.5, duration=600, persist=True)
+    metrics = read_state(h.service)
+    series = [(p.id, p.gpu, p.reserved_bytes) for p in metrics.partitions]
+    assert series == [(group["id"], 1, 40 * GIB), (group["id"], 3, 40 * GIB)]
+    assert [g.stats.active_partitions for g in metrics.gpus][:4] == [0, 1, 0, 1]
+
+    env = make_env(tmp_path / "home", CHRONOS_SIMULATED_GPUS=EIGHT)
+    assert cli_in_process("create", "2,5", "0.25", "1h", env=env).returncode == 0
+    from chronos import Partitioner
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, val in env.items():
+            mp.setenv(key, val)
+        with Partitioner() as client:
+            (shown,) = collect(client).state["partitions"]
+    assert shown["devices"] == [2, 5] and [s["device"] for s in shown["shares"]] == [2, 5]
