@@ -217,3 +217,76 @@ def readline_within(stream: IO[str], seconds: float) -> str:
     ready, _, _ = select.select([stream], [], [], seconds)
     assert ready, f"no output within {seconds}s"
     return stream.readline()
+
+
+SCHEMA_3 = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS partitions (
+    id TEXT PRIMARY KEY,
+    device INTEGER NOT NULL,
+    device_uuid TEXT NOT NULL,
+    device_total_bytes INTEGER NOT NULL,
+    memory_bytes INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    user TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    starts_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    ended_at REAL,
+    end_reason TEXT,
+    owner_pid INTEGER,
+    owner_start INTEGER,
+    kind TEXT NOT NULL,
+    grace_s REAL,
+    warn_s REAL,
+    warn_signal TEXT
+);
+CREATE INDEX IF NOT EXISTS partitions_open
+    ON partitions (device_uuid, expires_at) WHERE state IN ('active', 'booked');
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    partition_id TEXT,
+    uid INTEGER,
+    user TEXT,
+    device_uuid TEXT,
+    memory_bytes INTEGER,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS partitions_booked
+    ON partitions (starts_at) WHERE state = 'booked';
+CREATE INDEX IF NOT EXISTS events_at ON events (at);
+CREATE TABLE IF NOT EXISTS waiting (
+    id TEXT PRIMARY KEY,
+    enqueued_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    partition_id TEXT,
+    reason TEXT,
+    waiter_pid INTEGER,
+    waiter_start INTEGER,
+    timeout_at REAL,
+    request TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS attached (
+    partition_id TEXT NOT NULL REFERENCES partitions(id),
+    pid INTEGER NOT NULL,
+    start_ticks INTEGER,
+    uid INTEGER NOT NULL,
+    attached_at REAL NOT NULL,
+    attached_by INTEGER NOT NULL,
+    PRIMARY KEY (partition_id, pid)
+);
+"""
+"""The ledger's tables as schema 3 (the last before series, groups and jobs) made them,
+written out as they were, for migration tests."""
+
+
+def schema_3_ledger(path: Path) -> None:
+    """An empty ledger file as schema 3 made it, for migration tests."""
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            f"PRAGMA journal_mode = WAL; BEGIN; {SCHEMA_3} PRAGMA user_version = 3; COMMIT;"
+        )
+    db.close()

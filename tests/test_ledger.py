@@ -673,15 +673,18 @@ def test_rows_become_records_by_column_name(ledger: Ledger) -> None:
     rows = ledger.connection.execute(f"SELECT {backwards} FROM partitions")
     assert PARTITIONS.all(rows) == [a]
     short = ", ".join(PARTITIONS.names[:-1])
-    with pytest.raises(LookupError, match="series"):
+    with pytest.raises(LookupError, match=PARTITIONS.names[-1]):
         PARTITIONS.all(ledger.connection.execute(f"SELECT {short} FROM partitions"))
 
 
 def test_a_ledger_written_by_the_schema_as_stored_opens(tmp_path: Path) -> None:
     """The split changed no table: a file with rows written by plain SQL in the stored
-    column order (as every earlier Chronos wrote them) reads back field by field."""
+    column order (as every earlier Chronos wrote them) reads back field by field; and
+    schema 4 (groups) migrates it, the partition a one-share group."""
+    from helpers import schema_3_ledger
+
     path = tmp_path / "ledger.db"
-    _schema_3_file(path)  # the schema, as any version of schema 3 made it
+    schema_3_ledger(path)  # the schema, as any version of schema 3 made it
     with sqlite3.connect(path) as db:
         db.execute(
             "INSERT INTO partitions VALUES ('0abc1234', 1, 'GPU-B', 100, 25, 1000, 'alice', "
@@ -698,6 +701,7 @@ def test_a_ledger_written_by_the_schema_as_stored_opens(tmp_path: Path) -> None:
             "0abc1234", 1, "GPU-B", 100, 25, 1000, "alice", 1.0, 2.0, 3.0, "released", 2.5,
             "released", 4242, 77, "run", 5.0, 6.0, "SIGUSR2",
         )  # fmt: skip
+        assert led.get("0abc1234").devices == (1,)
         (event,) = led.events(partition_id="0abc1234")
         assert (event.kind, event.user, event.detail) == (
             "released",
@@ -711,21 +715,11 @@ def test_a_ledger_written_by_the_schema_as_stored_opens(tmp_path: Path) -> None:
 # ------------------------------------------------------------ schema migration
 
 
-def _schema_3_file(path: Path) -> None:
-    """An empty ledger file as Chronos with schema 3 made it (no ``series`` column)."""
-    from chronos.ledger import schema
-
-    old = schema._SCHEMA.replace(",\n    series TEXT", "")
-    old = "\n".join(line for line in old.splitlines() if "partitions_series" not in line)
-    assert "series" not in old
-    db = sqlite3.connect(path)
-    db.executescript(f"PRAGMA journal_mode = WAL; {old} PRAGMA user_version = 3;")
-    db.close()
-
-
 def _schema_3_ledger(path: Path) -> None:
     """A schema 3 ledger file with one partition in it."""
-    _schema_3_file(path)
+    from helpers import schema_3_ledger
+
+    schema_3_ledger(path)
     db = sqlite3.connect(path)
     db.execute(
         "INSERT INTO partitions (id, device, device_uuid, device_total_bytes, memory_bytes, uid, "

@@ -17,7 +17,7 @@ _SPEC = (str, int, float)
 WIRE_SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "ping": {},
     "create": {
-        "device": ((int,), True),
+        "device": ((int, str), False),
         "memory": (_SPEC, True),
         "duration": (_SPEC, True),
         "user": ((str,), False),
@@ -30,6 +30,8 @@ WIRE_SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "wait": ((bool,), False),
         "timeout": (_NUM, False),
         "series": ((str,), False),
+        "devices": ((list,), False),
+        "gpus": ((int,), False),
     },
     "wait": {"id": ((str,), True), "max_wait": (_NUM, False)},
     "cancel": {"id": ((str,), True)},

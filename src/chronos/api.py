@@ -131,6 +131,11 @@ class Partition:
         return self._record.device
 
     @property
+    def devices(self) -> tuple[int, ...]:
+        """Every GPU of the partition (a group's all, the primary ``device`` first)."""
+        return self._record.devices
+
+    @property
     def device_uuid(self) -> str:
         return self._record.device_uuid
 
@@ -323,10 +328,12 @@ class Partitioner:
 
     def create(
         self,
-        device: int = 0,
+        device: int | str = 0,
         memory: float | str = 0.5,
         duration: float | str = 3600,
         *,
+        devices: Sequence[int] | None = None,
+        gpus: int | None = None,
         user: str | None = None,
         persist: bool = False,
         grace: float | str | None = None,
@@ -341,6 +348,11 @@ class Partitioner:
         series: str | None = None,
     ) -> Partition:
         """Reserve ``memory`` (fraction, ``50%`` or ``40GiB``) of GPU ``device`` for ``duration``.
+
+        ``device="auto"``: Chronos picks the GPU (docs/PLACEMENT.md). A group of several
+        GPUs, admitted on all at once or not at all: ``devices=[0, 1]`` (those GPUs, the
+        first the primary) or ``gpus=2`` (any two, Chronos picks). ``memory`` is per GPU:
+        ``0.5`` is half of each.
 
         By default the partition belongs to this process and ends when it exits;
         ``persist=True`` keeps it until it expires or is released. ``warn``
@@ -366,6 +378,8 @@ class Partitioner:
         starts_at = None if start is None else start_timestamp(start, time.time())
         request = CreateRequest(
             device=device,
+            devices=None if devices is None else [int(d) for d in devices],
+            gpus=gpus,
             memory=memory,
             duration=duration,
             user=user,

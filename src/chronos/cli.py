@@ -72,7 +72,8 @@ def iso(ts: float | None) -> str | None:
 def describe(record: PartitionRecord, now: float) -> str:
     state = record.state_at(now)
     head = (
-        f"partition {record.id}: GPU {record.device}, {render.size(record.memory_bytes)} "
+        f"partition {record.id}: GPU {render.gpus(record.devices)}, "
+        f"{render.size(record.memory_bytes)}{' each' if record.more_shares else ''} "
         f"({record.memory_fraction:.1%}), user {record.user}"
     )
     if state == "booked":
@@ -215,9 +216,13 @@ def partition_ids(ctx: click.Context, param: click.Parameter, incomplete: str) -
 # ignore_unknown_options: "-1" is a (bad) MEMORY, and should be told so, not "no such option".
 @cli.command(cls=ClusterAware, context_settings={"ignore_unknown_options": True})
 @cluster_option("On the Slurm cluster: salloc with --memory (see chronos create --cluster --help).")
-@click.argument("device", type=int)
-@click.argument("memory")
-@click.argument("duration")
+@click.argument("args", nargs=-1, metavar="[DEVICE] MEMORY DURATION")
+@click.option(
+    "--gpus",
+    type=click.IntRange(min=1),
+    help="A group of this many GPUs, chosen by Chronos (leave out DEVICE).",
+)
+@click.option("--device", "device_option", help="DEVICE as an option (auto: Chronos picks).")
 @click.option("--user", help="Owner of the partition (administrators only).")
 @click.option("--grace", help="Delay between SIGTERM and SIGKILL at expiry (default 30s).")
 @click.option("--warn", help="Signal the partition's processes this long before the end.")
@@ -233,9 +238,9 @@ def partition_ids(ctx: click.Context, param: click.Parameter, incomplete: str) -
 @click.option("--timeout", help="With --wait: give up after this long (e.g. 10m).")
 @json_option
 def create(
-    device: int,
-    memory: str,
-    duration: str,
+    args: tuple[str, ...],
+    gpus: int | None,
+    device_option: str | None,
     user: str | None,
     grace: str | None,
     warn: str | None,
@@ -249,12 +254,15 @@ def create(
 ) -> None:
     """Reserve MEMORY of GPU DEVICE for DURATION.
 
-    MEMORY: a fraction (0.5), a percent (50%) or a size (40G = 40GiB, 512MiB).
+    DEVICE: a GPU index (0), several (0,1: a group, granted on all at once or not at
+    all), or auto (Chronos picks one); --gpus N instead: any N GPUs, Chronos picks.
+    MEMORY: a fraction (0.5), a percent (50%) or a size (40G = 40GiB, 512MiB), of each GPU.
     DURATION: seconds (3600) or 90s, 45m, 2h, 1h30m, 1d, or Slurm's forms (1-12:00:00).
     The partition lives until it expires or is released.
     """
     from chronos.api import start_timestamp
 
+    gpu_options, memory, duration = _create_arguments(args, gpus, device_option)
     if warn_signal and not warn:
         raise BadRequest("--warn-signal needs --warn")
     if (repeat is None) != (until is None):
@@ -267,7 +275,7 @@ def create(
     now = time.time()
     starts_at = start_timestamp(start, now) if start else None
     options: dict[str, Any] = dict(
-        device=device,
+        **gpu_options,
         memory=memory,
         duration=duration,
         user=user,
@@ -295,6 +303,37 @@ def create(
     note = interpretation(memory, duration, p.record)
     if note:
         click.echo(f"  ({note})")
+
+
+def _create_arguments(
+    args: tuple[str, ...], gpus: int | None, device_option: str | None
+) -> tuple[dict[str, Any], str, str]:
+    """``create``'s GPUs (as ``Partitioner.create`` takes them), MEMORY and DURATION."""
+    named = device_option is not None or gpus is not None
+    want = 2 if named else 3
+    if len(args) != want:
+        form = "MEMORY DURATION" if named else "DEVICE MEMORY DURATION"
+        raise BadRequest(f"chronos create takes {form} ({len(args)} given)")
+    if device_option is not None and gpus is not None:
+        raise BadRequest("--gpus N chooses the GPUs: leave out --device")
+    if gpus is not None:
+        return {"gpus": gpus}, args[0], args[1]
+    text = device_option if device_option is not None else args[0]
+    return gpu_arguments(text), args[-2], args[-1]
+
+
+def gpu_arguments(text: str) -> dict[str, Any]:
+    """DEVICE as typed (``0``, ``0,1``, ``auto``) as ``Partitioner.create``'s arguments."""
+    text = text.strip()
+    if text == "auto":
+        return {"device": "auto"}
+    parts = text.split(",")
+    if not all(p.strip().isdigit() for p in parts):
+        raise BadRequest(f"DEVICE must be a GPU index (0), several (0,1) or auto, not {text!r}")
+    indices = [int(p) for p in parts]
+    if len(indices) == 1:
+        return {"device": indices[0]}
+    return {"devices": indices}
 
 
 def _check_warn(warn: str | None, duration: str) -> None:
@@ -470,7 +509,7 @@ def queue(as_json: bool) -> None:
     rows = [
         [
             q["ticket"],
-            str(q["device"]),
+            render.gpus(q.get("devices") or [q["device"]]),
             str(q["position"]),
             q["user"],
             render.size(q["memory_bytes"]),
@@ -716,7 +755,7 @@ def list_(
         r
         for r in wire
         if (user is None or r["user"] == user)
-        and (device is None or r["device"] == device)
+        and (device is None or device in render.wire_devices(r))
         and (not states or render.state_at(r, now) in states)
     ]
     print_list(
@@ -933,8 +972,16 @@ def stats(devices: tuple[int, ...], watch: bool, interval: float, as_json: bool)
 
 @cli.command(cls=ClusterAware, context_settings={"allow_interspersed_args": False})
 @cluster_option("On the Slurm cluster: srun with --memory (see chronos run --cluster --help).")
-@click.option("--device", default=0, show_default=True, type=int, help="GPU index.")
-@click.option("--memory", help="Fraction, percent or size (0.25, 25%, 20G).")
+@click.option(
+    "--device",
+    default="0",
+    show_default=True,
+    help="GPU index, several (0,1: a group), or auto (Chronos picks).",
+)
+@click.option(
+    "--gpus", type=click.IntRange(min=1), help="A group of this many GPUs, chosen by Chronos."
+)
+@click.option("--memory", help="Fraction, percent or size (0.25, 25%, 20G), of each GPU.")
 @click.option("--duration", help="How long (3600, 2h, 1h30m, 1-00:00:00).")
 @click.option("--grace", help="Delay between SIGTERM and SIGKILL at expiry (default 30s).")
 @click.option("--wait", is_flag=True, help="If it does not fit now, wait in the fair queue.")
@@ -957,7 +1004,8 @@ def stats(devices: tuple[int, ...], watch: bool, interval: float, as_json: bool)
 )
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(
-    device: int,
+    device: str,
+    gpus: int | None,
     memory: str | None,
     duration: str | None,
     grace: str | None,
@@ -987,6 +1035,8 @@ def run(
         reuse_partition(outer, program, list(command))  # does not return
     if memory is None or duration is None:
         raise BadRequest("chronos run needs --memory and --duration (or --reuse)")
+    if gpus is not None and device != "0":
+        raise BadRequest("--gpus N chooses the GPUs: leave out --device")
     if timeout and not wait:
         raise BadRequest("--timeout goes with --wait")
     if outer:
@@ -997,7 +1047,7 @@ def run(
         )
     on_wait = WaitDisplay(False) if wait else None
     code, summary = run_in_partition(
-        device,
+        {"gpus": gpus} if gpus is not None else gpu_arguments(device),
         memory,
         duration,
         grace,

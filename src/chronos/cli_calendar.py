@@ -27,7 +27,7 @@ def render_calendar(
     bar_width = max(MIN_BAR, width - LABEL)
     end = now + span
     step = span / bar_width
-    devices = sorted({r.device for r in records} | {q["device"] for q in waiting})
+    devices = sorted({d for r in records for d in r.devices} | {d for q in waiting for d in _on(q)})
     lines = [
         f"{render.when(now)} to {render.when(end)}; a column is "
         f"{render.span(step) if step >= 1 else 'under 1s'}",
@@ -38,12 +38,13 @@ def render_calendar(
     for device in devices:
         lines.append("")
         lines.append(f"GPU {device}".ljust(LABEL) + _axis(now, step, bar_width))
-        rows = sorted((r for r in records if r.device == device), key=lambda r: r.starts_at)
+        # A group shows on each of its GPUs (one id): the calendar is per GPU.
+        rows = sorted((r for r in records if device in r.devices), key=lambda r: r.starts_at)
         for r in rows:
             mark = "█" if r.starts_at <= now else "▒"
             label = _label(r.id, r.user, r.memory_fraction)
             lines.append(label + _bar(r.starts_at, r.expires_at, now, step, mark, bar_width))
-        for q in (q for q in waiting if q["device"] == device):
+        for q in (q for q in waiting if device in _on(q)):
             start = q["estimated_start"]
             label = _label(q["ticket"], q["user"], q["memory_fraction"])
             # The bar stops 8 columns short, for the word that says it is a request.
@@ -54,6 +55,11 @@ def render_calendar(
             )
             lines.append(label + bar + " waiting")
     return "\n".join(lines)
+
+
+def _on(q: dict[str, Any]) -> list[int]:
+    """A queue entry's GPUs (entries of older daemons name one ``device``)."""
+    return list(q.get("devices") or [q["device"]])
 
 
 def _label(ident: str, user: str, fraction: float) -> str:

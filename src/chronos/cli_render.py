@@ -234,6 +234,16 @@ def state_at(r: dict[str, Any], now: float) -> str:
     return "active" if now >= r["starts_at"] else "booked"
 
 
+def wire_devices(r: dict[str, Any]) -> list[int]:
+    """A wire record's GPUs (a group's all of them, the primary first)."""
+    return [int(r["device"]), *(int(s["device"]) for s in r.get("more_shares") or ())]
+
+
+def gpus(devices: Sequence[int]) -> str:
+    """A partition's GPUs as users type them: ``0``, or a group's ``0,1``."""
+    return ",".join(str(d) for d in devices)
+
+
 def list_cells(r: dict[str, Any], now: float) -> dict[str, str]:
     """Every ``--format`` field of one partition (a wire record), as shown."""
     state = state_at(r, now)
@@ -247,7 +257,7 @@ def list_cells(r: dict[str, Any], now: float) -> dict[str, str]:
         remaining = span(r["expires_at"] - now)
     return {
         "id": r["id"],
-        "gpu": str(r["device"]),
+        "gpu": gpus(wire_devices(r)),
         "user": r["user"],
         "state": state,
         "memory": size(r["memory_bytes"]),

@@ -40,11 +40,16 @@ class PingRequest(NamedTuple):
 
 
 class CreateRequest(NamedTuple):
-    """A new partition (``start``: a booking ahead; ``wait``: queue it if it does not fit)."""
+    """A new partition (``start``: a booking ahead; ``wait``: queue it if it does not fit).
 
-    device: int
+    Its GPUs: ``device`` (one index, or ``"auto"``: Chronos picks one), or ``devices``
+    (a group of the GPUs named, the first the primary), or ``gpus`` (a group of that many,
+    Chronos picks them). ``memory`` is per GPU.
+    """
+
     memory: Spec
     duration: Spec
+    device: int | str = 0
     user: str | None = None
     persist: bool = False
     kind: str = "api"
@@ -56,6 +61,8 @@ class CreateRequest(NamedTuple):
     timeout: float | None = None
     series: str | None = None
     """A repeated booking's series id (``s`` and seven hex digits), the same for each day."""
+    devices: list[int] | None = None
+    gpus: int | None = None
 
 
 class WaitRequest(NamedTuple):

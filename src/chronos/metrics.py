@@ -160,12 +160,14 @@ def read_state(
     per_process = machine.per_process_memory
     processes = list(sampler.last) if sampler is not None else []
     sampled = sampler is not None and sampler.last_at is not None
-    used_by: dict[str | None, int] = {}
+    used_by: dict[tuple[str | None, int], int] = {}
+    """Bytes in use per (partition, GPU index): a group has a series on each of its GPUs."""
     unpartitioned: dict[int, int] = {}
     for p in processes:
         if p.used_bytes is None:
             continue
-        used_by[p.partition_id] = used_by.get(p.partition_id, 0) + p.used_bytes
+        key = (p.partition_id, p.device)
+        used_by[key] = used_by.get(key, 0) + p.used_bytes
         if p.partition_id is None:
             unpartitioned[p.device] = unpartitioned.get(p.device, 0) + p.used_bytes
     gpus = []
@@ -174,9 +176,15 @@ def read_state(
             GpuState(
                 stats=stats,
                 booked_partitions=sum(
-                    1 for r in records if r.device_uuid == stats.uuid and r.state_at(now) == BOOKED
+                    1
+                    for r in records
+                    if r.share_on(stats.uuid) is not None and r.state_at(now) == BOOKED
                 ),
-                queue_length=sum(1 for t in waiting if t.request.device_uuid == stats.uuid),
+                queue_length=sum(
+                    1
+                    for t in waiting
+                    if any(m.device_uuid == stats.uuid for m in t.request.members)
+                ),
                 unpartitioned_bytes=unpartitioned.get(stats.index, 0)
                 if per_process and sampled
                 else None,
@@ -186,19 +194,21 @@ def read_state(
     for r in records:
         if r.state_at(now) != ACTIVE:
             continue
-        found = machine.by_uuid(r.device_uuid)
-        partitions.append(
-            PartitionState(
-                id=r.id,
-                user=r.user,
-                gpu=found.index if found else r.device,
-                reserved_bytes=r.memory_bytes,
-                used_bytes=used_by.get(r.id, 0) if per_process and sampled else None,
-                expires_at=r.expires_at,
-                remaining_s=max(0.0, r.expires_at - now),
-                slurm_job=job_of(r.kind) or "",
+        for share in r.shares:  # a group: one series per GPU, under its one id
+            found = machine.by_uuid(share.device_uuid)
+            gpu = found.index if found else share.device
+            partitions.append(
+                PartitionState(
+                    id=r.id,
+                    user=r.user,
+                    gpu=gpu,
+                    reserved_bytes=share.memory_bytes,
+                    used_bytes=used_by.get((r.id, gpu), 0) if per_process and sampled else None,
+                    expires_at=r.expires_at,
+                    remaining_s=max(0.0, r.expires_at - now),
+                    slurm_job=job_of(r.kind) or "",
+                )
             )
-        )
     return State(
         gpus=gpus,
         partitions=partitions,

@@ -79,15 +79,28 @@ class PartitionRecord:
     warn_signal: str | None = None
     series: str | None = None
     """The series this booking belongs to (``create --repeat``), or None."""
+    more_shares: tuple[Share, ...] = ()
+    """A group's shares beyond the primary one (empty for a partition of one GPU)."""
 
     @property
     def memory_fraction(self) -> float:
+        """The primary share's fraction of its GPU (every share of a group asks the same)."""
         return self.memory_bytes / self.device_total_bytes
 
     @property
     def shares(self) -> tuple[Share, ...]:
         """Every GPU's share, the primary (``device``, ``memory_bytes``, …) first."""
-        return (Share(self.device, self.device_uuid, self.memory_bytes, self.device_total_bytes),)
+        primary = Share(self.device, self.device_uuid, self.memory_bytes, self.device_total_bytes)
+        return (primary, *self.more_shares)
+
+    @property
+    def gpu_equivalents(self) -> float:
+        """What quotas and fair share count: the shares' fractions summed (two halves = 1)."""
+        return self.memory_fraction + sum(s.memory_fraction for s in self.more_shares)
+
+    def share_on(self, device_uuid: str) -> Share | None:
+        """This partition's share of the GPU ``device_uuid``, if it has one."""
+        return next((s for s in self.shares if s.device_uuid == device_uuid), None)
 
     @property
     def devices(self) -> tuple[int, ...]:
@@ -113,6 +126,9 @@ class PartitionRecord:
     def to_json(self, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now
         out = asdict(self)
+        del out["more_shares"]
+        out["devices"] = list(self.devices)
+        out["shares"] = [asdict(share) for share in self.shares]
         out["state"] = self.state_at(now)
         out["memory_fraction"] = round(self.memory_fraction, 6)
         out["time_remaining"] = round(self.time_remaining_at(now), 3)
@@ -126,7 +142,9 @@ class PartitionRecord:
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> PartitionRecord:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        known = {k: v for k, v in data.items() if k in names}
+        known["more_shares"] = tuple(Share(**s) for s in known.get("more_shares") or ())
+        return cls(**known)
 
 
 @dataclass(frozen=True)

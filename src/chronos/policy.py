@@ -41,8 +41,15 @@ class Ask:
     user: str
     device: int
     fraction: float
+    """Of each GPU asked for (``max_share`` is per GPU)."""
     start: float
     end: float
+    gpus: int = 1
+    """How many GPUs at ``fraction`` each: totals and GPU-hours count ``fraction × gpus``."""
+
+    @property
+    def gpu_equivalents(self) -> float:
+        return self.fraction * self.gpus
 
 
 def held_until(record: PartitionRecord, now: float) -> float:
@@ -58,7 +65,7 @@ def gpu_hours(records: Iterable[PartitionRecord], lo: float, hi: float, now: flo
     for r in records:
         overlap = min(hi, held_until(r, now)) - max(lo, r.starts_at)
         if overlap > 0:
-            total += r.memory_fraction * overlap / 3600.0
+            total += r.gpu_equivalents * overlap / 3600.0
     return total
 
 
@@ -96,11 +103,11 @@ def check_limits(limits: Limits, ask: Ask, mine: Sequence[PartitionRecord], now:
             )
     if limits.max_total_share is not None:
         held = peak_share(open_now, ask.start, ask.end)
-        if held + ask.fraction > limits.max_total_share + 1e-9:
+        if held + ask.gpu_equivalents > limits.max_total_share + 1e-9:
             raise _over(
                 "max_total_share",
                 f"{ask.user} holds {held:.1%} then, asks "
-                f"{ask.fraction:.1%}, at most {limits.max_total_share:.1%} at once",
+                f"{ask.gpu_equivalents:.1%}, at most {limits.max_total_share:.1%} at once",
             )
     for name, window, limit in (
         ("max_gpu_hours_day", DAY, limits.max_gpu_hours_day),
@@ -133,8 +140,8 @@ def _busiest_window(
     for r in mine:
         start, end = r.starts_at, held_until(r, now)
         if start < end and start < ask.end + window and end > ask.start - window:
-            change[start] = change.get(start, 0.0) + r.memory_fraction
-            change[end] = change.get(end, 0.0) - r.memory_fraction
+            change[start] = change.get(start, 0.0) + r.gpu_equivalents
+            change[end] = change.get(end, 0.0) - r.gpu_equivalents
     times = sorted(change)
     before: list[float] = []  # share-seconds held before times[i]
     level_from: list[float] = []  # share held from times[i] to the next time
@@ -160,7 +167,7 @@ def _busiest_window(
             if hi < ask.start or lo > ask.end:
                 continue
             used = (held_before(hi) - held_before(lo)) / 3600.0
-            added = ask.fraction * (min(hi, ask.end) - max(lo, ask.start)) / 3600.0
+            added = ask.gpu_equivalents * (min(hi, ask.end) - max(lo, ask.start)) / 3600.0
             if used + added > sum(best):
                 best = (used, added)
     return best
@@ -168,7 +175,7 @@ def _busiest_window(
 
 def peak_share(records: Sequence[PartitionRecord], start: float, end: float) -> float:
     """Largest sum of fractions of ``records`` open at one instant of ``[start, end)``."""
-    return _peak(records, start, end, lambda r: r.memory_fraction)
+    return _peak(records, start, end, lambda r: r.gpu_equivalents)
 
 
 def peak_count(records: Sequence[PartitionRecord], start: float, end: float) -> int:
@@ -213,7 +220,7 @@ def decayed_usage(records: Iterable[PartitionRecord], now: float, half_life: flo
         end = min(held_until(r, now), now)
         if end <= r.starts_at:
             continue
-        hours = r.memory_fraction * (end - r.starts_at) / 3600.0
+        hours = r.gpu_equivalents * (end - r.starts_at) / 3600.0
         total += hours * 0.5 ** ((now - end) / half_life)
     return total
 
@@ -249,13 +256,43 @@ def earliest_fit(
 
 @dataclass(frozen=True)
 class Waiter:
-    """A queued request, as the planner sees it."""
+    """A queued request, as the planner sees it (a gang: ``more`` GPUs besides the first)."""
 
     id: str
     device_uuid: str
     memory_bytes: int
     duration_s: float
     capacity_bytes: int
+    more: tuple[tuple[str, int, int], ...] = ()
+    """``(device_uuid, memory_bytes, capacity_bytes)`` of each further GPU of a gang."""
+
+    @property
+    def needs(self) -> tuple[tuple[str, int, int], ...]:
+        """Every GPU's ``(device_uuid, memory_bytes, capacity_bytes)``, the first first."""
+        return ((self.device_uuid, self.memory_bytes, self.capacity_bytes), *self.more)
+
+
+def common_fit(
+    needs: Sequence[tuple[Profile, int, int]], duration: float, not_before: float
+) -> float | None:
+    """The first moment from ``not_before`` on when every ``(profile, nbytes, capacity)``
+    has room for ``duration`` at once (a gang's start: all of its GPUs, or none).
+
+    Each GPU's earliest fit from a candidate start is never earlier than the candidate,
+    so taking the latest of them and asking again climbs to the common start; it stops
+    when every GPU agrees (at most one step per breakpoint of the profiles).
+    """
+    start = not_before
+    while True:
+        latest = start
+        for profile, nbytes, capacity in needs:
+            fit = profile.fit(nbytes, duration, start, capacity)
+            if fit is None:
+                return None
+            latest = max(latest, fit)
+        if latest == start:
+            return start
+        start = latest
 
 
 @dataclass(frozen=True)
@@ -366,22 +403,28 @@ def plan_queue(
     profiles: dict[str, Profile] = {}
     grant: list[str] = []
     estimate: dict[str, float | None] = {}
-    for n, w in enumerate(ordered):
-        profile = profiles.get(w.device_uuid)
+
+    def profile_of(uuid: str) -> Profile:
+        profile = profiles.get(uuid)
         if profile is None:
-            profile = profiles[w.device_uuid] = Profile(intervals.get(w.device_uuid, []), now)
+            profile = profiles[uuid] = Profile(intervals.get(uuid, []), now)
+        return profile
+
+    for n, w in enumerate(ordered):
+        needs = [(profile_of(uuid), nbytes, cap) for uuid, nbytes, cap in w.needs]
         if n < depth:
-            start = profile.fit(w.memory_bytes, w.duration_s, now, w.capacity_bytes)
+            start = common_fit(needs, w.duration_s, now)
         else:  # the profile starts at now: levels[0] is what is held now (a quick no)
-            room = w.capacity_bytes - w.memory_bytes
-            fits = profile.levels[0] <= room and profile.fits_now(
-                w.memory_bytes, w.duration_s, now, w.capacity_bytes
+            fits = all(
+                p.levels[0] <= cap - nbytes and p.fits_now(nbytes, w.duration_s, now, cap)
+                for p, nbytes, cap in needs
             )
             start = now if fits else None
         if start is not None and start <= now:
             grant.append(w.id)
         else:
             estimate[w.id] = start
-        if start is not None:
-            profile.add(start, start + w.duration_s, w.memory_bytes)
+        if start is not None:  # a gang reserves its slot on every one of its GPUs
+            for profile, nbytes, _ in needs:
+                profile.add(start, start + w.duration_s, nbytes)
     return Plan(grant, estimate)

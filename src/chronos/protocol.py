@@ -43,6 +43,8 @@ MAX_SPEC = 64
 PID_MAX = 1 << 22
 """The kernel's PID_MAX_LIMIT: no pid is larger."""
 MAX_DEVICE = 1023
+MAX_GROUP = 64
+"""Most GPUs in one group (a request names or asks for at most this many)."""
 MAX_SECONDS = 1e11
 """Bound of any time or span in seconds (epoch seconds of the year 5138): finite and sane."""
 
@@ -136,6 +138,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "since": (-MAX_SECONDS, MAX_SECONDS),
     "timeout": (-MAX_SECONDS, MAX_SECONDS),
     "max_wait": (-MAX_SECONDS, MAX_SECONDS),
+    "gpus": (1, MAX_GROUP),
 }
 SPEC_ARGS = frozenset({"memory", "duration", "grace", "warn"})
 
@@ -143,6 +146,14 @@ SPEC_ARGS = frozenset({"memory", "duration", "grace", "warn"})
 def check_bounds(op: str, name: str, value: Any) -> None:
     """Refuse a string too long or a number out of its field's range (or not finite)."""
     if isinstance(value, bool):
+        return
+    if isinstance(value, list) and name == "devices":  # GPU indices
+        if not value or len(value) > MAX_GROUP:
+            raise BadRequest(f"{op}: {name} must list 1 to {MAX_GROUP} GPUs")
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise BadRequest(f"{op}: {name} must list GPU indices")
+            check_bounds(op, "device", item)
         return
     if isinstance(value, (list, dict)):
         _check_container(op, name, value)

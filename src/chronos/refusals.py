@@ -59,6 +59,18 @@ class NoRoom(NamedTuple):
     """The earliest start at which it would fit (None: not within the plan)."""
 
 
+class NoPlacement(NamedTuple):
+    """Chronos was to choose the GPUs, and fewer than asked have room (waiting may help)."""
+
+    gpus: int
+    requested: int
+    """Bytes asked of each GPU (of the first, where GPU sizes differ)."""
+    fitting: int
+    """How many GPUs have room over the asked time."""
+    start: float
+    now: float
+
+
 class ExtensionBlocked(NamedTuple):
     """Something needs the device before the asked new end."""
 
@@ -84,12 +96,12 @@ class OverLimit(NamedTuple):
     """Where the user stands against it, in words (policy.check_limits writes these)."""
 
 
-Facts = TooLarge | NoRoom | ExtensionBlocked | TooManyWaiting | OverLimit
+Facts = TooLarge | NoRoom | NoPlacement | ExtensionBlocked | TooManyWaiting | OverLimit
 
 
 def refusal(facts: Facts) -> AdmissionRefused:
     """The error for ``facts``: a sentence for users, the cause and the facts as data."""
-    if isinstance(facts, NoRoom):
+    if isinstance(facts, NoRoom | NoPlacement):
         return CapacityRefused(message(facts), facts=facts)
     if isinstance(facts, OverLimit):
         cause = RefusalCause.quota(facts.limit)
@@ -121,7 +133,17 @@ def message(facts: Facts) -> str:
             f"requests need the device before {local_clock(facts.until)} "
             f"(only {format_bytes(max(0, facts.free))} free then; in the way: {in_the_way})"
         )
+    if isinstance(facts, NoPlacement):
+        return _no_placement(facts)
     return _no_room(facts)
+
+
+def _no_placement(facts: NoPlacement) -> str:
+    when = "now" if facts.start <= facts.now else f"at {local_clock(facts.start)}"
+    each = format_bytes(facts.requested)
+    if facts.gpus == 1:
+        return f"no GPU has {each} free {when}"
+    return f"no {facts.gpus} GPUs have {each} free each {when} ({facts.fitting} have)"
 
 
 def _no_room(facts: NoRoom) -> str:

@@ -20,23 +20,25 @@ from chronos.cgroups import PartitionCgroups
 from chronos.cgroups import cgroup_of as cgroups_of
 from chronos.config import Config, Limits
 from chronos.errors import BadRequest, CapacityRefused, ChronosError, PermissionDenied
+from chronos.groups import Placer, gpu_choice, members
 from chronos.identity import Caller, resolve_user
-from chronos.ledger import Attached, Ledger, NewPartition, QuotaCheck
+from chronos.ledger import Attached, Ledger, Member, NewPartition, QuotaCheck
 from chronos.models import (
     ACTIVE,
     BOOKED,
     DeviceStats,
     PartitionRecord,
     ProcessUse,
+    Share,
     is_series_id,
 )
 from chronos.policy import Ask, check_limits, needs_history, priority
 from chronos.slurm import policy as slurm_policy
-from chronos.units import format_duration, parse_duration, parse_memory, parse_signal_name
+from chronos.units import format_duration, parse_duration, parse_signal_name
 from chronos.vocabulary import EventKind, Mode, Origin, TicketState
 
 if TYPE_CHECKING:
-    from chronos.devices import DeviceUsage, Machine
+    from chronos.devices import Device, DeviceUsage, Machine
 
 KINDS = tuple(Origin)
 """``api-raise``/``api-notify``: an API partition made with ``on_expiry="raise"``/``"notify"``."""
@@ -141,27 +143,30 @@ class Service:
         }
 
     def op_create(self, caller: Caller, ask: messages.CreateRequest) -> dict[str, Any]:
-        device, memory, duration, kind = ask.device, ask.memory, ask.duration, ask.kind
+        memory, duration, kind = ask.memory, ask.duration, ask.kind
         start, wait, timeout, warn = ask.start, ask.wait, ask.timeout, ask.warn
         if kind not in KINDS and not slurm_policy.may_use_kind(caller, kind):
             raise BadRequest(f"unknown partition kind {kind!r}")
         uid, name = self._owner(caller, ask.user)
         self._check_series(ask.series, uid)
-        dev = self.machine.device(device)
-        slurm_policy.check_create(self.config.slurm, caller, dev.index)
-        nbytes = parse_memory(memory, dev.total_bytes)
+        choice = gpu_choice(ask, self.machine)
+        for dev in choice.named:
+            slurm_policy.check_create(self.config.slurm, caller, dev.index)
+        candidates = choice.named or self._creatable(caller)
+        shares = members(candidates, memory, self.config.reservable_bytes)
         seconds = self._within_max_duration(parse_duration(duration, math.inf))
         if start is not None and not (
             math.isfinite(start) and start <= self.ledger.clock() + MAX_BOOK_AHEAD_S
         ):  # NaN broke the insert; 1e300 was stored and then crashed every `chronos list`
             raise BadRequest("start must be a time (epoch seconds) at most a year from now")
         owner_pid = None if ask.persist or caller.pid is None else caller.pid
+        first = shares[0]
         request = NewPartition(
-            device=dev.index,
-            device_uuid=dev.uuid,
-            device_total_bytes=dev.total_bytes,
-            capacity_bytes=self.config.reservable_bytes(dev.index, dev.total_bytes),
-            memory_bytes=nbytes,
+            device=first.device,
+            device_uuid=first.device_uuid,
+            device_total_bytes=first.device_total_bytes,
+            capacity_bytes=first.capacity_bytes,
+            memory_bytes=first.memory_bytes,
             uid=uid,
             user=name,
             duration_s=seconds,
@@ -176,13 +181,21 @@ class Service:
             warn_signal=_signal_name(ask.warn_signal or self.config.warn_signal),
             exempt=caller.is_admin,
             series=ask.series,
+            # Named: the group itself. Chosen: a stand-in of as many GPUs (what quotas
+            # count), which the placer replaces by the GPUs it picks.
+            more=shares[1 : choice.gpus],
         )
+        will_queue = wait and start is None
+        placer = None
+        if choice.chosen_by_chronos:
+            placer = Placer(request, shares, choice.gpus, self.machine.link_level, will_queue)
         try:
             record = self.ledger.create(
                 request,
                 self._quota_check(request),
                 self.priority,
-                will_queue=wait and start is None,
+                will_queue=will_queue,
+                place=placer,
             )
         except CapacityRefused as refusal:
             if not wait or start is not None:
@@ -190,14 +203,12 @@ class Service:
             if timeout is not None and not (math.isfinite(timeout) and timeout >= 0):
                 raise BadRequest("timeout must be a number of seconds") from None
             timeout_at = None if timeout is None else self.ledger.clock() + timeout
-            ticket = self.ledger.enqueue(
-                request, caller.pid, timeout_at, self._max_waiting(request)
-            )
+            queued = placer.placed if placer is not None and placer.placed else request
+            ticket = self.ledger.enqueue(queued, caller.pid, timeout_at, self._max_waiting(queued))
             self.on_change()
             return self._ticket_status(ticket.id, note=str(refusal))
         self.on_change()
-        if alloccap.wanted_for(dev.vendor):
-            alloccap.on_create(record, self.mode)
+        self._on_granted(record)
         alloccap.sweep(self._is_open, self.mode)
         return messages.Granted(record=record, visible_env=self._visible_env(record)).to_wire()
 
@@ -210,6 +221,22 @@ class Service:
         others = {r.user for r in self.ledger.series(series) if r.uid != uid}
         if others:
             raise PermissionDenied(f"series {series} belongs to {', '.join(sorted(others))}")
+
+    def _creatable(self, caller: Caller) -> tuple[Device, ...]:
+        """The GPUs ``caller`` may have Chronos choose among (not those Slurm schedules)."""
+        devices = self.machine.devices
+        allowed = tuple(
+            d for d in devices if slurm_policy.may_create(self.config.slurm, caller, d.index)
+        )
+        if not allowed:
+            slurm_policy.check_create(self.config.slurm, caller, devices[0].index)
+        return allowed
+
+    def _on_granted(self, record: PartitionRecord) -> None:
+        """The allocation-time cap's file of a new partition (of its primary GPU's vendor)."""
+        dev = self.machine.by_uuid(record.device_uuid)
+        if dev is not None and alloccap.wanted_for(dev.vendor):
+            alloccap.on_create(record, self.mode)
 
     # ----------------------------------------------------------------- queue
 
@@ -264,9 +291,7 @@ class Service:
         if granted:
             self.on_change()
         for record in map(self.ledger.get, filter(None, ids)):
-            dev = self.machine.by_uuid(record.device_uuid)
-            if dev is not None and alloccap.wanted_for(dev.vendor):
-                alloccap.on_create(record, self.mode)
+            self._on_granted(record)
         return ids
 
     def _grace_of(self, grace: Any) -> float:
@@ -287,9 +312,9 @@ class Service:
         except ChronosError:
             return False
 
-    def _capacity_of(self, request: NewPartition) -> int:
-        """What admission may hand out on the request's device under the policy in force now."""
-        return self.config.reservable_bytes(request.device, request.device_total_bytes)
+    def _capacity_of(self, member: Member) -> int:
+        """What admission may hand out on one GPU of a request under the policy in force now."""
+        return self.config.reservable_bytes(member.device, member.device_total_bytes)
 
     def priority(self, user: str, waited_s: float, usage_gpu_hours: float) -> float:
         """A waiter's fair-share priority under the policy in force (higher is served first)."""
@@ -318,7 +343,8 @@ class Service:
         stop = None if count is None else start + count
         for n, (ticket, estimate) in enumerate(self.ledger.queue(self.priority)):
             req = ticket.request
-            per_device[req.device_uuid] = per_device.get(req.device_uuid, 0) + 1
+            for m in req.members:  # a gang's position: its place on its primary GPU
+                per_device[m.device_uuid] = per_device.get(m.device_uuid, 0) + 1
             if n < start or (only is not None and ticket.id != only):
                 continue
             if stop is not None and n >= stop:
@@ -329,6 +355,7 @@ class Service:
                     "state": ticket.state,
                     "user": req.user,
                     "device": req.device,
+                    "devices": [m.device for m in req.members],
                     "memory_bytes": req.memory_bytes,
                     "memory_fraction": round(req.memory_bytes / req.device_total_bytes, 6),
                     "duration_s": req.duration_s,
@@ -342,10 +369,15 @@ class Service:
         return out
 
     def _blockers(self, req: NewPartition, estimate: float | None) -> list[str]:
-        """Partitions on the device that end by the estimated start (what we wait for)."""
+        """Partitions on the request's GPUs that end by the estimated start (what it waits for)."""
         if estimate is None:
             return []
-        return self.ledger.ending_by(req.device_uuid, estimate + 1e-6)
+        ids: list[str] = []
+        for m in req.members:
+            ids += [
+                i for i in self.ledger.ending_by(m.device_uuid, estimate + 1e-6) if i not in ids
+            ]
+        return ids
 
     def _visible_env(self, record: PartitionRecord) -> dict[str, str]:
         """The environment that shows a process exactly the record's GPUs, in share order."""
@@ -434,7 +466,12 @@ class Service:
         """Each GPU with its memory, the partitions active on it now, and its processes."""
         out = []
         for dev in self.machine.devices:
-            mine = [r for r in records if r.device_uuid == dev.uuid and r.state_at(now) == ACTIVE]
+            # A group counts on each GPU it uses, with its share of that GPU.
+            held = [
+                (r, share)
+                for r in records
+                if r.state_at(now) == ACTIVE and (share := r.share_on(dev.uuid)) is not None
+            ]
             use = usage.get(dev.uuid)
             out.append(
                 DeviceStats(
@@ -448,8 +485,8 @@ class Service:
                     free_bytes=use.free_bytes if use else None,
                     utilization_pct=use.utilization_pct if use else None,
                     reservable_bytes=self.config.reservable_bytes(dev.index, dev.total_bytes),
-                    committed_bytes=sum(r.memory_bytes for r in mine),
-                    active_partitions=len(mine),
+                    committed_bytes=sum(share.memory_bytes for _, share in held),
+                    active_partitions=len(held),
                     pci_bus_id=dev.pci_bus_id,
                     details=dict(dev.details),
                     processes=[p for p in found if p.device == dev.index],
@@ -550,7 +587,10 @@ class Service:
         self._within_max_duration(new_end - record.starts_at)
         if not caller.is_admin:
             self._check_extension(record, new_end)
-        capacity = self.config.reservable_bytes(record.device, record.device_total_bytes)
+
+        def capacity(share: Share) -> int:
+            return self.config.reservable_bytes(share.device, share.device_total_bytes)
+
         updated = self.ledger.extend_expiry(
             id, new_end, capacity, caller.uid, caller.user, self.priority
         )
@@ -591,7 +631,14 @@ class Service:
         limits = self.config.limits_for(record.user)
         now = self.ledger.clock()
         mine = [r for r in self.ledger.recent(now - 8 * 86400.0, record.uid) if r.id != record.id]
-        ask = Ask(record.user, record.device, record.memory_fraction, record.starts_at, new_end)
+        ask = Ask(
+            record.user,
+            record.device,
+            record.memory_fraction,
+            record.starts_at,
+            new_end,
+            len(record.shares),
+        )
         check_limits(limits, ask, mine, now)
 
     def op_usage(self, caller: Caller, request: messages.UsageRequest) -> list[dict[str, Any]]:
@@ -648,7 +695,8 @@ class _Quota:
 
     def __call__(self, mine: list[PartitionRecord], start: float, end: float, now: float) -> None:
         req = self.request
-        ask = Ask(req.user, req.device, req.memory_bytes / req.device_total_bytes, start, end)
+        fraction = req.memory_bytes / req.device_total_bytes
+        ask = Ask(req.user, req.device, fraction, start, end, len(req.members))
         check_limits(self.limits, ask, mine, now)
 
 

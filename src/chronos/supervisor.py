@@ -98,7 +98,7 @@ def reuse_partition(outer: str | None, program: str, command: Sequence[str]) -> 
 
 
 def run_in_partition(
-    device: int,
+    device: int | dict[str, Any],
     memory: str,
     duration: str,
     grace: str | None,
@@ -111,14 +111,16 @@ def run_in_partition(
 ) -> tuple[int, dict[str, Any]]:
     """Run ``command`` in a new partition; return its exit code and a summary.
 
-    ``command[0]`` is the program's path (see :func:`check_program`); ``argv0``
+    ``device``: a GPU index, or ``Partitioner.create``'s GPU arguments (``{"gpus": 2}``,
+    ``{"devices": [0, 1]}``, ``{"device": "auto"}``). ``command[0]`` is the program's
+    path (see :func:`check_program`); ``argv0``
     the name the user typed, which the program sees as its ``argv[0]``. With
     ``wait`` a request that does not fit now waits in the fair queue first.
     """
     client = Partitioner()
     try:
         partition = client.create(
-            device=device,
+            **(device if isinstance(device, dict) else {"device": device}),
             memory=memory,
             duration=duration,
             kind=Origin.RUN,

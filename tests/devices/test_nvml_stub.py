@@ -342,3 +342,24 @@ def test_close_shuts_nvml_down() -> None:
     backend.devices()
     backend.close()
     assert lib.state["shutdown"] == 1
+
+
+# -- link levels (placement of groups) -----------------------------------------
+
+
+def test_link_level_is_the_common_ancestor_or_not_available() -> None:
+    backend, lib = open_backend([gpu(UUID0), gpu(UUID1)])
+    first, second = backend.devices()
+    assert backend.link_level(first, first) == 0
+    assert backend.link_level(first, second) is None  # this NVML cannot tell: not a guess
+    calls: list[tuple[Any, Any]] = []
+
+    def common_ancestor(a: Any, b: Any) -> int:
+        calls.append((a, b))
+        return 20  # NVML_TOPOLOGY_MULTIPLE
+
+    lib.nvmlDeviceGetTopologyCommonAncestor = common_ancestor
+    fresh = NvidiaBackend(Nvml(lib))
+    first, second = fresh.devices()
+    assert [fresh.link_level(first, second) for _ in range(3)] == [20, 20, 20]
+    assert len(calls) == 1  # asked once per pair: placement asks inside a transaction

@@ -160,6 +160,11 @@ def collect(client: Any, now: float | None = None) -> Snapshot:
             {
                 "id": r.id,
                 "device": r.device,
+                "devices": list(r.devices),
+                "shares": [
+                    {"device": share.device, "memory_bytes": share.memory_bytes}
+                    for share in r.shares
+                ],
                 "user": r.user,
                 "kind": r.kind,
                 "memory_bytes": r.memory_bytes,
@@ -179,6 +184,7 @@ def collect(client: Any, now: float | None = None) -> Snapshot:
                 for k in (
                     "ticket",
                     "device",
+                    "devices",
                     "user",
                     "memory_bytes",
                     "memory_fraction",

@@ -79,6 +79,19 @@ class Machine:
     def by_uuid(self, uuid: str) -> Device | None:
         return next((d for d in self.devices if d.uuid == uuid), None)
 
+    def link_level(self, a: int, b: int) -> int | None:
+        """How closely GPUs ``a`` and ``b`` are linked (``base.LINK_LEVELS``: lower is
+        closer), or ``None`` where nothing can tell (different backends, or one that
+        cannot say)."""
+        first, second = self.device(a), self.device(b)
+        if a == b:
+            return 0
+        for backend, devices in self._backends:
+            uuids = {d.uuid for d in devices}
+            if first.uuid in uuids and second.uuid in uuids:
+                return backend.link_level(_own(devices, first), _own(devices, second))
+        return None
+
     def usage(self) -> dict[str, DeviceUsage]:
         out: dict[str, DeviceUsage] = {}
         for backend, _ in self._backends:
@@ -104,6 +117,11 @@ class Machine:
 
 
 T = TypeVar("T")
+
+
+def _own(devices: list[Device], device: Device) -> Device:
+    """``device`` as its backend listed it (the backend's own index)."""
+    return next(d for d in devices if d.uuid == device.uuid)
 
 
 def _safely(call: Callable[[], T], default: T) -> T:

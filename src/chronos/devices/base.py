@@ -12,6 +12,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+LINK_LEVELS = {
+    0: "same board",
+    10: "one PCIe switch",
+    20: "several PCIe switches",
+    30: "one host bridge",
+    40: "one NUMA node",
+    50: "across NUMA nodes",
+}
+"""NVML's topology levels (``nvmlGpuTopologyLevel_t``), the scale of
+:meth:`Backend.link_level`: two GPUs of one board (or joined by NVLink, see the NVIDIA
+backend) are ``0``; GPUs that talk only across the system interconnect are ``50``."""
+
 
 @dataclass(frozen=True)
 class Device:
@@ -105,6 +117,11 @@ class Backend(ABC):
     @abstractmethod
     def processes(self) -> list[ProcessMemory]:
         """Every process holding memory on any device (empty if not available)."""
+
+    def link_level(self, a: Device, b: Device) -> int | None:
+        """How closely two of this backend's devices are linked, on NVML's topology scale
+        (:data:`LINK_LEVELS`: lower is closer), or ``None`` where the backend cannot tell."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release vendor handles (e.g. nvmlShutdown)."""

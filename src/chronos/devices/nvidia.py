@@ -60,6 +60,7 @@ class NvidiaBackend(Backend):
         self._slots: list[_Slot] | None = None
         self._memory_v2 = True
         self._process_function: dict[str, str] = {}
+        self._links: dict[tuple[str, str], int | None] = {}
         self.notes: list[str] = []
         """Why a GPU was skipped during the last enumeration."""
 
@@ -80,6 +81,41 @@ class NvidiaBackend(Backend):
                     key = (entry.pid, entry.device_uuid)
                     merged[key] = _merge(merged.get(key), entry)
         return list(merged.values())
+
+    def link_level(self, a: Device, b: Device) -> int | None:
+        """NVML's common-ancestor level of the two GPUs (MIG instances: of their GPUs);
+        ``0`` also where an NVLink joins them. ``None`` where NVML cannot say. Asked once
+        per pair (the topology does not change while the driver runs): placement asks
+        inside the admission transaction."""
+        key = (a.uuid, b.uuid)
+        if key not in self._links:
+            self._links[key] = self._link_level(a, b)
+        return self._links[key]
+
+    def _link_level(self, a: Device, b: Device) -> int | None:
+        handles = {s.device.uuid: s.parent or s.handle for s in self._ensure_slots()}
+        first, second = handles.get(a.uuid), handles.get(b.uuid)
+        if first is None or second is None:
+            return None
+        if first is second:
+            return 0
+        if self._nvlinked(first, second):
+            return 0
+        level = self._nvml.value("nvmlDeviceGetTopologyCommonAncestor", first, second)
+        return int(level) if isinstance(level, int) else None
+
+    def _nvlinked(self, first: Any, second: Any) -> bool:
+        """Whether an active NVLink of ``first`` ends at ``second`` (by PCI bus id)."""
+        target = self._pci_bus_id(second)
+        links = self._nvml.constant("NVML_NVLINK_MAX_LINKS") or 0
+        for link in range(int(links)):
+            if self._nvml.value("nvmlDeviceGetNvLinkState", first, link) != 1:
+                continue
+            remote = self._nvml.value("nvmlDeviceGetNvLinkRemotePciInfo_v2", first, link)
+            bus = text(getattr(remote, "busId", None)) if remote is not None else None
+            if bus and target and normalize_bus_id(bus) == normalize_bus_id(target):
+                return True
+        return False
 
     def close(self) -> None:
         self._slots = None

@@ -1,10 +1,13 @@
 """A simulated GPU machine, for tests and for trying Chronos without a GPU.
 
 Devices come from ``CHRONOS_SIMULATED_GPUS`` (comma list of sizes, default
-two 80 GiB GPUs). Processes are declared in a JSON file that any process can
-write (``declare_process``), so that the daemon, the CLI and the tests share
-one view of "PID X holds N bytes on device D". Entries of dead processes are
-ignored.
+two 80 GiB GPUs). ``CHRONOS_SIMULATED_TOPOLOGY`` says which are linked: islands of
+GPUs separated by ``;`` (``0,1,2,3;4,5,6,7``): two GPUs of one island are linked at
+level 0, of two islands at 50 (unset: the topology is not available).
+
+Processes are declared in a JSON file that any process can write
+(``declare_process``), so that the daemon, the CLI and the tests share one view of
+"PID X holds N bytes on device D". Entries of dead processes are ignored.
 """
 
 from __future__ import annotations
@@ -35,6 +38,17 @@ def simulated_sizes() -> list[int]:
     if not sizes:
         raise DeviceError("CHRONOS_SIMULATED_GPUS lists no GPU")
     return sizes
+
+
+def simulated_topology() -> list[set[int]] | None:
+    """The islands of ``CHRONOS_SIMULATED_TOPOLOGY``, or ``None`` when it is unset."""
+    spec = os.environ.get("CHRONOS_SIMULATED_TOPOLOGY", "").strip()
+    if not spec:
+        return None
+    try:
+        return [{int(i) for i in island.split(",") if i.strip()} for island in spec.split(";")]
+    except ValueError:
+        raise DeviceError(f"CHRONOS_SIMULATED_TOPOLOGY: invalid {spec!r}") from None
 
 
 def simulated_uuid(index: int) -> str:
@@ -105,6 +119,13 @@ class SimulatedBackend(Backend):
             )
             for i, size in enumerate(self._sizes)
         ]
+
+    def link_level(self, a: Device, b: Device) -> int | None:
+        islands = simulated_topology()
+        if islands is None:
+            return None
+        same = any(a.index in island and b.index in island for island in islands)
+        return 0 if same else 50
 
     def processes(self) -> list[ProcessMemory]:
         out = []

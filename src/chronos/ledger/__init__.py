@@ -38,12 +38,29 @@ from chronos.ledger.history import MIN_RETENTION_S, History
 from chronos.ledger.jobs import Job, Jobs
 from chronos.ledger.partitions import Lingering, OwnerCheck, Partitions
 from chronos.ledger.queue import PLAN_REUSE_S, PriorityOf, Queue, QuotaCheck
-from chronos.ledger.records import Attached, Ended, Interval, NewPartition, Ticket
-from chronos.models import Event, PartitionRecord
+from chronos.ledger.records import Attached, Ended, Interval, Member, NewPartition, Ticket
+from chronos.models import Event, PartitionRecord, Share
 from chronos.policy import earliest_fit, peak_usage
 from chronos.vocabulary import EventKind, RefusalCause, TicketState
 
 SCHEMA_VERSION = schema.SCHEMA_VERSION
+
+
+class Room(NamedTuple):
+    """What GPU placement sees of the ledger, over one request's span ``[start, end)``."""
+
+    peak: Callable[[str], int]
+    """The most held at once on a GPU (by uuid) over the span, the queue's room included."""
+    mine: Callable[[str], int]
+    """How many of the user's partitions hold a share of a GPU over the span."""
+    soonest: Callable[[NewPartition], float | None]
+    """When a request on given GPUs would fit on all of them at once (for the queue)."""
+    start: float
+    now: float
+
+
+Placer = Callable[[Room], NewPartition]
+"""Chooses a request's GPUs (``chronos.groups.Placer``), given the :class:`Room`."""
 
 __all__ = [
     "MIN_RETENTION_S",
@@ -55,10 +72,13 @@ __all__ = [
     "Job",
     "Ledger",
     "LedgerParts",
+    "Member",
     "NewPartition",
     "OwnerCheck",
+    "Placer",
     "PriorityOf",
     "QuotaCheck",
+    "Room",
     "Ticket",
     "earliest_fit",
     "peak_usage",
@@ -92,7 +112,7 @@ class Ledger:
         ``reap_owners=False``: reaps do not check owner processes (the daemon has pidfds)."""
         self.path = Path(path)
         self.clock = clock
-        self.capacity_of: Callable[[NewPartition], int] = lambda req: req.capacity_bytes
+        self.capacity_of: Callable[[Member], int] = lambda member: member.capacity_bytes
         """Bytes a (queued) request may use on its device; the service applies the policy
         in force now, so a reload also reaches requests still waiting."""
         self.lingering: Lingering = lambda uuid: []
@@ -157,8 +177,13 @@ class Ledger:
         check: QuotaCheck | None = None,
         priority_of: PriorityOf | None = None,
         will_queue: bool = False,
+        place: Placer | None = None,
     ) -> PartitionRecord:
         """Admit and record ``req``, or raise :class:`AdmissionRefused` (and log it).
+
+        ``place``: Chronos chooses the GPUs; it is called inside the transaction with
+        what each GPU holds over the span (a :class:`Room`) and returns ``req`` on the
+        GPUs it chose, so the choice and the admission are one atomic step.
 
         ``will_queue``: the caller queues the request if there is no room now, so a
         lack of room is not a refusal (quota refusals are still logged).
@@ -176,9 +201,14 @@ class Ledger:
             end = start + req.duration_s
             refusal: AdmissionRefused | None = None
             try:
+                if place is not None:
+                    req = place(self._room(req, start, end, now, priority_of))
                 if check is not None:
                     check(self._partitions.quota_view(req.uid, now, check), start, end, now)
-                reserved = self._queue.reservations(req.device_uuid, now, priority_of)
+                reserved = {
+                    m.device_uuid: self._queue.reservations(m.device_uuid, now, priority_of)
+                    for m in req.members
+                }
                 self._partitions.check_room(req, start, end, now, reserved)
             except AdmissionRefused as exc:
                 refusal = exc
@@ -191,10 +221,40 @@ class Ledger:
             raise refusal
         return record
 
+    def _room(
+        self,
+        req: NewPartition,
+        start: float,
+        end: float,
+        now: float,
+        priority_of: PriorityOf | None,
+    ) -> Room:
+        """What placement may look at, inside the admission transaction."""
+        partitions, queue = self._partitions, self._queue
+
+        def peak(uuid: str) -> int:
+            near = partitions.on_device(uuid, now, start, end)
+            return peak_usage(near + queue.reservations(uuid, now, priority_of), start, end)
+
+        mine_open = [r for r in partitions.open_of(req.uid) if r.expires_at > start]
+        overlapping = [r for r in mine_open if r.starts_at < end]
+
+        def mine(uuid: str) -> int:
+            return sum(1 for r in overlapping if r.share_on(uuid) is not None)
+
+        def soonest(candidate: NewPartition) -> float | None:
+            reserved = {
+                m.device_uuid: queue.reservations(m.device_uuid, now, priority_of)
+                for m in candidate.members
+            }
+            return partitions.earliest_fit(candidate, start, now, reserved)
+
+        return Room(peak, mine, soonest, start, now)
+
     def release(
         self, partition_id: str, uid: int, user: str, reason: str = "released"
     ) -> PartitionRecord:
-        """End an open partition now."""
+        """End an open partition now (a group: on every GPU at once, it is one row)."""
         with schema.transaction(self._db):
             now = self.clock()
             self._partitions.reap(now, self.reap_owners)
@@ -225,24 +285,30 @@ class Ledger:
         self,
         partition_id: str,
         new_expires_at: float,
-        capacity_bytes: int,
+        capacity_bytes: int | Callable[[Share], int],
         uid: int,
         user: str,
         priority_of: PriorityOf | None = None,
     ) -> PartitionRecord:
-        """Move an open partition's end later, if the device has room for it meanwhile.
+        """Move an open partition's end later, if each of its GPUs has room for it meanwhile.
 
         Room means room left by other partitions, bookings and the queue's
-        reservations: an extension never delays a waiting request.
+        reservations: an extension never delays a waiting request. A group extends on
+        every GPU or on none. ``capacity_bytes``: what a GPU may hand out (one number
+        for all, or per share).
         """
+        capacity_of = capacity_bytes if callable(capacity_bytes) else _same_capacity(capacity_bytes)
         with schema.transaction(self._db):
             now = self.clock()
             self._partitions.reap(now, self.reap_owners)
             self._queue.drop_stale(now)
-            device_uuid = self._partitions.get_open(partition_id).device_uuid
-            reserved = self._queue.reservations(device_uuid, now, priority_of)
+            record = self._partitions.get_open(partition_id)
+            reserved = {
+                s.device_uuid: self._queue.reservations(s.device_uuid, now, priority_of)
+                for s in record.shares
+            }
             return self._partitions.extend(
-                partition_id, new_expires_at, capacity_bytes, uid, user, now, reserved
+                partition_id, new_expires_at, capacity_of, uid, user, now, reserved
             )
 
     def shift_open(self, step: float) -> None:
@@ -453,3 +519,7 @@ class Ledger:
     ) -> dict[str, dict[str, float]]:
         """Per user, what :func:`chronos.accounting.usage_report` reports for ``[since, now)``."""
         return self._history.usage_totals(since, now, user)
+
+
+def _same_capacity(capacity: int) -> Callable[[Share], int]:
+    return lambda share: capacity

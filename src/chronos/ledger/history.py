@@ -102,9 +102,9 @@ class History:
         hour = math.floor(start / HOUR)
         while hour * HOUR < end:
             lo, hi = max(start, hour * HOUR), min(end, (hour + 1) * HOUR)
-            self.bump(lo, r.user, reserved_h=r.memory_fraction * (hi - lo) / HOUR)
+            self.bump(lo, r.user, reserved_h=r.gpu_equivalents * (hi - lo) / HOUR)
             hour += 1
-        self._fold_fairshare(r.uid, r.memory_fraction * (end - start) / HOUR, end)
+        self._fold_fairshare(r.uid, r.gpu_equivalents * (end - start) / HOUR, end)
         self._db.execute(
             "INSERT INTO meta VALUES ('longest_held_s', ?) ON CONFLICT (key) DO UPDATE SET "
             "value = MAX(CAST(value AS REAL), CAST(excluded.value AS REAL))",
@@ -192,13 +192,14 @@ class History:
             int(uid): float(value) * 0.5 ** ((now - as_of) / half_life)
             for uid, value, as_of in self._db.execute("SELECT uid, value, as_of FROM fairshare")
         }
-        for uid, start, expires, nbytes, total in self._db.execute(
-            "SELECT uid, starts_at, expires_at, memory_bytes, device_total_bytes FROM partitions "
-            f"WHERE {OPEN}"
+        for uid, start, expires, nbytes, total, more in self._db.execute(
+            "SELECT uid, starts_at, expires_at, memory_bytes, device_total_bytes, more_shares "
+            f"FROM partitions WHERE {OPEN}"
         ):
             end = min(expires, now)
             if end > start:
-                hours = nbytes / total * (end - start) / HOUR
+                gpus = nbytes / total + _more_gpu_equivalents(more)
+                hours = gpus * (end - start) / HOUR
                 out[uid] = out.get(uid, 0.0) + hours * 0.5 ** ((now - end) / half_life)
         return out
 
@@ -276,6 +277,13 @@ class History:
         ):
             for key, value in _event_counts(kind, json.loads(detail), total).items():
                 add(name, key, value)
+
+
+def _more_gpu_equivalents(more_shares: str) -> float:
+    """A group's further shares in GPU-equivalents, from the stored column."""
+    if more_shares == "[]":
+        return 0.0
+    return float(sum(s["memory_bytes"] / s["device_total_bytes"] for s in json.loads(more_shares)))
 
 
 def _end_counts(r: PartitionRecord) -> dict[str, float]:

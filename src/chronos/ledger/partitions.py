@@ -11,15 +11,23 @@ from __future__ import annotations
 import math
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from chronos.errors import NotFound, PartitionEnded
 from chronos.ledger.events import EventLog
 from chronos.ledger.history import History
-from chronos.ledger.records import ATTACHED, PARTITIONS, Attached, Ended, Interval, NewPartition
+from chronos.ledger.records import (
+    ATTACHED,
+    PARTITIONS,
+    Attached,
+    Ended,
+    Interval,
+    Member,
+    NewPartition,
+)
 from chronos.ledger.schema import BY_OPEN, OPEN
-from chronos.models import PartitionRecord
-from chronos.policy import earliest_fit, peak_usage
+from chronos.models import PartitionRecord, Share
+from chronos.policy import Profile, common_fit, peak_usage
 from chronos.refusals import ExtensionBlocked, Holder, HolderKind, NoRoom, TooLarge, refusal
 from chronos.units import local_clock
 from chronos.vocabulary import OPEN_STATES, EventKind, PartitionState
@@ -54,7 +62,8 @@ class Partitions:
     # ------------------------------------------------------------- writing
 
     def admit(self, req: NewPartition, now: float, start: float, end: float) -> PartitionRecord:
-        """Record ``req`` as a partition over ``[start, end)`` (room already checked)."""
+        """Record ``req`` as a partition over ``[start, end)`` (room already checked on
+        every GPU of it: a group is written whole, in the caller's one transaction)."""
         record = PartitionRecord(
             id=self.new_id(),
             device=req.device,
@@ -74,21 +83,37 @@ class Partitions:
             warn_s=req.warn_s,
             warn_signal=req.warn_signal,
             series=req.series,
+            more_shares=tuple(
+                Share(m.device, m.device_uuid, m.memory_bytes, m.device_total_bytes)
+                for m in req.more
+            ),
         )
         self.insert(record)
         self._history.bump(now, req.user, created=1)
+        detail: dict[str, object] = {"expires_at": end, "starts_at": start, "kind": req.kind}
+        if req.more or req.placement is not None:
+            detail["devices"] = list(record.devices)
+            detail["shares"] = [
+                {"device": s.device, "device_uuid": s.device_uuid, "memory_bytes": s.memory_bytes}
+                for s in record.shares
+            ]
+        if req.placement is not None:
+            detail["placement"] = req.placement
         self._events.record(
-            EventKind.CREATED,
-            at=now,
-            partition=record.id,
-            subject=req,
-            detail={"expires_at": end, "starts_at": start, "kind": req.kind},
+            EventKind.CREATED, at=now, partition=record.id, subject=req, detail=detail
         )
         return record
 
     def insert(self, record: PartitionRecord) -> None:
-        """Write ``record`` as it is (no event, no accounting: seeding writes those itself)."""
+        """Write ``record`` as it is (no event, no accounting: seeding writes those itself),
+        with the room-check rows of a group's further shares while it is open."""
         PARTITIONS.insert(self._db, record)
+        if record.more_shares and record.is_open:
+            self._db.executemany(
+                "INSERT INTO group_shares (device_uuid, partition_id, memory_bytes) "
+                "VALUES (?, ?, ?)",
+                [(s.device_uuid, record.id, s.memory_bytes) for s in record.more_shares],
+            )
 
     def new_id(self) -> str:
         while True:
@@ -112,6 +137,8 @@ class Partitions:
             "UPDATE partitions SET state = ?, ended_at = ?, end_reason = ? WHERE id = ?",
             (state, at, reason, record.id),
         )
+        if record.more_shares:  # an ended group holds no GPU: its room-check rows go
+            self._db.execute("DELETE FROM group_shares WHERE partition_id = ?", (record.id,))
         self._events.record(
             EventKind(state),
             at=at,
@@ -207,23 +234,18 @@ class Partitions:
         self,
         partition_id: str,
         new_expires_at: float,
-        capacity_bytes: int,
+        capacity_of: Callable[[Share], int],
         uid: int,
         user: str,
         now: float,
-        reserved: list[Interval],
+        reserved: Mapping[str, list[Interval]],
     ) -> PartitionRecord:
         """Move an open partition's end to ``new_expires_at`` if nothing (other partitions,
-        bookings, ``reserved`` room of the queue) needs the device meanwhile."""
+        bookings, ``reserved`` room of the queue) needs any of its GPUs meanwhile: a group
+        extends on every GPU or not at all. ``capacity_of``: what a GPU may hand out."""
         record = self.get_open(partition_id)
-        held = [p for p in self.on_device(record.device_uuid, now) if p.holder != partition_id]
-        peak = peak_usage(held + reserved, record.expires_at, new_expires_at)
-        if peak + record.memory_bytes > capacity_bytes:
-            in_the_way = _holders(held, reserved, record.expires_at, new_expires_at, now)
-            facts = ExtensionBlocked(
-                partition_id, new_expires_at, capacity_bytes - peak, in_the_way
-            )
-            raise refusal(facts)
+        for share in record.shares:
+            self._check_extension(record, share, new_expires_at, capacity_of(share), now, reserved)
         self._db.execute(
             "UPDATE partitions SET expires_at = ? WHERE id = ?", (new_expires_at, partition_id)
         )
@@ -237,6 +259,23 @@ class Partitions:
             detail={"from": record.expires_at, "to": new_expires_at},
         )
         return self.get(partition_id)
+
+    def _check_extension(
+        self,
+        record: PartitionRecord,
+        share: Share,
+        new_expires_at: float,
+        capacity_bytes: int,
+        now: float,
+        reserved: Mapping[str, list[Interval]],
+    ) -> None:
+        held = [p for p in self.on_device(share.device_uuid, now) if p.holder != record.id]
+        queued = reserved.get(share.device_uuid, [])
+        peak = peak_usage(held + queued, record.expires_at, new_expires_at)
+        if peak + share.memory_bytes > capacity_bytes:
+            in_the_way = _holders(held, queued, record.expires_at, new_expires_at, now)
+            facts = ExtensionBlocked(record.id, new_expires_at, capacity_bytes - peak, in_the_way)
+            raise refusal(facts)
 
     def shift_open(self, step: float, now: float) -> None:
         """Move every open partition by ``step`` seconds (the wall clock stepped)."""
@@ -255,26 +294,55 @@ class Partitions:
         start: float,
         end: float,
         now: float,
-        reserved: list[Interval],
+        reserved: Mapping[str, list[Interval]],
     ) -> None:
-        """Raise a refusal (facts attached) unless ``req`` fits over ``[start, end)`` beside
-        what is open and ``reserved`` (where the queue will run its waiters)."""
+        """Raise a refusal (facts attached) unless ``req`` fits over ``[start, end)`` on
+        every GPU it asks for, beside what is open there and ``reserved`` (per GPU: where
+        the queue will run its waiters). One GPU without room refuses the whole group."""
+        for member in req.members:
+            self._check_member(req, member, start, end, now, reserved)
+
+    def _check_member(
+        self,
+        req: NewPartition,
+        member: Member,
+        start: float,
+        end: float,
+        now: float,
+        reserved: Mapping[str, list[Interval]],
+    ) -> None:
         # Only what overlaps [start, end) can matter: with thousands of bookings ahead,
         # reading them all took longer than the rest of admission together.
-        near = self.on_device(req.device_uuid, now, start, end)
-        peak = peak_usage(near + reserved, start, end)
-        if peak + req.memory_bytes <= req.capacity_bytes:
+        held_back = reserved.get(member.device_uuid, [])
+        near = self.on_device(member.device_uuid, now, start, end)
+        peak = peak_usage(near + held_back, start, end)
+        if peak + member.memory_bytes <= member.capacity_bytes:
             return
-        if req.memory_bytes > req.capacity_bytes:  # waiting can never make it fit
-            raise refusal(TooLarge(req.device, req.memory_bytes, req.capacity_bytes))
-        booked = self.on_device(req.device_uuid, now)  # all: to say when it fits
-        fits_at = earliest_fit(
-            booked + reserved, req.memory_bytes, req.duration_s, start, req.capacity_bytes
-        )
-        free = max(0, req.capacity_bytes - peak)
+        if member.memory_bytes > member.capacity_bytes:  # waiting can never make it fit
+            raise refusal(TooLarge(member.device, member.memory_bytes, member.capacity_bytes))
+        fits_at = self.earliest_fit(req, start, now, reserved)
+        free = max(0, member.capacity_bytes - peak)
         raise refusal(
-            NoRoom(req.device, req.memory_bytes, free, start, now, len(reserved), fits_at)
+            NoRoom(member.device, member.memory_bytes, free, start, now, len(held_back), fits_at)
         )
+
+    def earliest_fit(
+        self,
+        req: NewPartition,
+        not_before: float,
+        now: float,
+        reserved: Mapping[str, list[Interval]],
+    ) -> float | None:
+        """When every GPU of ``req`` has room at once for its whole duration."""
+        needs = [
+            (
+                Profile(self.on_device(m.device_uuid, now) + reserved.get(m.device_uuid, []), now),
+                m.memory_bytes,
+                m.capacity_bytes,
+            )
+            for m in req.members
+        ]
+        return common_fit(needs, req.duration_s, not_before)
 
     def on_device(
         self, device_uuid: str, now: float, start: float = -math.inf, end: float = math.inf
@@ -284,6 +352,12 @@ class Partitions:
             f"SELECT starts_at, expires_at, memory_bytes, id FROM partitions "
             f"WHERE {OPEN} AND device_uuid = ? AND expires_at > ? "
             "AND expires_at > ? AND starts_at < ?",
+            (device_uuid, now, start, end),
+        ).fetchall()
+        rows += self._db.execute(
+            f"SELECT p.starts_at, p.expires_at, g.memory_bytes, p.id FROM group_shares g "
+            f"JOIN partitions p ON p.id = g.partition_id WHERE g.device_uuid = ? "
+            f"AND p.{OPEN} AND p.expires_at > ? AND p.expires_at > ? AND p.starts_at < ?",
             (device_uuid, now, start, end),
         ).fetchall()
         # Rows are (REAL, REAL, INTEGER, TEXT) by the columns' affinity, so each row is made
@@ -301,7 +375,13 @@ class Partitions:
             "AND device_uuid = ? AND starts_at <= ? AND expires_at > ?",
             (device_uuid, now, now),
         ).fetchone()
-        return int(rows[0])
+        grouped = self._db.execute(
+            f"SELECT COALESCE(SUM(g.memory_bytes), 0) FROM group_shares g "
+            f"JOIN partitions p ON p.id = g.partition_id WHERE g.device_uuid = ? "
+            f"AND p.{OPEN} AND p.starts_at <= ? AND p.expires_at > ?",
+            (device_uuid, now, now),
+        ).fetchone()
+        return int(rows[0]) + int(grouped[0])
 
     # ------------------------------------------------------------- reading
 
@@ -404,9 +484,12 @@ class Partitions:
     def ending_by(self, device_uuid: str, when: float, now: float) -> list[str]:
         """Ids of open partitions on ``device_uuid`` that end by ``when``, soonest first."""
         rows = self._db.execute(
-            f"SELECT id FROM partitions WHERE {OPEN} AND device_uuid = ? AND expires_at > ? "
-            "AND expires_at <= ? ORDER BY expires_at",
-            (device_uuid, now, when),
+            f"SELECT id, expires_at FROM partitions WHERE {OPEN} AND device_uuid = ? "
+            "AND expires_at > ? AND expires_at <= ? UNION ALL "
+            "SELECT p.id, p.expires_at FROM group_shares g JOIN partitions p "
+            f"ON p.id = g.partition_id WHERE g.device_uuid = ? AND p.{OPEN} "
+            "AND p.expires_at > ? AND p.expires_at <= ? ORDER BY 2",
+            (device_uuid, now, when, device_uuid, now, when),
         ).fetchall()
         return [str(r[0]) for r in rows]
 

@@ -20,7 +20,7 @@ from chronos.errors import AdmissionRefused, NotFound
 from chronos.ledger.events import EventLog
 from chronos.ledger.history import History
 from chronos.ledger.partitions import OwnerCheck, Partitions
-from chronos.ledger.records import TICKETS, Interval, NewPartition, Ticket
+from chronos.ledger.records import TICKETS, Interval, Member, NewPartition, Ticket
 from chronos.ledger.schema import insert_sql
 from chronos.models import PartitionRecord
 from chronos.policy import Waiter, earliest_fit, plan_queue
@@ -65,7 +65,7 @@ class Queue:
         partitions: Partitions,
         history: History,
         owner_alive: OwnerCheck,
-        capacity_of: Callable[[NewPartition], int],
+        capacity_of: Callable[[Member], int],
     ) -> None:
         self._db = db
         self._events = events
@@ -235,7 +235,7 @@ class Queue:
         ]
         # sorted() is stable and tickets come in enqueue order: ties go to the earlier one.
         ordered = [t for _, t in sorted(keyed, key=lambda k: k[0])]
-        devices = {t.request.device_uuid for t in ordered}
+        devices = {m.device_uuid for t in ordered for m in t.request.members}
         intervals = {uuid: self._partitions.on_device(uuid, now) for uuid in devices}
         plan = plan_queue([self._waiter(t) for t in ordered], intervals, now)
         grant_ids = set(plan.grant)
@@ -260,27 +260,27 @@ class Queue:
         if priority_of is not None:
             plan = self.plan(priority_of, now)
             starts = [
-                (t, plan.estimated_start.get(t.id, now))
+                (t, nbytes, plan.estimated_start.get(t.id, now))
                 for t in plan.ordered
-                if t.request.device_uuid == device_uuid
+                for nbytes in _bytes_on(t.request, device_uuid)
             ]
             return [
-                Interval(s, s + t.request.duration_s, t.request.memory_bytes, t.id)
-                for t, s in starts
+                Interval(s, s + t.request.duration_s, nbytes, t.id)
+                for t, nbytes, s in starts
                 if s is not None
             ]
-        tickets = [t for t in self.waiting() if t.request.device_uuid == device_uuid]
+        tickets = [t for t in self.waiting() if _bytes_on(t.request, device_uuid)]
         if not tickets:
             return []
         held = self._partitions.on_device(device_uuid, now)
         out: list[Interval] = []
         for t in tickets:  # enqueue order: a direct request never overtakes a waiting one
             req = t.request
-            start = earliest_fit(
-                held + out, req.memory_bytes, req.duration_s, now, self._capacity_of(req)
-            )
+            (member,) = [m for m in req.members if m.device_uuid == device_uuid]
+            nbytes, capacity = member.memory_bytes, self._capacity_of(member)
+            start = earliest_fit(held + out, nbytes, req.duration_s, now, capacity)
             if start is not None:
-                out.append(Interval(start, start + req.duration_s, req.memory_bytes, t.id))
+                out.append(Interval(start, start + req.duration_s, nbytes, t.id))
         return out
 
     def _data_version(self) -> int:
@@ -293,7 +293,19 @@ class Queue:
             if len(self._waiters) > 2 * len(self._waiting) + 1024:
                 self._waiters.clear()
             r = ticket.request
+            primary, *others = r.members
+            more = tuple((m.device_uuid, m.memory_bytes, self._capacity_of(m)) for m in others)
             waiter = self._waiters[ticket.id] = Waiter(
-                ticket.id, r.device_uuid, r.memory_bytes, r.duration_s, self._capacity_of(r)
+                ticket.id,
+                r.device_uuid,
+                r.memory_bytes,
+                r.duration_s,
+                self._capacity_of(primary),
+                more,
             )
         return waiter
+
+
+def _bytes_on(req: NewPartition, device_uuid: str) -> tuple[int, ...]:
+    """What ``req`` asks of GPU ``device_uuid``: one number, or none if it does not use it."""
+    return tuple(m.memory_bytes for m in req.members if m.device_uuid == device_uuid)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from operator import attrgetter
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from chronos.ledger.schema import insert_sql
-from chronos.models import Event, PartitionRecord
+from chronos.models import Event, PartitionRecord, Share
 from chronos.policy import Interval
 from chronos.vocabulary import Origin, TicketState
 
@@ -28,15 +28,27 @@ __all__ = [
     "Attached",
     "Ended",
     "Interval",
+    "Member",
     "NewPartition",
     "Rows",
     "Ticket",
 ]
 
 
+class Member(NamedTuple):
+    """One GPU of a request: where, how much, and what admission may hand out there."""
+
+    device: int
+    device_uuid: str
+    device_total_bytes: int
+    capacity_bytes: int
+    memory_bytes: int
+
+
 @dataclass(frozen=True)
 class NewPartition:
-    """A validated request, ready for admission."""
+    """A validated request, ready for admission: the primary GPU's fields, and a group's
+    further GPUs in ``more`` (admitted on every GPU at once or not at all)."""
 
     device: int
     device_uuid: str
@@ -58,6 +70,26 @@ class NewPartition:
     """Made by an administrator: quotas do not apply (capacity still does)."""
     series: str | None = None
     """The series of a repeated booking this one belongs to."""
+    more: tuple[Member, ...] = ()
+    """A group's GPUs past the primary one."""
+    placement: str | None = None
+    """Why Chronos chose these GPUs (``None``: the user named them)."""
+
+    @property
+    def members(self) -> tuple[Member, ...]:
+        """Every GPU of the request, the primary first."""
+        primary = Member(
+            self.device,
+            self.device_uuid,
+            self.device_total_bytes,
+            self.capacity_bytes,
+            self.memory_bytes,
+        )
+        return (primary, *self.more)
+
+    @property
+    def gpu_equivalents(self) -> float:
+        return sum(m.memory_bytes / m.device_total_bytes for m in self.members)
 
 
 @dataclass(frozen=True)
@@ -108,10 +140,12 @@ class Rows(Generic[R]):
         names: Sequence[str],
         convert: Mapping[str, Callable[[Any], Any]] | None = None,
         written: Sequence[str] | None = None,
+        store: Mapping[str, Callable[[Any], Any]] | None = None,
     ) -> None:
         """``names``: the record's fields, which are also its columns; ``convert``: how a
         column's stored value becomes the field's (JSON text to a dict, …); ``written``:
-        the fields an insert writes (all of them unless the table makes some itself)."""
+        the fields an insert writes (all of them unless the table makes some itself);
+        ``store``: how a field's value becomes its column's (the reverse of ``convert``)."""
         self.make = make
         self.table = table
         self.names = tuple(names)
@@ -122,6 +156,7 @@ class Rows(Generic[R]):
         self.written = tuple(written or self.names)
         self.insert_sql = insert_sql(table, self.written)
         self._values = attrgetter(*self.written)
+        self._store = [(self.written.index(n), f) for n, f in (store or {}).items()]
 
     def all(self, cursor: sqlite3.Cursor) -> list[R]:
         build = self._builder(cursor.description)
@@ -138,7 +173,13 @@ class Rows(Generic[R]):
 
     def values(self, record: R) -> tuple[Any, ...]:
         """The record's values for :attr:`insert_sql`, in :attr:`written` order."""
-        return tuple(self._values(record))
+        values = tuple(self._values(record))
+        if not self._store:
+            return values
+        stored = list(values)
+        for i, to_column in self._store:
+            stored[i] = to_column(stored[i])
+        return tuple(stored)
 
     def insert(self, db: sqlite3.Connection, record: R) -> None:
         db.execute(self.insert_sql, self.values(record))
@@ -184,11 +225,28 @@ class Rows(Generic[R]):
 
 
 def _request(text: str) -> NewPartition:
-    return NewPartition(**json.loads(text))
+    data = json.loads(text)
+    data["more"] = tuple(Member(*m) for m in data.get("more", ()))
+    return NewPartition(**data)
+
+
+def _shares_from_column(text: str) -> tuple[Share, ...]:
+    if text == "[]":  # a partition of one GPU: the usual case, no parsing
+        return ()
+    return tuple(Share(**s) for s in json.loads(text))
+
+
+def shares_column(shares: tuple[Share, ...]) -> str:
+    """``more_shares`` as stored: JSON, ``[]`` for a partition of one GPU."""
+    return json.dumps([asdict(s) for s in shares], separators=(",", ":")) if shares else "[]"
 
 
 PARTITIONS: Rows[PartitionRecord] = Rows(
-    PartitionRecord, "partitions", [f.name for f in fields(PartitionRecord)]
+    PartitionRecord,
+    "partitions",
+    [f.name for f in fields(PartitionRecord)],
+    convert={"more_shares": _shares_from_column},
+    store={"more_shares": shares_column},
 )
 EVENTS: Rows[Event] = Rows(
     Event,

@@ -24,8 +24,9 @@ from chronos.errors import ChronosError
 from chronos.paths import LEDGER_SUFFIXES, open_file
 
 SCHEMA_VERSION = 4
-"""3 → 4: ``partitions.series`` (booking series) and the ``jobs`` table (batch jobs,
-``chronos submit``; ledger/jobs.py), one step."""
+"""3 → 4: ``partitions.series`` (booking series), groups (``partitions.more_shares``,
+the ``group_shares`` table) and the ``jobs`` table (batch jobs, ``chronos submit``;
+ledger/jobs.py), one step."""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS partitions (
@@ -48,7 +49,8 @@ CREATE TABLE IF NOT EXISTS partitions (
     grace_s REAL,
     warn_s REAL,
     warn_signal TEXT,
-    series TEXT
+    series TEXT,
+    more_shares TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS partitions_series ON partitions (series) WHERE series IS NOT NULL;
 CREATE INDEX IF NOT EXISTS partitions_open
@@ -115,7 +117,18 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_open ON jobs (state)
     WHERE state IN ('waiting', 'starting', 'running');
+CREATE TABLE IF NOT EXISTS group_shares (
+    device_uuid TEXT NOT NULL,
+    partition_id TEXT NOT NULL REFERENCES partitions(id),
+    memory_bytes INTEGER NOT NULL,
+    PRIMARY KEY (device_uuid, partition_id)
+) WITHOUT ROWID;
 """
+GROUPS_STEP = 4
+"""The schema version that brought groups: ``partitions.more_shares`` (a group's shares past
+the primary, as JSON, for reading records whole) and ``group_shares`` (one row per share past
+the primary of each *open* group, for the per-GPU room checks; deleted when the group ends).
+A ledger of an older version gains the column with every partition a one-share group."""
 OPEN = "state IN ('active', 'booked')"
 """SQL: a partition still open (the partial indexes' own condition, spelled the same)."""
 BY_OPEN = "INDEXED BY partitions_open"
@@ -202,8 +215,12 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 #: Columns added to existing tables since schema 3 (``CREATE TABLE IF NOT EXISTS`` adds none):
-#: schema 4 gave partitions ``series``, the id of a repeated booking's series.
-_ADDED_COLUMNS = (("partitions", "series", "TEXT"),)
+#: schema 4 gave partitions ``series``, the id of a repeated booking's series, and
+#: ``more_shares``, a group's shares past the primary (JSON; ``[]``: one GPU).
+_ADDED_COLUMNS = (
+    ("partitions", "series", "TEXT"),
+    ("partitions", "more_shares", "TEXT NOT NULL DEFAULT '[]'"),
+)
 
 
 def _migrate(db: sqlite3.Connection) -> None:

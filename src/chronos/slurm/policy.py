@@ -31,6 +31,11 @@ def check_create(settings: SlurmSettings, caller: Caller, device: int) -> None:
         raise PermissionDenied(reason)
 
 
+def may_create(settings: SlurmSettings, caller: Caller, device: int) -> bool:
+    """Whether :func:`check_create` lets ``caller`` create on ``device``."""
+    return caller.is_admin or refusal(settings, device) is None
+
+
 def check_extend(caller: Caller, record: PartitionRecord) -> None:
     if is_job_partition(record) and not caller.is_admin:
         raise PermissionDenied(

@@ -185,14 +185,18 @@
     return Math.min(24, Math.max(6, Math.ceil((last - t0) / 3600 / 3) * 3));
   }
 
+  // A group (one id) is on each of its GPUs; entries of older daemons name one device.
+  const gpusOf = (x) => x.devices || [x.device];
+  const onGpu = (x, index) => gpusOf(x).includes(index);
+
   function timeline(d, s, t0, spanH) {
     const t1 = t0 + spanH * 3600;
     const items = [
-      ...s.partitions.filter((p) => p.device === d.index && p.state === "active")
+      ...s.partitions.filter((p) => onGpu(p, d.index) && p.state === "active")
         .sort((a, b) => a.expires_at - b.expires_at),
-      ...s.partitions.filter((p) => p.device === d.index && p.state === "booked")
+      ...s.partitions.filter((p) => onGpu(p, d.index) && p.state === "booked")
         .sort((a, b) => a.starts_at - b.starts_at),
-      ...s.queue.filter((q) => q.device === d.index).sort((a, b) => a.position - b.position),
+      ...s.queue.filter((q) => onGpu(q, d.index)).sort((a, b) => a.position - b.position),
     ];
     const pos = (t) => `${Math.max(0, Math.min(100, (100 * (t - t0)) / (t1 - t0)))}%`;
     const grid = h("div", { class: "tl" });
@@ -245,7 +249,7 @@
     const t0 = now();
     const spanH = spanHours(s, t0);
     const cards = s.devices.map((d) => {
-      const active = s.partitions.filter((p) => p.device === d.index && p.state === "active");
+      const active = s.partitions.filter((p) => onGpu(p, d.index) && p.state === "active");
       const util = d.utilization_pct === null ? "" : ` · util ${Math.round(d.utilization_pct)}%`;
       return h("article", { class: "gpu", "data-gpu": d.index },
         h("header", {},
@@ -289,7 +293,7 @@
       const over = p.used_bytes !== null && p.used_bytes > p.memory_bytes;
       return h("tr", { "data-partition-id": p.id },
         h("td", {}, owner(p.user)),
-        h("td", { class: "num", text: p.device }),
+        h("td", { class: "num", text: gpusOf(p).join(",") }),
         h("td", { class: "num", text: `${bytes(p.memory_bytes)} (${pct(p.memory_fraction)})` }),
         h("td", { class: "num wide" }, p.state !== "active" || p.used_bytes === null ? "—" : bytes(p.used_bytes),
           over ? h("span", { class: "badge over", text: " over" }) : null,
@@ -304,7 +308,7 @@
     fill("queue", s.queue.map((q) => h("tr", { "data-ticket": q.ticket },
       h("td", { class: "num", text: q.position }),
       h("td", {}, owner(q.user)),
-      h("td", { class: "num", text: q.device }),
+      h("td", { class: "num", text: gpusOf(q).join(",") }),
       h("td", { class: "num", text: `${bytes(q.memory_bytes)} (${pct(q.memory_fraction)})` }),
       h("td", { class: "num wide", text: dur(q.duration_s) }),
       h("td", {}, q.estimated_start === null ? "unknown" : countdown(q.estimated_start, "in")),
