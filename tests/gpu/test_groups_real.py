@@ -313,5 +313,8 @@ def test_a_two_process_job_in_a_one_gpu_partition_shares_its_cap(
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(filled) == 2 and all(e["error"] == "OutOfMemoryError" for e in filled)
-    assert expected - 2 * CHUNK <= together <= share
+    # Each rank also holds what its filler's "bytes" do not count (the CUDA context's own
+    # allocations through the library: cuBLAS workspace, gloo's staging buffers); on the
+    # H200 that was 0.7 GiB of the 26.46 GiB the library allows (25.75 GiB filled).
+    assert expected - GIB <= together <= share
     assert of(read_events(out), "sigterm") == []
