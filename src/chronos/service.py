@@ -210,7 +210,7 @@ class Service:
         self.on_change()
         self._on_granted(record)
         alloccap.sweep(self._is_open, self.mode)
-        return messages.Granted(record=record, visible_env=self._visible_env(record)).to_wire()
+        return messages.Granted(record=record, visible_env=self.visible_env(record)).to_wire()
 
     def _check_series(self, series: str | None, uid: int) -> None:
         """A series id is ``s`` and seven hex digits, and a series has one owner."""
@@ -379,7 +379,7 @@ class Service:
             ]
         return ids
 
-    def _visible_env(self, record: PartitionRecord) -> dict[str, str]:
+    def visible_env(self, record: PartitionRecord) -> dict[str, str]:
         """The environment that shows a process exactly the record's GPUs, in share order."""
         from chronos.devices.base import visible_env_for  # with the backends: when used
 
@@ -396,7 +396,7 @@ class Service:
         }
         if ticket.state == TicketState.GRANTED and ticket.partition_id:
             record = self.ledger.get(ticket.partition_id)
-            env = self._visible_env(record)
+            env = self.visible_env(record)
             status["partition"] = messages.Granted(record=record, visible_env=env).to_wire()
         elif ticket.state == TicketState.WAITING:
             mine = next(iter(self.queue_statuses(only=ticket.id)), None)

@@ -271,3 +271,20 @@ def test_what_a_submit_cut_short_left_is_ended_at_start(
     assert ticket not in {t["ticket"] for t in d.queue()}
     assert job(d, running)["state"] == "running"  # a job that is recorded keeps its own
     d.call("cancel", id=running)
+
+
+def test_a_job_on_a_group_sees_every_gpu_of_it(users: Users, daemon: DaemonProcess) -> None:
+    """``submit --gpus 2``: the job's partition is a group of two GPUs, and the job sees
+    both (in share order), each with its own soft cap, as ``chronos run --gpus 2``."""
+    d, alice = daemon, users.alice
+    cwd = home_of(alice)
+    script = 'echo "$CUDA_VISIBLE_DEVICES"; echo "$CHRONOS_SOFT_LIMITS"'
+    job_id = submit(alice, d, cwd, script, "--gpus", "2", "--output", str(cwd / "o"))
+    done = ended(d, job_id)
+    assert done["state"] == "done", done
+    visible, limits = (cwd / "o").read_text().split()
+    record = d.record(done["partition_id"])
+    devices = [record["device"], *(share["device"] for share in record["more_shares"])]
+    assert len(devices) == 2
+    assert visible == ",".join(map(str, devices))  # the simulated GPUs' form: indices
+    assert len(limits.split(",")) == 2

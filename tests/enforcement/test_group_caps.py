@@ -259,7 +259,7 @@ def test_the_service_shows_a_group_exactly_its_gpus_in_share_order(tmp_path: Pat
     )
     one = dataclasses.replace(record("g3", memory=GIB), device=1, device_uuid=simulated_uuid(1))
     group = group_of(one, Share(0, simulated_uuid(0), GIB, SIM_GPU_BYTES))
-    assert service._visible_env(one) == {"CUDA_VISIBLE_DEVICES": "1"}  # as before
-    assert service._visible_env(group) == {"CUDA_VISIBLE_DEVICES": "1,0"}
+    assert service.visible_env(one) == {"CUDA_VISIBLE_DEVICES": "1"}  # as before
+    assert service.visible_env(group) == {"CUDA_VISIBLE_DEVICES": "1,0"}
     gone = group_of(one, Share(5, "SIM-gone", GIB, SIM_GPU_BYTES))
-    assert service._visible_env(gone) == {}  # a GPU no longer there: nothing half-right
+    assert service.visible_env(gone) == {}  # a GPU no longer there: nothing half-right

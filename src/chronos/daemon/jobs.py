@@ -201,12 +201,14 @@ class JobRunner:
         """The submit-time environment, then the partition's: its GPU, soft caps, the
         allocation-time cap, ``CHRONOS_PARTITION_ID`` and ``CHRONOS_JOB_ID``."""
         env = batch.job_env(job)
-        dev = self.service.machine.by_uuid(record.device_uuid)
-        env.update(dev.visible_env if dev is not None else {})
-        cap = alloccap.active_for(record.id, self.service.mode)
-        env.update(limits_env(record.memory_bytes, record.device_total_bytes, env, cap is not None))
-        if cap is not None:
-            env.update(alloccap.preload_env(cap, env))
+        env.update(self.service.visible_env(record))  # every GPU of a group, in share order
+        files = alloccap.active_files(record, self.service.mode)
+        shares = [(s.memory_bytes, s.device_total_bytes) for s in record.shares]
+        capped = files is not None
+        total = record.device_total_bytes
+        env.update(limits_env(record.memory_bytes, total, env, capped, shares=shares))
+        if files is not None:
+            env.update(alloccap.preload_env(files, env))
         env.update(CHRONOS_PARTITION_ID=record.id, CHRONOS_JOB_ID=job.id)
         return env
 
