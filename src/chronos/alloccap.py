@@ -147,8 +147,21 @@ def cap_dir(mode: str) -> Path:
 def cap_path(partition_id: str, mode: str, share: int = 0) -> Path:
     """The file of the partition's ``share``-th GPU: ``<id>.cap`` for the primary (as a
     one-GPU partition's always was), ``<id>.<k>.cap`` for the others of a group."""
+    return cap_dir(mode) / cap_file_name(partition_id, share)
+
+
+def cap_file_name(partition_id: str, share: int = 0) -> str:
     suffix = "" if share == 0 else f".{share}"
-    return cap_dir(mode) / f"{partition_id}{suffix}.cap"
+    return f"{partition_id}{suffix}.cap"
+
+
+def _names_in(folder: Path) -> set[str]:
+    """The files in ``folder`` (none if it is missing): one listing per sample instead of
+    an open() per partition and GPU, most of which find no file (not a CUDA GPU)."""
+    try:
+        return set(os.listdir(folder))
+    except OSError:
+        return set()
 
 
 def cap_paths(record: PartitionRecord, mode: str) -> list[Path]:
@@ -418,9 +431,12 @@ def before_sample(records: Iterable[PartitionRecord], mode: str = "daemon") -> S
     """
     snapshot: Snapshot = {}
     try:
-        for r in records:
+        folder = cap_dir(mode)
+        present = _names_in(folder)
+        for r in records if present else ():
             for k, share in enumerate(r.shares):
-                state = read_file(cap_path(r.id, mode, k))
+                name = cap_file_name(r.id, k)
+                state = read_file(folder / name) if name in present else None
                 if state is not None:
                     snapshot[(r.id, share.device)] = {s.pid: s.changes for s in state.slots}
     except Exception as exc:  # noqa: BLE001 - a side job of the sampler, never its end
@@ -445,10 +461,9 @@ def after_sample(
     raised: list[tuple[str, int, int]] = []
     try:
         records, found = list(records), list(found)
-        file_of = {
-            (r.id, share.device): cap_path(r.id, mode, k)
-            for r in records
-            for k, share in enumerate(r.shares)
+        folder = cap_dir(mode)
+        share_of = {  # (partition, GPU) -> the share's position: its file's name
+            (r.id, share.device): k for r in records for k, share in enumerate(r.shares)
         }
         for proc in found:
             pid_id = proc.partition_id
@@ -456,9 +471,10 @@ def after_sample(
             seen = (snapshot or {}).get(key, {})
             if pid_id is None or proc.pid not in seen or not proc.used_bytes:
                 continue
-            if key not in file_of:
+            if key not in share_of:
                 continue  # held on a GPU outside the partition: in none of its files
-            added = raise_overhead(file_of[key], proc.pid, proc.used_bytes, seen[proc.pid])
+            path = folder / cap_file_name(pid_id, share_of[key])
+            added = raise_overhead(path, proc.pid, proc.used_bytes, seen[proc.pid])
             if added > 0:
                 raised.append((pid_id, proc.pid, added))
         update_guard(records, found)
