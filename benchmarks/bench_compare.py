@@ -180,7 +180,8 @@ def main() -> None:
             f"{args.rounds} rounds, baseline and this tree alternated in each; "
             f"{args.pairs} pairs per latency run; baseline: {args.label or args.baseline}."
         )
-        body = f"## Before and after (bench_compare.py)\n\n{method}\n\n{table}"
+        machine = f"Machine: {C.machine_note()}."
+        body = f"## Before and after (bench_compare.py)\n\n{method}\n\n{table}\n\n{machine}"
         C.update_section("compare", body)
 
 
