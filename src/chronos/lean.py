@@ -72,18 +72,24 @@ def connect_daemon(shared: str, timeout: float) -> socket.socket:
     Raises OSError from connecting to the shared socket.
     """
     import os
-    import socket
 
     own = user_socket_path(shared, os.getuid())
-    for path in (own, shared) if own else (shared,):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
+    if own is not None:
         try:
-            sock.connect(path)
+            return _connect_unix(own, timeout)
         except OSError:
-            sock.close()
-            if path == shared:
-                raise
-            continue
-        return sock
-    raise AssertionError("unreachable")
+            pass  # gone with a restart, or refused: the shared socket still serves
+    return _connect_unix(shared, timeout)
+
+
+def _connect_unix(path: str, timeout: float) -> socket.socket:
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
+    return sock
