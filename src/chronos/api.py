@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from chronos.errors import (
     AdmissionRefused,
@@ -101,6 +101,32 @@ def timeout_seconds(timeout: float | str | None) -> float | None:
     raise BadRequest(f"timeout must be seconds or a duration such as '30m', not {timeout!r}")
 
 
+T = TypeVar("T")
+
+
+class _RecordField(Generic[T]):
+    """A read-only attribute of a :class:`Partition` that is its record's field of the
+    same name, as last read from the ledger (no round trip)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, partition: None, owner: type) -> _RecordField[T]: ...
+    @overload
+    def __get__(self, partition: Partition, owner: type | None = None) -> T: ...
+    def __get__(
+        self, partition: Partition | None, owner: type | None = None
+    ) -> T | _RecordField[T]:
+        if partition is None:
+            return self  # on the class (help(), inspection): the descriptor itself
+        value: T = getattr(partition._record, self._name)
+        return value
+
+    def __set__(self, partition: Partition, value: T) -> None:
+        raise AttributeError(f"{self._name} is the ledger's: it cannot be set")
+
+
 class Partition:
     """A reserved share of one GPU, for a span of time.
 
@@ -122,34 +148,15 @@ class Partition:
         """What its end does to this process (see :meth:`Partitioner.create`)."""
 
     # ----------------------------------------------------------------- fields
-    @property
-    def id(self) -> str:
-        return self._record.id
-
-    @property
-    def device(self) -> int:
-        return self._record.device
-
-    @property
-    def devices(self) -> tuple[int, ...]:
-        """Every GPU of the partition (a group's all, the primary ``device`` first)."""
-        return self._record.devices
-
-    @property
-    def device_uuid(self) -> str:
-        return self._record.device_uuid
-
-    @property
-    def memory_bytes(self) -> int:
-        return self._record.memory_bytes
-
-    @property
-    def memory_fraction(self) -> float:
-        return self._record.memory_fraction
-
-    @property
-    def user(self) -> str:
-        return self._record.user
+    id = _RecordField[str]()
+    device = _RecordField[int]()
+    """The primary GPU's index."""
+    devices = _RecordField[tuple[int, ...]]()
+    """Every GPU of the partition (a group's all, the primary ``device`` first)."""
+    device_uuid = _RecordField[str]()
+    memory_bytes = _RecordField[int]()
+    memory_fraction = _RecordField[float]()
+    user = _RecordField[str]()
 
     @property
     def created_at(self) -> datetime:

@@ -274,16 +274,10 @@ def create(
     _check_warn(warn, duration)
     now = time.time()
     starts_at = start_timestamp(start, now) if start else None
+    # The options as the API's create takes them (checked there, or by chronosd).
+    terms = dict(user=user, grace=grace, warn=warn, warn_signal=warn_signal)
     options: dict[str, Any] = dict(
-        **gpu_options,
-        memory=memory,
-        duration=duration,
-        user=user,
-        persist=True,
-        grace=grace,
-        warn=warn,
-        warn_signal=warn_signal,
-        kind="cli",
+        **gpu_options, memory=memory, duration=duration, persist=True, kind="cli", **terms
     )
     client = _client()
     if repeat is not None:

@@ -12,7 +12,7 @@ import errno
 import os
 import pwd
 import signal
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from chronos.errors import BadRequest
@@ -253,8 +253,18 @@ def signal_process(pid: int, ticks: int | None, sig: int) -> bool:
 
 def pidfd_alive(fd: int) -> bool:
     """Whether the process a pidfd names still runs (its PID is then still its own)."""
+    return _answers_null_signal(signal.pidfd_send_signal, fd)
+
+
+def pid_exists(pid: int) -> bool:
+    """Whether some process has ``pid`` now (not which one: see :func:`is_same_process`)."""
+    return _answers_null_signal(os.kill, pid)
+
+
+def _answers_null_signal(send: Callable[[int, int], None], target: int) -> bool:
+    # Signal 0 checks without delivering; EPERM means it exists but is another user's.
     try:
-        signal.pidfd_send_signal(fd, 0)
+        send(target, 0)
     except ProcessLookupError:
         return False
     except PermissionError:

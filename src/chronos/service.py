@@ -162,11 +162,7 @@ class Service:
         owner_pid = None if ask.persist or caller.pid is None else caller.pid
         first = shares[0]
         request = NewPartition(
-            device=first.device,
-            device_uuid=first.device_uuid,
-            device_total_bytes=first.device_total_bytes,
-            capacity_bytes=first.capacity_bytes,
-            memory_bytes=first.memory_bytes,
+            **first._asdict(),  # the primary GPU: device, uuid, total, capacity, bytes
             uid=uid,
             user=name,
             duration_s=seconds,

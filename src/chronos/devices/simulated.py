@@ -17,6 +17,7 @@ import json
 import os
 from pathlib import Path
 
+from chronos import procs
 from chronos.devices.base import Backend, Device, DeviceUsage, ProcessMemory
 from chronos.errors import BadRequest, DeviceError
 from chronos.units import parse_memory
@@ -62,16 +63,6 @@ def processes_file() -> Path:
     from chronos.paths import state_dir
 
     return state_dir() / "simulated-processes.json"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _read(path: Path) -> list[dict[str, int]]:
@@ -131,7 +122,7 @@ class SimulatedBackend(Backend):
         out = []
         for entry in _read(processes_file()):
             device = entry.get("device", -1)
-            if not 0 <= device < len(self._sizes) or not _pid_alive(entry["pid"]):
+            if not 0 <= device < len(self._sizes) or not procs.pid_exists(entry["pid"]):
                 continue
             out.append(
                 ProcessMemory(

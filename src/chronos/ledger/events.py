@@ -78,12 +78,10 @@ class EventLog:
     # ------------------------------------------------------------- reading
 
     def events(
-        self,
-        since: float | None = None,
-        partition_id: str | None = None,
-        kinds: Sequence[str] | None = None,
+        self, since: float | None, partition_id: str | None, kinds: Sequence[str] | None
     ) -> list[Event]:
-        """Events in order; ``kinds`` filters in SQL (start-up reads only what it acts on,
+        """Events in order (the facade's :meth:`~chronos.ledger.Ledger.events` gives the
+        defaults); ``kinds`` filters in SQL (start-up reads only what it acts on,
         not every event of the day)."""
         # A recent window is a range on the `at` index; left to itself SQLite walks every
         # event in seq order to spare the sort (142 ms with 2 million events at start-up).

@@ -66,27 +66,15 @@ class Partitions:
         every GPU of it: a group is written whole, in the caller's one transaction)."""
         record = PartitionRecord(
             id=self.new_id(),
-            device=req.device,
-            device_uuid=req.device_uuid,
-            device_total_bytes=req.device_total_bytes,
-            memory_bytes=req.memory_bytes,
-            uid=req.uid,
-            user=req.user,
             created_at=now,
             starts_at=start,
             expires_at=end,
             state=PartitionState.ACTIVE if start <= now else PartitionState.BOOKED,
-            owner_pid=req.owner_pid,
-            owner_start=req.owner_start,
-            kind=req.kind,
-            grace_s=req.grace_s,
-            warn_s=req.warn_s,
-            warn_signal=req.warn_signal,
-            series=req.series,
             more_shares=tuple(
                 Share(m.device, m.device_uuid, m.memory_bytes, m.device_total_bytes)
                 for m in req.more
             ),
+            **req.kept_terms(),
         )
         self.insert(record)
         self._history.bump(now, req.user, created=1)

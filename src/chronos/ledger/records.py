@@ -78,18 +78,25 @@ class NewPartition:
     @property
     def members(self) -> tuple[Member, ...]:
         """Every GPU of the request, the primary first."""
-        primary = Member(
-            self.device,
-            self.device_uuid,
-            self.device_total_bytes,
-            self.capacity_bytes,
-            self.memory_bytes,
-        )
+        primary = Member(*[getattr(self, name) for name in Member._fields])
         return (primary, *self.more)
+
+    def kept_terms(self) -> dict[str, Any]:
+        """The fields the partition record keeps as asked (its GPU, owner, origin, grace,
+        warning and series): every field the two types share by name but the start, which
+        admission settles (``None`` here means "now")."""
+        return {name: getattr(self, name) for name in _KEPT_TERMS}
 
     @property
     def gpu_equivalents(self) -> float:
         return sum(m.memory_bytes / m.device_total_bytes for m in self.members)
+
+
+_KEPT_TERMS = tuple(
+    f.name
+    for f in fields(NewPartition)
+    if f.name in {g.name for g in fields(PartitionRecord)} and f.name != "starts_at"
+)
 
 
 @dataclass(frozen=True)

@@ -1154,43 +1154,45 @@ static int64_t array3d_bytes(const CUarray3DDesc *d, unsigned levels)
     return total;
 }
 
+/* The one admission path of the three array kinds: admit the bytes, make the array
+ * through the real driver (`make`, a CALL_REAL expression), and settle the charge on
+ * the handle it wrote. A macro, not a function: each real call has its own signature,
+ * and the handle may only be read once the driver has said it wrote one. */
+#define CREATE_ARRAY(bytes, handle, make)                                           \
+    do {                                                                            \
+        struct share *sh_ = current_share();                                        \
+        if (!admit(sh_, (bytes)))                                                   \
+            return CUDA_ERROR_OUT_OF_MEMORY;                                        \
+        CUresult r_ = (make);                                                       \
+        SETTLE_CHARGE(r_, &arrays, (uint64_t)(uintptr_t)*(handle), (bytes), sh_);   \
+        return r_;                                                                  \
+    } while (0)
+
 EXPORT CUresult cuArrayCreate_v2(CUarray *array, const CUarrayDesc *desc)
 {
     int64_t bytes = desc ? dim(desc->width) * dim(desc->height) *
                                (int64_t)(desc->channels ? desc->channels : 1) *
                                element_bytes(desc->format)
                          : 0;
-    struct share *sh = current_share();
-    if (!admit(sh, bytes))
-        return CUDA_ERROR_OUT_OF_MEMORY;
-    CUresult r = CALL_REAL(cuArrayCreate_v2, (CUarray *, const CUarrayDesc *), array, desc);
-    SETTLE_CHARGE(r, &arrays, (uint64_t)(uintptr_t)*array, bytes, sh);
-    return r;
+    CREATE_ARRAY(bytes, array,
+                 CALL_REAL(cuArrayCreate_v2, (CUarray *, const CUarrayDesc *), array, desc));
 }
 
 EXPORT CUresult cuArray3DCreate_v2(CUarray *array, const CUarray3DDesc *desc)
 {
     int64_t bytes = desc ? array3d_bytes(desc, 1) : 0;
-    struct share *sh = current_share();
-    if (!admit(sh, bytes))
-        return CUDA_ERROR_OUT_OF_MEMORY;
-    CUresult r = CALL_REAL(cuArray3DCreate_v2, (CUarray *, const CUarray3DDesc *), array, desc);
-    SETTLE_CHARGE(r, &arrays, (uint64_t)(uintptr_t)*array, bytes, sh);
-    return r;
+    CREATE_ARRAY(bytes, array,
+                 CALL_REAL(cuArray3DCreate_v2, (CUarray *, const CUarray3DDesc *), array, desc));
 }
 
 EXPORT CUresult cuMipmappedArrayCreate(CUmipmappedArray *array, const CUarray3DDesc *desc,
                                        unsigned levels)
 {
     int64_t bytes = desc ? array3d_bytes(desc, levels) : 0;
-    struct share *sh = current_share();
-    if (!admit(sh, bytes))
-        return CUDA_ERROR_OUT_OF_MEMORY;
-    CUresult r = CALL_REAL(cuMipmappedArrayCreate,
+    CREATE_ARRAY(bytes, array,
+                 CALL_REAL(cuMipmappedArrayCreate,
                            (CUmipmappedArray *, const CUarray3DDesc *, unsigned), array, desc,
-                           levels);
-    SETTLE_CHARGE(r, &arrays, (uint64_t)(uintptr_t)*array, bytes, sh);
-    return r;
+                           levels));
 }
 
 EXPORT CUresult cuArrayDestroy(CUarray array)

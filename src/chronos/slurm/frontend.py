@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from chronos.errors import RUN_FAILED_EXIT, BadRequest, ChronosError
+from chronos.slurm.scontrol import shard_count
 from chronos.units import parse_duration, parse_memory
 
 TIMEOUT_S = 60.0
@@ -205,15 +206,6 @@ def jobs(user: str, shard_bytes: int) -> list[ClusterJob]:
         if count:
             out.append(ClusterJob(job_id, name, state, nodes, count, count * shard_bytes, left))
     return out
-
-
-def shard_count(tres: str) -> int:
-    """Shards per node in squeue's ``%b`` (``gres:shard:4``, ``gres/shard:g0:4``...)."""
-    for item in tres.split(","):
-        parts = item.replace("/", ":").split(":")
-        if "shard" in parts and parts[-1].isdigit():
-            return int(parts[-1])
-    return 0
 
 
 def job_usage(addresses: Sequence[str], port: int) -> dict[str, int]:

@@ -130,12 +130,14 @@ def parse_job(text: str) -> JobInfo:
         end_time=None if limit in ("UNLIMITED", "INFINITE") else _epoch(fields.get("EndTime", "")),
         node_list=fields.get("NodeList", ""),
         shards=shards,
-        shards_per_node=_asked(fields.get("TresPerNode", "")),
+        shards_per_node=shard_count(fields.get("TresPerNode", "")),
         restarts=int(fields["Restarts"]) if fields.get("Restarts", "").isdigit() else 0,
     )
 
 
-def _asked(tres: str) -> int:
+def shard_count(tres: str) -> int:
+    """Shards per node in a TRES string (scontrol's ``TresPerNode``, squeue's ``%b``:
+    ``gres:shard:4``, ``gres/shard:g0:4``...); 0 where it asks for none."""
     for item in tres.split(","):
         parts = item.replace("/", ":").split(":")
         if "shard" in parts and parts[-1].isdigit():
@@ -213,6 +215,6 @@ def running_with_shards(node: str) -> list[str]:
     out = []
     for line in proc.stdout.splitlines():
         job, _, tres = line.strip().partition("|")
-        if job and _asked(tres):
+        if job and shard_count(tres):
             out.append(job)
     return out
