@@ -150,6 +150,22 @@ def test_tables_cut_free_text_and_keep_alignment() -> None:
     assert table(columns, rows, header=False).splitlines()[0].startswith("a1")
 
 
+def test_columns_read_as_written_across() -> None:
+    from chronos.cli_render import Column, columns
+
+    wide = Column("DETAIL", squeeze=True, min_width=10)
+    made = columns("ID|~USER|>MEMORY|GPU-H USED", wide)
+    assert [c.header for c in made] == ["ID", "USER", "MEMORY", "GPU-H USED", "DETAIL"]
+    assert [(c.right, c.squeeze) for c in made] == [
+        (False, False),
+        (False, True),
+        (True, False),
+        (False, False),
+        (False, True),
+    ]
+    assert made[-1] is wide
+
+
 def test_colour_codes_do_not_shift_columns() -> None:
     from chronos.cli_render import Column, table
 

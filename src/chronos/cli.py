@@ -490,16 +490,9 @@ def queue(as_json: bool) -> None:
     if not items:
         click.echo("no waiting requests")
         return
-    columns = [
-        render.Column("TICKET"),
-        render.Column("GPU", right=True),
-        render.Column("POS", right=True),
-        render.Column("USER", squeeze=True),
-        render.Column("MEMORY", right=True),
-        render.Column("DURATION", right=True),
-        render.Column("WAITED", right=True),
-        render.Column(f"EST. START {render.zone()}"),
-    ]
+    columns = render.columns(
+        f"TICKET|>GPU|>POS|~USER|>MEMORY|>DURATION|>WAITED|EST. START {render.zone()}"
+    )
     rows = [
         [
             q["ticket"],
@@ -627,16 +620,9 @@ def usage(since: str, user: str | None, as_json: bool) -> None:
     if not rows:
         click.echo("no usage in that period")
         return
-    columns = [
-        render.Column("USER", squeeze=True),
-        render.Column("GPU-H RESERVED", right=True),
-        render.Column("GPU-H USED", right=True),
-        render.Column("CREATED", right=True),
-        render.Column("RELEASED", right=True),
-        render.Column("EXPIRED", right=True),
-        render.Column("REFUSED", right=True),
-        render.Column("KILLED", right=True),
-    ]
+    columns = render.columns(
+        "~USER|>GPU-H RESERVED|>GPU-H USED|>CREATED|>RELEASED|>EXPIRED|>REFUSED|>KILLED"
+    )
     body = [
         [
             r["user"],
@@ -904,13 +890,10 @@ def events(since: str | None, partition_id: str | None, as_json: bool) -> None:
         return
     from datetime import datetime
 
-    columns = [
-        render.Column(f"AT {render.zone()}"),
-        render.Column("EVENT"),
-        render.Column("PARTITION"),
-        render.Column("BY", squeeze=True),
+    columns = render.columns(
+        f"AT {render.zone()}|EVENT|PARTITION|~BY",
         render.Column("DETAIL", squeeze=True, min_width=10),
-    ]
+    )
     rows = [
         [
             render.clock(datetime.fromisoformat(e["at"]).timestamp()),

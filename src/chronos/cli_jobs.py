@@ -118,13 +118,7 @@ def jobs(show_all: bool, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(items, indent=2))
         return
-    columns = [
-        render.Column("JOB"),
-        render.Column("USER", squeeze=True),
-        render.Column("STATE"),
-        render.Column("DETAIL", squeeze=True),
-        render.Column("COMMAND", squeeze=True),
-    ]
+    columns = render.columns("JOB|~USER|STATE|~DETAIL|~COMMAND")
     rows = [
         [j["id"], j["user"], JOB_STATE_WORDS.get(j["state"], j["state"]), _detail(j), _cmd(j)]
         for j in items

@@ -120,6 +120,24 @@ class Column:
         self.min_width = min_width
 
 
+def columns(*parts: str | Column) -> list[Column]:
+    """A table's columns, written as they read across: ``"JOB|STATE|>MEMORY|~NAME"``.
+
+    Headers are split at ``|``; ``>`` before one right-aligns it (sizes, numbers,
+    durations), ``~`` lets it be cut to fit (free text). A :class:`Column` stands for
+    itself (one with a ``min_width`` of its own)."""
+    out: list[Column] = []
+    for part in parts:
+        if isinstance(part, Column):
+            out.append(part)
+            continue
+        for header in part.split("|"):
+            mark = header[:1]
+            name = header[1:] if mark in (">", "~") else header
+            out.append(Column(name, right=mark == ">", squeeze=mark == "~"))
+    return out
+
+
 def terminal_width(stream: IO[str] | None = None) -> int:
     """The terminal's width ($COLUMNS first, as shutil has it); 80 off a terminal."""
     stream = stream or sys.stdout

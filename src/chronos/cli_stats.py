@@ -53,17 +53,11 @@ def render_stats(
     mode = data["mode"]
     where = "chronosd" if mode == "daemon" else "embedded ledger (no daemon running)"
     header = f"mode: {where}; backends: {', '.join(data['backends'])}"
-    columns = [
-        render.Column("GPU", right=True),
+    columns = render.columns(
+        ">GPU",
         render.Column("NAME", squeeze=True, min_width=8),
-        render.Column("TOTAL", right=True),
-        render.Column("USED", right=True),
-        render.Column("FREE", right=True),
-        render.Column("COMMITTED", right=True),
-        render.Column("SHARE", right=True),
-        render.Column("PARTS", right=True),
-        render.Column("UTIL", right=True),
-    ]
+        ">TOTAL|>USED|>FREE|>COMMITTED|>SHARE|>PARTS|>UTIL",
+    )
     width = render.table_width()
     out = [header, ""]
     chosen = select(data, devices)
@@ -103,15 +97,8 @@ def _alloc_cap_lines(rows: list[dict[str, Any]], width: int | None) -> list[str]
     """Per partition: bytes the allocation-time cap library counts, and what NVML sees."""
     if not rows:
         return []
-    columns = [
-        render.Column("PARTITION"),
-        render.Column("USER", squeeze=True),
-        render.Column("GPU", right=True),
-        render.Column("SHARE", right=True),
-        render.Column("COUNTED (library)", right=True),  # n/a: not capped
-        render.Column("SEEN (NVML)", right=True),
-        render.Column("REFUSED", right=True),
-    ]
+    # COUNTED is n/a where the library does not cap the partition.
+    columns = render.columns("PARTITION|~USER|>GPU|>SHARE|>COUNTED (library)|>SEEN (NVML)|>REFUSED")
     cells = [
         [
             r["partition_id"],
@@ -136,13 +123,9 @@ def _process_lines(
     procs = d.get("processes", [])
     if not procs:
         return []
-    columns = [
-        render.Column("PID", right=True),
-        render.Column("USER", squeeze=True),
-        render.Column("MEMORY", right=True),
-        render.Column("PARTITION"),
-        render.Column("COMMAND", squeeze=True, min_width=8),
-    ]
+    columns = render.columns(
+        ">PID|~USER|>MEMORY|PARTITION", render.Column("COMMAND", squeeze=True, min_width=8)
+    )
     rows = [
         [
             str(p["pid"]),

@@ -22,7 +22,7 @@ from chronos.config import Config, Limits
 from chronos.errors import BadRequest, CapacityRefused, ChronosError, PermissionDenied
 from chronos.groups import Placer, gpu_choice, members
 from chronos.identity import Caller, resolve_user
-from chronos.ledger import Attached, Ledger, Member, NewPartition, QuotaCheck
+from chronos.ledger import Attached, Ledger, LedgerPolicy, Member, NewPartition, QuotaCheck
 from chronos.models import (
     ACTIVE,
     BOOKED,
@@ -79,10 +79,7 @@ class Service:
         self._machine_factory = machine_factory or _open_machine
         self._machine: Machine | None = None
         self.on_change = on_change
-        # The policy in force decides capacity and fair share, also for requests that
-        # wait: the ledger asks the service, whose config a reload replaces.
-        ledger.capacity_of = self._capacity_of
-        ledger.fairshare_half_life = lambda: self.config.fairshare_half_life_s
+        ledger.follow_policy(ledger_policy(lambda: self.config))
         self.cgroups = cgroups
         self.on_supervised = on_supervised
         self.stop_job = stop_job
@@ -307,10 +304,6 @@ class Service:
             return self.ledger.get(partition_id).state_at(self.ledger.clock()) in (ACTIVE, BOOKED)
         except ChronosError:
             return False
-
-    def _capacity_of(self, member: Member) -> int:
-        """What admission may hand out on one GPU of a request under the policy in force now."""
-        return self.config.reservable_bytes(member.device, member.device_total_bytes)
 
     def priority(self, user: str, waited_s: float, usage_gpu_hours: float) -> float:
         """A waiter's fair-share priority under the policy in force (higher is served first)."""
@@ -694,6 +687,17 @@ class _Quota:
         fraction = req.memory_bytes / req.device_total_bytes
         ask = Ask(req.user, req.device, fraction, start, end, len(req.members))
         check_limits(self.limits, ask, mine, now)
+
+
+def ledger_policy(current: Callable[[], Config]) -> LedgerPolicy:
+    """What the ledger asks of the policy in force, read from ``current()`` at each use:
+    a reload (the daemon replaces the service's config) then also reaches requests
+    still waiting."""
+
+    def capacity_of(member: Member) -> int:
+        return current().reservable_bytes(member.device, member.device_total_bytes)
+
+    return LedgerPolicy(capacity_of, lambda: current().fairshare_half_life_s)
 
 
 def _verified(pinned: procs.Pinned) -> bool:

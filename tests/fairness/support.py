@@ -92,8 +92,13 @@ def make_service(
     os.environ.setdefault("CHRONOS_BACKEND", "simulated")
     directory = directory or Path(tempfile.mkdtemp(prefix="chronos-fair-"))
     clock = clock or FakeClock(T0)
-    ledger = Ledger(directory / "ledger.db", clock=clock, owner_alive=owner_alive, durable=False)
     config = parse_config(policy or {}, "test policy")
+    ledger = Ledger(
+        directory / "ledger.db",
+        clock=clock,
+        owner_alive=owner_alive,
+        durable=False,
+    )
     service = Service(ledger, config, "embedded", machine_factory=lambda: open_machine("simulated"))
     return Harness(clock, ledger, service, directory)
 

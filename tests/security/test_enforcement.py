@@ -27,6 +27,7 @@ from helpers import GIB, assert_one_line_error
 
 from chronos import cgroups, procs
 from chronos.config import Config, parse_config
+from chronos.daemon.clock import SteadyClock
 from chronos.daemon.deadlines import Deadlines
 from chronos.errors import BadRequest
 from chronos.identity import Caller
@@ -656,7 +657,8 @@ def test_a_wall_clock_step_back_does_not_extend_partitions(
 
 
 def test_start_up_reads_only_the_history_of_open_partitions(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "ledger.db")
+    clock = SteadyClock()
+    ledger = Ledger(tmp_path / "ledger.db", clock=clock.now)
     now = time.time()
     for _ in range(3):
         old = ledger.create(
@@ -697,7 +699,7 @@ def test_start_up_reads_only_the_history_of_open_partitions(tmp_path: Path) -> N
     ledger.events = recording  # type: ignore[method-assign]
 
     async def start() -> None:
-        deadlines = Deadlines(ledger, lambda: 30.0)
+        deadlines = Deadlines(ledger, lambda: 30.0, clock=clock)
         deadlines.resume_kills()
         deadlines.close()
 

@@ -69,7 +69,8 @@ class Deadlines:
         self.default_grace_s = default_grace_s
         self.max_grace_s = max_grace_s
         self.clock = clock or SteadyClock()
-        ledger.clock = self.clock.now  # admission and reaping too: never on a stepping clock
+        if ledger.clock != self.clock.now:  # admission and reaping too: never a stepping clock
+            raise ValueError("the ledger must run on this clock: Ledger(clock=clock.now)")
         self.loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._retry: asyncio.TimerHandle | None = None
@@ -98,7 +99,6 @@ class Deadlines:
             freed=lambda: self.after_time(),
             holds_gpu=holds_gpu,
         )
-        ledger.lingering = self.stopper.lingering_on
         if not procs.pidfd_usable():
             log(
                 "pidfds_unavailable",

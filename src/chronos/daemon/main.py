@@ -24,6 +24,7 @@ from typing import Any
 
 from chronos.cgroups import PartitionCgroups
 from chronos.config import Config, load_config
+from chronos.daemon.clock import SteadyClock
 from chronos.daemon.deadlines import Deadlines
 from chronos.daemon.jobs import JobRunner
 from chronos.daemon.log import log
@@ -34,6 +35,7 @@ from chronos.daemon.user_sockets import UserSockets
 from chronos.errors import ChronosError
 from chronos.ledger import Ended, Ledger
 from chronos.ledger.jobs import Job
+from chronos.ledger.partitions import Lingering
 from chronos.paths import (
     LEDGER_FILE,
     LEDGER_ID_FILE,
@@ -233,12 +235,14 @@ class Daemon:
         deadline keeper's hooks go through this daemon to the sampler built just after.
         Nothing runs until all are built: no reap happens with a hook missing.
         """
-        # Owner deaths come from pidfds (Deadlines), not /proc scans.
-        ledger = self._open_ledger(reap_owners=False)
+        # Admission and reaping run on the deadline keeper's clock, which never steps.
+        clock = SteadyClock()
+        ledger = self._open_ledger(clock.now, self._lingering)
         deadlines = Deadlines(
             ledger,
             lambda: self.config.grace_s,
             max_grace_s=lambda: self.config.max_grace_s,
+            clock=clock,
             on_ended=self._ended,
             after_time=self._changed,
             holds_gpu=self._holds_gpu,
@@ -270,6 +274,9 @@ class Daemon:
 
     def _stop_job(self, job: Job) -> None:
         self.jobs.stop(job)
+
+    def _lingering(self, device_uuid: str) -> list[tuple[float, float, int, str]]:
+        return self.deadlines.stopper.lingering_on(device_uuid)
 
     def _holds_gpu(self, pid: int) -> bool:
         return self.sampler.holds_gpu(pid)
@@ -385,7 +392,7 @@ class Daemon:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
 
-    def _open_ledger(self, reap_owners: bool = True) -> Ledger:
+    def _open_ledger(self, clock: Callable[[], float], lingering: Lingering) -> Ledger:
         """The ledger this daemon had, locked down to it; refuse a vanished or swapped one.
 
         A deleted or emptied ledger would otherwise be replaced by an empty one: every
@@ -398,7 +405,13 @@ class Daemon:
         if had is not None:
             self._check_ledger_present(path, marker, had)
         self._lock_down(path)
-        ledger = Ledger(path, file_mode=0o644, reap_owners=reap_owners)
+        ledger = Ledger(
+            path,
+            clock,
+            file_mode=0o644,
+            reap_owners=False,  # owner deaths come from pidfds (Deadlines), not /proc scans
+            lingering=lingering,
+        )
         if had is None:
             self._record_ledger_id(marker, ledger.ledger_id)
         elif ledger.ledger_id != had:

@@ -72,6 +72,7 @@ __all__ = [
     "Job",
     "Ledger",
     "LedgerParts",
+    "LedgerPolicy",
     "Member",
     "NewPartition",
     "OwnerCheck",
@@ -83,6 +84,33 @@ __all__ = [
     "earliest_fit",
     "peak_usage",
 ]
+
+
+def _as_asked(member: Member) -> int:
+    return member.capacity_bytes
+
+
+def _a_week() -> float:
+    return 7 * 86400.0
+
+
+class LedgerPolicy(NamedTuple):
+    """What the ledger asks of the policy in force at each use (the service's, which a
+    reload replaces: :func:`chronos.service.ledger_policy`), so requests still waiting
+    are planned under the policy of now."""
+
+    capacity_of: Callable[[Member], int] = _as_asked
+    """Bytes a request may use on one GPU of it (default: what it was admitted with)."""
+    fairshare_half_life: Callable[[], float] = _a_week
+    """Half-life of fair-share usage, in seconds."""
+
+
+AS_ADMITTED = LedgerPolicy()
+"""No policy of its own: capacity as admitted, a week's half-life (tests, tools)."""
+
+
+def _nothing_lingers(device_uuid: str) -> list[Interval]:
+    return []
 
 
 class LedgerParts(NamedTuple):
@@ -107,36 +135,39 @@ class Ledger:
         durable: bool = True,
         *,
         reap_owners: bool = True,
+        lingering: Lingering = _nothing_lingers,
     ) -> None:
         """``durable=False``: no fsync (a throwaway ledger: tests, benchmark seeds).
-        ``reap_owners=False``: reaps do not check owner processes (the daemon has pidfds)."""
+        ``reap_owners=False``: reaps do not check owner processes (the daemon has pidfds).
+        ``lingering(device_uuid)``: memory of ended partitions whose processes still run
+        (the daemon's stopper knows it): admission counts it as committed, so it never
+        hands out memory still held."""
         self.path = Path(path)
         self.clock = clock
-        self.capacity_of: Callable[[Member], int] = lambda member: member.capacity_bytes
-        """Bytes a (queued) request may use on its device; the service applies the policy
-        in force now, so a reload also reaches requests still waiting."""
-        self.lingering: Lingering = lambda uuid: []
-        """Memory of ended partitions whose processes still run (the daemon keeps it):
-        admission counts it as committed, so it never hands out memory still held."""
+        self.policy = AS_ADMITTED
+        """What it asks of the policy in force: see :meth:`follow_policy`."""
         self.reap_owners = reap_owners
         """Check owner processes on every reap (the daemon does not: it has pidfds)."""
-        self.fairshare_half_life: Callable[[], float] = lambda: 7 * 86400.0
-        """Half-life of fair-share usage; the service applies the policy in force."""
         self._db, self.ledger_id = schema.open_ledger(self.path, file_mode, durable)
-        # The parts read the hooks above through the facade when they use them, so a
-        # hook set after construction (by the service, the daemon) reaches them.
-        history = History(self._db, lambda: self.fairshare_half_life())
+        # The parts ask through the facade at each use, so a policy followed later (by
+        # the service made on this ledger) reaches them.
+        history = History(self._db, lambda: self.policy.fairshare_half_life())
         events = EventLog(self._db, history)
-        partitions = Partitions(
-            self._db, events, history, owner_alive, lambda uuid: self.lingering(uuid)
-        )
+        partitions = Partitions(self._db, events, history, owner_alive, lingering)
         queue = Queue(
-            self._db, events, partitions, history, owner_alive, lambda r: self.capacity_of(r)
+            self._db, events, partitions, history, owner_alive, lambda m: self.policy.capacity_of(m)
         )
         self.parts = LedgerParts(partitions, queue, events, history)
         self._partitions, self._queue, self._events, self._history = self.parts
         self.jobs = Jobs(self._db)
         history.ensure()
+
+    def follow_policy(self, policy: LedgerPolicy) -> None:
+        """Ask ``policy`` from now on. The service made on this ledger owns the policy in
+        force (a reload replaces its config), so it, not whoever opened the ledger, says
+        what capacity and fair share are; no request reaches the ledger before it does."""
+        self.policy = policy
+        self.invalidate_plan()
 
     def close(self) -> None:
         self._db.close()

@@ -225,14 +225,7 @@ def list_jobs(as_json: bool) -> None:
         return
     from chronos import cli_render as render
 
-    columns = [
-        render.Column("JOB", right=True),
-        render.Column("STATE"),
-        render.Column("MEMORY", right=True),
-        render.Column("LEFT", right=True),
-        render.Column("NODES", squeeze=True),
-        render.Column("NAME", squeeze=True),
-    ]
+    columns = render.columns(">JOB|STATE|>MEMORY|>LEFT|~NODES|~NAME")
     rows = [
         [j.job_id, j.state, format_bytes(j.memory_bytes), j.time_left, j.nodes, j.name]
         for j in found

@@ -58,25 +58,32 @@ def append_to_stderr(pid: int, uid: int, text: bytes) -> bool:
     meanwhile); pipes are fine; anything else (ttys, devices, sockets) is left alone.
     """
     flags = os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    path = f"/proc/{pid}/fd/2"
     try:
-        if not stat.S_ISREG(os.stat(f"/proc/{pid}/fd/2").st_mode) and not stat.S_ISFIFO(
-            os.stat(f"/proc/{pid}/fd/2").st_mode
-        ):
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
             return False  # not opened at all: a device's open can have side effects
-        fd = os.open(f"/proc/{pid}/fd/2", flags)
+        fd = os.open(path, flags)
     except OSError:
         return False
     try:
-        info = os.fstat(fd)
-        mine = stat.S_ISREG(info.st_mode) and info.st_uid == uid
-        if not (mine or stat.S_ISFIFO(info.st_mode)):
-            return False
-        os.write(fd, text)
-        return True
-    except OSError:
-        return False
+        return _write_if_theirs(fd, uid, text)
     finally:
         os.close(fd)
+
+
+def _write_if_theirs(fd: int, uid: int, text: bytes) -> bool:
+    """Write to the opened stderr if it is the user's own file or a pipe: checked again
+    on the open file, since the link may have been swapped between the stat and the open."""
+    try:
+        info = os.fstat(fd)
+        theirs = stat.S_ISREG(info.st_mode) and info.st_uid == uid
+        if not (theirs or stat.S_ISFIFO(info.st_mode)):
+            return False
+        os.write(fd, text)
+    except OSError:
+        return False
+    return True
 
 
 def _scancel(job: str) -> None:
