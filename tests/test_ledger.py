@@ -754,3 +754,37 @@ def test_a_schema_3_ledger_gains_the_series_column_and_keeps_its_rows(
         assert [r.series for r in again.partitions()] == [None, "s1234567"]
     finally:
         again.close()
+
+
+def test_a_partition_keeps_every_term_it_was_asked_with(tmp_path: Path) -> None:
+    """The record takes the request's fields by name (NewPartition.kept_terms): a field
+    added to both types is carried without a list to keep, and none is dropped."""
+    clock = FakeClock(1_000_000.0)
+    ledger = Ledger(tmp_path / "ledger.db", clock=clock, durable=False)
+    asked = NewPartition(
+        device=1,
+        device_uuid="GPU-1",
+        device_total_bytes=80 * GIB,
+        capacity_bytes=80 * GIB,
+        memory_bytes=3 * GIB,
+        uid=1234,
+        user="alice",
+        duration_s=600.0,
+        owner_pid=4242,
+        owner_start=99,
+        kind="cli",
+        grace_s=7.0,
+        warn_s=30.0,
+        warn_signal="SIGUSR2",
+        series="s1234abc",
+    )
+    record = ledger.create(asked)
+    stored = ledger.get(record.id)
+    kept = asked.kept_terms()
+    assert set(kept) == {f.name for f in dataclasses.fields(asked) if hasattr(stored, f.name)} - {
+        "starts_at"
+    }
+    for name, value in kept.items():
+        assert getattr(stored, name) == value, name
+    assert (stored.starts_at, stored.expires_at) == (clock(), clock() + 600.0)
+    ledger.close()

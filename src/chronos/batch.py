@@ -23,7 +23,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from chronos import messages, protocol
-from chronos.errors import BadRequest, ChronosError, PermissionDenied
+from chronos.errors import RUN_FAILED_EXIT, BadRequest, ChronosError, PermissionDenied
 from chronos.identity import Caller
 from chronos.ledger.jobs import Job
 from chronos.vocabulary import JobState, Mode, Origin, TicketState
@@ -35,9 +35,8 @@ StopJob = Callable[[Job], None]
 """The daemon's way to stop a running job's processes (SIGTERM, grace, SIGKILL)."""
 
 
-class JobsUnavailable(ChronosError):
-    code = "not_available"
-    exit_code = 125
+class JobsUnavailable(ChronosError, code="not_available", exit_code=RUN_FAILED_EXIT):
+    """``chronos submit`` with no chronosd (and no Slurm cluster): nothing would start the job."""
 
     def __init__(self) -> None:
         super().__init__(

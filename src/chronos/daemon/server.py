@@ -91,11 +91,8 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
-class ClientLimit(ChronosError):
+class ClientLimit(ChronosError, code="refused", exit_code=3):
     """A connection or request over one of the server's per-user bounds."""
-
-    code = "refused"
-    exit_code = 3
 
 
 class RateLimitedLog:

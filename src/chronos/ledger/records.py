@@ -60,10 +60,14 @@ class NewPartition:
     user: str
     duration_s: float
     starts_at: float | None = None
+    """A booking's start; ``None``: now (or, for a request that waits, when granted)."""
     owner_pid: int | None = None
     owner_start: int | None = None
+    """The owner process (and its start, against PID reuse) whose exit ends the partition;
+    ``None``: it persists until released or expired."""
     kind: str = Origin.API
     grace_s: float | None = None
+    """SIGTERM to SIGKILL at its end, fixed now: a later policy does not change it."""
     warn_s: float | None = None
     warn_signal: str | None = None
     exempt: bool = False

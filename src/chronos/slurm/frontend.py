@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from chronos.errors import RUN_FAILED_EXIT, BadRequest, ChronosError
+from chronos.errors import BadRequest, ChronosError
 from chronos.slurm.scontrol import shard_count
 from chronos.units import parse_duration, parse_memory
 
@@ -34,22 +34,8 @@ SLURM_CONF_PATHS = (
 )
 
 
-class SlurmCommandError(ChronosError):
-    code = "slurm_error"
-    exit_code = 1
-
-
-class NoBatchQueue(ChronosError):
-    """``chronos submit`` off a Slurm cluster: the local queue of batch jobs is not built yet."""
-
-    code = "not_available"
-    exit_code = RUN_FAILED_EXIT
-
-    def __init__(self) -> None:
-        super().__init__(
-            "local batch jobs are not available yet (no Slurm cluster here: no sbatch on PATH "
-            "or no slurm.conf); use chronos run, or submit from a Slurm login node"
-        )
+class SlurmCommandError(ChronosError, code="slurm_error", exit_code=1):
+    """A Slurm command was missing, timed out or failed; its own message, in one line."""
 
 
 def cluster_configured() -> bool:
