@@ -7,14 +7,13 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from helpers import GIB
 
 from chronos.config import parse_config
 from chronos.daemon.clock import SteadyClock
 from chronos.daemon.deadlines import Deadlines
 from chronos.ledger import Ledger, Member
 from chronos.service import Service, ledger_policy
-
-GIB = 1 << 30
 
 
 def test_the_ledger_asks_the_policy_in_force_at_each_use(tmp_path: Path) -> None:
