@@ -314,11 +314,7 @@ def on_create(record: PartitionRecord, mode: str) -> list[Path] | None:
 
 def on_release(partition_id: str, mode: str) -> None:
     """Remove every accounting file of the partition (the primary's and a group's others)."""
-    with contextlib.suppress(OSError):
-        for entry in cap_dir(mode).iterdir():
-            if partition_of(entry.name) == partition_id:
-                with contextlib.suppress(OSError):
-                    entry.unlink()
+    _remove_where(lambda owner: owner == partition_id, mode)
 
 
 def sweep(is_open: Callable[[str], bool], mode: str) -> None:
@@ -326,12 +322,22 @@ def sweep(is_open: Callable[[str], bool], mode: str) -> None:
 
     Looks only at the files there (a few), never at the whole ledger.
     """
-    with contextlib.suppress(OSError):
-        for entry in cap_dir(mode).iterdir():
-            owner = partition_of(entry.name)
-            if owner is not None and not is_open(owner):
-                with contextlib.suppress(OSError):
-                    entry.unlink()
+    _remove_where(lambda owner: not is_open(owner), mode)
+
+
+def _remove_where(doomed: Callable[[str], bool], mode: str) -> None:
+    """Remove the accounting files whose partition ``doomed`` names: one listing, plain
+    strings (every create and release comes here, and the folder is mostly empty)."""
+    folder = os.fspath(cap_dir(mode))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        owner = partition_of(name)
+        if owner is not None and doomed(owner):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
 
 
 def counted_bytes(partition_id: str, mode: str) -> int | None:

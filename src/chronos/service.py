@@ -413,8 +413,11 @@ class Service:
 
     def op_release(self, caller: Caller, request: messages.ReleaseRequest) -> dict[str, Any]:
         id = request.id
-        self._authorize(caller, self.ledger.get(id), "release")
-        record = self.ledger.release(id, caller.uid, caller.user)
+
+        def may_release(record: PartitionRecord) -> None:
+            self._authorize(caller, record, "release")
+
+        record = self.ledger.release(id, caller.uid, caller.user, may_end=may_release)
         self.on_change()
         alloccap.on_release(id, self.mode)
         return record.to_wire()
