@@ -457,7 +457,7 @@ class Partitions:
         returned with their stored state; :meth:`PartitionRecord.state_at`
         gives the effective one.
         """
-        where = "" if include_ended else f"WHERE {OPEN}"
+        where = "" if include_ended else f"{BY_OPEN} WHERE {OPEN}"
         records = PARTITIONS.all(self._db.execute(f"{_SELECT} {where} ORDER BY created_at"))
         if limit is not None:
             records = records[-limit:]
@@ -470,14 +470,15 @@ class Partitions:
         args = (now, now) if started else (now,)
         return PARTITIONS.all(
             self._db.execute(
-                f"{_SELECT} WHERE {OPEN} {begun}AND expires_at > ? ORDER BY created_at", args
+                f"{_SELECT} {BY_OPEN} WHERE {OPEN} {begun}AND expires_at > ? ORDER BY created_at",
+                args,
             )
         )
 
     def watched(self) -> list[PartitionRecord]:
         """Open partitions a daemon must watch: owner-bound, or with a warning due."""
         return PARTITIONS.all(
-            self._db.execute(f"{_SELECT} {_BY_WATCHED} WHERE {OPEN} AND {WATCHED}")
+            self._db.execute(f"{_SELECT} {_BY_WATCHED} WHERE {OPEN} AND {WATCHED} {_END_ORDER}")
         )
 
     def recent(self, since: float, uid: int | None = None) -> list[PartitionRecord]:
