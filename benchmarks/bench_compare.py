@@ -4,8 +4,9 @@ Run: .venv/bin/python benchmarks/bench_compare.py --baseline /path/to/old/src
 [--rounds 5] [--pairs 300] [--clients 16] [--no-doc]
 
 A refactoring must not cost speed. Each round runs, for the baseline tree and for
-this one in turn (so load from other processes hits both alike), in fresh
-interpreters whose ``PYTHONPATH`` puts that tree's ``chronos`` first:
+this one in turn (so load from other processes hits both alike; the baseline first
+in odd rounds, this tree first in even ones), in fresh interpreters whose
+``PYTHONPATH`` puts that tree's ``chronos`` first:
 
 * embedded: ``Partitioner().create(0, 0.001, 3600, persist=True)`` then
   ``.release()``, ``--pairs`` times after a warm-up, on a fresh ledger: p50/p99;
@@ -154,7 +155,10 @@ def main() -> None:
     trees = {"baseline": args.baseline.resolve(), "this tree": HERE_SRC}
     seen: dict[str, dict[str, list[float]]] = {name: {} for name in trees}
     for round_no in range(args.rounds):
-        for name, src in trees.items():
+        # Which tree goes first alternates too: run after run, the second one measured
+        # was slower even with the same tree on both sides (1.13x embedded p50).
+        order = list(trees.items())
+        for name, src in order if round_no % 2 == 0 else reversed(order):
             e = embedded(src, args.pairs)
             d = through_daemon(src, args.pairs, args.clients)
             figures = {
