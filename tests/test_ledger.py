@@ -857,3 +857,19 @@ def test_next_deadline_is_the_first_booking_start_or_active_end(
     ledger.release(booked.id, 1000, "alice")
     ledger.release(short.id, 1000, "alice")
     assert ledger.next_deadline() == T0 + 2000
+
+
+def test_a_new_partition_whose_random_id_is_taken_gets_another(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The primary key, not a SELECT before each insert, finds a taken id: the insert
+    that fails is undone alone, and the partition is written under a fresh id."""
+    first = ledger.create(req(GIB, 60))
+    taken, fresh = bytes.fromhex(first.id), bytes.fromhex("0badcafe")
+    draws = iter([taken, fresh])
+    monkeypatch.setattr("chronos.ledger.partitions.os.urandom", lambda n: next(draws))
+    second = ledger.create(req(GIB, 60))
+    assert second.id == "0badcafe"
+    assert ledger.get(first.id) == first and ledger.get(second.id) == second
+    created = [e.partition_id for e in ledger.events() if e.kind == "created"]
+    assert created == [first.id, second.id]

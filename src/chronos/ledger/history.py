@@ -202,9 +202,11 @@ class History:
             int(uid): float(value) * 0.5 ** ((now - as_of) / half_life)
             for uid, value, as_of in self._db.execute("SELECT uid, value, as_of FROM fairshare")
         }
+        # Only those begun count (bookings ahead, often thousands, are left in SQLite).
         for uid, start, expires, nbytes, total, more in self._db.execute(
             "SELECT uid, starts_at, expires_at, memory_bytes, device_total_bytes, more_shares "
-            f"FROM partitions WHERE {OPEN}"
+            f"FROM partitions WHERE {OPEN} AND starts_at < ?",
+            (now,),
         ):
             end = min(expires, now)
             if end > start:

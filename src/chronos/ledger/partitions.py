@@ -60,6 +60,11 @@ _ANY_DUE = (
     f"OR EXISTS (SELECT 1 FROM partitions {_BY_END} WHERE {OPEN} AND expires_at <= ?)"
 )
 """Whether a booking starts or a partition ends now (a reap's work, owners aside)."""
+_ANY_DUE_OR_OWNED = (
+    f"{_ANY_DUE} OR EXISTS (SELECT 1 FROM partitions {_BY_WATCHED} "
+    f"WHERE {OPEN} AND {WATCHED} AND owner_pid IS NOT NULL)"
+)
+"""That, or an open partition bound to an owner process (whose death a reap looks for)."""
 _END_ORDER = "ORDER BY device_uuid, expires_at"
 """The order a reap ends partitions in (that of the ``partitions_open`` index it once read)."""
 _ON_DEVICE = (
@@ -98,7 +103,7 @@ class Partitions:
         """Record ``req`` as a partition over ``[start, end)`` (room already checked on
         every GPU of it: a group is written whole, in the caller's one transaction)."""
         record = PartitionRecord(
-            id=self.new_id(),
+            id=_random_id(),
             device=req.device,
             device_uuid=req.device_uuid,
             device_total_bytes=req.device_total_bytes,
@@ -121,7 +126,8 @@ class Partitions:
                 for m in req.more
             ),
         )
-        self.insert(record)
+        while not self._inserted_new(record):  # that id was taken (one in four billion)
+            record = replace(record, id=_random_id())
         self._history.bump(now, req.user, created=1)
         detail: dict[str, object] = {"expires_at": end, "starts_at": start, "kind": req.kind}
         if req.more or req.placement is not None:
@@ -141,6 +147,9 @@ class Partitions:
         """Write ``record`` as it is (no event, no accounting: seeding writes those itself),
         with the room-check rows of a group's further shares while it is open."""
         PARTITIONS.insert(self._db, record)
+        self._insert_shares(record)
+
+    def _insert_shares(self, record: PartitionRecord) -> None:
         if record.more_shares and record.is_open:
             self._db.executemany(
                 "INSERT INTO group_shares (device_uuid, partition_id, memory_bytes) "
@@ -148,9 +157,21 @@ class Partitions:
                 [(s.device_uuid, record.id, s.memory_bytes) for s in record.more_shares],
             )
 
+    def _inserted_new(self, record: PartitionRecord) -> bool:
+        """Insert ``record``; False (nothing written) if its id is taken. The primary key
+        checks, instead of a SELECT before every insert."""
+        try:
+            PARTITIONS.insert(self._db, record)
+        except sqlite3.IntegrityError as exc:
+            if getattr(exc, "sqlite_errorcode", None) != _PRIMARY_KEY_TAKEN:
+                raise
+            return False
+        self._insert_shares(record)
+        return True
+
     def new_id(self) -> str:
         while True:
-            candidate = os.urandom(4).hex()
+            candidate = _random_id()
             if not self._db.execute(
                 "SELECT 1 FROM partitions WHERE id = ?", (candidate,)
             ).fetchone():
@@ -188,6 +209,8 @@ class Partitions:
 
     def reap(self, now: float, owners: bool) -> list[Ended]:
         """Start bookings whose time came, and end what is due (expired, owner gone)."""
+        if not self._maybe_due(now, owners):  # one statement for the usual "nothing"
+            return []
         # A booking whose start has come becomes active: that state change is logged too
         # (first, so a booking that also ended since the last reap reads started, then ended).
         starting = PARTITIONS.all(
@@ -218,11 +241,17 @@ class Partitions:
         Without the owner checks that is one statement (the daemon asks after every change).
         """
         if not owners:
-            return bool(self._db.execute(_ANY_DUE, (now, now)).fetchone()[0])
+            return self._maybe_due(now, owners)
         booking_due = self._db.execute(
             "SELECT 1 FROM partitions WHERE state = 'booked' AND starts_at <= ? LIMIT 1", (now,)
         ).fetchone()
         return booking_due is not None or bool(self._due(now, owners))
+
+    def _maybe_due(self, now: float, owners: bool) -> bool:
+        """Whether a booking starts or a partition ends now, or (``owners``) an open
+        partition has an owner process that may have died: one indexed statement."""
+        sql, args = (_ANY_DUE_OR_OWNED, (now, now)) if owners else (_ANY_DUE, (now, now))
+        return bool(self._db.execute(sql, args).fetchone()[0])
 
     def _due(
         self, now: float, owners: bool = True
@@ -562,6 +591,15 @@ def _holders(
 
 def _first(tagged: tuple[Interval, HolderKind]) -> Interval:
     return tagged[0]
+
+
+_PRIMARY_KEY_TAKEN = 1555
+"""SQLITE_CONSTRAINT_PRIMARYKEY: an insert whose id another row has (the statement alone
+is undone, the transaction goes on)."""
+
+
+def _random_id() -> str:
+    return os.urandom(4).hex()
 
 
 def _check_open(record: PartitionRecord) -> None:
