@@ -15,7 +15,10 @@ in odd rounds, this tree first in even ones), in fresh interpreters whose
   processes started together, each doing 100 create+release pairs: pairs/s.
 
 The report gives each figure's median over the rounds, per tree, and the ratio
-(this tree / baseline; under 1 is faster for latencies, over 1 for throughput).
+(this tree / baseline; under 1 is faster for latencies, over 1 for throughput). CPU
+time per pair (the client's own, and the daemon's from ``/proc``, sampler included) is
+reported beside the latencies: on a shared machine with a shared disk, where fsync
+latency and other load move a p50 by 10–30 % from run to run, it is the steadier figure.
 CLI start-up has its own side-by-side run: ``bench_cli.py --baseline``.
 """
 
@@ -41,7 +44,7 @@ import _common as C  # noqa: E402
 HERE_SRC = Path(__file__).resolve().parent.parent / "src"
 
 PAIRS = r"""
-import json, statistics, sys, time
+import json, os, statistics, sys, time
 import chronos
 from chronos import Partitioner
 pairs = int(sys.argv[1])
@@ -49,13 +52,16 @@ with Partitioner() as client:
     for _ in range(20):
         client.create(0, 0.001, 3600, persist=True).release()
     took = []
+    cpu0 = sum(os.times()[:2])
     for _ in range(pairs):
         t0 = time.perf_counter()
         client.create(0, 0.001, 3600, persist=True).release()
         took.append((time.perf_counter() - t0) * 1000)
+    cpu = (sum(os.times()[:2]) - cpu0) * 1000 / pairs
 took.sort()
 p99 = took[int(len(took) * 0.99) - 1]
-print(json.dumps({"p50": statistics.median(took), "p99": p99, "module": chronos.__file__}))
+print(json.dumps({"p50": statistics.median(took), "p99": p99, "cpu": cpu,
+                  "module": chronos.__file__}))
 """
 
 CLIENT = r"""
@@ -121,12 +127,20 @@ def start_daemon(src: Path, home: Path) -> subprocess.Popen[bytes]:
     return daemon
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def through_daemon(src: Path, pairs: int, clients: int) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="chronos-cmp-"))
     daemon = start_daemon(src, home)
     try:
         env = tree_env(src, home, CHRONOS_SOCKET=str(home / "chronosd.sock"))
+        before = cpu_seconds(daemon.pid)
         result = python(PAIRS, env, str(pairs))
+        result["daemon_cpu"] = (cpu_seconds(daemon.pid) - before) * 1000 / pairs
         go = time.time() + 1.5
         procs = [
             subprocess.Popen([sys.executable, "-c", CLIENT, str(go), "100"], env=env)
@@ -164,8 +178,10 @@ def main() -> None:
             figures = {
                 "embedded create+release p50 ms": e["p50"],
                 "embedded create+release p99 ms": e["p99"],
+                "embedded CPU ms per pair": e["cpu"],
                 "chronosd create+release p50 ms": d["p50"],
                 "chronosd create+release p99 ms": d["p99"],
+                "chronosd CPU ms per pair (daemon + client)": d["daemon_cpu"] + d["cpu"],
                 f"chronosd pairs/s, {args.clients} clients": d["pairs_per_s"],
             }
             for key, value in figures.items():

@@ -759,8 +759,9 @@ def test_a_schema_3_ledger_gains_the_series_column_and_keeps_its_rows(
 def test_a_schema_4_ledger_gains_the_open_partition_indexes_and_keeps_its_rows(
     tmp_path: Path, clock: FakeClock
 ) -> None:
-    """Schema 5 added indexes only: a file as schema 4 left it (these indexes missing,
-    version 4) opens with its rows, gains them, and is version 5; opened again, as is."""
+    """Schema 5 changed indexes only: a file as schema 4 left it (these indexes missing,
+    its open-partitions index there, version 4) opens with its rows, has the new indexes
+    and not the old one, and is version 5; opened again, as is."""
     from chronos.ledger.schema import OPEN_INDEXES
 
     path = tmp_path / "ledger.db"
@@ -770,6 +771,10 @@ def test_a_schema_4_ledger_gains_the_open_partition_indexes_and_keeps_its_rows(
     with sqlite3.connect(path) as db:  # what a schema 4 Chronos wrote
         for name in OPEN_INDEXES:
             db.execute(f"DROP INDEX {name}")
+        db.execute(
+            "CREATE INDEX partitions_open ON partitions (device_uuid, expires_at) "
+            "WHERE state IN ('active', 'booked')"
+        )
         db.execute("PRAGMA user_version = 4")
     db.close()
 
@@ -779,7 +784,7 @@ def test_a_schema_4_ledger_gains_the_open_partition_indexes_and_keeps_its_rows(
         db.close()
         return {name for (name,) in rows}
 
-    assert not indexes() & set(OPEN_INDEXES)
+    assert not indexes() & set(OPEN_INDEXES) and "partitions_open" in indexes()
     for _ in range(2):
         again = Ledger(path, clock=clock, owner_alive=lambda pid, ticks: True)
         try:
@@ -787,7 +792,7 @@ def test_a_schema_4_ledger_gains_the_open_partition_indexes_and_keeps_its_rows(
             assert [r.id for r in again.open_at()] == [made.id]
         finally:
             again.close()
-        assert indexes() >= set(OPEN_INDEXES)
+        assert indexes() >= set(OPEN_INDEXES) and "partitions_open" not in indexes()
         version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
         assert version == 5
 

@@ -312,22 +312,20 @@ def on_create(record: PartitionRecord, mode: str) -> list[Path] | None:
         return None
 
 
-def on_release(partition_id: str, mode: str) -> None:
-    """Remove every accounting file of the partition (the primary's and a group's others)."""
-    _remove_where(lambda owner: owner == partition_id, mode)
+def on_release(record: PartitionRecord, mode: str) -> None:
+    """Remove every accounting file of the partition (the primary's and a group's others):
+    one unlink per share, by name (as ``on_create`` named them), no listing."""
+    for path in cap_paths(record, mode):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def sweep(is_open: Callable[[str], bool], mode: str) -> None:
     """Remove accounting files of partitions that are no longer open (e.g. expired).
 
-    Looks only at the files there (a few), never at the whole ledger.
+    Looks only at the files there (a few), never at the whole ledger: one listing, as
+    plain strings (every create comes here).
     """
-    _remove_where(lambda owner: not is_open(owner), mode)
-
-
-def _remove_where(doomed: Callable[[str], bool], mode: str) -> None:
-    """Remove the accounting files whose partition ``doomed`` names: one listing, plain
-    strings (every create and release comes here, and the folder is mostly empty)."""
     folder = os.fspath(cap_dir(mode))
     try:
         names = os.listdir(folder)
@@ -335,7 +333,7 @@ def _remove_where(doomed: Callable[[str], bool], mode: str) -> None:
         return
     for name in names:
         owner = partition_of(name)
-        if owner is not None and doomed(owner):
+        if owner is not None and not is_open(owner):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(folder, name))
 

@@ -419,7 +419,7 @@ class Service:
 
         record = self.ledger.release(id, caller.uid, caller.user, may_end=may_release)
         self.on_change()
-        alloccap.on_release(id, self.mode)
+        alloccap.on_release(record, self.mode)
         return record.to_wire()
 
     def op_get(self, caller: Caller, request: messages.GetRequest) -> dict[str, Any]:

@@ -47,6 +47,8 @@ _EXPIRED = f"{_SELECT} {_BY_END} WHERE {OPEN} AND expires_at <= ?"
 """Open partitions whose end has come (a range of the open partitions by end)."""
 _OWNED = f"{_SELECT} {_BY_WATCHED} WHERE {OPEN} AND {WATCHED} AND owner_pid IS NOT NULL"
 """Open partitions bound to an owner process (among the few the daemon watches)."""
+_TIES = "device_uuid, expires_at"
+"""How open partitions created at the same moment are ordered (see ``_END_ORDER``)."""
 _NEXT_DEADLINE = (
     "SELECT b.first, (SELECT expires_at FROM partitions "
     f"{_BY_END} WHERE {OPEN} AND state = 'active' AND expires_at <= COALESCE(b.first, 9e999) "
@@ -66,7 +68,8 @@ _ANY_DUE_OR_OWNED = (
 )
 """That, or an open partition bound to an owner process (whose death a reap looks for)."""
 _END_ORDER = "ORDER BY device_uuid, expires_at"
-"""The order a reap ends partitions in (that of the ``partitions_open`` index it once read)."""
+"""The order a reap ends partitions in, and ties of open listings come in (that of schema
+4's ``partitions_open`` index, which those reads once walked)."""
 _ON_DEVICE = (
     f"SELECT starts_at, expires_at, memory_bytes, id FROM partitions {_BY_START} "
     f"WHERE {OPEN} AND device_uuid = ? AND starts_at < ? AND expires_at > ? AND expires_at > ? "
@@ -487,7 +490,8 @@ class Partitions:
         gives the effective one.
         """
         where = "" if include_ended else f"{BY_OPEN} WHERE {OPEN}"
-        records = PARTITIONS.all(self._db.execute(f"{_SELECT} {where} ORDER BY created_at"))
+        order = "ORDER BY created_at" if include_ended else f"ORDER BY created_at, {_TIES}"
+        records = PARTITIONS.all(self._db.execute(f"{_SELECT} {where} {order}"))
         if limit is not None:
             records = records[-limit:]
         return records
@@ -499,7 +503,8 @@ class Partitions:
         args = (now, now) if started else (now,)
         return PARTITIONS.all(
             self._db.execute(
-                f"{_SELECT} {BY_OPEN} WHERE {OPEN} {begun}AND expires_at > ? ORDER BY created_at",
+                f"{_SELECT} {BY_OPEN} WHERE {OPEN} {begun}AND expires_at > ? "
+                f"ORDER BY created_at, {_TIES}",
                 args,
             )
         )
@@ -534,7 +539,8 @@ class Partitions:
     def open_of(self, uid: int | None) -> list[PartitionRecord]:
         """Partitions stored as open (of ``uid``), through the open-partitions index."""
         who, args = ("AND uid = ?", (uid,)) if uid is not None else ("", ())
-        return PARTITIONS.all(self._db.execute(f"{_SELECT} {BY_OPEN} WHERE {OPEN} {who}", args))
+        sql = f"{_SELECT} {BY_OPEN} WHERE {OPEN} {who} {_END_ORDER}"
+        return PARTITIONS.all(self._db.execute(sql, args))
 
     def page(
         self, include_ended: bool, after: int, count: int
@@ -556,7 +562,7 @@ class Partitions:
     def ending_by(self, device_uuid: str, when: float, now: float) -> list[str]:
         """Ids of open partitions on ``device_uuid`` that end by ``when``, soonest first."""
         rows = self._db.execute(
-            f"SELECT id, expires_at FROM partitions WHERE {OPEN} AND device_uuid = ? "
+            f"SELECT id, expires_at FROM partitions {_BY_END} WHERE {OPEN} AND device_uuid = ? "
             "AND expires_at > ? AND expires_at <= ? UNION ALL "
             "SELECT p.id, p.expires_at FROM group_shares g JOIN partitions p "
             f"ON p.id = g.partition_id WHERE g.device_uuid = ? AND p.{OPEN} "
