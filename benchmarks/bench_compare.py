@@ -197,7 +197,8 @@ def main() -> None:
     print(table)
     if not args.no_doc:
         method = (
-            f"{args.rounds} rounds, baseline and this tree alternated in each; "
+            f"{args.rounds} rounds, baseline and this tree alternated in each (which goes "
+            "first alternates by round); "
             f"{args.pairs} pairs per latency run; baseline: {args.label or args.baseline}."
         )
         machine = f"Machine: {C.machine_note()}."
