@@ -34,7 +34,10 @@ BIN = Path(sys.executable).parent
 PYTHON = sys.executable
 
 # Sections in the order they appear in docs/BENCHMARKS.md.
-SECTION_ORDER = ("ledger", "daemon", "expiry", "fairness", "fairness-flood", "soak", "restart")
+SECTION_ORDER = (
+    "ledger", "daemon", "expiry", "fairness", "fairness-flood", "fairness-compare", "soak",
+    "restart",
+)  # fmt: skip
 
 HEADER = """\
 # Chronos benchmarks

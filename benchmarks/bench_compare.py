@@ -4,8 +4,9 @@ Run: .venv/bin/python benchmarks/bench_compare.py --baseline /path/to/old/src
 [--rounds 5] [--pairs 300] [--clients 16] [--no-doc]
 
 A refactoring must not cost speed. Each round runs, for the baseline tree and for
-this one in turn (so load from other processes hits both alike), in fresh
-interpreters whose ``PYTHONPATH`` puts that tree's ``chronos`` first:
+this one in turn (so load from other processes hits both alike; the baseline first
+in odd rounds, this tree first in even ones), in fresh interpreters whose
+``PYTHONPATH`` puts that tree's ``chronos`` first:
 
 * embedded: ``Partitioner().create(0, 0.001, 3600, persist=True)`` then
   ``.release()``, ``--pairs`` times after a warm-up, on a fresh ledger: p50/p99;
@@ -14,7 +15,10 @@ interpreters whose ``PYTHONPATH`` puts that tree's ``chronos`` first:
   processes started together, each doing 100 create+release pairs: pairs/s.
 
 The report gives each figure's median over the rounds, per tree, and the ratio
-(this tree / baseline; under 1 is faster for latencies, over 1 for throughput).
+(this tree / baseline; under 1 is faster for latencies, over 1 for throughput). CPU
+time per pair (the client's own, and the daemon's from ``/proc``, sampler included) is
+reported beside the latencies: on a shared machine with a shared disk, where fsync
+latency and other load move a p50 by 10–30 % from run to run, it is the steadier figure.
 CLI start-up has its own side-by-side run: ``bench_cli.py --baseline``.
 """
 
@@ -40,7 +44,7 @@ import _common as C  # noqa: E402
 HERE_SRC = Path(__file__).resolve().parent.parent / "src"
 
 PAIRS = r"""
-import json, statistics, sys, time
+import json, os, statistics, sys, time
 import chronos
 from chronos import Partitioner
 pairs = int(sys.argv[1])
@@ -48,13 +52,16 @@ with Partitioner() as client:
     for _ in range(20):
         client.create(0, 0.001, 3600, persist=True).release()
     took = []
+    cpu0 = sum(os.times()[:2])
     for _ in range(pairs):
         t0 = time.perf_counter()
         client.create(0, 0.001, 3600, persist=True).release()
         took.append((time.perf_counter() - t0) * 1000)
+    cpu = (sum(os.times()[:2]) - cpu0) * 1000 / pairs
 took.sort()
 p99 = took[int(len(took) * 0.99) - 1]
-print(json.dumps({"p50": statistics.median(took), "p99": p99, "module": chronos.__file__}))
+print(json.dumps({"p50": statistics.median(took), "p99": p99, "cpu": cpu,
+                  "module": chronos.__file__}))
 """
 
 CLIENT = r"""
@@ -120,12 +127,20 @@ def start_daemon(src: Path, home: Path) -> subprocess.Popen[bytes]:
     return daemon
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def through_daemon(src: Path, pairs: int, clients: int) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="chronos-cmp-"))
     daemon = start_daemon(src, home)
     try:
         env = tree_env(src, home, CHRONOS_SOCKET=str(home / "chronosd.sock"))
+        before = cpu_seconds(daemon.pid)
         result = python(PAIRS, env, str(pairs))
+        result["daemon_cpu"] = (cpu_seconds(daemon.pid) - before) * 1000 / pairs
         go = time.time() + 1.5
         procs = [
             subprocess.Popen([sys.executable, "-c", CLIENT, str(go), "100"], env=env)
@@ -154,14 +169,19 @@ def main() -> None:
     trees = {"baseline": args.baseline.resolve(), "this tree": HERE_SRC}
     seen: dict[str, dict[str, list[float]]] = {name: {} for name in trees}
     for round_no in range(args.rounds):
-        for name, src in trees.items():
+        # Which tree goes first alternates too: run after run, the second one measured
+        # was slower even with the same tree on both sides (1.13x embedded p50).
+        order = list(trees.items())
+        for name, src in order if round_no % 2 == 0 else reversed(order):
             e = embedded(src, args.pairs)
             d = through_daemon(src, args.pairs, args.clients)
             figures = {
                 "embedded create+release p50 ms": e["p50"],
                 "embedded create+release p99 ms": e["p99"],
+                "embedded CPU ms per pair": e["cpu"],
                 "chronosd create+release p50 ms": d["p50"],
                 "chronosd create+release p99 ms": d["p99"],
+                "chronosd CPU ms per pair (daemon + client)": d["daemon_cpu"] + d["cpu"],
                 f"chronosd pairs/s, {args.clients} clients": d["pairs_per_s"],
             }
             for key, value in figures.items():
@@ -177,7 +197,8 @@ def main() -> None:
     print(table)
     if not args.no_doc:
         method = (
-            f"{args.rounds} rounds, baseline and this tree alternated in each; "
+            f"{args.rounds} rounds, baseline and this tree alternated in each (which goes "
+            "first alternates by round); "
             f"{args.pairs} pairs per latency run; baseline: {args.label or args.baseline}."
         )
         machine = f"Machine: {C.machine_note()}."

@@ -2,6 +2,7 @@
 
 Run: .venv/bin/python benchmarks/bench_fairness.py [--bookings 10000] [--samples 300]
      [--trials 40] [--no-doc] [--profile]
+     [--baseline /path/to/old/src [--rounds 3]]
 
 * Admission: ``create(0, 0.25, 1h)`` (then a release, not timed) through the
   Python API while the ledger holds ``--bookings`` bookings, spread over both
@@ -20,12 +21,22 @@ Run: .venv/bin/python benchmarks/bench_fairness.py [--bookings 10000] [--samples
 The bookings are written straight into the ledger in one transaction (the API
 would fsync 10,000 times); each is a valid partition that admission would have
 accepted. ``--profile`` prints a cProfile summary of the embedded admissions.
+
+``--baseline <src>``: side by side with another tree (as ``bench_compare.py``): each
+round runs the rows with ``--bookings`` bookings (``fairness_measure.py``, the public API
+only) in a fresh interpreter per tree, whose ``PYTHONPATH`` puts that tree's ``chronos``
+first, the baseline first in odd rounds and this tree first in even ones; the report
+gives each row's p50 and p99 (median over the rounds) per tree and the ratio (this tree /
+baseline; under 1 is faster), into its own section of the doc.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,126 +45,82 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
+from fairness_measure import (  # noqa: E402
+    GPUS,
+    POLICY,
+    USERS,
+    add_bookings,
+    as_ordinary_user,
+    grant_latency,
+    time_admissions,
+)
 
-GPUS = "80GiB,80GiB"
-USERS = 20
-SPAN_S = 300 * 86400.0
-"""Bookings start over the next 300 days (a year is the most one may book ahead)."""
-BOOKED_FRACTION = 0.25
-POLICY = """\
-[limits.default]
-max_share = 0.5
-max_total_share = 1.0
-max_duration = "8h"
-max_gpu_hours_day = 24
-max_gpu_hours_week = 100
-"""
+HERE = Path(__file__).resolve().parent
+HERE_SRC = HERE.parent / "src"
 
 
-# ------------------------------------------------------------------------ bookings
+# ----------------------------------------------------------- side by side with a baseline
 
 
-def add_bookings(ledger_path: Path, count: int, now: float) -> None:
-    """``count`` one-hour bookings of a quarter GPU, alternating GPUs, none overlapping."""
-    from chronos.devices import open_machine
-    from chronos.ledger import Ledger
-    from chronos.models import BOOKED, PartitionRecord
-
-    devices = open_machine("simulated").devices
-    ledger = Ledger(ledger_path)
-    per_device = (count + len(devices) - 1) // len(devices)
-    step = SPAN_S / per_device
-    with ledger.transaction():
-        for i in range(count):
-            dev = devices[i % len(devices)]
-            start = now + 2 * 3600.0 + (i // len(devices)) * step
-            user = i % USERS
-            ledger.parts.partitions.insert(
-                PartitionRecord(
-                    id=f"b{i:07x}",
-                    device=dev.index,
-                    device_uuid=dev.uuid,
-                    device_total_bytes=dev.total_bytes,
-                    memory_bytes=int(dev.total_bytes * BOOKED_FRACTION),
-                    uid=60000 + user,
-                    user=f"bench{user:02d}",
-                    created_at=now,
-                    starts_at=start,
-                    expires_at=start + 3600.0,
-                    state=BOOKED,
-                    kind="api",
-                )
-            )
-    ledger.close()
+def one_tree(src: Path, args: Any) -> dict[str, list[float]]:
+    """Every row of ``fairness_measure.py`` on tree ``src``, in a fresh interpreter."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHRONOS_")}
+    env["PYTHONPATH"] = str(src)
+    knobs = ("bookings", "samples", "warmup", "trials")
+    argv = [sys.executable, str(HERE / "fairness_measure.py")]
+    argv += [a for k in knobs for a in (f"--{k}", str(getattr(args, k)))]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise SystemExit(f"the measurement of {src} failed:\n{proc.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
+    if not result["module"].startswith(str(src)):
+        raise SystemExit(f"measured {result['module']}, not the tree {src}")
+    rows: dict[str, list[float]] = result["rows"]
+    return rows
 
 
-# ----------------------------------------------------------------------- admission
+def run_baseline(args: Any) -> int:
+    trees = {"baseline": args.baseline.resolve(), "this tree": HERE_SRC}
+    seen: dict[str, dict[str, list[tuple[float, float]]]] = {name: {} for name in trees}
+    for round_no in range(args.rounds):
+        order = list(trees.items())
+        for name, src in order if round_no % 2 == 0 else reversed(order):
+            for label, samples in one_tree(src, args).items():
+                ordered = sorted(samples)
+                p50, p99 = C.percentile(ordered, 50), C.percentile(ordered, 99)
+                seen[name].setdefault(label, []).append((p50, p99))
+        print(f"round {round_no + 1}/{args.rounds} done", flush=True)
+    rows = []
+    for label, before_rounds in seen["baseline"].items():
+        for q, name in ((0, "p50"), (1, "p99")):
+            before = statistics.median(r[q] for r in before_rounds) * 1000
+            after = statistics.median(r[q] for r in seen["this tree"][label]) * 1000
+            rows.append([f"{label}, {name} ms", f"{before:.2f}", f"{after:.2f}",
+                         f"{after / before:.2f}"])  # fmt: skip
+    table = C.md_table(["figure (median of rounds)", "baseline", "this tree", "ratio"], rows)
+    print(table)
+    if not args.no_doc:
+        C.update_section("fairness-compare", render_compare(args, table))
+        print(f"\nupdated {C.DOC.relative_to(C.ROOT)} (section fairness-compare)")
+    return 0
 
 
-def time_admissions(client: Any, samples: int, warmup: int) -> list[float]:
-    out = []
-    for i in range(warmup + samples):
-        t0 = time.perf_counter()
-        p = client.create(0, 0.25, 3600, persist=True)
-        t1 = time.perf_counter()
-        p.release()
-        if i >= warmup:
-            out.append(t1 - t0)
-    return out
-
-
-def as_ordinary_user(client: Any) -> Any:
-    """Make an embedded client act as bench00, an ordinary user (quotas apply)."""
-    from chronos.identity import Caller
-
-    client.transport.caller = Caller(60000, 60000, None, "bench00", False)
-    return client
-
-
-# --------------------------------------------------------------------- grant latency
-
-
-def _waiter(conn: Any) -> None:
-    from chronos import Partitioner
-
-    with Partitioner() as client:
-        while conn.recv() == "go":
-            p = client.create(0, 0.6, 60, persist=True, wait=True)
-            conn.send((time.perf_counter(), p.id))
-
-
-def grant_latency(trials: int) -> tuple[list[float], list[float]]:
-    """(from release returned, from release called) to the waiter's create returning."""
-    from chronos import Partitioner
-
-    ctx = mp.get_context("fork")
-    here, there = ctx.Pipe()
-    worker = ctx.Process(target=_waiter, args=(there,))
-    worker.start()
-    after_return, after_call = [], []
-    try:
-        with Partitioner() as client:
-            for i in range(trials + 3):
-                blocker = client.create(0, 1.0, 600, persist=True)
-                here.send("go")
-                deadline = time.monotonic() + 10
-                while not client.queue():
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("the waiter never joined the queue")
-                    time.sleep(0.002)
-                time.sleep(0.02)  # let it settle into its long poll
-                t0 = time.perf_counter()
-                client.release(blocker.id)
-                t1 = time.perf_counter()
-                granted_at, pid = here.recv()
-                client.release(pid)
-                if i >= 3:  # warm-up
-                    after_return.append(granted_at - t1)
-                    after_call.append(granted_at - t0)
-    finally:
-        here.send("stop")
-        worker.join(10)
-    return after_return, after_call
+def render_compare(args: Any, table: str) -> str:
+    return "\n".join(
+        [
+            "### Fair sharing before and after (`bench_fairness.py --baseline`)",
+            "",
+            f"{args.rounds} rounds, baseline and this tree alternated in each (which goes "
+            f"first alternates by round); {args.bookings:,} bookings as above; "
+            f"{args.samples} admissions after {args.warmup} warm-up per row, {args.trials} "
+            f"grants; baseline: {args.label or args.baseline}. Each tree runs "
+            "`benchmarks/fairness_measure.py` (the public API only) in its own interpreter.",
+            "",
+            table,
+            "",
+            f"Machine: {C.machine_note()}.",
+        ]
+    )
 
 
 # ------------------------------------------------------------- queue flood, long history
@@ -357,9 +324,16 @@ def main() -> int:
     parser.add_argument(
         "--flood-only", action="store_true", help="run only the queue-flood measurement"
     )
+    parser.add_argument(
+        "--baseline", type=Path, help="another tree's src/: both side by side, with ratios"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --baseline")
+    parser.add_argument("--label", default="", help="what the baseline is (for the doc)")
     args = parser.parse_args()
     if args.flood_only:
         return run_flood(args)
+    if args.baseline is not None:
+        return run_baseline(args)
     from chronos import Partitioner
 
     admission: list[list[Any]] = []

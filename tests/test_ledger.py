@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chronos.errors import AdmissionRefused, NotFound, PartitionEnded
-from chronos.ledger import Ledger, NewPartition, earliest_fit, peak_usage
+from chronos.ledger import SCHEMA_VERSION, Ledger, NewPartition, earliest_fit, peak_usage
 from chronos.models import (
     ACTIVE,
     BOOKED,
@@ -747,7 +747,7 @@ def test_a_schema_3_ledger_gains_the_series_column_and_keeps_its_rows(
     finally:
         led.close()
     version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
-    assert version == 4
+    assert version == SCHEMA_VERSION == 5
     # Opened again (already migrated): nothing to do, the rows are as they were.
     again = Ledger(path, clock=clock, owner_alive=lambda pid, ticks: True)
     try:
@@ -788,3 +788,127 @@ def test_a_partition_keeps_every_term_it_was_asked_with(tmp_path: Path) -> None:
         assert getattr(stored, name) == value, name
     assert (stored.starts_at, stored.expires_at) == (clock(), clock() + 600.0)
     ledger.close()
+
+
+def test_a_schema_4_ledger_gains_the_open_partition_indexes_and_keeps_its_rows(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Schema 5 changed indexes only: a file as schema 4 left it (these indexes missing,
+    its open-partitions index there, version 4) opens with its rows, has the new indexes
+    and not the old one, and is version 5; opened again, as is."""
+    from chronos.ledger.schema import OPEN_INDEXES
+
+    path = tmp_path / "ledger.db"
+    led = Ledger(path, clock=clock, owner_alive=lambda pid, ticks: True)
+    made = led.create(req(GIB, 60))
+    led.close()
+    with sqlite3.connect(path) as db:  # what a schema 4 Chronos wrote
+        for name in OPEN_INDEXES:
+            db.execute(f"DROP INDEX {name}")
+        db.execute(
+            "CREATE INDEX partitions_open ON partitions (device_uuid, expires_at) "
+            "WHERE state IN ('active', 'booked')"
+        )
+        db.execute("PRAGMA user_version = 4")
+    db.close()
+
+    def indexes() -> set[str]:
+        with sqlite3.connect(path) as db:
+            rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()
+        db.close()
+        return {name for (name,) in rows}
+
+    assert not indexes() & set(OPEN_INDEXES) and "partitions_open" in indexes()
+    for _ in range(2):
+        again = Ledger(path, clock=clock, owner_alive=lambda pid, ticks: True)
+        try:
+            assert again.get(made.id) == made
+            assert [r.id for r in again.open_at()] == [made.id]
+        finally:
+            again.close()
+        assert indexes() >= set(OPEN_INDEXES) and "partitions_open" not in indexes()
+        version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
+        assert version == 5
+
+
+def _seed_bookings_ahead(led: Ledger, count: int) -> None:
+    """``count`` one-hour bookings from two hours on, one after the other, on GPU-A."""
+    with led.transaction():
+        for i in range(count):
+            start = T0 + 7200.0 + i * 3600.0
+            led.parts.partitions.admit(req(GIB, 3600.0, starts_at=start), T0, start, start + 3600)
+
+
+def _sql_steps(led: Ledger, work: object) -> int:
+    """SQLite virtual-machine steps (in hundreds) that ``work()`` costs: work, not time."""
+    steps = [0]
+
+    def tick() -> int:
+        steps[0] += 1
+        return 0
+
+    led.connection.set_progress_handler(tick, 100)
+    try:
+        work()  # type: ignore[operator]
+    finally:
+        led.connection.set_progress_handler(None, 100)
+    return steps[0]
+
+
+def test_reap_deadlines_watch_and_room_check_cost_what_they_return(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """With 3,000 bookings ahead, what every change runs (a reap, the next deadline, the
+    watched partitions, a room check over the next hour, a create and a release) costs
+    about what it costs with 30: each reads the open partitions through an index that
+    skips the bookings (before schema 5, each read every booking)."""
+
+    def cost(count: int) -> int:
+        led = Ledger(tmp_path / f"ledger-{count}.db", clock=clock, durable=False)
+        _seed_bookings_ahead(led, count)
+        owned = led.create(req(GIB, 600, owner_pid=os.getpid()))
+
+        def every_change() -> None:
+            assert led.reap() == []
+            assert led.next_deadline() == T0 + 600
+            assert [r.id for r in led.watched()] == [owned.id]
+            assert led.committed_bytes(DEV_A) == GIB
+            led.release(led.create(req(GIB, 3600)).id, 1000, "alice")
+
+        steps = _sql_steps(led, every_change)
+        led.close()
+        return steps
+
+    few, many = cost(30), cost(3000)
+    assert many <= 2 * few + 20, (few, many)
+
+
+def test_next_deadline_is_the_first_booking_start_or_active_end(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    assert ledger.next_deadline() is None
+    booked = ledger.create(req(GIB, 600, starts_at=T0 + 1000))
+    assert ledger.next_deadline() == booked.starts_at
+    ledger.create(req(GIB, 2000))  # ends after the booking starts
+    assert ledger.next_deadline() == booked.starts_at
+    short = ledger.create(req(GIB, 500))
+    assert ledger.next_deadline() == short.expires_at
+    ledger.release(booked.id, 1000, "alice")
+    ledger.release(short.id, 1000, "alice")
+    assert ledger.next_deadline() == T0 + 2000
+
+
+def test_a_new_partition_whose_random_id_is_taken_gets_another(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The primary key, not a SELECT before each insert, finds a taken id: the insert
+    that fails is undone alone, and the partition is written under a fresh id."""
+    first = ledger.create(req(GIB, 60))
+    taken, fresh = bytes.fromhex(first.id), bytes.fromhex("0badcafe")
+    draws = iter([taken, fresh])
+    monkeypatch.setattr("chronos.ledger.partitions.os.urandom", lambda n: next(draws))
+    second = ledger.create(req(GIB, 60))
+    assert second.id == "0badcafe"
+    assert ledger.get(first.id) == first and ledger.get(second.id) == second
+    created = [e.partition_id for e in ledger.events() if e.kind == "created"]
+    assert created == [first.id, second.id]

@@ -312,26 +312,30 @@ def on_create(record: PartitionRecord, mode: str) -> list[Path] | None:
         return None
 
 
-def on_release(partition_id: str, mode: str) -> None:
-    """Remove every accounting file of the partition (the primary's and a group's others)."""
-    with contextlib.suppress(OSError):
-        for entry in cap_dir(mode).iterdir():
-            if partition_of(entry.name) == partition_id:
-                with contextlib.suppress(OSError):
-                    entry.unlink()
+def on_release(record: PartitionRecord, mode: str) -> None:
+    """Remove every accounting file of the partition (the primary's and a group's others):
+    one unlink per share, by name (as ``on_create`` named them), no listing."""
+    for path in cap_paths(record, mode):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def sweep(is_open: Callable[[str], bool], mode: str) -> None:
     """Remove accounting files of partitions that are no longer open (e.g. expired).
 
-    Looks only at the files there (a few), never at the whole ledger.
+    Looks only at the files there (a few), never at the whole ledger: one listing, as
+    plain strings (every create comes here).
     """
-    with contextlib.suppress(OSError):
-        for entry in cap_dir(mode).iterdir():
-            owner = partition_of(entry.name)
-            if owner is not None and not is_open(owner):
-                with contextlib.suppress(OSError):
-                    entry.unlink()
+    folder = os.fspath(cap_dir(mode))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        owner = partition_of(name)
+        if owner is not None and not is_open(owner):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
 
 
 def counted_bytes(partition_id: str, mode: str) -> int | None:

@@ -63,7 +63,9 @@ def interactive() -> bool:
     An IPython shell is asked for (``get_ipython()``), not just ipykernel being imported:
     a script or a test run that merely imports it stays a script.
     """
-    return hasattr(sys, "ps1") or bool(sys.flags.interactive) or _ipython() is not None
+    # ``in vars(sys)``, not hasattr: a missing module attribute costs a formatted
+    # AttributeError, on every create.
+    return "ps1" in vars(sys) or bool(sys.flags.interactive) or _ipython() is not None
 
 
 def choose(on_expiry: str | None) -> str:

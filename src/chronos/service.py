@@ -402,10 +402,13 @@ class Service:
 
     def op_release(self, caller: Caller, request: messages.ReleaseRequest) -> dict[str, Any]:
         id = request.id
-        self._authorize(caller, self.ledger.get(id), "release")
-        record = self.ledger.release(id, caller.uid, caller.user)
+
+        def may_release(record: PartitionRecord) -> None:
+            self._authorize(caller, record, "release")
+
+        record = self.ledger.release(id, caller.uid, caller.user, may_end=may_release)
         self.on_change()
-        alloccap.on_release(id, self.mode)
+        alloccap.on_release(record, self.mode)
         return record.to_wire()
 
     def op_get(self, caller: Caller, request: messages.GetRequest) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chronos.errors import BadRequest
-from chronos.ledger import Ledger
+from chronos.ledger import SCHEMA_VERSION, Ledger
 
 from .support import GIB, T0, FairDaemon, Harness, caller, make_service, wait_for
 
@@ -232,7 +232,7 @@ def test_an_old_ledger_migrates_with_every_partition_a_one_share_group(tmp_path:
     try:
         (record,) = led.partitions()
         assert record.devices == (0,) and len(record.shares) == 1
-        assert led.connection.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert led.connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert led.committed_bytes("SIM-0") == 25
     finally:
         led.close()

@@ -138,7 +138,8 @@ class Broadcast:
 
     async def wait(self, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._event.wait()
 
 
 class CutOff(Exception):
@@ -264,7 +265,9 @@ class Server:
     async def _one_request(
         self, caller: Caller, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
-        header = await asyncio.wait_for(reader.readexactly(protocol.HEADER.size), IDLE_TIMEOUT_S)
+        # asyncio.timeout, not wait_for: no task made per await (three per request).
+        async with asyncio.timeout(IDLE_TIMEOUT_S):
+            header = await reader.readexactly(protocol.HEADER.size)
         try:
             length = protocol.frame_length(header, protocol.MAX_REQUEST)
         except ProtocolError as exc:
@@ -303,7 +306,8 @@ class Server:
             return None
         self.receiving[caller.uid] += length
         try:
-            return await asyncio.wait_for(self._read_chunks(reader, length), READ_TIMEOUT_S)
+            async with asyncio.timeout(READ_TIMEOUT_S):
+                return await self._read_chunks(reader, length)
         finally:
             self.receiving[caller.uid] -= length
             if not self.receiving[caller.uid]:
@@ -383,7 +387,8 @@ class Server:
         if unread > MAX_UNREAD_REPLIES:
             raise CutOff(f"{unread} bytes of replies not read")
         try:
-            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
+            async with asyncio.timeout(WRITE_TIMEOUT_S):
+                await writer.drain()
         except TimeoutError:
             raise CutOff(f"replies not read for {WRITE_TIMEOUT_S:g} s") from None
 

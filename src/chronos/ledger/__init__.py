@@ -227,19 +227,17 @@ class Ledger:
         with schema.transaction(self._db):
             now = self.clock()
             self._partitions.reap(now, self.reap_owners)
-            self._queue.drop_stale(now)  # a dead or timed-out waiter holds no room
+            # A dead or timed-out waiter holds no room.
+            reserved_on = self._reserved_on(self._queue.drop_stale(now) > 0, now, priority_of)
             start = now if req.starts_at is None or req.starts_at <= now else req.starts_at
             end = start + req.duration_s
             refusal: AdmissionRefused | None = None
             try:
                 if place is not None:
-                    req = place(self._room(req, start, end, now, priority_of))
+                    req = place(self._room(req, start, end, now, reserved_on))
                 if check is not None:
                     check(self._partitions.quota_view(req.uid, now, check), start, end, now)
-                reserved = {
-                    m.device_uuid: self._queue.reservations(m.device_uuid, now, priority_of)
-                    for m in req.members
-                }
+                reserved = {m.device_uuid: reserved_on(m.device_uuid) for m in req.members}
                 self._partitions.check_room(req, start, end, now, reserved)
             except AdmissionRefused as exc:
                 refusal = exc
@@ -252,20 +250,29 @@ class Ledger:
             raise refusal
         return record
 
+    def _reserved_on(
+        self, anyone_waits: bool, now: float, priority_of: PriorityOf | None
+    ) -> Callable[[str], list[Interval]]:
+        """Where the queue will run its waiters on a GPU (by uuid), as :meth:`Queue.reservations`
+        says; with nobody waiting, nothing, without planning the queue (most creates)."""
+        if not anyone_waits:
+            return lambda uuid: []
+        return lambda uuid: self._queue.reservations(uuid, now, priority_of)
+
     def _room(
         self,
         req: NewPartition,
         start: float,
         end: float,
         now: float,
-        priority_of: PriorityOf | None,
+        reserved_on: Callable[[str], list[Interval]],
     ) -> Room:
         """What placement may look at, inside the admission transaction."""
-        partitions, queue = self._partitions, self._queue
+        partitions = self._partitions
 
         def peak(uuid: str) -> int:
             near = partitions.on_device(uuid, now, start, end)
-            return peak_usage(near + queue.reservations(uuid, now, priority_of), start, end)
+            return peak_usage(near + reserved_on(uuid), start, end)
 
         mine_open = [r for r in partitions.open_of(req.uid) if r.expires_at > start]
         overlapping = [r for r in mine_open if r.starts_at < end]
@@ -274,22 +281,28 @@ class Ledger:
             return sum(1 for r in overlapping if r.share_on(uuid) is not None)
 
         def soonest(candidate: NewPartition) -> float | None:
-            reserved = {
-                m.device_uuid: queue.reservations(m.device_uuid, now, priority_of)
-                for m in candidate.members
-            }
+            reserved = {m.device_uuid: reserved_on(m.device_uuid) for m in candidate.members}
             return partitions.earliest_fit(candidate, start, now, reserved)
 
         return Room(peak, mine, soonest, start, now)
 
     def release(
-        self, partition_id: str, uid: int, user: str, reason: str = "released"
+        self,
+        partition_id: str,
+        uid: int,
+        user: str,
+        reason: str = "released",
+        *,
+        may_end: Callable[[PartitionRecord], None] | None = None,
     ) -> PartitionRecord:
-        """End an open partition now (a group: on every GPU at once, it is one row)."""
+        """End an open partition now (a group: on every GPU at once, it is one row).
+
+        ``may_end(record)``: raises if the caller may not end it (the service's
+        authorization), checked on the row this transaction reads, before its state."""
         with schema.transaction(self._db):
             now = self.clock()
             self._partitions.reap(now, self.reap_owners)
-            return self._partitions.release(partition_id, now, uid, user, reason)
+            return self._partitions.release(partition_id, now, uid, user, reason, may_end)
 
     def reap(self, owners: bool | None = None) -> list[Ended]:
         """End every partition that is due (expired, or its owner process died).

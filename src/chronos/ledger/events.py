@@ -119,13 +119,16 @@ class EventLog:
 
     def ended_since(self, seq: int) -> tuple[list[str], int]:
         """Ids of partitions ended by events after ``seq``, and the newest seq."""
-        rows = self._db.execute(
-            f"SELECT seq, partition_id FROM events WHERE seq > ? AND kind IN ({_ENDED})",
+        # One statement: the ending events, then the newest seq (the daemon asks after
+        # every change, and mostly nothing ended).
+        found = self._db.execute(
+            f"SELECT 0, seq, partition_id FROM events WHERE seq > ? AND kind IN ({_ENDED}) "
+            "UNION ALL SELECT 1, MAX(seq), NULL FROM events",
             (seq,),
         ).fetchall()
-        last = max((r[0] for r in rows), default=seq)
-        if not rows:
-            last = self.last_seq(seq)
+        rows = [(at, partition) for newest, at, partition in found if not newest]
+        (newest,) = [at for is_newest, at, _ in found if is_newest]
+        last = max((r[0] for r in rows), default=seq if newest is None else int(newest))
         return [r[1] for r in rows if r[1]], last
 
     def last_seq(self, default: int = 0) -> int:

@@ -82,28 +82,38 @@ class History:
 
     def bump(self, at: float, user: str, **counts: float) -> None:
         """Add ``counts`` to ``user``'s row for the hour of ``at``."""
+        self._bump_hour(math.floor(at / HOUR), user, counts)
+
+    def _bump_hour(self, hour: int, user: str, counts: dict[str, float]) -> None:
         cols = ", ".join(counts)
         marks = ", ".join("?" * len(counts))
         sets = ", ".join(f"{c} = {c} + excluded.{c}" for c in counts)
         self._db.execute(
             f"INSERT INTO usage_hours (hour, user, {cols}) VALUES (?, ?, {marks}) "
             f"ON CONFLICT (hour, user) DO UPDATE SET {sets}",
-            (math.floor(at / HOUR), user, *counts.values()),
+            (hour, user, *counts.values()),
         )
 
     def account_end(self, r: PartitionRecord) -> None:
-        """Fold an ended partition into usage_hours and fairshare (same transaction)."""
+        """Fold an ended partition into usage_hours and fairshare (same transaction).
+
+        One upsert per hour touched: how it ended counts in its last hour, which is
+        usually also the only hour it held (two statements there were one too many)."""
         assert r.ended_at is not None
-        for key, value in _end_counts(r).items():
-            self.bump(r.ended_at, r.user, **{key: value})
+        per_hour: dict[int, dict[str, float]] = {}
+        if counts := _end_counts(r):
+            per_hour[math.floor(r.ended_at / HOUR)] = counts
         start, end = r.starts_at, held_until(r, r.ended_at)
+        hour = math.floor(start / HOUR)
+        while end > start and hour * HOUR < end:
+            lo, hi = max(start, hour * HOUR), min(end, (hour + 1) * HOUR)
+            reserved = r.gpu_equivalents * (hi - lo) / HOUR
+            per_hour.setdefault(math.floor(lo / HOUR), {})["reserved_h"] = reserved
+            hour += 1
+        for at_hour, hour_counts in per_hour.items():
+            self._bump_hour(at_hour, r.user, hour_counts)
         if end <= start:
             return
-        hour = math.floor(start / HOUR)
-        while hour * HOUR < end:
-            lo, hi = max(start, hour * HOUR), min(end, (hour + 1) * HOUR)
-            self.bump(lo, r.user, reserved_h=r.gpu_equivalents * (hi - lo) / HOUR)
-            hour += 1
         self._fold_fairshare(r.uid, r.gpu_equivalents * (end - start) / HOUR, end)
         self._db.execute(
             "INSERT INTO meta VALUES ('longest_held_s', ?) ON CONFLICT (key) DO UPDATE SET "
@@ -192,9 +202,11 @@ class History:
             int(uid): float(value) * 0.5 ** ((now - as_of) / half_life)
             for uid, value, as_of in self._db.execute("SELECT uid, value, as_of FROM fairshare")
         }
+        # Only those begun count (bookings ahead, often thousands, are left in SQLite).
         for uid, start, expires, nbytes, total, more in self._db.execute(
             "SELECT uid, starts_at, expires_at, memory_bytes, device_total_bytes, more_shares "
-            f"FROM partitions WHERE {OPEN}"
+            f"FROM partitions WHERE {OPEN} AND starts_at < ?",
+            (now,),
         ):
             end = min(expires, now)
             if end > start:

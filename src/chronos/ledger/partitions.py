@@ -12,6 +12,7 @@ import math
 import os
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 from chronos.errors import NotFound, PartitionEnded
 from chronos.ledger.events import EventLog
@@ -25,7 +26,7 @@ from chronos.ledger.records import (
     Member,
     NewPartition,
 )
-from chronos.ledger.schema import BY_OPEN, OPEN
+from chronos.ledger.schema import BY_OPEN, OPEN, WATCHED
 from chronos.models import PartitionRecord, Share
 from chronos.policy import Profile, common_fit, peak_usage
 from chronos.refusals import ExtensionBlocked, Holder, HolderKind, NoRoom, TooLarge, refusal
@@ -39,6 +40,46 @@ QUOTA_HISTORY_S = 8 * 86400.0
 """How far back quota checks look (a week's GPU-hour budget, and a day's margin)."""
 
 _SELECT = f"SELECT {PARTITIONS.columns} FROM partitions"
+_BY_END = "INDEXED BY partitions_open_end"
+_BY_START = "INDEXED BY partitions_open_start"
+_BY_WATCHED = "INDEXED BY partitions_watched"
+_EXPIRED = f"{_SELECT} {_BY_END} WHERE {OPEN} AND expires_at <= ?"
+"""Open partitions whose end has come (a range of the open partitions by end)."""
+_OWNED = f"{_SELECT} {_BY_WATCHED} WHERE {OPEN} AND {WATCHED} AND owner_pid IS NOT NULL"
+"""Open partitions bound to an owner process (among the few the daemon watches)."""
+_TIES = "device_uuid, expires_at"
+"""How open partitions created at the same moment are ordered (see ``_END_ORDER``)."""
+_NEXT_DEADLINE = (
+    "SELECT b.first, (SELECT expires_at FROM partitions "
+    f"{_BY_END} WHERE {OPEN} AND state = 'active' AND expires_at <= COALESCE(b.first, 9e999) "
+    "ORDER BY expires_at LIMIT 1) "
+    "FROM (SELECT MIN(starts_at) AS first FROM partitions WHERE state = 'booked') AS b"
+)
+"""The first booking's start, and the first end of an active partition if it comes no later:
+a booking ends after its start, so walking the ends up to that start meets no booking."""
+_ANY_DUE = (
+    "SELECT EXISTS (SELECT 1 FROM partitions WHERE state = 'booked' AND starts_at <= ?) "
+    f"OR EXISTS (SELECT 1 FROM partitions {_BY_END} WHERE {OPEN} AND expires_at <= ?)"
+)
+"""Whether a booking starts or a partition ends now (a reap's work, owners aside)."""
+_ANY_DUE_OR_OWNED = (
+    f"{_ANY_DUE} OR EXISTS (SELECT 1 FROM partitions {_BY_WATCHED} "
+    f"WHERE {OPEN} AND {WATCHED} AND owner_pid IS NOT NULL)"
+)
+"""That, or an open partition bound to an owner process (whose death a reap looks for)."""
+_END_ORDER = "ORDER BY device_uuid, expires_at"
+"""The order a reap ends partitions in, and ties of open listings come in (that of schema
+4's ``partitions_open`` index, which those reads once walked)."""
+_ON_DEVICE = (
+    f"SELECT starts_at, expires_at, memory_bytes, id FROM partitions {_BY_START} "
+    f"WHERE {OPEN} AND device_uuid = ? AND starts_at < ? AND expires_at > ? AND expires_at > ? "
+    "UNION ALL SELECT p.starts_at, p.expires_at, g.memory_bytes, p.id FROM group_shares g "
+    f"JOIN partitions p ON p.id = g.partition_id WHERE g.device_uuid = ? AND p.{OPEN} "
+    "AND p.starts_at < ? AND p.expires_at > ? AND p.expires_at > ?"
+)
+"""What holds a GPU over a span: its partitions whose primary share is there (through
+the open partitions by start, so bookings that start after the span are never read)
+and the groups with a further share there, in one statement."""
 _new_tuple = tuple.__new__
 
 
@@ -65,7 +106,7 @@ class Partitions:
         """Record ``req`` as a partition over ``[start, end)`` (room already checked on
         every GPU of it: a group is written whole, in the caller's one transaction)."""
         record = PartitionRecord(
-            id=self.new_id(),
+            id=_random_id(),
             created_at=now,
             starts_at=start,
             expires_at=end,
@@ -76,7 +117,8 @@ class Partitions:
             ),
             **req.kept_terms(),
         )
-        self.insert(record)
+        while not self._inserted_new(record):  # that id was taken (one in four billion)
+            record = replace(record, id=_random_id())
         self._history.bump(now, req.user, created=1)
         detail: dict[str, object] = {"expires_at": end, "starts_at": start, "kind": req.kind}
         if req.more or req.placement is not None:
@@ -96,6 +138,9 @@ class Partitions:
         """Write ``record`` as it is (no event, no accounting: seeding writes those itself),
         with the room-check rows of a group's further shares while it is open."""
         PARTITIONS.insert(self._db, record)
+        self._insert_shares(record)
+
+    def _insert_shares(self, record: PartitionRecord) -> None:
         if record.more_shares and record.is_open:
             self._db.executemany(
                 "INSERT INTO group_shares (device_uuid, partition_id, memory_bytes) "
@@ -103,9 +148,21 @@ class Partitions:
                 [(s.device_uuid, record.id, s.memory_bytes) for s in record.more_shares],
             )
 
+    def _inserted_new(self, record: PartitionRecord) -> bool:
+        """Insert ``record``; False (nothing written) if its id is taken. The primary key
+        checks, instead of a SELECT before every insert."""
+        try:
+            PARTITIONS.insert(self._db, record)
+        except sqlite3.IntegrityError as exc:
+            if getattr(exc, "sqlite_errorcode", None) != _PRIMARY_KEY_TAKEN:
+                raise
+            return False
+        self._insert_shares(record)
+        return True
+
     def new_id(self) -> str:
         while True:
-            candidate = os.urandom(4).hex()
+            candidate = _random_id()
             if not self._db.execute(
                 "SELECT 1 FROM partitions WHERE id = ?", (candidate,)
             ).fetchone():
@@ -136,12 +193,15 @@ class Partitions:
             user=user or record.user,
             detail={"reason": reason, "owner_uid": record.uid},
         )
-        ended = self.get(record.id)
+        # The row as just written (read back, it is the same record: one SELECT fewer).
+        ended = replace(record, state=str(state), ended_at=at, end_reason=reason)
         self._history.account_end(ended)
         return ended
 
     def reap(self, now: float, owners: bool) -> list[Ended]:
         """Start bookings whose time came, and end what is due (expired, owner gone)."""
+        if not self._maybe_due(now, owners):  # one statement for the usual "nothing"
+            return []
         # A booking whose start has come becomes active: that state change is logged too
         # (first, so a booking that also ended since the last reap reads started, then ended).
         starting = PARTITIONS.all(
@@ -155,10 +215,11 @@ class Partitions:
                 subject=r,
                 detail={"reason": "booking began"},
             )
-        self._db.execute(
-            "UPDATE partitions SET state = 'active' WHERE state = 'booked' AND starts_at <= ?",
-            (now,),
-        )
+        if starting:  # (in this transaction nothing else can have started one)
+            self._db.execute(
+                "UPDATE partitions SET state = 'active' WHERE state = 'booked' AND starts_at <= ?",
+                (now,),
+            )
         ended = []
         for record, state, reason in self._due(now, owners):
             at = record.expires_at if state == PartitionState.EXPIRED else now
@@ -166,17 +227,35 @@ class Partitions:
         return ended
 
     def anything_due(self, now: float, owners: bool) -> bool:
-        """Whether :meth:`reap` would change anything (a read: no transaction needed)."""
+        """Whether :meth:`reap` would change anything (a read: no transaction needed).
+
+        Without the owner checks that is one statement (the daemon asks after every change).
+        """
+        if not owners:
+            return self._maybe_due(now, owners)
         booking_due = self._db.execute(
             "SELECT 1 FROM partitions WHERE state = 'booked' AND starts_at <= ? LIMIT 1", (now,)
         ).fetchone()
         return booking_due is not None or bool(self._due(now, owners))
 
+    def _maybe_due(self, now: float, owners: bool) -> bool:
+        """Whether a booking starts or a partition ends now, or (``owners``) an open
+        partition has an owner process that may have died: one indexed statement."""
+        sql, args = (_ANY_DUE_OR_OWNED, (now, now)) if owners else (_ANY_DUE, (now, now))
+        return bool(self._db.execute(sql, args).fetchone()[0])
+
     def _due(
         self, now: float, owners: bool = True
     ) -> list[tuple[PartitionRecord, PartitionState, str]]:
-        which = "(expires_at <= ? OR owner_pid IS NOT NULL)" if owners else "expires_at <= ?"
-        candidates = PARTITIONS.all(self._db.execute(f"{_SELECT} WHERE {OPEN} AND {which}", (now,)))
+        # Two indexed reads in one statement (an OR of both made SQLite read every open
+        # partition: with 10,000 bookings, most of an admission's time): the expired, and
+        # the owner-bound ones not expired, each once, in the order they always ended.
+        if owners:
+            sql = f"{_EXPIRED} UNION ALL {_OWNED} AND expires_at > ? {_END_ORDER}"
+            cursor = self._db.execute(sql, (now, now))
+        else:
+            cursor = self._db.execute(f"{_EXPIRED} {_END_ORDER}", (now,))
+        candidates = PARTITIONS.all(cursor)
         due: list[tuple[PartitionRecord, PartitionState, str]] = []
         for record in candidates:
             if record.expires_at <= now:
@@ -189,11 +268,19 @@ class Partitions:
         return due
 
     def release(
-        self, partition_id: str, now: float, uid: int, user: str, reason: str
+        self,
+        partition_id: str,
+        now: float,
+        uid: int,
+        user: str,
+        reason: str,
+        may_end: Callable[[PartitionRecord], None] | None = None,
     ) -> PartitionRecord:
-        return self.end(
-            self.get_open(partition_id), PartitionState.RELEASED, now, reason, uid, user
-        )
+        record = self.get(partition_id)
+        if may_end is not None:
+            may_end(record)  # who asks comes before whether it is still open
+        _check_open(record)
+        return self.end(record, PartitionState.RELEASED, now, reason, uid, user)
 
     def attach(
         self,
@@ -336,18 +423,8 @@ class Partitions:
         self, device_uuid: str, now: float, start: float = -math.inf, end: float = math.inf
     ) -> list[Interval]:
         """What holds the device (open partitions and lingering memory) within ``[start, end)``."""
-        rows = self._db.execute(
-            f"SELECT starts_at, expires_at, memory_bytes, id FROM partitions "
-            f"WHERE {OPEN} AND device_uuid = ? AND expires_at > ? "
-            "AND expires_at > ? AND starts_at < ?",
-            (device_uuid, now, start, end),
-        ).fetchall()
-        rows += self._db.execute(
-            f"SELECT p.starts_at, p.expires_at, g.memory_bytes, p.id FROM group_shares g "
-            f"JOIN partitions p ON p.id = g.partition_id WHERE g.device_uuid = ? "
-            f"AND p.{OPEN} AND p.expires_at > ? AND p.expires_at > ? AND p.starts_at < ?",
-            (device_uuid, now, start, end),
-        ).fetchall()
+        span = (device_uuid, end, now, start)
+        rows = self._db.execute(_ON_DEVICE, span + span).fetchall()
         # Rows are (REAL, REAL, INTEGER, TEXT) by the columns' affinity, so each row is made
         # an Interval as it is: with thousands open, Interval(...) per row cost a tenth of
         # admission.
@@ -388,8 +465,7 @@ class Partitions:
     def get_open(self, partition_id: str) -> PartitionRecord:
         """The partition, which must still be open (else :class:`PartitionEnded`)."""
         record = self.get(partition_id)
-        if record.state not in OPEN_STATES:
-            raise PartitionEnded(_ended_message(record))
+        _check_open(record)
         return record
 
     def stored(
@@ -401,8 +477,9 @@ class Partitions:
         returned with their stored state; :meth:`PartitionRecord.state_at`
         gives the effective one.
         """
-        where = "" if include_ended else f"WHERE {OPEN}"
-        records = PARTITIONS.all(self._db.execute(f"{_SELECT} {where} ORDER BY created_at"))
+        where = "" if include_ended else f"{BY_OPEN} WHERE {OPEN}"
+        order = "ORDER BY created_at" if include_ended else f"ORDER BY created_at, {_TIES}"
+        records = PARTITIONS.all(self._db.execute(f"{_SELECT} {where} {order}"))
         if limit is not None:
             records = records[-limit:]
         return records
@@ -414,16 +491,16 @@ class Partitions:
         args = (now, now) if started else (now,)
         return PARTITIONS.all(
             self._db.execute(
-                f"{_SELECT} WHERE {OPEN} {begun}AND expires_at > ? ORDER BY created_at", args
+                f"{_SELECT} {BY_OPEN} WHERE {OPEN} {begun}AND expires_at > ? "
+                f"ORDER BY created_at, {_TIES}",
+                args,
             )
         )
 
     def watched(self) -> list[PartitionRecord]:
         """Open partitions a daemon must watch: owner-bound, or with a warning due."""
         return PARTITIONS.all(
-            self._db.execute(
-                f"{_SELECT} WHERE {OPEN} AND (owner_pid IS NOT NULL OR warn_s IS NOT NULL)"
-            )
+            self._db.execute(f"{_SELECT} {_BY_WATCHED} WHERE {OPEN} AND {WATCHED} {_END_ORDER}")
         )
 
     def recent(self, since: float, uid: int | None = None) -> list[PartitionRecord]:
@@ -450,7 +527,8 @@ class Partitions:
     def open_of(self, uid: int | None) -> list[PartitionRecord]:
         """Partitions stored as open (of ``uid``), through the open-partitions index."""
         who, args = ("AND uid = ?", (uid,)) if uid is not None else ("", ())
-        return PARTITIONS.all(self._db.execute(f"{_SELECT} {BY_OPEN} WHERE {OPEN} {who}", args))
+        sql = f"{_SELECT} {BY_OPEN} WHERE {OPEN} {who} {_END_ORDER}"
+        return PARTITIONS.all(self._db.execute(sql, args))
 
     def page(
         self, include_ended: bool, after: int, count: int
@@ -472,7 +550,7 @@ class Partitions:
     def ending_by(self, device_uuid: str, when: float, now: float) -> list[str]:
         """Ids of open partitions on ``device_uuid`` that end by ``when``, soonest first."""
         rows = self._db.execute(
-            f"SELECT id, expires_at FROM partitions WHERE {OPEN} AND device_uuid = ? "
+            f"SELECT id, expires_at FROM partitions {_BY_END} WHERE {OPEN} AND device_uuid = ? "
             "AND expires_at > ? AND expires_at <= ? UNION ALL "
             "SELECT p.id, p.expires_at FROM group_shares g JOIN partitions p "
             f"ON p.id = g.partition_id WHERE g.device_uuid = ? AND p.{OPEN} "
@@ -483,11 +561,9 @@ class Partitions:
 
     def next_deadline(self) -> float | None:
         """The earliest ``expires_at`` (or ``starts_at`` of a booking) still to come."""
-        row = self._db.execute(
-            f"SELECT MIN(CASE WHEN state = 'booked' THEN starts_at ELSE expires_at END) "
-            f"FROM partitions WHERE {OPEN}"
-        ).fetchone()
-        return None if row[0] is None else float(row[0])
+        booked, active = self._db.execute(_NEXT_DEADLINE).fetchone()
+        soonest = [float(t) for t in (booked, active) if t is not None]
+        return min(soonest) if soonest else None
 
     def attached(self, partition_id: str | None = None) -> list[Attached]:
         sql = f"SELECT {ATTACHED.columns} FROM attached"
@@ -509,6 +585,20 @@ def _holders(
 
 def _first(tagged: tuple[Interval, HolderKind]) -> Interval:
     return tagged[0]
+
+
+_PRIMARY_KEY_TAKEN = 1555
+"""SQLITE_CONSTRAINT_PRIMARYKEY: an insert whose id another row has (the statement alone
+is undone, the transaction goes on)."""
+
+
+def _random_id() -> str:
+    return os.urandom(4).hex()
+
+
+def _check_open(record: PartitionRecord) -> None:
+    if record.state not in OPEN_STATES:
+        raise PartitionEnded(_ended_message(record))
 
 
 def _ended_message(record: PartitionRecord) -> str:

@@ -135,15 +135,18 @@ class Queue:
             detail={"ticket": ticket_id, "reason": reason},
         )
 
-    def drop_stale(self, now: float) -> None:
-        """Close tickets that timed out or whose waiting process exited: they hold no room."""
+    def drop_stale(self, now: float) -> int:
+        """Close tickets that timed out or whose waiting process exited: they hold no room.
+        Returns how many still wait (none: the caller need not plan the queue)."""
         rows = self._db.execute(
             "SELECT id, timeout_at, waiter_pid, waiter_start FROM waiting WHERE state = 'waiting'"
         ).fetchall()
         alive: dict[tuple[int, int | None], bool] = {}  # one look per waiting process
+        left = len(rows)
         for ticket_id, timeout_at, pid, start in rows:
             if timeout_at is not None and now >= timeout_at:
                 self.close(ticket_id, TicketState.TIMEOUT, "timed out waiting", now)
+                left -= 1
                 continue
             if pid is None:
                 continue
@@ -151,6 +154,8 @@ class Queue:
                 alive[(pid, start)] = self._owner_alive(pid, start)
             if not alive[(pid, start)]:
                 self.close(ticket_id, TicketState.CANCELLED, "the waiting process exited", now)
+                left -= 1
+        return left
 
     def grant(
         self,

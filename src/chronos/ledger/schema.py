@@ -23,10 +23,11 @@ from pathlib import Path
 from chronos.errors import ChronosError
 from chronos.paths import LEDGER_SUFFIXES, open_file
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """3 → 4: ``partitions.series`` (booking series), groups (``partitions.more_shares``,
 the ``group_shares`` table) and the ``jobs`` table (batch jobs, ``chronos submit``;
-ledger/jobs.py), one step."""
+ledger/jobs.py), one step. 4 → 5: indexes only (:data:`OPEN_INDEXES` replace
+``partitions_open``), no table or column changed."""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS partitions (
@@ -53,8 +54,12 @@ CREATE TABLE IF NOT EXISTS partitions (
     more_shares TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS partitions_series ON partitions (series) WHERE series IS NOT NULL;
-CREATE INDEX IF NOT EXISTS partitions_open
-    ON partitions (device_uuid, expires_at) WHERE state IN ('active', 'booked');
+CREATE INDEX IF NOT EXISTS partitions_open_start
+    ON partitions (device_uuid, starts_at) WHERE state IN ('active', 'booked');
+CREATE INDEX IF NOT EXISTS partitions_open_end
+    ON partitions (expires_at) WHERE state IN ('active', 'booked');
+CREATE INDEX IF NOT EXISTS partitions_watched ON partitions (id)
+    WHERE state IN ('active', 'booked') AND (owner_pid IS NOT NULL OR warn_s IS NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
@@ -131,8 +136,20 @@ the primary of each *open* group, for the per-GPU room checks; deleted when the 
 A ledger of an older version gains the column with every partition a one-share group."""
 OPEN = "state IN ('active', 'booked')"
 """SQL: a partition still open (the partial indexes' own condition, spelled the same)."""
-BY_OPEN = "INDEXED BY partitions_open"
+BY_OPEN = "INDEXED BY partitions_open_end"
 """Open partitions are few, history is long: never let SQLite pick a history index for them."""
+OPEN_INDEXES = ("partitions_open_start", "partitions_open_end", "partitions_watched")
+"""Schema 5's indexes over open partitions only, so that the checks every change runs cost
+what they return, not the number of bookings ahead: admission's room check over a
+request's span (by start on the GPU: bookings far ahead are not read), the reap's and
+the daemon's next deadline (by end), and the partitions the daemon watches (an owner
+process or a warning). With 10,000 bookings each of these scanned every one of them.
+They replace schema 4's ``partitions_open`` (by GPU and end), which served none of those
+and cost every write of an open partition an index page more."""
+DROPPED_INDEXES = ("partitions_open",)
+"""Indexes a migration to this schema removes."""
+WATCHED = "(owner_pid IS NOT NULL OR warn_s IS NOT NULL)"
+"""SQL: an open partition the daemon watches (``partitions_watched``'s condition)."""
 HISTORY_VERSION = "1"
 HISTORY_SCHEMA = (
     # Per user and hour: what `chronos usage` reports, kept as history is written (in the
@@ -238,6 +255,8 @@ def _migrate(db: sqlite3.Connection) -> None:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
+            for index in DROPPED_INDEXES:
+                db.execute(f"DROP INDEX IF EXISTS {index}")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
     except BaseException:
