@@ -40,6 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
+import fairness_measure  # noqa: E402
 
 HERE_SRC = Path(__file__).resolve().parent.parent / "src"
 
@@ -111,18 +112,9 @@ def embedded(src: Path, pairs: int) -> dict[str, Any]:
 
 
 def start_daemon(src: Path, home: Path) -> subprocess.Popen[bytes]:
-    sock = home / "chronosd.sock"
-    env = tree_env(src, home)
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "chronos.daemon.main", "--state-dir", str(home / "state"),
-         "--socket", str(sock)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        if daemon.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"chronosd of {src} did not start")
-        time.sleep(0.05)
+    daemon = fairness_measure.start_daemon(
+        home / "state", home / "chronosd.sock", tree_env(src, home)
+    )
     time.sleep(0.3)
     return daemon
 

@@ -166,18 +166,18 @@ def tree_env(home: Path, src: Path | None = None) -> dict[str, str]:
     return env
 
 
-def _start_daemon(home: Path) -> subprocess.Popen[bytes]:
-    sock = home / "chronosd.sock"
-    env = {k: v for k, v in os.environ.items() if k != "CHRONOS_MODE"}
+def start_daemon(state_dir: Path, sock: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A chronosd of whichever tree ``env``'s PYTHONPATH names, once its socket is there
+    (bench_compare.py starts its daemons through this too)."""
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "chronos.daemon.main", "--state-dir", str(home),
+        [sys.executable, "-m", "chronos.daemon.main", "--state-dir", str(state_dir),
          "--socket", str(sock)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 30
     while not sock.exists():
         if daemon.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("chronosd did not start")
+            raise SystemExit(f"chronosd ({env.get('PYTHONPATH', 'this tree')}) did not start")
         time.sleep(0.05)
     return daemon
 
@@ -200,7 +200,8 @@ def measure(home: Path, bookings: int, samples: int, warmup: int, trials: int) -
     with Partitioner() as client:
         as_ordinary_user(client)
         rows[f"embedded, user under quotas, {label}"] = time_admissions(client, samples, warmup)
-    daemon = _start_daemon(home)
+    env = {k: v for k, v in os.environ.items() if k != "CHRONOS_MODE"}
+    daemon = start_daemon(home, home / "chronosd.sock", env)
     try:
         os.environ["CHRONOS_MODE"] = "daemon"
         with Partitioner() as client:

@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -290,3 +291,20 @@ def schema_3_ledger(path: Path) -> None:
             f"PRAGMA journal_mode = WAL; BEGIN; {SCHEMA_3} PRAGMA user_version = 3; COMMIT;"
         )
     db.close()
+
+
+def sql_steps(ledger: Any, work: Callable[[], Any], per: int = 1000) -> int:
+    """SQLite virtual-machine steps (in units of ``per``) that ``work()`` costs on
+    ``ledger``'s connection: work done, not time, so a bound on it holds on a busy machine."""
+    steps = [0]
+
+    def tick() -> int:
+        steps[0] += 1
+        return 0
+
+    ledger.connection.set_progress_handler(tick, per)
+    try:
+        work()
+    finally:
+        ledger.connection.set_progress_handler(None, per)
+    return steps[0]

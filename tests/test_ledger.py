@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import GIB, FakeClock
+from helpers import GIB, FakeClock, sql_steps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -839,22 +839,6 @@ def _seed_bookings_ahead(led: Ledger, count: int) -> None:
             led.parts.partitions.admit(req(GIB, 3600.0, starts_at=start), T0, start, start + 3600)
 
 
-def _sql_steps(led: Ledger, work: object) -> int:
-    """SQLite virtual-machine steps (in hundreds) that ``work()`` costs: work, not time."""
-    steps = [0]
-
-    def tick() -> int:
-        steps[0] += 1
-        return 0
-
-    led.connection.set_progress_handler(tick, 100)
-    try:
-        work()  # type: ignore[operator]
-    finally:
-        led.connection.set_progress_handler(None, 100)
-    return steps[0]
-
-
 def test_reap_deadlines_watch_and_room_check_cost_what_they_return(
     tmp_path: Path, clock: FakeClock
 ) -> None:
@@ -875,7 +859,7 @@ def test_reap_deadlines_watch_and_room_check_cost_what_they_return(
             assert led.committed_bytes(DEV_A) == GIB
             led.release(led.create(req(GIB, 3600)).id, 1000, "alice")
 
-        steps = _sql_steps(led, every_change)
+        steps = sql_steps(led, every_change, per=100)
         led.close()
         return steps
 

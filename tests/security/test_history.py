@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from chronos_testing import DaemonProcess, TestUser, shared_tmpdir, wait_for
-from helpers import GIB
+from helpers import GIB, sql_steps
 
 from chronos.devices.simulated import simulated_uuid
 from chronos.errors import CapacityRefused
@@ -128,22 +128,6 @@ def seed_history(ledger: Ledger, uid: int, user: str, count: int, now: float) ->
             start = now - 7 * 86400.0 + i * (7 * 86400.0 - 7200.0) / max(count, 1)
             record = partitions.admit(request(uid, user, 0.1), start, start, start + 3600.0)
             partitions.end(record, RELEASED, start + 1800.0, "released", uid, user)
-
-
-def sql_steps(ledger: Ledger, work: Callable[[], Any]) -> int:
-    """SQLite virtual-machine steps (in thousands) that ``work`` costs: work done, not time."""
-    steps = [0]
-
-    def tick() -> int:
-        steps[0] += 1
-        return 0
-
-    ledger.connection.set_progress_handler(tick, 1000)
-    try:
-        work()
-    finally:
-        ledger.connection.set_progress_handler(None, 1000)
-    return steps[0]
 
 
 def plan_cost(tmp: Path, history: int) -> int:
