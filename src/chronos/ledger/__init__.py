@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 from chronos import procs
 from chronos.errors import AdmissionRefused, CapacityRefused
 from chronos.ledger import schema
-from chronos.ledger.events import EventLog
+from chronos.ledger.events import EventLog, Store
 from chronos.ledger.history import MIN_RETENTION_S, History
 from chronos.ledger.jobs import Job, Jobs
 from chronos.ledger.partitions import Lingering, OwnerCheck, Partitions
@@ -153,10 +153,9 @@ class Ledger:
         # the service made on this ledger) reaches them.
         history = History(self._db, lambda: self.policy.fairshare_half_life())
         events = EventLog(self._db, history)
-        partitions = Partitions(self._db, events, history, owner_alive, lingering)
-        queue = Queue(
-            self._db, events, partitions, history, owner_alive, lambda m: self.policy.capacity_of(m)
-        )
+        store = Store(self._db, events, history)
+        partitions = Partitions(store, owner_alive, lingering)
+        queue = Queue(store, partitions, owner_alive, lambda m: self.policy.capacity_of(m))
         self.parts = LedgerParts(partitions, queue, events, history)
         self._partitions, self._queue, self._events, self._history = self.parts
         self.jobs = Jobs(self._db)

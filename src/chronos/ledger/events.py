@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from chronos.ledger.history import History
 from chronos.ledger.records import EVENTS
@@ -134,3 +134,12 @@ class EventLog:
     def last_seq(self, default: int = 0) -> int:
         row = self._db.execute("SELECT MAX(seq) FROM events").fetchone()
         return default if row[0] is None else int(row[0])
+
+
+class Store(NamedTuple):
+    """What the parts that write partitions and tickets share: the one connection (the
+    facade's transaction spans them all), the event log and the usage history."""
+
+    db: sqlite3.Connection
+    events: EventLog
+    history: History

@@ -15,8 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from chronos.errors import NotFound, PartitionEnded
-from chronos.ledger.events import EventLog
-from chronos.ledger.history import History
+from chronos.ledger.events import Store
 from chronos.ledger.records import (
     ATTACHED,
     PARTITIONS,
@@ -86,17 +85,8 @@ _new_tuple = tuple.__new__
 class Partitions:
     """The ``partitions`` and ``attached`` tables."""
 
-    def __init__(
-        self,
-        db: sqlite3.Connection,
-        events: EventLog,
-        history: History,
-        owner_alive: OwnerCheck,
-        lingering: Lingering,
-    ) -> None:
-        self._db = db
-        self._events = events
-        self._history = history
+    def __init__(self, store: Store, owner_alive: OwnerCheck, lingering: Lingering) -> None:
+        self._db, self._events, self._history = store
         self._owner_alive = owner_alive
         self._lingering = lingering
 

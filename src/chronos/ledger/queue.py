@@ -10,15 +10,13 @@ reservations nobody else may take. Methods run inside the facade's transaction.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import NamedTuple
 
 from chronos import procs
 from chronos.errors import AdmissionRefused, NotFound
-from chronos.ledger.events import EventLog
-from chronos.ledger.history import History
+from chronos.ledger.events import Store
 from chronos.ledger.partitions import OwnerCheck, Partitions
 from chronos.ledger.records import TICKETS, Interval, Member, NewPartition, Ticket
 from chronos.ledger.schema import insert_sql
@@ -60,17 +58,13 @@ class Queue:
 
     def __init__(
         self,
-        db: sqlite3.Connection,
-        events: EventLog,
+        store: Store,
         partitions: Partitions,
-        history: History,
         owner_alive: OwnerCheck,
         capacity_of: Callable[[Member], int],
     ) -> None:
-        self._db = db
-        self._events = events
+        self._db, self._events, self._history = store
         self._partitions = partitions
-        self._history = history
         self._owner_alive = owner_alive
         self._capacity_of = capacity_of
         """Bytes a waiting request may use on its device (the policy in force, read when
