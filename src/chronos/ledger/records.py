@@ -113,10 +113,14 @@ class Ended:
 
 @dataclass(frozen=True)
 class Attached:
+    """A process counted toward a partition (``attach``, or a ``chronos run`` child): what
+    its end signals, identified by ``(pid, start_ticks)`` so a reused PID is never hit."""
+
     partition_id: str
     pid: int
     start_ticks: int | None
     uid: int
+    """Who attached it (only the partition's owner or an administrator may)."""
 
 
 @dataclass(frozen=True)
@@ -129,9 +133,12 @@ class Ticket:
     enqueued_at: float
     request: NewPartition
     partition_id: str | None = None
+    """The partition it was granted, once granted."""
     reason: str | None = None
+    """Why it left the queue without one (refused under a new policy, timed out…)."""
     timeout_at: float | None = None
     waiter_pid: int | None = None
+    """The process waiting on it (``--wait``): its exit cancels the ticket."""
 
     @property
     def is_waiting(self) -> bool:

@@ -46,6 +46,8 @@ class SlurmError(Exception):
 
 @dataclass(frozen=True)
 class Shards:
+    """A job's GPU shards on one GPU of a node (``gres/shard``): its share is count / total."""
+
     device: int
     """The GPU's index on the node, as Slurm allocated it (IDX), never the job's renumbering."""
     count: int
@@ -53,6 +55,8 @@ class Shards:
 
 @dataclass(frozen=True)
 class JobInfo:
+    """What ``scontrol show job`` says of a job, as far as Chronos needs it."""
+
     job_id: str
     user_id: int | None
     user: str | None
