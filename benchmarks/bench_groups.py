@@ -144,7 +144,7 @@ def render(args: Any, info: dict[str, str], rows: list[list[Any]]) -> str:
             "a share there are all read: `group_shares` has no time column to index, so every "
             "open group on that GPU, booked for next week or not, is joined to its partition. "
             "That is why 4 GPUs cost about 10 times one here, not 4 (GPU 0 holds no further "
-            "shares of the seeded groups; GPUs 1-3 hold about 900 each). Its release is the "
+            "shares of the seeded groups; GPUs 1-3 hold 1,250 each). Its release is the "
             "1-GPU release (one row).",
             C.machine_markdown(info),
         ]
