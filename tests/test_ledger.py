@@ -747,7 +747,7 @@ def test_a_schema_3_ledger_gains_the_series_column_and_keeps_its_rows(
     finally:
         led.close()
     version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
-    assert version == SCHEMA_VERSION == 5
+    assert version == SCHEMA_VERSION == 6
     # Opened again (already migrated): nothing to do, the rows are as they were.
     again = Ledger(path, clock=clock, owner_alive=lambda pid, ticks: True)
     try:
@@ -828,7 +828,7 @@ def test_a_schema_4_ledger_gains_the_open_partition_indexes_and_keeps_its_rows(
             again.close()
         assert indexes() >= set(OPEN_INDEXES) and "partitions_open" not in indexes()
         version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
-        assert version == 5
+        assert version == SCHEMA_VERSION
 
 
 def _seed_bookings_ahead(led: Ledger, count: int) -> None:
@@ -896,3 +896,71 @@ def test_a_new_partition_whose_random_id_is_taken_gets_another(
     assert ledger.get(first.id) == first and ledger.get(second.id) == second
     created = [e.partition_id for e in ledger.events() if e.kind == "created"]
     assert created == [first.id, second.id]
+
+
+def _group(nbytes: int, duration: float, starts_at: float | None = None) -> NewPartition:
+    """A two-GPU request: GPU-A the primary, GPU-B the further share."""
+    from chronos.ledger import Member
+
+    more = (Member(1, DEV_B, CAP, CAP, nbytes),)
+    return dataclasses.replace(req(nbytes, duration, starts_at=starts_at), more=more)
+
+
+def _room_on_b(led: Ledger, start: float, end: float) -> list[tuple[float, float, int]]:
+    return [(i[0], i[1], i[2]) for i in led.parts.partitions.on_device(DEV_B, T0, start, end)]
+
+
+def test_a_schema_5_ledger_gives_its_group_rows_their_span(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Schema 6: ``group_shares`` keeps its group's span. A file as schema 5 left it (the
+    rows without the span, no index) opens migrated: the open group's row has its span
+    from the partition, so the room check on its further GPU still counts it."""
+    path = tmp_path / "ledger.db"
+    led = Ledger(path, clock=clock, owner_alive=lambda pid, ticks: True)
+    group = led.create(_group(10 * GIB, 600))
+    booked = led.create(_group(5 * GIB, 600, starts_at=T0 + 7200))
+    led.close()
+    with sqlite3.connect(path) as db:  # what a schema 5 Chronos wrote
+        db.execute("DROP INDEX group_shares_start")
+        db.execute("ALTER TABLE group_shares DROP COLUMN starts_at")
+        db.execute("ALTER TABLE group_shares DROP COLUMN expires_at")
+        db.execute("PRAGMA user_version = 5")
+    db.close()
+    for _ in range(2):  # migrated once; opened again, as is
+        again = Ledger(path, clock=clock, owner_alive=lambda pid, ticks: True)
+        try:
+            assert _room_on_b(again, T0, T0 + 10_000) == [
+                (T0, T0 + 600, 10 * GIB),
+                (T0 + 7200, T0 + 7800, 5 * GIB),
+            ]
+            assert again.committed_bytes(DEV_B) == 10 * GIB
+            assert again.ending_by(DEV_B, T0 + 601) == [group.id]
+            assert again.get(booked.id).devices == (0, 1)
+        finally:
+            again.close()
+        version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
+        assert version == SCHEMA_VERSION == 6
+
+
+def test_a_group_row_follows_its_group_on_extension_and_clock_step(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """The room check on a group's further GPU reads the row's own span: an extension and
+    a clock step move it with the partition, and an end removes it."""
+    led = Ledger(tmp_path / "ledger.db", clock=clock, owner_alive=lambda pid, ticks: True)
+    try:
+        group = led.create(_group(30 * GIB, 600))
+        led.extend_expiry(group.id, T0 + 1200, CAP, 1000, "alice")
+        assert _room_on_b(led, T0, T0 + 10_000) == [(T0, T0 + 1200, 30 * GIB)]
+        # Room on GPU-B during the extension is the group's to keep.
+        after_old_end = req(60 * GIB, 300, uuid=DEV_B, device=1, starts_at=T0 + 700)
+        with pytest.raises(AdmissionRefused):
+            led.create(after_old_end)
+        led.shift_open(50.0)
+        assert _room_on_b(led, T0, T0 + 10_000) == [(T0 + 50, T0 + 1250, 30 * GIB)]
+        led.release(group.id, 1000, "alice")
+        assert _room_on_b(led, T0, T0 + 10_000) == []
+        led.create(after_old_end)  # its room is free once the group ended
+    finally:
+        led.close()

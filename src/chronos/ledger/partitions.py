@@ -72,13 +72,15 @@ _END_ORDER = "ORDER BY device_uuid, expires_at"
 _ON_DEVICE = (
     f"SELECT starts_at, expires_at, memory_bytes, id FROM partitions {_BY_START} "
     f"WHERE {OPEN} AND device_uuid = ? AND starts_at < ? AND expires_at > ? AND expires_at > ? "
-    "UNION ALL SELECT p.starts_at, p.expires_at, g.memory_bytes, p.id FROM group_shares g "
-    f"JOIN partitions p ON p.id = g.partition_id WHERE g.device_uuid = ? AND p.{OPEN} "
-    "AND p.starts_at < ? AND p.expires_at > ? AND p.expires_at > ?"
+    "UNION ALL SELECT starts_at, expires_at, memory_bytes, partition_id FROM group_shares "
+    "INDEXED BY group_shares_start "
+    "WHERE device_uuid = ? AND starts_at < ? AND expires_at > ? AND expires_at > ?"
 )
-"""What holds a GPU over a span: its partitions whose primary share is there (through
-the open partitions by start, so bookings that start after the span are never read)
-and the groups with a further share there, in one statement."""
+"""What holds a GPU over a span: its partitions whose primary share is there and the
+groups with a further share there (their rows keep the group's span), in one statement;
+both through an index by GPU and start, so bookings that start after the span are never
+read. (A group's rows are deleted in the transaction that ends it, so every row is an
+open group's; one left behind would only be counted, never hand out memory twice.)"""
 _new_tuple = tuple.__new__
 
 
@@ -133,9 +135,12 @@ class Partitions:
     def _insert_shares(self, record: PartitionRecord) -> None:
         if record.more_shares and record.is_open:
             self._db.executemany(
-                "INSERT INTO group_shares (device_uuid, partition_id, memory_bytes) "
-                "VALUES (?, ?, ?)",
-                [(s.device_uuid, record.id, s.memory_bytes) for s in record.more_shares],
+                "INSERT INTO group_shares (device_uuid, partition_id, memory_bytes, starts_at, "
+                "expires_at) VALUES (?, ?, ?, ?, ?)",
+                [
+                    (s.device_uuid, record.id, s.memory_bytes, record.starts_at, record.expires_at)
+                    for s in record.more_shares
+                ],
             )
 
     def _inserted_new(self, record: PartitionRecord) -> bool:
@@ -314,6 +319,11 @@ class Partitions:
         self._db.execute(
             "UPDATE partitions SET expires_at = ? WHERE id = ?", (new_expires_at, partition_id)
         )
+        if record.more_shares:  # the room-check rows keep the group's span
+            self._db.execute(
+                "UPDATE group_shares SET expires_at = ? WHERE partition_id = ?",
+                (new_expires_at, partition_id),
+            )
         self._events.record(
             EventKind.EXTENDED,
             at=now,
@@ -347,6 +357,11 @@ class Partitions:
         self._db.execute(
             f"UPDATE partitions SET starts_at = starts_at + ?, expires_at = expires_at + ? "
             f"WHERE {OPEN}",
+            (step, step),
+        )
+        # Group rows exist only for open groups (an end deletes them): all move alike.
+        self._db.execute(
+            "UPDATE group_shares SET starts_at = starts_at + ?, expires_at = expires_at + ?",
             (step, step),
         )
         self._events.record(EventKind.CLOCK_STEPPED, at=now + step, detail={"step_s": step})
@@ -431,9 +446,8 @@ class Partitions:
             (device_uuid, now, now),
         ).fetchone()
         grouped = self._db.execute(
-            f"SELECT COALESCE(SUM(g.memory_bytes), 0) FROM group_shares g "
-            f"JOIN partitions p ON p.id = g.partition_id WHERE g.device_uuid = ? "
-            f"AND p.{OPEN} AND p.starts_at <= ? AND p.expires_at > ?",
+            "SELECT COALESCE(SUM(memory_bytes), 0) FROM group_shares "
+            "WHERE device_uuid = ? AND starts_at <= ? AND expires_at > ?",
             (device_uuid, now, now),
         ).fetchone()
         return int(rows[0]) + int(grouped[0])
@@ -542,9 +556,8 @@ class Partitions:
         rows = self._db.execute(
             f"SELECT id, expires_at FROM partitions {_BY_END} WHERE {OPEN} AND device_uuid = ? "
             "AND expires_at > ? AND expires_at <= ? UNION ALL "
-            "SELECT p.id, p.expires_at FROM group_shares g JOIN partitions p "
-            f"ON p.id = g.partition_id WHERE g.device_uuid = ? AND p.{OPEN} "
-            "AND p.expires_at > ? AND p.expires_at <= ? ORDER BY 2",
+            "SELECT partition_id, expires_at FROM group_shares "
+            "WHERE device_uuid = ? AND expires_at > ? AND expires_at <= ? ORDER BY 2",
             (device_uuid, now, when, device_uuid, now, when),
         ).fetchall()
         return [str(r[0]) for r in rows]

@@ -23,11 +23,13 @@ from pathlib import Path
 from chronos.errors import ChronosError
 from chronos.paths import LEDGER_SUFFIXES, open_file
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """3 → 4: ``partitions.series`` (booking series), groups (``partitions.more_shares``,
 the ``group_shares`` table) and the ``jobs`` table (batch jobs, ``chronos submit``;
 ledger/jobs.py), one step. 4 → 5: indexes only (:data:`OPEN_INDEXES` replace
-``partitions_open``), no table or column changed."""
+``partitions_open``), no table or column changed. 5 → 6: ``group_shares`` keeps its
+group's span (``starts_at``, ``expires_at``, filled in from the partitions by the
+migration), indexed by GPU and start as ``partitions_open_start`` is."""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS partitions (
@@ -126,8 +128,15 @@ CREATE TABLE IF NOT EXISTS group_shares (
     device_uuid TEXT NOT NULL,
     partition_id TEXT NOT NULL REFERENCES partitions(id),
     memory_bytes INTEGER NOT NULL,
+    starts_at REAL,
+    expires_at REAL,
     PRIMARY KEY (device_uuid, partition_id)
 ) WITHOUT ROWID;
+UPDATE group_shares SET
+    starts_at = (SELECT p.starts_at FROM partitions p WHERE p.id = partition_id),
+    expires_at = (SELECT p.expires_at FROM partitions p WHERE p.id = partition_id)
+    WHERE starts_at IS NULL OR expires_at IS NULL;
+CREATE INDEX IF NOT EXISTS group_shares_start ON group_shares (device_uuid, starts_at);
 """
 GROUPS_STEP = 4
 """The schema version that brought groups: ``partitions.more_shares`` (a group's shares past
@@ -233,10 +242,13 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 #: Columns added to existing tables since schema 3 (``CREATE TABLE IF NOT EXISTS`` adds none):
 #: schema 4 gave partitions ``series``, the id of a repeated booking's series, and
-#: ``more_shares``, a group's shares past the primary (JSON; ``[]``: one GPU).
+#: ``more_shares``, a group's shares past the primary (JSON; ``[]``: one GPU); schema 6
+#: gave ``group_shares`` its group's span (the schema's UPDATE fills it in).
 _ADDED_COLUMNS = (
     ("partitions", "series", "TEXT"),
     ("partitions", "more_shares", "TEXT NOT NULL DEFAULT '[]'"),
+    ("group_shares", "starts_at", "REAL"),
+    ("group_shares", "expires_at", "REAL"),
 )
 
 
