@@ -964,3 +964,22 @@ def test_a_group_row_follows_its_group_on_extension_and_clock_step(
         led.create(after_old_end)  # its room is free once the group ended
     finally:
         led.close()
+
+
+def test_a_ledger_of_a_newer_schema_is_refused_not_misread(tmp_path: Path) -> None:
+    """Going back after an upgrade: this Chronos refuses a file of a schema it does not
+    know, in one line, and leaves it as it was."""
+    from chronos.errors import ChronosError
+
+    path = tmp_path / "ledger.db"
+    Ledger(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    before = path.read_bytes()
+    with pytest.raises(ChronosError) as info:
+        Ledger(path)
+    assert str(info.value) == (
+        f"ledger {path} has schema {SCHEMA_VERSION + 1}; this Chronos knows {SCHEMA_VERSION}"
+    )
+    assert path.read_bytes() == before
