@@ -39,10 +39,9 @@ QUOTA_HISTORY_S = 8 * 86400.0
 """How far back quota checks look (a week's GPU-hour budget, and a day's margin)."""
 
 _SELECT = f"SELECT {PARTITIONS.columns} FROM partitions"
-_BY_END = "INDEXED BY partitions_open_end"
 _BY_START = "INDEXED BY partitions_open_start"
 _BY_WATCHED = "INDEXED BY partitions_watched"
-_EXPIRED = f"{_SELECT} {_BY_END} WHERE {OPEN} AND expires_at <= ?"
+_EXPIRED = f"{_SELECT} {BY_OPEN} WHERE {OPEN} AND expires_at <= ?"
 """Open partitions whose end has come (a range of the open partitions by end)."""
 _OWNED = f"{_SELECT} {_BY_WATCHED} WHERE {OPEN} AND {WATCHED} AND owner_pid IS NOT NULL"
 """Open partitions bound to an owner process (among the few the daemon watches)."""
@@ -50,7 +49,7 @@ _TIES = "device_uuid, expires_at"
 """How open partitions created at the same moment are ordered (see ``_END_ORDER``)."""
 _NEXT_DEADLINE = (
     "SELECT b.first, (SELECT expires_at FROM partitions "
-    f"{_BY_END} WHERE {OPEN} AND state = 'active' AND expires_at <= COALESCE(b.first, 9e999) "
+    f"{BY_OPEN} WHERE {OPEN} AND state = 'active' AND expires_at <= COALESCE(b.first, 9e999) "
     "ORDER BY expires_at LIMIT 1) "
     "FROM (SELECT MIN(starts_at) AS first FROM partitions WHERE state = 'booked') AS b"
 )
@@ -58,7 +57,7 @@ _NEXT_DEADLINE = (
 a booking ends after its start, so walking the ends up to that start meets no booking."""
 _ANY_DUE = (
     "SELECT EXISTS (SELECT 1 FROM partitions WHERE state = 'booked' AND starts_at <= ?) "
-    f"OR EXISTS (SELECT 1 FROM partitions {_BY_END} WHERE {OPEN} AND expires_at <= ?)"
+    f"OR EXISTS (SELECT 1 FROM partitions {BY_OPEN} WHERE {OPEN} AND expires_at <= ?)"
 )
 """Whether a booking starts or a partition ends now (a reap's work, owners aside)."""
 _ANY_DUE_OR_OWNED = (
@@ -66,7 +65,7 @@ _ANY_DUE_OR_OWNED = (
     f"WHERE {OPEN} AND {WATCHED} AND owner_pid IS NOT NULL)"
 )
 """That, or an open partition bound to an owner process (whose death a reap looks for)."""
-_END_ORDER = "ORDER BY device_uuid, expires_at"
+_END_ORDER = f"ORDER BY {_TIES}"
 """The order a reap ends partitions in, and ties of open listings come in (that of schema
 4's ``partitions_open`` index, which those reads once walked)."""
 _ON_DEVICE = (
@@ -554,7 +553,7 @@ class Partitions:
     def ending_by(self, device_uuid: str, when: float, now: float) -> list[str]:
         """Ids of open partitions on ``device_uuid`` that end by ``when``, soonest first."""
         rows = self._db.execute(
-            f"SELECT id, expires_at FROM partitions {_BY_END} WHERE {OPEN} AND device_uuid = ? "
+            f"SELECT id, expires_at FROM partitions {BY_OPEN} WHERE {OPEN} AND device_uuid = ? "
             "AND expires_at > ? AND expires_at <= ? UNION ALL "
             "SELECT partition_id, expires_at FROM group_shares "
             "WHERE device_uuid = ? AND expires_at > ? AND expires_at <= ? ORDER BY 2",
