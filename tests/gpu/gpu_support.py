@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers import GIB as GIB
 
 
@@ -32,6 +33,15 @@ def nvml_ready() -> str | None:
 def shared_tmpdir() -> Path:
     path = Path(tempfile.mkdtemp(prefix="chronos-gpu-", dir="/tmp"))
     path.chmod(0o755)
+    return path
+
+
+@pytest.fixture(name="out")
+def events_out() -> Path:
+    """Where a GPU program writes its JSON events: a file in a directory every test
+    account may write (the programs run as other users too). Test modules import it."""
+    path = shared_tmpdir() / "events.jsonl"
+    path.parent.chmod(0o777)
     return path
 
 

@@ -17,7 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gpu_support import nvml_ready, read_events, real_daemon, shared_tmpdir
+from gpu_support import (
+    events_out,  # noqa: F401 - the `out` fixture, found by name
+    nvml_ready,
+    read_events,
+    real_daemon,
+    shared_tmpdir,
+)
 from helpers import GIB
 
 from chronos import alloccap
@@ -175,13 +181,6 @@ def binaries() -> dict[str, Path | None]:
         if path is not None:
             path.chmod(0o755)
     return built
-
-
-@pytest.fixture()
-def out() -> Path:
-    path = shared_tmpdir() / "events.jsonl"
-    path.parent.chmod(0o777)
-    return path
 
 
 def _user_prefix(env: dict[str, str], user: str | None) -> list[str]:

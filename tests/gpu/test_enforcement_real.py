@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from gpu_support import (
     chronos,
+    events_out,  # noqa: F401 - the `out` fixture, found by name
     nvml_pid_bytes,
     nvml_ready,
     read_events,
     real_daemon,
-    shared_tmpdir,
     wait_pid_freed,
 )
 
@@ -58,13 +58,6 @@ def users() -> Iterator[tuple[str, str]]:
     yield USERS
     for name in USERS:
         subprocess.run(["userdel", "--remove", name], capture_output=True)
-
-
-@pytest.fixture()
-def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = shared_tmpdir() / "events.jsonl"
-    path.parent.chmod(0o777)
-    return path
 
 
 def run_in_partition(

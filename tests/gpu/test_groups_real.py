@@ -18,7 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gpu_support import nvml_ready, read_events, real_daemon, shared_tmpdir
+from gpu_support import (
+    events_out,  # noqa: F401 - the `out` fixture, found by name
+    nvml_ready,
+    read_events,
+    real_daemon,
+)
 from helpers import GIB
 
 from chronos import alloccap
@@ -71,13 +76,6 @@ def daemon() -> Iterator[dict[str, str]]:
         pytest.fail("libchronos_cap.so was not built (pip install -e . with a C compiler)")
     with real_daemon({"CHRONOS_ALLOC_CAP": "on", **NCCL}) as env:
         yield env
-
-
-@pytest.fixture()
-def out() -> Path:
-    path = shared_tmpdir() / "events.jsonl"
-    path.parent.chmod(0o777)
-    return path
 
 
 def program(name: str, out: Path, *args: str) -> list[str]:
