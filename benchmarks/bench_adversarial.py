@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -52,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import _common as C  # noqa: E402
-from bench_expiry import spawn_helper  # noqa: E402
+from bench_expiry import read_deliveries, spawn_helper  # noqa: E402
 
 ATTACKER, VICTIM = "chronos_t_alice", "chronos_t_bob"
 TARGET_LIST_P99_MS, TARGET_LATENESS_MS, TARGET_RSS_MB = 50.0, 20.0, 200.0
@@ -330,24 +329,6 @@ def expiry_helpers(n: int) -> Iterator[tuple[list[int], int]]:
         for pid in pids:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
-
-
-def read_deliveries(read_fd: int, want: int, until: float) -> dict[int, float]:
-    got: dict[int, float] = {}
-    buf = b""
-    while len(got) < want and time.time() < until:
-        ready, _, _ = select.select([read_fd], [], [], min(0.5, max(0.0, until - time.time())))
-        if not ready:
-            continue
-        chunk = os.read(read_fd, 65536)
-        if not chunk:
-            break
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        for line in lines:
-            pid, at = line.split()
-            got[int(pid)] = float(at)
-    return got
 
 
 def run_phase(
