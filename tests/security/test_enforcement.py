@@ -437,20 +437,24 @@ class _Cgroups:
         return True
 
 
+def _one_gib(duration_s: float, uid: int = 0, warn_s: float | None = None) -> NewPartition:
+    """1 GiB of an 80 GiB GPU-0 for root (the user these tests run as)."""
+    return NewPartition(
+        device=0,
+        device_uuid="GPU-0",
+        device_total_bytes=80 * GIB,
+        capacity_bytes=80 * GIB,
+        memory_bytes=GIB,
+        uid=uid,
+        user="root",
+        duration_s=duration_s,
+        warn_s=warn_s,
+    )
+
+
 def _service(tmp_path: Path) -> tuple[Service, str]:
     ledger = Ledger(tmp_path / "ledger.db")
-    record = ledger.create(
-        NewPartition(
-            device=0,
-            device_uuid="GPU-0",
-            device_total_bytes=80 * GIB,
-            capacity_bytes=80 * GIB,
-            memory_bytes=GIB,
-            uid=os.getuid(),
-            user="root",
-            duration_s=600.0,
-        )
-    )
+    record = ledger.create(_one_gib(600.0, uid=os.getuid()))
     return Service(ledger, Config(), "daemon"), record.id
 
 
@@ -661,34 +665,9 @@ def test_start_up_reads_only_the_history_of_open_partitions(tmp_path: Path) -> N
     ledger = Ledger(tmp_path / "ledger.db", clock=clock.now)
     now = time.time()
     for _ in range(3):
-        old = ledger.create(
-            NewPartition(
-                device=0,
-                device_uuid="GPU-0",
-                device_total_bytes=80 * GIB,
-                capacity_bytes=80 * GIB,
-                memory_bytes=GIB,
-                uid=0,
-                user="root",
-                duration_s=1.0,
-                starts_at=None,
-                warn_s=0.5,
-            )
-        )
+        old = ledger.create(_one_gib(1.0, warn_s=0.5))
         ledger.log("warned", old.id)
-    ledger.create(
-        NewPartition(
-            device=0,
-            device_uuid="GPU-0",
-            device_total_bytes=80 * GIB,
-            capacity_bytes=80 * GIB,
-            memory_bytes=GIB,
-            uid=0,
-            user="root",
-            duration_s=600.0,
-            warn_s=60.0,
-        )
-    )
+    ledger.create(_one_gib(600.0, warn_s=60.0))
     asked: list[float | None] = []
     events = ledger.events
 
