@@ -149,16 +149,23 @@ def through_daemon(src: Path, pairs: int, clients: int) -> dict[str, Any]:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def side_by_side(doc: str, **counts: int) -> tuple[argparse.Namespace, dict[str, Path]]:
+    """The arguments of a script that measures this tree beside ``--baseline`` (this one
+    and bench_work.py): ``--baseline``, ``--label``, ``--no-doc`` and a whole-number
+    option per ``counts`` item (``pairs_small=50``: ``--pairs-small``, default 50); and
+    the two trees, the baseline first."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--baseline", type=Path, required=True, help="the other tree's src/")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--pairs", type=int, default=300)
-    parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--label", default="", help="what the baseline is (for the doc)")
     parser.add_argument("--no-doc", action="store_true")
+    for name, default in counts.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     args = parser.parse_args()
-    trees = {"baseline": args.baseline.resolve(), "this tree": HERE_SRC}
+    return args, {"baseline": args.baseline.resolve(), "this tree": HERE_SRC}
+
+
+def main() -> None:
+    args, trees = side_by_side(__doc__, rounds=5, pairs=300, clients=16)
     seen: dict[str, dict[str, list[float]]] = {name: {} for name in trees}
     for round_no in range(args.rounds):
         # Which tree goes first alternates too: run after run, the second one measured
@@ -193,9 +200,13 @@ def main() -> None:
             "first alternates by round); "
             f"{args.pairs} pairs per latency run; baseline: {args.label or args.baseline}."
         )
-        machine = f"Machine: {C.machine_note()}."
-        body = f"## Before and after (bench_compare.py)\n\n{method}\n\n{table}\n\n{machine}"
-        C.update_section("compare", body)
+        write_section("compare", "Before and after (bench_compare.py)", method, table)
+
+
+def write_section(name: str, title: str, method: str, table: str) -> None:
+    """Rewrite section ``name`` of docs/BENCHMARKS.md: title, method, table, machine."""
+    machine = f"Machine: {C.machine_note()}."
+    C.update_section(name, f"## {title}\n\n{method}\n\n{table}\n\n{machine}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ tree's ``chronos`` first:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 import fairness_measure  # noqa: E402
-from bench_compare import HERE_SRC, tree_env  # noqa: E402
+from bench_compare import side_by_side, tree_env, write_section  # noqa: E402
 
 IO_KEYS = ("syscw", "wchar", "syscr", "rchar")
 
@@ -130,15 +129,7 @@ def measure(trees: dict[str, Path], args: Any) -> list[list[str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--baseline", type=Path, required=True, help="the other tree's src/")
-    parser.add_argument("--pairs", type=int, default=2000)
-    parser.add_argument("--pairs-small", type=int, default=50)
-    parser.add_argument("--pairs-large", type=int, default=250)
-    parser.add_argument("--label", default="", help="what the baseline is (for the doc)")
-    parser.add_argument("--no-doc", action="store_true")
-    args = parser.parse_args()
-    trees = {"baseline": args.baseline.resolve(), "this tree": HERE_SRC}
+    args, trees = side_by_side(__doc__, pairs=2000, pairs_small=50, pairs_large=250)
     rows = measure(trees, args)
     table = C.md_table(["figure", "baseline", "this tree", "ratio"], rows)
     print(table)
@@ -155,9 +146,7 @@ def main() -> None:
         f"daemon); {valgrind}. These counts repeat to within a few per mille from run "
         "to run, where bench_compare's timings move by 15-20 %."
     )
-    machine = f"Machine: {C.machine_note()}."
-    body = f"## Counted work per create+release (bench_work.py)\n\n{method}\n\n{table}\n\n{machine}"
-    C.update_section("work", body)
+    write_section("work", "Counted work per create+release (bench_work.py)", method, table)
 
 
 if __name__ == "__main__":
