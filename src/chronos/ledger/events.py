@@ -126,10 +126,11 @@ class EventLog:
             "UNION ALL SELECT 1, MAX(seq), NULL FROM events",
             (seq,),
         ).fetchall()
-        rows = [(at, partition) for newest, at, partition in found if not newest]
-        (newest,) = [at for is_newest, at, _ in found if is_newest]
-        last = max((r[0] for r in rows), default=seq if newest is None else int(newest))
-        return [r[1] for r in rows if r[1]], last
+        ended = [(at_seq, pid) for is_newest, at_seq, pid in found if not is_newest]
+        (newest,) = [at_seq for is_newest, at_seq, _ in found if is_newest]
+        if not ended:  # nothing ended: move on to the newest event there is
+            return [], seq if newest is None else int(newest)
+        return [pid for _, pid in ended if pid], max(at_seq for at_seq, _ in ended)
 
     def last_seq(self, default: int = 0) -> int:
         row = self._db.execute("SELECT MAX(seq) FROM events").fetchone()
