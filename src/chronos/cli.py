@@ -275,9 +275,16 @@ def create(
     now = time.time()
     starts_at = start_timestamp(start, now) if start else None
     # The options as the API's create takes them (checked there, or by chronosd).
-    terms = dict(user=user, grace=grace, warn=warn, warn_signal=warn_signal)
     options: dict[str, Any] = dict(
-        **gpu_options, memory=memory, duration=duration, persist=True, kind="cli", **terms
+        **gpu_options,
+        memory=memory,
+        duration=duration,
+        user=user,
+        persist=True,
+        grace=grace,
+        warn=warn,
+        warn_signal=warn_signal,
+        kind="cli",
     )
     client = _client()
     if repeat is not None:
