@@ -66,6 +66,12 @@ from one run of each script on the machine named in each section.
 """
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time process ``pid`` has used (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def machine_note() -> str:
     """How the doc names the machine: ``$CHRONOS_BENCH_MACHINE``, else a guess."""
     explicit = os.environ.get("CHRONOS_BENCH_MACHINE")
@@ -446,8 +452,7 @@ class DaemonProcess(TestDaemonProcess):
     def cpu_seconds(self) -> float | None:
         """User+system CPU time the daemon has used so far (from /proc)."""
         try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            return process_cpu_seconds(self.pid)
         except (OSError, IndexError, ValueError):
             return None
 

@@ -78,17 +78,9 @@ with Partitioner() as client:
 
 
 def tree_env(src: Path, home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHRONOS_")}
-    env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: compiled modules cached
-    env.update(
-        CHRONOS_BACKEND="simulated",
-        CHRONOS_SIMULATED_GPUS="1TiB,1TiB",
-        CHRONOS_HOME=str(home),
-        CHRONOS_CONFIG=str(home / "config.toml"),  # absent: the built-in defaults
-        PYTHONPATH=str(src),
-        **extra,
-    )
-    return env
+    """fairness_measure's fresh environment for ``src``, with 1 TiB GPUs (the pairs never
+    run out of room) and the built-in policy (``home``'s config.toml is never written)."""
+    return {**fairness_measure.tree_env(home, src, gpus="1TiB,1TiB"), **extra}
 
 
 def python(code: str, env: dict[str, str], *args: str) -> dict[str, Any]:
@@ -119,20 +111,14 @@ def start_daemon(src: Path, home: Path) -> subprocess.Popen[bytes]:
     return daemon
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used (``/proc/<pid>/stat``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def through_daemon(src: Path, pairs: int, clients: int) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="chronos-cmp-"))
     daemon = start_daemon(src, home)
     try:
-        env = tree_env(src, home, CHRONOS_SOCKET=str(home / "chronosd.sock"))
-        before = cpu_seconds(daemon.pid)
+        env = tree_env(src, home)
+        before = C.process_cpu_seconds(daemon.pid)
         result = python(PAIRS, env, str(pairs))
-        result["daemon_cpu"] = (cpu_seconds(daemon.pid) - before) * 1000 / pairs
+        result["daemon_cpu"] = (C.process_cpu_seconds(daemon.pid) - before) * 1000 / pairs
         go = time.time() + 1.5
         procs = [
             subprocess.Popen([sys.executable, "-c", CLIENT, str(go), "100"], env=env)

@@ -33,21 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
+from chronos import procs  # noqa: E402
+
 TARGET_P99_MS = 50.0
 PREVIOUS_MEAN_MS = 913.0
 
 
 # ------------------------------------------------------------------- helpers
-
-
-def _set_parent_death_signal() -> None:
-    """Have the kernel SIGKILL this helper if the benchmark dies first (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
 
 
 def spawn_helper(write_fd: int, read_fd: int) -> int:
@@ -58,7 +50,7 @@ def spawn_helper(write_fd: int, read_fd: int) -> int:
     # child
     try:
         os.close(read_fd)
-        _set_parent_death_signal()
+        procs.set_parent_death_signal(signal.SIGKILL)  # gone if the benchmark dies first
 
         def on_term(signum: int, frame: Any) -> None:
             at = time.time()

@@ -80,7 +80,7 @@ def daemon_io(src: Path, pairs: int) -> dict[str, float]:
     sock = home / "chronosd.sock"
     daemon = fairness_measure.start_daemon(home / "state", sock, tree_env(src, home))
     try:
-        env = tree_env(src, home, CHRONOS_SOCKET=str(sock))
+        env = tree_env(src, home)  # its CHRONOS_SOCKET is this daemon's
         out = _run([sys.executable, "-c", PAIRS, str(pairs), str(daemon.pid)], env).stdout
         result: dict[str, float] = json.loads(out)
         return result

@@ -150,13 +150,14 @@ def grant_latency(trials: int) -> tuple[list[float], list[float]]:
 # -------------------------------------------------------------- one tree, on its own
 
 
-def tree_env(home: Path, src: Path | None = None) -> dict[str, str]:
-    """A fresh simulated environment in ``home`` (``src``: whose ``chronos`` to run)."""
+def tree_env(home: Path, src: Path | None = None, gpus: str = GPUS) -> dict[str, str]:
+    """A fresh simulated environment in ``home`` (``src``: whose ``chronos`` to run), its
+    chronosd socket there too (bench_compare.py and bench_work.py start from this)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHRONOS_")}
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: compiled modules cached
     env.update(
         CHRONOS_BACKEND="simulated",
-        CHRONOS_SIMULATED_GPUS=GPUS,
+        CHRONOS_SIMULATED_GPUS=gpus,
         CHRONOS_HOME=str(home),
         CHRONOS_SOCKET=str(home / "chronosd.sock"),
         CHRONOS_CONFIG=str(home / "config.toml"),
