@@ -65,8 +65,14 @@ def job(d: DaemonProcess, job_id: str) -> dict[str, Any]:
 
 
 def ended(d: DaemonProcess, job_id: str, timeout: float = 20) -> dict[str, Any]:
+    """The job once it has ended: a final state and its end recorded (a running job that
+    is cancelled reads ``cancelled`` at once, but has its exit code only once it exits)."""
     return wait_for(
-        lambda: (j := job(d, job_id))["state"] not in ("waiting", "starting", "running") and j,
+        lambda: (
+            (j := job(d, job_id))["state"] not in ("waiting", "starting", "running")
+            and j["ended_at"] is not None
+            and j
+        ),
         timeout,
         f"job {job_id} to end",
     )
